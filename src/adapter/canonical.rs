@@ -1,0 +1,345 @@
+//! The canonical file, version 1 (docs/FORMAT.md): one safetensors file whose `__metadata__`
+//! describes every target and whose tensors hold the materialised blocks, permutations, scales
+//! and replacement tensors.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Adapter, BlockKind, Replacement, Side, Target};
+use crate::checkpoint::file::SafeFile;
+use crate::checkpoint::{dtype, Dtype};
+use crate::error::{err, Class, Error, Result};
+
+pub const FORMAT_NAME: &str = "boft-canonical";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct TargetMeta {
+    key: String,
+    target: String,
+    module: String,
+    side: Side,
+    #[serde(default)]
+    shape: Option<Vec<usize>>,
+    #[serde(default)]
+    rows: Option<(usize, usize)>,
+    factors: usize,
+    blocks: usize,
+    block_size: usize,
+    block_kind: BlockKind,
+    permuted: bool,
+    scaled: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ReplacementMeta {
+    key: String,
+    target: String,
+}
+
+/// True when the file's metadata says it is a canonical adapter.
+pub fn is_canonical(f: &SafeFile) -> bool {
+    f.metadata
+        .as_ref()
+        .and_then(|m| m.get("format"))
+        .is_some_and(|v| v == FORMAT_NAME)
+}
+
+pub fn write(adapter: &Adapter, path: &Path) -> Result<()> {
+    let bytes = to_bytes(adapter)?;
+    crate::output::write_file_atomic(path, &bytes)
+}
+
+pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
+    struct Owned {
+        dtype: safetensors::Dtype,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    }
+    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut tensors: Vec<(String, Owned)> = Vec::new();
+    let mut metas = Vec::new();
+    for t in &adapter.targets {
+        let key = t.label();
+        tensors.push((
+            format!("{key}::blocks"),
+            Owned {
+                dtype: safetensors::Dtype::F32,
+                shape: vec![t.factors, t.blocks, t.block_size, t.block_size],
+                data: f32_bytes(&t.data),
+            },
+        ));
+        let permuted = t.perms.iter().any(Option::is_some);
+        if permuted {
+            let n = t.n() as u32;
+            let mut data = Vec::with_capacity(t.factors * t.n() * 4);
+            for p in &t.perms {
+                match p {
+                    Some(p) => data.extend(p.iter().flat_map(|x| (*x as i32).to_le_bytes())),
+                    None => data.extend((0..n).flat_map(|x| (x as i32).to_le_bytes())),
+                }
+            }
+            tensors.push((
+                format!("{key}::perm"),
+                Owned {
+                    dtype: safetensors::Dtype::I32,
+                    shape: vec![t.factors, t.n()],
+                    data,
+                },
+            ));
+        }
+        if let Some(s) = &t.scale {
+            tensors.push((
+                format!("{key}::scale"),
+                Owned {
+                    dtype: safetensors::Dtype::F32,
+                    shape: vec![s.len()],
+                    data: f32_bytes(s),
+                },
+            ));
+        }
+        metas.push(TargetMeta {
+            key,
+            target: t.name.clone(),
+            module: t.module.clone(),
+            side: t.side,
+            shape: t.shape.clone(),
+            rows: t.rows,
+            factors: t.factors,
+            blocks: t.blocks,
+            block_size: t.block_size,
+            block_kind: t.kind,
+            permuted,
+            scaled: t.scale.is_some(),
+        });
+    }
+    let mut rmetas = Vec::new();
+    for r in &adapter.replacements {
+        let key = format!("{}::replace", r.name);
+        let dtype = match r.dtype {
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::BF16 => safetensors::Dtype::BF16,
+            other => {
+                return Err(Error::bare(
+                    Class::UnsupportedDtype,
+                    format!("replacement {} has dtype {}", r.name, other.name()),
+                ))
+            }
+        };
+        tensors.push((
+            key.clone(),
+            Owned {
+                dtype,
+                shape: r.shape.clone(),
+                data: r.data.clone(),
+            },
+        ));
+        rmetas.push(ReplacementMeta {
+            key,
+            target: r.name.clone(),
+        });
+    }
+    let mut meta: HashMap<String, String> = HashMap::new();
+    meta.insert("format".into(), FORMAT_NAME.into());
+    meta.insert("format_version".into(), FORMAT_VERSION.to_string());
+    meta.insert("source_format".into(), adapter.source_format.clone());
+    meta.insert("source_version".into(), adapter.source_version.clone());
+    meta.insert(
+        "source_sha256".into(),
+        serde_json::to_string(&adapter.source_sha256).expect("map serialises"),
+    );
+    meta.insert(
+        "targets".into(),
+        serde_json::to_string(&metas).expect("serialises"),
+    );
+    meta.insert(
+        "replacements".into(),
+        serde_json::to_string(&rmetas).expect("serialises"),
+    );
+    meta.insert(
+        "writer".into(),
+        format!("boft {}", env!("CARGO_PKG_VERSION")),
+    );
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, o)| {
+            safetensors::tensor::TensorView::new(o.dtype, o.shape.clone(), &o.data)
+                .map(|v| (k.clone(), v))
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::bare(Class::BadAdapter, format!("cannot serialise adapter: {e}")))?;
+    safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| Error::bare(Class::BadAdapter, format!("cannot serialise adapter: {e}")))
+}
+
+pub fn read(path: &Path) -> Result<Adapter> {
+    let f = SafeFile::open(path)?;
+    from_file(&f)
+}
+
+pub fn from_file(f: &SafeFile) -> Result<Adapter> {
+    let path = f.path.as_path();
+    let meta = f
+        .metadata
+        .as_ref()
+        .filter(|_| is_canonical(f))
+        .ok_or_else(|| err(Class::UnknownFormat, path, "not a canonical adapter file"))?;
+    let bad = |m: String| err(Class::BadAdapter, path, m);
+    let version: u32 = meta
+        .get("format_version")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| bad("missing format_version".into()))?;
+    if version > FORMAT_VERSION {
+        return Err(bad(format!(
+            "canonical format version {version} is newer than this tool reads ({FORMAT_VERSION})"
+        )));
+    }
+    let get_json = |k: &str| -> Result<&str> {
+        meta.get(k)
+            .map(String::as_str)
+            .ok_or_else(|| bad(format!("metadata lacks {k:?}")))
+    };
+    let metas: Vec<TargetMeta> = serde_json::from_str(get_json("targets")?)
+        .map_err(|e| bad(format!("metadata \"targets\" is malformed ({e})")))?;
+    let rmetas: Vec<ReplacementMeta> = match meta.get("replacements") {
+        Some(s) => serde_json::from_str(s)
+            .map_err(|e| bad(format!("metadata \"replacements\" is malformed ({e})")))?,
+        None => vec![],
+    };
+    let source_sha256: BTreeMap<String, String> = match meta.get("source_sha256") {
+        Some(s) => serde_json::from_str(s)
+            .map_err(|e| bad(format!("metadata \"source_sha256\" is malformed ({e})")))?,
+        None => BTreeMap::new(),
+    };
+    let tensor = |name: &str, want_dtype: Dtype, want_shape: &[usize]| -> Result<&[u8]> {
+        let t = f
+            .tensor(name)
+            .ok_or_else(|| bad(format!("tensor {name:?} is missing")))?;
+        if t.dtype != want_dtype || t.shape != want_shape {
+            return Err(bad(format!(
+                "tensor {name:?} is {} {:?}, expected {} {:?}",
+                t.dtype.name(),
+                t.shape,
+                want_dtype.name(),
+                want_shape
+            )));
+        }
+        Ok(f.data(t))
+    };
+    let to_f32 = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let mut targets = Vec::with_capacity(metas.len());
+    for m in metas {
+        let (nf, d, h) = (m.factors, m.blocks, m.block_size);
+        let n = d
+            .checked_mul(h)
+            .ok_or_else(|| bad(format!("{}: geometry overflows", m.key)))?;
+        let data = to_f32(tensor(
+            &format!("{}::blocks", m.key),
+            Dtype::F32,
+            &[nf, d, h, h],
+        )?);
+        let perms = if m.permuted {
+            let raw = tensor(&format!("{}::perm", m.key), Dtype::I32, &[nf, n])?;
+            let all: Vec<i32> = raw
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let mut perms = Vec::with_capacity(nf);
+            for (i, row) in all.chunks(n.max(1)).enumerate().take(nf) {
+                if row.iter().any(|&x| x < 0 || x as usize >= n) {
+                    return Err(err(
+                        Class::BadAdapter,
+                        path,
+                        format!("{}: factor {i}: gather index out of range 0..{n}", m.key),
+                    ));
+                }
+                let p: Vec<u32> = row.iter().map(|&x| x as u32).collect();
+                perms.push(if crate::math::perm::is_identity(&p) {
+                    None
+                } else {
+                    Some(p)
+                });
+            }
+            perms
+        } else {
+            vec![None; nf]
+        };
+        let scale = if m.scaled {
+            let len = match m.rows {
+                Some((a, b)) => b.saturating_sub(a),
+                None => f
+                    .tensor(&format!("{}::scale", m.key))
+                    .map(|t| t.numel())
+                    .unwrap_or(0),
+            };
+            Some(to_f32(tensor(
+                &format!("{}::scale", m.key),
+                Dtype::F32,
+                &[len],
+            )?))
+        } else {
+            None
+        };
+        let t = Target {
+            name: m.target,
+            module: m.module,
+            side: m.side,
+            shape: m.shape,
+            rows: m.rows,
+            factors: nf,
+            blocks: d,
+            block_size: h,
+            data,
+            perms,
+            scale,
+            kind: m.block_kind,
+        };
+        t.validate().map_err(|e| e.at(path))?;
+        targets.push(t);
+    }
+    let mut replacements = Vec::new();
+    for r in rmetas {
+        let t = f
+            .tensor(&r.key)
+            .ok_or_else(|| bad(format!("tensor {:?} is missing", r.key)))?;
+        if t.dtype.float_size().is_none() {
+            return Err(bad(format!(
+                "replacement {:?} is {}",
+                r.key,
+                t.dtype.name()
+            )));
+        }
+        let data = f.data(t).to_vec();
+        if let Some(v) = dtype::decode_any_f32(t.dtype, &data) {
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(err(
+                    Class::NonFinite,
+                    path,
+                    format!("replacement for {} holds NaN/Inf", r.target),
+                ));
+            }
+        }
+        replacements.push(Replacement {
+            name: r.target,
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            data,
+        });
+    }
+    let adapter = Adapter {
+        targets,
+        replacements,
+        source_format: meta.get("source_format").cloned().unwrap_or_default(),
+        source_version: meta.get("source_version").cloned().unwrap_or_default(),
+        source_sha256,
+    };
+    adapter.validate().map_err(|e| e.at(path))?;
+    Ok(adapter)
+}

@@ -1,0 +1,319 @@
+//! The canonical adapter model: what every importer produces and the only thing the merge engine
+//! and the verifier see. docs/FORMAT.md specifies its on-disk form (`canonical.rs`).
+
+pub mod canonical;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::Dtype;
+use crate::error::{Class, Error, Result};
+use crate::math::blocks;
+use crate::math::kernel::{Chain, Factor, ScaleOn};
+
+/// Which axis of the (2-D flattened) weight the transform mixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// Columns: every weight row x becomes `M x` (`W' = W · Mᵀ`). PEFT BOFT, PEFT OFT ≥ 0.14.
+    Input,
+    /// Rows: every weight column x becomes `M x` (`W' = M · W`). LyCORIS, kohya, PEFT OFT ≤ 0.13.
+    Output,
+}
+
+/// How the blocks were made, which says how orthogonal they are expected to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockKind {
+    /// An exact Cayley transform: orthogonal, determinant +1.
+    Cayley,
+    /// A truncated Neumann series of a Cayley transform: only approximately orthogonal.
+    Neumann,
+    /// A rotation cropped to a non-multiple of its block size: not orthogonal.
+    Cropped,
+    /// Stored as finished matrices by the source; nothing is promised.
+    Raw,
+}
+
+/// One weight the adapter transforms.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Name of the base tensor (e.g. `model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    /// The adapter module this came from, for messages.
+    pub module: String,
+    pub side: Side,
+    /// Expected base shape when known (always known after resolving against a base).
+    pub shape: Option<Vec<usize>>,
+    /// Output side only: transform rows `start..end` (a slice of a fused weight); None = all.
+    pub rows: Option<(usize, usize)>,
+    pub factors: usize,
+    pub blocks: usize,
+    pub block_size: usize,
+    /// `factors × blocks × block_size × block_size`, the materialised blocks, f32.
+    pub data: Vec<f32>,
+    /// One gather permutation per factor; None for the identity.
+    pub perms: Vec<Option<Vec<u32>>>,
+    /// Per output row scale applied after the transform.
+    pub scale: Option<Vec<f32>>,
+    pub kind: BlockKind,
+}
+
+/// A tensor that replaces a base tensor outright (PEFT `modules_to_save`, trained biases).
+#[derive(Debug, Clone)]
+pub struct Replacement {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Adapter {
+    pub targets: Vec<Target>,
+    pub replacements: Vec<Replacement>,
+    pub source_format: String,
+    pub source_version: String,
+    /// File name (relative to the source) → hex sha256.
+    pub source_sha256: BTreeMap<String, String>,
+}
+
+impl Target {
+    /// Length of the rotated axis.
+    pub fn n(&self) -> usize {
+        self.blocks * self.block_size
+    }
+
+    pub fn block(&self, f: usize, k: usize) -> &[f32] {
+        let hh = self.block_size * self.block_size;
+        let i = (f * self.blocks + k) * hh;
+        &self.data[i..i + hh]
+    }
+
+    /// A display name: the tensor plus its row slice, if any.
+    pub fn label(&self) -> String {
+        match self.rows {
+            Some((a, b)) => format!("{}[{a}:{b}]", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// Check internal consistency: sizes, permutations, finite values.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Error::bare(Class::BadAdapter, format!("{}: {m}", self.label()));
+        if self.factors == 0 || self.blocks == 0 || self.block_size == 0 {
+            return Err(bad(
+                "empty transform (zero factors, blocks or block size)".into()
+            ));
+        }
+        let want = self.factors * self.blocks * self.block_size * self.block_size;
+        if self.data.len() != want {
+            return Err(bad(format!(
+                "{} block values, geometry needs {want}",
+                self.data.len()
+            )));
+        }
+        if self.perms.len() != self.factors {
+            return Err(bad(format!(
+                "{} permutations for {} factors",
+                self.perms.len(),
+                self.factors
+            )));
+        }
+        for (i, p) in self.perms.iter().enumerate() {
+            if let Some(p) = p {
+                if p.len() != self.n() || !crate::math::perm::is_permutation(p) {
+                    return Err(bad(format!(
+                        "factor {i}: gather index is not a permutation of 0..{}",
+                        self.n()
+                    )));
+                }
+            }
+        }
+        if let Some(i) = self.data.iter().position(|x| !x.is_finite()) {
+            return Err(Error::bare(
+                Class::NonFinite,
+                format!(
+                    "{}: block value #{i} is {} (NaN/Inf)",
+                    self.label(),
+                    self.data[i]
+                ),
+            ));
+        }
+        if let Some(s) = &self.scale {
+            if let Some(i) = s.iter().position(|x| !x.is_finite()) {
+                return Err(Error::bare(
+                    Class::NonFinite,
+                    format!("{}: scale value #{i} is {} (NaN/Inf)", self.label(), s[i]),
+                ));
+            }
+        }
+        if let Some((a, b)) = self.rows {
+            if self.side != Side::Output || a >= b || b - a != self.n() {
+                return Err(bad(format!(
+                    "row slice {a}:{b} does not fit n = {}",
+                    self.n()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check against the base tensor's shape and dtype.
+    pub fn check_base(&self, dtype: Dtype, shape: &[usize]) -> Result<()> {
+        let mism = |m: String| {
+            Error::bare(
+                Class::ShapeMismatch,
+                format!("{} (from {}): {m}", self.label(), self.module),
+            )
+        };
+        if dtype.float_size().is_none() {
+            return Err(Error::bare(
+                Class::UnsupportedDtype,
+                format!(
+                    "{}: base tensor is {}, only F32, F16 and BF16 weights can be transformed",
+                    self.name,
+                    dtype.name()
+                ),
+            ));
+        }
+        if shape.len() < 2 {
+            return Err(mism(format!(
+                "base tensor has shape {shape:?}, expected a matrix or conv kernel"
+            )));
+        }
+        if let Some(s) = &self.shape {
+            if s.as_slice() != shape {
+                return Err(mism(format!(
+                    "adapter was made for shape {s:?}, base has {shape:?}"
+                )));
+            }
+        }
+        let rows = shape[0];
+        let cols: usize = shape[1..].iter().product();
+        let n = match (self.side, self.rows) {
+            (Side::Input, _) => cols,
+            (Side::Output, None) => rows,
+            (Side::Output, Some((a, b))) => {
+                if b > rows {
+                    return Err(mism(format!(
+                        "row slice {a}:{b} past the {rows} rows of the base"
+                    )));
+                }
+                b - a
+            }
+        };
+        if n != self.n() {
+            return Err(mism(format!(
+                "transform covers {} = {} blocks × {}, base {} side is {n}",
+                self.n(),
+                self.blocks,
+                self.block_size,
+                if self.side == Side::Input {
+                    "input"
+                } else {
+                    "output"
+                }
+            )));
+        }
+        if let Some(s) = &self.scale {
+            let want = match self.rows {
+                Some((a, b)) => b - a,
+                None => rows,
+            };
+            if s.len() != want {
+                return Err(mism(format!("{} scale values for {want} rows", s.len())));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel chain that merges (or, with `inverse`, un-merges) this target.
+    pub fn chain(&self, inverse: bool) -> Result<Chain> {
+        let (h, d) = (self.block_size, self.blocks);
+        let mut factors: Vec<Factor> = (0..self.factors)
+            .map(|f| Factor {
+                h,
+                d,
+                blocks: self.data[f * d * h * h..(f + 1) * d * h * h].to_vec(),
+                perm: self.perms[f]
+                    .clone()
+                    .filter(|p| !crate::math::perm::is_identity(p)),
+            })
+            .collect();
+        let mut scale = self.scale.clone();
+        if inverse {
+            factors.reverse();
+            for (fi, f) in factors.iter_mut().enumerate() {
+                let mut inv = Vec::with_capacity(f.blocks.len());
+                for k in 0..d {
+                    let b = blocks::inverse(h, f.block(k)).ok_or_else(|| {
+                        Error::bare(
+                            Class::BadAdapter,
+                            format!(
+                                "{}: block {k} of factor {} is singular, cannot un-merge",
+                                self.label(),
+                                self.factors - 1 - fi
+                            ),
+                        )
+                    })?;
+                    inv.extend_from_slice(&b);
+                }
+                f.blocks = inv;
+            }
+            if let Some(s) = &mut scale {
+                if let Some(i) = s.iter().position(|&x| x == 0.0) {
+                    return Err(Error::bare(
+                        Class::BadAdapter,
+                        format!("{}: scale of row {i} is 0, cannot un-merge", self.label()),
+                    ));
+                }
+                s.iter_mut().for_each(|x| *x = 1.0 / *x);
+            }
+        }
+        Ok(Chain {
+            n: self.n(),
+            factors,
+            scale,
+            scale_on: match self.side {
+                Side::Input => ScaleOn::Vector,
+                Side::Output => ScaleOn::Component,
+            },
+            scale_first: inverse,
+            blend: 1.0,
+        })
+    }
+}
+
+impl Adapter {
+    pub fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.targets {
+            t.validate()?;
+            if !seen.insert((t.name.clone(), t.rows)) {
+                return Err(Error::bare(
+                    Class::BadAdapter,
+                    format!("{} is targeted twice", t.label()),
+                ));
+            }
+        }
+        for r in &self.replacements {
+            if self.targets.iter().any(|t| t.name == r.name) {
+                return Err(Error::bare(
+                    Class::BadAdapter,
+                    format!("{} is both transformed and replaced", r.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Total number of stored block parameters (what the summary calls "parameters").
+    pub fn parameter_count(&self) -> usize {
+        self.targets
+            .iter()
+            .map(|t| t.data.len() + t.scale.as_ref().map_or(0, Vec::len))
+            .sum()
+    }
+}

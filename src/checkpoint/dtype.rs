@@ -1,0 +1,204 @@
+use crate::error::{Class, Error, Result};
+
+/// Every element type the safetensors format names. Only F32/F16/BF16 can be transformed; the
+/// rest pass through byte for byte, so they only need a size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    Bool,
+    U8,
+    I8,
+    F8E5M2,
+    F8E4M3,
+    F8E8M0,
+    F4,
+    F6E2M3,
+    F6E3M2,
+    I16,
+    U16,
+    F16,
+    BF16,
+    I32,
+    U32,
+    F32,
+    F64,
+    I64,
+    U64,
+    C64,
+}
+
+impl Dtype {
+    pub fn parse(s: &str) -> Result<Dtype> {
+        Ok(match s {
+            "BOOL" => Dtype::Bool,
+            "U8" => Dtype::U8,
+            "I8" => Dtype::I8,
+            "F8_E5M2" => Dtype::F8E5M2,
+            "F8_E4M3" => Dtype::F8E4M3,
+            "F8_E8M0" => Dtype::F8E8M0,
+            "F4" => Dtype::F4,
+            "F6_E2M3" => Dtype::F6E2M3,
+            "F6_E3M2" => Dtype::F6E3M2,
+            "I16" => Dtype::I16,
+            "U16" => Dtype::U16,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "I32" => Dtype::I32,
+            "U32" => Dtype::U32,
+            "F32" => Dtype::F32,
+            "F64" => Dtype::F64,
+            "I64" => Dtype::I64,
+            "U64" => Dtype::U64,
+            "C64" => Dtype::C64,
+            other => {
+                return Err(Error::bare(
+                    Class::UnknownDtype,
+                    format!("unknown dtype {other:?}"),
+                ))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bool => "BOOL",
+            Dtype::U8 => "U8",
+            Dtype::I8 => "I8",
+            Dtype::F8E5M2 => "F8_E5M2",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E8M0 => "F8_E8M0",
+            Dtype::F4 => "F4",
+            Dtype::F6E2M3 => "F6_E2M3",
+            Dtype::F6E3M2 => "F6_E3M2",
+            Dtype::I16 => "I16",
+            Dtype::U16 => "U16",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::I32 => "I32",
+            Dtype::U32 => "U32",
+            Dtype::F32 => "F32",
+            Dtype::F64 => "F64",
+            Dtype::I64 => "I64",
+            Dtype::U64 => "U64",
+            Dtype::C64 => "C64",
+        }
+    }
+
+    pub fn bits(self) -> u64 {
+        match self {
+            Dtype::F4 => 4,
+            Dtype::F6E2M3 | Dtype::F6E3M2 => 6,
+            Dtype::Bool | Dtype::U8 | Dtype::I8 => 8,
+            Dtype::F8E5M2 | Dtype::F8E4M3 | Dtype::F8E8M0 => 8,
+            Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 16,
+            Dtype::I32 | Dtype::U32 | Dtype::F32 => 32,
+            Dtype::F64 | Dtype::I64 | Dtype::U64 | Dtype::C64 => 64,
+        }
+    }
+
+    /// Bytes per element for the types the engine computes on.
+    pub fn float_size(self) -> Option<usize> {
+        match self {
+            Dtype::F32 => Some(4),
+            Dtype::F16 | Dtype::BF16 => Some(2),
+            _ => None,
+        }
+    }
+
+    /// Byte length of `numel` elements, or None when it overflows or is not a whole byte count.
+    pub fn byte_len(self, numel: u64) -> Option<u64> {
+        let bits = numel.checked_mul(self.bits())?;
+        if bits % 8 != 0 {
+            return None;
+        }
+        Some(bits / 8)
+    }
+}
+
+/// Decode little-endian `dtype` bytes into f32. `dst.len()` elements are read.
+pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
+    match dtype {
+        Dtype::F32 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Dtype::BF16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        Dtype::F16 => {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        _ => unreachable!("decode_f32 called on non-float dtype {:?}", dtype),
+    }
+}
+
+/// Encode f32 into little-endian `dtype` bytes, rounding to nearest-even once.
+pub fn encode_f32(dtype: Dtype, src: &[f32], dst: &mut [u8]) {
+    match dtype {
+        Dtype::F32 => {
+            for (s, c) in src.iter().zip(dst.chunks_exact_mut(4)) {
+                c.copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        Dtype::BF16 => {
+            for (s, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                c.copy_from_slice(&half::bf16::from_f32(*s).to_bits().to_le_bytes());
+            }
+        }
+        Dtype::F16 => {
+            for (s, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
+                c.copy_from_slice(&half::f16::from_f32(*s).to_bits().to_le_bytes());
+            }
+        }
+        _ => unreachable!("encode_f32 called on non-float dtype {:?}", dtype),
+    }
+}
+
+/// Decode any float tensor (including F64) into f32; None for non-float types.
+pub fn decode_any_f32(dtype: Dtype, src: &[u8]) -> Option<Vec<f32>> {
+    match dtype {
+        Dtype::F64 => Some(
+            src.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                .collect(),
+        ),
+        Dtype::F32 | Dtype::F16 | Dtype::BF16 => {
+            let n = src.len() / dtype.float_size().unwrap();
+            let mut v = vec![0f32; n];
+            decode_f32(dtype, src, &mut v);
+            Some(v)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 is exactly halfway between two bf16 values; ties go to the even mantissa (1.0).
+        let mut out = [0u8; 2];
+        encode_f32(Dtype::BF16, &[1.0 + 2f32.powi(-8)], &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3f80);
+        encode_f32(Dtype::BF16, &[1.0 + 3.0 * 2f32.powi(-8)], &mut out);
+        assert_eq!(u16::from_le_bytes(out), 0x3f82);
+    }
+
+    #[test]
+    fn roundtrip_f16_bf16() {
+        for dt in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+            let vals = [0.5f32, -2.0, 0.125, 3.0];
+            let mut bytes = vec![0u8; vals.len() * dt.float_size().unwrap()];
+            encode_f32(dt, &vals, &mut bytes);
+            let mut back = [0f32; 4];
+            decode_f32(dt, &bytes, &mut back);
+            assert_eq!(back, vals);
+        }
+    }
+}

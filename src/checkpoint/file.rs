@@ -1,0 +1,410 @@
+//! One safetensors file, memory-mapped and validated before anything reads a tensor.
+//!
+//! Validation is stricter than the format's own loader in one way that matters to us: the data
+//! section must be covered exactly, tensor after tensor, with no gap, overlap or trailing byte.
+//! That is what lets the writer keep the header verbatim and stream tensors to the same offsets.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::dtype::Dtype;
+use crate::error::{err, Class, Error, Result};
+
+/// The same ceiling the reference safetensors loader uses; a larger header is an attack, not a model.
+pub const MAX_HEADER: u64 = 100_000_000;
+
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the data section (after the header).
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub struct SafeFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    /// 8 + header length: where the data section begins in the file.
+    pub data_offset: usize,
+    /// Tensors sorted by their start offset.
+    pub tensors: Vec<TensorInfo>,
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// JSON object entries in file order, keeping duplicates so they can be reported.
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, val)) = m.next_entry::<String, Value>()? {
+                    v.push((k, val));
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl SafeFile {
+    pub fn open(path: &Path) -> Result<SafeFile> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(err(
+                Class::Io,
+                path,
+                "is a directory, expected a .safetensors file",
+            ));
+        }
+        if meta.len() == 0 {
+            return Err(err(
+                Class::EmptyFile,
+                path,
+                "file is empty, not a safetensors file",
+            ));
+        }
+        // SAFETY: the map is read-only; a file truncated by another process while we run can
+        // still fault, which is the accepted limit of every mmap-based loader.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_mmap(path, mmap)
+    }
+
+    fn from_mmap(path: &Path, mmap: Mmap) -> Result<SafeFile> {
+        let (data_offset, tensors, metadata) = parse_header(&mmap).map_err(|e| e.at(path))?;
+        Ok(SafeFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_offset,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.mmap.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+
+    /// The raw header bytes including the 8-byte length prefix.
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.mmap[..self.data_offset]
+    }
+
+    pub fn data(&self, t: &TensorInfo) -> &[u8] {
+        &self.mmap[self.data_offset + t.start..self.data_offset + t.end]
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// Parse and validate a safetensors header against the whole file's bytes.
+pub fn parse_header(
+    buf: &[u8],
+) -> Result<(usize, Vec<TensorInfo>, Option<BTreeMap<String, String>>)> {
+    let bare = |c: Class, m: String| Error::bare(c, m);
+    if buf.is_empty() {
+        return Err(bare(
+            Class::EmptyFile,
+            "file is empty, not a safetensors file".into(),
+        ));
+    }
+    if buf.len() < 8 {
+        return Err(bare(
+            Class::HeaderTooSmall,
+            format!(
+                "{} bytes: too short to hold a safetensors header length",
+                buf.len()
+            ),
+        ));
+    }
+    let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
+    if n > MAX_HEADER {
+        return Err(bare(
+            Class::HeaderTooLarge,
+            format!(
+                "header length {n} exceeds the {MAX_HEADER}-byte limit (not a safetensors file?)"
+            ),
+        ));
+    }
+    if n < 2 {
+        return Err(bare(
+            Class::HeaderTooSmall,
+            format!("header length {n} is too small"),
+        ));
+    }
+    let data_offset = 8 + n as usize;
+    if data_offset > buf.len() {
+        return Err(bare(
+            Class::HeaderPastEnd,
+            format!(
+                "header length {n} runs past the end of the {}-byte file (truncated?)",
+                buf.len()
+            ),
+        ));
+    }
+    let header = &buf[8..data_offset];
+    let text = std::str::from_utf8(header)
+        .map_err(|_| bare(Class::HeaderNotJson, "header is not UTF-8 text".into()))?;
+    let text = text.trim_end_matches(' ');
+    let Entries(entries) = serde_json::from_str(text).map_err(|e| {
+        if serde_json::from_str::<Value>(text).is_ok() {
+            bare(
+                Class::HeaderNotObject,
+                "header JSON is not an object".into(),
+            )
+        } else {
+            bare(
+                Class::HeaderNotJson,
+                format!("header is not valid JSON ({e})"),
+            )
+        }
+    })?;
+
+    let data_len = buf.len() - data_offset;
+    let mut metadata = None;
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(entries.len());
+    let mut seen = std::collections::HashSet::new();
+    for (name, v) in entries {
+        if !seen.insert(name.clone()) {
+            return Err(bare(
+                Class::DuplicateTensor,
+                format!("tensor {name:?} appears twice in the header"),
+            ));
+        }
+        if name == "__metadata__" {
+            let obj = v.as_object().ok_or_else(|| {
+                bare(Class::BadTensorInfo, "__metadata__ is not an object".into())
+            })?;
+            let mut m = BTreeMap::new();
+            for (k, val) in obj {
+                let s = val.as_str().ok_or_else(|| {
+                    bare(
+                        Class::BadTensorInfo,
+                        format!("__metadata__ value for {k:?} is not a string"),
+                    )
+                })?;
+                m.insert(k.clone(), s.to_string());
+            }
+            metadata = Some(m);
+            continue;
+        }
+        tensors.push(parse_tensor(&name, &v)?);
+    }
+
+    tensors.sort_by_key(|t| (t.start, t.end));
+    let mut expected = 0usize;
+    for t in &tensors {
+        if t.start < expected {
+            return Err(bare(
+                Class::BadOffsets,
+                format!("tensor {:?} overlaps the tensor before it", t.name),
+            ));
+        }
+        if t.start > expected {
+            return Err(bare(
+                Class::BadOffsets,
+                format!(
+                    "gap before tensor {:?} (data offsets {}..{} leave bytes {}..{} unused)",
+                    t.name, t.start, t.end, expected, t.start
+                ),
+            ));
+        }
+        if t.end > data_len {
+            return Err(bare(
+                Class::BadOffsets,
+                format!(
+                    "tensor {:?} ends at byte {} but the data section holds only {} bytes (truncated?)",
+                    t.name, t.end, data_len
+                ),
+            ));
+        }
+        expected = t.end;
+    }
+    if expected != data_len {
+        return Err(bare(
+            Class::BadOffsets,
+            format!(
+                "the data section holds {data_len} bytes but its tensors cover only {expected}"
+            ),
+        ));
+    }
+    Ok((data_offset, tensors, metadata))
+}
+
+fn parse_tensor(name: &str, v: &Value) -> Result<TensorInfo> {
+    let bad = |m: &str| Error::bare(Class::BadTensorInfo, format!("tensor {name:?}: {m}"));
+    let obj = v.as_object().ok_or_else(|| bad("entry is not an object"))?;
+    let dtype_s = obj
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("missing or non-string \"dtype\""))?;
+    let dtype = Dtype::parse(dtype_s)
+        .map_err(|e| Error::bare(e.class, format!("tensor {name:?}: {}", e.message)))?;
+    let shape_v = obj
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("missing or non-array \"shape\""))?;
+    let mut shape = Vec::with_capacity(shape_v.len());
+    for d in shape_v {
+        let d = d.as_u64().ok_or_else(|| bad("shape holds a non-integer"))?;
+        shape.push(usize::try_from(d).map_err(|_| bad("dimension too large"))?);
+    }
+    let offs = obj
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("missing or non-array \"data_offsets\""))?;
+    if offs.len() != 2 {
+        return Err(bad("\"data_offsets\" must hold two integers"));
+    }
+    let start = offs[0]
+        .as_u64()
+        .ok_or_else(|| bad("data offset is not an integer"))?;
+    let end = offs[1]
+        .as_u64()
+        .ok_or_else(|| bad("data offset is not an integer"))?;
+    if end < start {
+        return Err(Error::bare(
+            Class::BadOffsets,
+            format!("tensor {name:?}: data offsets {start}..{end} run backwards"),
+        ));
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .ok_or_else(|| bad("shape overflows"))?;
+    let nbytes = dtype
+        .byte_len(numel)
+        .ok_or_else(|| bad("shape × dtype is not a whole number of bytes"))?;
+    if end - start != nbytes {
+        return Err(Error::bare(
+            Class::BadOffsets,
+            format!(
+                "tensor {name:?}: data offsets {start}..{end} hold {} bytes but shape {:?} of {} needs {}",
+                end - start,
+                shape,
+                dtype.name(),
+                nbytes
+            ),
+        ));
+    }
+    let to_usize = |x: u64| usize::try_from(x).map_err(|_| bad("offset too large"));
+    Ok(TensorInfo {
+        name: name.to_string(),
+        dtype,
+        shape,
+        start: to_usize(start)?,
+        end: to_usize(end)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn accepts_valid() {
+        let b = file(
+            r#"{"__metadata__":{"a":"b"},"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"BF16","shape":[1],"data_offsets":[8,10]}}"#,
+            &[0; 10],
+        );
+        let (off, t, m) = parse_header(&b).unwrap();
+        assert_eq!(off, b.len() - 10);
+        assert_eq!(t.len(), 2);
+        assert_eq!(m.unwrap()["a"], "b");
+    }
+
+    #[test]
+    fn rejects_classes() {
+        let cases: Vec<(Vec<u8>, Class)> = vec![
+            (vec![], Class::EmptyFile),
+            (vec![1, 2, 3], Class::HeaderTooSmall),
+            (u64::MAX.to_le_bytes().to_vec(), Class::HeaderTooLarge),
+            (file("{", &[]), Class::HeaderNotJson),
+            (file("[1]", &[]), Class::HeaderNotObject),
+            (
+                file(
+                    r#"{"x":{"dtype":"Q9","shape":[1],"data_offsets":[0,1]}}"#,
+                    &[0],
+                ),
+                Class::UnknownDtype,
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},"y":{"dtype":"U8","shape":[2],"data_offsets":[1,3]}}"#,
+                    &[0; 3],
+                ),
+                Class::BadOffsets,
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                    &[0; 4],
+                ),
+                Class::BadOffsets,
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                    &[0; 4],
+                ),
+                Class::BadOffsets,
+            ),
+            (
+                file(
+                    r#"{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"x":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                    &[0; 2],
+                ),
+                Class::DuplicateTensor,
+            ),
+        ];
+        for (bytes, class) in cases {
+            let e = parse_header(&bytes).unwrap_err();
+            assert_eq!(e.class, class, "{e}");
+        }
+        let mut past = file("{}", &[]);
+        past[0] = 200;
+        assert_eq!(parse_header(&past).unwrap_err().class, Class::HeaderPastEnd);
+    }
+}

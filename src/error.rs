@@ -1,0 +1,137 @@
+//! One error type for the whole library. Every failure a user can cause carries the file it
+//! concerns and a stable class name, so the binaries can print exactly one line and tests can
+//! assert on the class rather than on prose.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Stable machine-readable error classes. The string form (`Class::as_str`) is printed in
+/// brackets on every error line and is part of the command-line contract (docs/ERRORS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Io,
+    NotFound,
+    EmptyFile,
+    HeaderTooSmall,
+    HeaderTooLarge,
+    HeaderPastEnd,
+    HeaderNotJson,
+    HeaderNotObject,
+    BadTensorInfo,
+    UnknownDtype,
+    BadOffsets,
+    DuplicateTensor,
+    BadIndex,
+    MissingShard,
+    PathEscape,
+    UnknownFormat,
+    BadAdapter,
+    NonFinite,
+    MissingTarget,
+    ShapeMismatch,
+    UnsupportedDtype,
+    OutputExists,
+    OutputIsInput,
+    Usage,
+    Interrupted,
+    NoDevice,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Io => "io",
+            Class::NotFound => "not-found",
+            Class::EmptyFile => "empty-file",
+            Class::HeaderTooSmall => "header-too-small",
+            Class::HeaderTooLarge => "header-too-large",
+            Class::HeaderPastEnd => "header-past-end",
+            Class::HeaderNotJson => "header-not-json",
+            Class::HeaderNotObject => "header-not-object",
+            Class::BadTensorInfo => "bad-tensor-info",
+            Class::UnknownDtype => "unknown-dtype",
+            Class::BadOffsets => "bad-offsets",
+            Class::DuplicateTensor => "duplicate-tensor",
+            Class::BadIndex => "bad-index",
+            Class::MissingShard => "missing-shard",
+            Class::PathEscape => "path-escape",
+            Class::UnknownFormat => "unknown-format",
+            Class::BadAdapter => "bad-adapter",
+            Class::NonFinite => "non-finite",
+            Class::MissingTarget => "missing-target",
+            Class::ShapeMismatch => "shape-mismatch",
+            Class::UnsupportedDtype => "unsupported-dtype",
+            Class::OutputExists => "output-exists",
+            Class::OutputIsInput => "output-is-input",
+            Class::Usage => "usage",
+            Class::Interrupted => "interrupted",
+            Class::NoDevice => "no-device",
+        }
+    }
+}
+
+/// An error about one file (or none, for usage errors), rendered on a single line.
+#[derive(Debug)]
+pub struct Error {
+    pub class: Class,
+    pub path: Option<PathBuf>,
+    pub message: String,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(class: Class, path: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        Error {
+            class,
+            path: Some(path.as_ref().to_path_buf()),
+            message: message.into(),
+        }
+    }
+
+    pub fn bare(class: Class, message: impl Into<String>) -> Self {
+        Error {
+            class,
+            path: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn io(path: impl AsRef<Path>, err: std::io::Error) -> Self {
+        let class = match err.kind() {
+            std::io::ErrorKind::NotFound => Class::NotFound,
+            _ => Class::Io,
+        };
+        let message = match err.raw_os_error() {
+            Some(libc::ENOSPC) => "no space left on device".to_string(),
+            _ => err.to_string(),
+        };
+        Error::new(class, path, message)
+    }
+
+    /// Attach a path to an error that was raised without one.
+    pub fn at(mut self, path: impl AsRef<Path>) -> Self {
+        if self.path.is_none() {
+            self.path = Some(path.as_ref().to_path_buf());
+        }
+        self
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Newlines inside a message would break the one-line contract.
+        let msg = self.message.replace(['\n', '\r'], " ");
+        match &self.path {
+            Some(p) => write!(f, "[{}] {}: {}", self.class.as_str(), p.display(), msg),
+            None => write!(f, "[{}] {}", self.class.as_str(), msg),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Shorthand for building an error about a path inside `map_err`/`ok_or_else`.
+pub fn err(class: Class, path: impl AsRef<Path>, message: impl Into<String>) -> Error {
+    Error::new(class, path, message)
+}

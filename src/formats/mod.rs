@@ -1,0 +1,58 @@
+//! Source formats. Each file here knows one framework's on-disk layout and turns it into the
+//! canonical model; nothing outside this folder knows about any of them.
+
+pub mod peft;
+pub mod peft_boft;
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::adapter::{canonical, Adapter};
+use crate::checkpoint::SafeFile;
+use crate::error::{err, Class, Error, Result};
+
+/// Load any adapter we can read: a canonical file, or a PEFT adapter folder.
+pub fn load(path: &Path) -> Result<Adapter> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return peft::load_folder(path);
+    }
+    let f = SafeFile::open(path)?;
+    if canonical::is_canonical(&f) {
+        return canonical::from_file(&f);
+    }
+    let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
+    let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
+    if has(".boft_R") || has(".oft_r") || has(".oft_R.weight") {
+        let folder = path.parent().unwrap_or(Path::new("."));
+        if folder.join("adapter_config.json").is_file() {
+            return peft::load_folder(folder);
+        }
+        return Err(err(
+            Class::BadAdapter,
+            path,
+            "looks like a PEFT adapter_model.safetensors but adapter_config.json is not beside it; \
+             pass the adapter folder",
+        ));
+    }
+    if has(".oft_blocks") || has(".oft_diag") || names.iter().any(|n| n.contains(".oft_blocks.")) {
+        return Err(err(
+            Class::UnknownFormat,
+            path,
+            "LyCORIS/kohya OFT files are not supported by this version yet",
+        ));
+    }
+    Err(err(
+        Class::UnknownFormat,
+        path,
+        "not a recognised adapter (expected a canonical file or a PEFT adapter folder)",
+    ))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    Ok(format!("{:x}", h.finalize()))
+}

@@ -1,0 +1,116 @@
+//! Hugging Face PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`.
+//! Dispatches on `peft_type`; the per-method files do the maths.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{peft_boft, sha256_file};
+use crate::adapter::Adapter;
+use crate::checkpoint::SafeFile;
+use crate::error::{err, Class, Error, Result};
+
+pub const CONFIG: &str = "adapter_config.json";
+pub const WEIGHTS: &str = "adapter_model.safetensors";
+/// Prefix PEFT puts in front of every module path.
+pub const PREFIX: &str = "base_model.model.";
+
+pub fn load_folder(dir: &Path) -> Result<Adapter> {
+    let cfg_path = dir.join(CONFIG);
+    if !cfg_path.is_file() {
+        let subs: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join(CONFIG).is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let msg = if subs.is_empty() {
+            format!("no {CONFIG}: not a PEFT adapter folder")
+        } else {
+            format!(
+                "no {CONFIG} here, but adapters in subfolders {}: pass one of them",
+                subs.join(", ")
+            )
+        };
+        return Err(err(Class::NotFound, dir, msg));
+    }
+    let text = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let config: Value = serde_json::from_slice(&text).map_err(|e| {
+        err(
+            Class::BadAdapter,
+            &cfg_path,
+            format!("not valid JSON ({e})"),
+        )
+    })?;
+    if !config.is_object() {
+        return Err(err(
+            Class::BadAdapter,
+            &cfg_path,
+            "config is not a JSON object",
+        ));
+    }
+    let weights = dir.join(WEIGHTS);
+    if !weights.is_file() {
+        let msg = if dir.join("adapter_model.bin").is_file() {
+            format!("only adapter_model.bin (a pickle) is present; {WEIGHTS} is required (pickles are not loaded)")
+        } else {
+            format!("{WEIGHTS} is missing")
+        };
+        return Err(err(Class::NotFound, &weights, msg));
+    }
+    let f = SafeFile::open(&weights)?;
+    let peft_type = config
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut adapter = match peft_type {
+        "BOFT" => peft_boft::import(&config, &cfg_path, &f)?,
+        "OFT" => {
+            return Err(err(
+                Class::UnknownFormat,
+                &cfg_path,
+                "PEFT OFT adapters are not supported by this version yet (only BOFT)",
+            ))
+        }
+        other => {
+            return Err(err(
+                Class::UnknownFormat,
+                &cfg_path,
+                format!("peft_type {other:?} is not an orthogonal adapter this tool reads"),
+            ))
+        }
+    };
+    adapter.source_version = version(&config);
+    adapter
+        .source_sha256
+        .insert(CONFIG.into(), sha256_file(&cfg_path)?);
+    adapter
+        .source_sha256
+        .insert(WEIGHTS.into(), sha256_file(&weights)?);
+    adapter.validate().map_err(|e| e.at(&weights))?;
+    Ok(adapter)
+}
+
+/// PEFT writes its version into the config from 0.18 on; older files carry none.
+pub fn version(config: &Value) -> String {
+    config
+        .get("peft_version")
+        .and_then(Value::as_str)
+        .map(|v| format!("peft {v}"))
+        .unwrap_or_else(|| "peft (version not recorded)".into())
+}
+
+/// Strip PEFT's `base_model.model.` prefix from a key.
+pub fn module_key(key: &str) -> &str {
+    key.strip_prefix(PREFIX).unwrap_or(key)
+}
+
+/// The base tensor a saved non-adapter tensor replaces: `<m>.base_layer.bias` → `<m>.bias`,
+/// `<m>.modules_to_save.<param>` → `<m>.<param>`.
+pub fn replaced_name(key: &str) -> String {
+    let k = module_key(key);
+    if let Some((m, rest)) = k.split_once(".modules_to_save.") {
+        return format!("{m}.{rest}");
+    }
+    k.replace(".base_layer.", ".")
+}

@@ -1,0 +1,283 @@
+//! PEFT BOFT (`peft_type: "BOFT"`, PEFT ≥ 0.11): per module `boft_R (N, D, H, H)` raw blocks,
+//! `boft_s` per-output-row scale, and in 0.11–0.12 files `boft_P` permutation matrices.
+//!
+//! PEFT builds each factor as `P_i · blockdiag(C−(½(A − Aᵀ))) · P_iᵀ` with `P_i[j, p_i[j]] = 1`
+//! and merges `W' = diag(s) · W · Mᵀ` with `M = B_{N−1}⋯B_0`. In the canonical convention
+//! (`Pᵀ · blockdiag · P`) the gather permutation is therefore `p_i⁻¹`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::peft::{module_key, replaced_name};
+use crate::adapter::{Adapter, BlockKind, Replacement, Side, Target};
+use crate::checkpoint::{dtype, SafeFile, TensorInfo};
+use crate::error::{err, Class, Result};
+use crate::math::{cayley, perm};
+
+#[derive(Default)]
+struct Module<'a> {
+    r: Option<&'a TensorInfo>,
+    s: Option<&'a TensorInfo>,
+    p: Option<&'a TensorInfo>,
+}
+
+pub fn import(config: &Value, cfg_path: &Path, f: &SafeFile) -> Result<Adapter> {
+    let path = f.path.as_path();
+    let mut modules: BTreeMap<String, Module> = BTreeMap::new();
+    let mut replacements = Vec::new();
+    for t in &f.tensors {
+        let k = module_key(&t.name);
+        if let Some(m) = k.strip_suffix(".boft_R") {
+            modules.entry(m.to_string()).or_default().r = Some(t);
+        } else if let Some(m) = k.strip_suffix(".boft_s") {
+            modules.entry(m.to_string()).or_default().s = Some(t);
+        } else if let Some(m) = k.strip_suffix(".boft_P") {
+            modules.entry(m.to_string()).or_default().p = Some(t);
+        } else {
+            if t.dtype.float_size().is_none() && t.dtype != crate::checkpoint::Dtype::F64 {
+                return Err(err(
+                    Class::BadAdapter,
+                    path,
+                    format!(
+                        "tensor {:?} is {}, not a float tensor",
+                        t.name,
+                        t.dtype.name()
+                    ),
+                ));
+            }
+            let data = f.data(t);
+            let values = dtype::decode_any_f32(t.dtype, data).expect("float");
+            if values.iter().any(|x| !x.is_finite()) {
+                return Err(err(
+                    Class::NonFinite,
+                    path,
+                    format!("tensor {:?} holds NaN/Inf", t.name),
+                ));
+            }
+            // F64 replacements are stored as F32; the base dtype decides the final rounding.
+            let (dt, bytes) = if t.dtype == crate::checkpoint::Dtype::F64 {
+                (
+                    crate::checkpoint::Dtype::F32,
+                    values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                )
+            } else {
+                (t.dtype, data.to_vec())
+            };
+            replacements.push(Replacement {
+                name: replaced_name(&t.name),
+                dtype: dt,
+                shape: t.shape.clone(),
+                data: bytes,
+            });
+        }
+    }
+    if modules.is_empty() {
+        return Err(err(
+            Class::BadAdapter,
+            path,
+            "no boft_R tensors: not a BOFT adapter",
+        ));
+    }
+    // PEFT ≤ 0.13 merged Conv2d layers by reinterpreting the kernel buffer; configs written by
+    // those versions lack `exclude_modules`.
+    let legacy = config.get("exclude_modules").is_none() && config.get("peft_version").is_none();
+
+    let mut targets = Vec::with_capacity(modules.len());
+    for (name, m) in modules {
+        let r = m.r.ok_or_else(|| {
+            err(
+                Class::BadAdapter,
+                path,
+                format!("{name}: boft_s without boft_R"),
+            )
+        })?;
+        let s = m.s.ok_or_else(|| {
+            err(
+                Class::BadAdapter,
+                path,
+                format!("{name}: boft_R without boft_s"),
+            )
+        })?;
+        targets.push(module_target(
+            path, cfg_path, config, &name, f, r, s, m.p, legacy,
+        )?);
+    }
+    Ok(Adapter {
+        targets,
+        replacements,
+        source_format: "peft-boft".into(),
+        source_version: String::new(),
+        source_sha256: BTreeMap::new(),
+    })
+}
+
+fn floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Vec<f32>> {
+    if t.dtype.float_size().is_none() {
+        return Err(err(
+            Class::UnsupportedDtype,
+            path,
+            format!(
+                "{} is {}, expected F32, F16 or BF16",
+                t.name,
+                t.dtype.name()
+            ),
+        ));
+    }
+    let v = dtype::decode_any_f32(t.dtype, f.data(t)).expect("float");
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(err(
+            Class::NonFinite,
+            path,
+            format!("{} holds {} at element {i}", t.name, v[i]),
+        ));
+    }
+    Ok(v)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn module_target(
+    path: &Path,
+    cfg_path: &Path,
+    config: &Value,
+    name: &str,
+    f: &SafeFile,
+    r: &TensorInfo,
+    s: &TensorInfo,
+    p: Option<&TensorInfo>,
+    legacy: bool,
+) -> Result<Target> {
+    let bad = |m: String| err(Class::BadAdapter, path, format!("{name}: {m}"));
+    if r.shape.len() != 4 || r.shape[2] != r.shape[3] {
+        return Err(bad(format!(
+            "boft_R has shape {:?}, expected (N, D, H, H)",
+            r.shape
+        )));
+    }
+    let (nf, d, h) = (r.shape[0], r.shape[1], r.shape[2]);
+    let n = d * h;
+    if nf == 0 || d == 0 || h == 0 {
+        return Err(bad(format!("boft_R has an empty dimension {:?}", r.shape)));
+    }
+    if nf > 1 {
+        // Every butterfly factor after the first pairs half-blocks across 2^i blocks.
+        if h % 2 != 0 || d % (1usize << (nf - 1).min(63)) != 0 {
+            return Err(bad(format!(
+                "{nf} butterfly factors need an even block size and a block count divisible by {}; \
+                 boft_R has {d} blocks of {h}",
+                1u64 << (nf - 1).min(63)
+            )));
+        }
+    }
+    // Either the block size or the block count is fixed by the config (the other is derived per
+    // layer); a file whose tensors disagree with it was not written with this config.
+    let cfg = |k: &str| config.get(k).and_then(Value::as_u64).filter(|&v| v != 0);
+    if let Some(bs) = cfg("boft_block_size") {
+        if bs as usize != h {
+            return Err(err(
+                Class::BadAdapter,
+                cfg_path,
+                format!("{name}: config says boft_block_size {bs} but boft_R holds blocks of {h}"),
+            ));
+        }
+    } else if let Some(bn) = cfg("boft_block_num") {
+        if bn as usize != d {
+            return Err(err(
+                Class::BadAdapter,
+                cfg_path,
+                format!("{name}: config says boft_block_num {bn} but boft_R holds {d} blocks"),
+            ));
+        }
+    }
+    let is_conv = s.shape.len() == 2 && s.shape[0] == 1 && s.shape[1] > 1;
+    let rows = match s.shape.as_slice() {
+        [o, 1] => *o,
+        [1, o] => *o,
+        _ => {
+            return Err(bad(format!(
+                "boft_s has shape {:?}, expected (out, 1) or (1, out)",
+                s.shape
+            )))
+        }
+    };
+    if is_conv && legacy {
+        return Err(err(
+            Class::UnknownFormat,
+            cfg_path,
+            format!(
+                "{name}: a Conv2d BOFT layer written by PEFT ≤ 0.13 (config without exclude_modules) \
+                 uses the legacy kernel reinterpretation, which this version does not read yet"
+            ),
+        ));
+    }
+    let raw = floats(path, f, r)?;
+    let scale = floats(path, f, s)?;
+    let hh = h * h;
+    let mut data = Vec::with_capacity(raw.len());
+    for blk in raw.chunks_exact(hh) {
+        let a: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
+        let q = cayley::cayley_minus(h, &cayley::skew_half(h, &a));
+        data.extend(q.iter().map(|&x| x as f32));
+    }
+    let perms: Vec<Option<Vec<u32>>> = (0..nf)
+        .map(|i| {
+            let pi = perm::peft_boft(n, h, i);
+            (!perm::is_identity(&pi)).then(|| perm::invert(&pi))
+        })
+        .collect();
+    if let Some(pt) = p {
+        check_stored_perms(path, name, f, pt, nf, n, h)?;
+    }
+    Ok(Target {
+        name: format!("{name}.weight"),
+        module: name.to_string(),
+        side: Side::Input,
+        shape: None,
+        rows: None,
+        factors: nf,
+        blocks: d,
+        block_size: h,
+        data,
+        perms,
+        scale: Some(scale).filter(|_| rows > 0),
+        kind: BlockKind::Cayley,
+    })
+}
+
+/// PEFT 0.11–0.12 saved the permutation matrices; they must be the ones we derive.
+fn check_stored_perms(
+    path: &Path,
+    name: &str,
+    f: &SafeFile,
+    pt: &TensorInfo,
+    nf: usize,
+    n: usize,
+    h: usize,
+) -> Result<()> {
+    if pt.shape != [nf, n, n] {
+        return Err(err(
+            Class::BadAdapter,
+            path,
+            format!(
+                "{name}: boft_P has shape {:?}, expected [{nf}, {n}, {n}]",
+                pt.shape
+            ),
+        ));
+    }
+    let v = floats(path, f, pt)?;
+    for i in 0..nf {
+        let pi = perm::peft_boft(n, h, i);
+        for (j, &pj) in pi.iter().enumerate() {
+            let row = &v[(i * n + j) * n..(i * n + j + 1) * n];
+            if row[pj as usize] != 1.0 || row.iter().filter(|&&x| x != 0.0).count() != 1 {
+                return Err(err(
+                    Class::BadAdapter,
+                    path,
+                    format!("{name}: stored boft_P of factor {i} is not the butterfly permutation"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

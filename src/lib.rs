@@ -1,0 +1,14 @@
+//! BOFT/OFT orthogonal fine-tuning adapters: read them as other frameworks wrote them, hold them
+//! in one canonical model, merge them into (and out of) safetensors checkpoints, verify them.
+
+pub mod adapter;
+pub mod checkpoint;
+pub mod cli;
+pub mod error;
+pub mod formats;
+pub mod math;
+pub mod merge;
+pub mod output;
+pub mod verify;
+
+pub use error::{Class, Error, Result};

@@ -1,0 +1,82 @@
+//! Gather permutations. A permutation `p` of length n stands for the matrix P with
+//! `P[j, p[j]] = 1`, so `(P v)[j] = v[p[j]]`.
+
+/// True when `p` holds every index `0..p.len()` exactly once.
+pub fn is_permutation(p: &[u32]) -> bool {
+    let mut seen = vec![false; p.len()];
+    for &x in p {
+        let x = x as usize;
+        if x >= seen.len() || seen[x] {
+            return false;
+        }
+        seen[x] = true;
+    }
+    true
+}
+
+pub fn invert(p: &[u32]) -> Vec<u32> {
+    let mut inv = vec![0u32; p.len()];
+    for (j, &x) in p.iter().enumerate() {
+        inv[x as usize] = j as u32;
+    }
+    inv
+}
+
+pub fn is_identity(p: &[u32]) -> bool {
+    p.iter().enumerate().all(|(j, &x)| j as u32 == x)
+}
+
+/// PEFT BOFT's permutation for butterfly factor `i` (0-based) over n indices with block size h:
+/// every chunk of `h·2^i` indices is cut into half-blocks of h/2; the even-numbered half-blocks
+/// are listed first, then the odd-numbered ones. Factor 0 is the identity.
+pub fn peft_boft(n: usize, h: usize, i: usize) -> Vec<u32> {
+    let mut p: Vec<u32> = (0..n as u32).collect();
+    if i == 0 {
+        return p;
+    }
+    let half = h / 2;
+    let chunk = h << i;
+    let halves = chunk / half;
+    for base in (0..n).step_by(chunk) {
+        let order = (0..halves).step_by(2).chain((1..halves).step_by(2));
+        for (slot, hb) in order.enumerate() {
+            for a in 0..half {
+                p[base + slot * half + a] = (base + hb * half + a) as u32;
+            }
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peft_examples_from_the_reference() {
+        assert_eq!(
+            peft_boft(16, 4, 1),
+            vec![0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+        );
+        assert_eq!(
+            peft_boft(16, 4, 2),
+            vec![0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15]
+        );
+        assert_eq!(
+            peft_boft(12, 6, 1),
+            vec![0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11]
+        );
+        assert!(is_identity(&peft_boft(12, 6, 0)));
+    }
+
+    #[test]
+    fn inverse_composes_to_identity() {
+        let p = peft_boft(64, 8, 2);
+        assert!(is_permutation(&p));
+        let inv = invert(&p);
+        let comp: Vec<u32> = (0..64).map(|j| p[inv[j] as usize]).collect();
+        assert!(is_identity(&comp));
+        assert!(!is_permutation(&[0, 0, 1]));
+        assert!(!is_permutation(&[0, 3, 1]));
+    }
+}

@@ -1,0 +1,555 @@
+//! Merge planning and execution. The engine sees only canonical adapters: it resolves each target
+//! to a base tensor, checks geometry, builds kernel chains, and streams every file of the base
+//! to the output at the same offsets — untouched tensors copied byte for byte (in the kernel when
+//! possible), targeted ones transformed chunk by chunk with bounded memory.
+
+pub mod backend;
+#[cfg(feature = "candle")]
+pub mod candle;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use crate::adapter::{Adapter, Replacement, Side, Target};
+use crate::checkpoint::{dtype, Checkpoint, SafeFile, TensorInfo};
+use crate::error::{err, Class, Error, Result};
+use crate::math::kernel::{Chain, Scratch};
+use crate::output::{self, Staged};
+pub use backend::{Backend, CpuBackend};
+
+/// What happens to one base tensor.
+enum Action<'a> {
+    /// Transform whole rows (input side, one chain).
+    Rows(Chain),
+    /// Transform columns of row slices (output side; several slices for fused weights).
+    Columns(Vec<((usize, usize), Chain)>),
+    Replace(&'a Replacement),
+}
+
+pub struct Plan<'a> {
+    pub base: &'a Checkpoint,
+    actions: HashMap<String, Action<'a>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub transformed: usize,
+    pub replaced: usize,
+    pub copied: usize,
+    pub bytes: u64,
+}
+
+pub struct Options {
+    pub unmerge: bool,
+    pub progress: bool,
+}
+
+/// Resolve every target and replacement against the base and check it fits. Nothing is written.
+pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, unmerge: bool) -> Result<Plan<'a>> {
+    let mut actions: HashMap<String, Action<'a>> = HashMap::new();
+    let missing = |what: &str, name: &str, module: &str| {
+        err(
+            Class::MissingTarget,
+            &base.root,
+            format!(
+                "{what} {name:?} (from adapter module {module:?}) is not in the base checkpoint"
+            ),
+        )
+    };
+    let mut by_tensor: HashMap<&str, Vec<&Target>> = HashMap::new();
+    for t in &adapter.targets {
+        by_tensor.entry(t.name.as_str()).or_default().push(t);
+    }
+    for (name, targets) in by_tensor {
+        let (_, info) = base
+            .get(name)
+            .ok_or_else(|| missing("target tensor", name, &targets[0].module))?;
+        for t in &targets {
+            t.check_base(info.dtype, &info.shape)
+                .map_err(|e| e.at(&base.root))?;
+        }
+        let action = if targets.len() == 1 && targets[0].side == Side::Input {
+            Action::Rows(targets[0].chain(unmerge)?)
+        } else {
+            if targets.iter().any(|t| t.side == Side::Input) {
+                return Err(err(
+                    Class::BadAdapter,
+                    &base.root,
+                    format!("{name} is targeted more than once, with an input-side transform"),
+                ));
+            }
+            let mut slices = Vec::new();
+            for t in &targets {
+                let range = t.rows.unwrap_or((0, info.shape[0]));
+                slices.push((range, t.chain(unmerge)?));
+            }
+            slices.sort_by_key(|s| s.0);
+            for w in slices.windows(2) {
+                if w[1].0 .0 < w[0].0 .1 {
+                    return Err(err(
+                        Class::BadAdapter,
+                        &base.root,
+                        format!("{name}: row slices {:?} and {:?} overlap", w[0].0, w[1].0),
+                    ));
+                }
+            }
+            Action::Columns(slices)
+        };
+        actions.insert(name.to_string(), action);
+    }
+    for r in &adapter.replacements {
+        let (_, info) = base
+            .get(&r.name)
+            .ok_or_else(|| missing("replaced tensor", &r.name, &r.name))?;
+        if info.shape != r.shape {
+            return Err(err(
+                Class::ShapeMismatch,
+                &base.root,
+                format!(
+                    "replacement for {} has shape {:?}, base has {:?}",
+                    r.name, r.shape, info.shape
+                ),
+            ));
+        }
+        if info.dtype != r.dtype && info.dtype.float_size().is_none() {
+            return Err(err(
+                Class::UnsupportedDtype,
+                &base.root,
+                format!(
+                    "replacement for {} is {} but the base tensor is {}",
+                    r.name,
+                    r.dtype.name(),
+                    info.dtype.name()
+                ),
+            ));
+        }
+        if unmerge {
+            // The base tensor a replacement overwrote is not in the adapter: it cannot be restored.
+            return Err(err(
+                Class::BadAdapter,
+                &base.root,
+                format!(
+                    "the adapter replaces {} outright (modules_to_save or bias); the original \
+                     cannot be recovered by --unmerge",
+                    r.name
+                ),
+            ));
+        }
+        actions.insert(r.name.clone(), Action::Replace(r));
+    }
+    Ok(Plan { base, actions })
+}
+
+/// One output file being written at the same offsets as its input.
+struct OutFile<'a> {
+    src: &'a SafeFile,
+    dst: File,
+    dst_path: PathBuf,
+}
+
+/// Contiguous run of untouched tensors to copy verbatim.
+struct CopyRun {
+    file: usize,
+    start: usize,
+    len: usize,
+}
+
+impl Plan<'_> {
+    pub fn targeted(&self) -> usize {
+        self.actions.len()
+    }
+
+    /// Write the merged checkpoint under `staged` (a folder for folder bases, a file otherwise).
+    pub fn execute(&self, staged: &Staged, backend: &dyn Backend, opts: &Options) -> Result<Stats> {
+        let base = self.base;
+        let mut outs = Vec::with_capacity(base.files.len());
+        for (rel, f) in &base.files {
+            let path = if base.is_folder() {
+                staged.path().join(rel)
+            } else {
+                staged.path().to_path_buf()
+            };
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            let dst = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            reserve(&dst, f.len() as u64).map_err(|e| Error::io(&path, e))?;
+            dst.write_all_at(f.header_bytes(), 0)
+                .map_err(|e| Error::io(&path, e))?;
+            outs.push(OutFile {
+                src: f,
+                dst,
+                dst_path: path,
+            });
+        }
+        if base.is_folder() {
+            for rel in &base.others {
+                let from = base.root.join(rel);
+                let to = staged.path().join(rel);
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                }
+                std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+            }
+        }
+
+        let mut runs: Vec<CopyRun> = Vec::new();
+        let mut work: Vec<(usize, &TensorInfo, &Action)> = Vec::new();
+        let mut stats = Stats::default();
+        for (fi, o) in outs.iter().enumerate() {
+            for t in &o.src.tensors {
+                stats.bytes += (t.end - t.start) as u64;
+                match self.actions.get(&t.name) {
+                    Some(a) => {
+                        match a {
+                            Action::Replace(_) => stats.replaced += 1,
+                            _ => stats.transformed += 1,
+                        }
+                        work.push((fi, t, a));
+                    }
+                    None => {
+                        stats.copied += 1;
+                        match runs.last_mut() {
+                            Some(r) if r.file == fi && r.start + r.len == t.start => {
+                                r.len += t.end - t.start
+                            }
+                            _ => runs.push(CopyRun {
+                                file: fi,
+                                start: t.start,
+                                len: t.end - t.start,
+                            }),
+                        }
+                    }
+                }
+            }
+        }
+
+        let bar = crate::cli::progress_bar(stats.bytes, opts.progress);
+        let abort = AtomicBool::new(false);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        let fail = |e: Error| {
+            abort.store(true, Ordering::SeqCst);
+            let mut g = first_err.lock().unwrap();
+            if g.is_none() {
+                *g = Some(e);
+            }
+        };
+        let stop = || abort.load(Ordering::Relaxed) || output::interrupted();
+
+        std::thread::scope(|s| {
+            // Copies are I/O bound and run beside the compute-bound transforms.
+            s.spawn(|| {
+                for r in &runs {
+                    if stop() {
+                        return;
+                    }
+                    let o = &outs[r.file];
+                    if let Err(e) = copy_range(o, r.start, r.len, &stop, &|n| bar.inc(n as u64)) {
+                        fail(e);
+                        return;
+                    }
+                }
+            });
+            for (fi, t, a) in &work {
+                if stop() {
+                    break;
+                }
+                let o = &outs[*fi];
+                let res = match a {
+                    Action::Rows(chain) => transform_rows(o, t, chain, backend, &stop, &bar),
+                    Action::Columns(slices) => {
+                        transform_columns(o, t, slices, backend, &stop, &bar)
+                    }
+                    Action::Replace(r) => write_replacement(o, t, r, &bar),
+                };
+                if let Err(e) = res {
+                    fail(e);
+                    break;
+                }
+            }
+        });
+        bar.finish_and_clear();
+        if let Some(e) = first_err.into_inner().unwrap() {
+            return Err(e);
+        }
+        output::check_interrupted()?;
+        for o in &outs {
+            o.dst.sync_all().map_err(|e| Error::io(&o.dst_path, e))?;
+        }
+        Ok(stats)
+    }
+}
+
+/// Reserve the whole file up front so a full disk fails before any work, where the filesystem
+/// supports it; otherwise size it and let the writes report ENOSPC.
+fn reserve(f: &File, len: u64) -> std::io::Result<()> {
+    // SAFETY: plain syscall on an owned, open descriptor.
+    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        libc::EOPNOTSUPP | libc::EINVAL => f.set_len(len),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+const COPY_CHUNK: usize = 64 << 20;
+
+fn copy_range(
+    o: &OutFile,
+    start: usize,
+    len: usize,
+    stop: &dyn Fn() -> bool,
+    progress: &dyn Fn(usize),
+) -> Result<()> {
+    let base = o.src.data_offset + start;
+    let src_file = File::open(&o.src.path).map_err(|e| Error::io(&o.src.path, e))?;
+    let mut done = 0usize;
+    while done < len {
+        if stop() {
+            return Ok(());
+        }
+        let want = (len - done).min(COPY_CHUNK);
+        let mut off_in = (base + done) as libc::loff_t;
+        let mut off_out = (base + done) as libc::loff_t;
+        // SAFETY: both descriptors are open for the duration of the call; offsets are passed by
+        // pointer to locals, so the files' own positions are untouched.
+        let n = unsafe {
+            libc::copy_file_range(
+                src_file.as_raw_fd(),
+                &mut off_in,
+                o.dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        let copied = if n > 0 {
+            n as usize
+        } else {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Not supported across these files: fall back to writing from the map.
+                Some(libc::EXDEV)
+                | Some(libc::ENOSYS)
+                | Some(libc::EINVAL)
+                | Some(libc::EOPNOTSUPP)
+                | None => {
+                    let bytes = &o.src.bytes()[base + done..base + done + want];
+                    o.dst
+                        .write_all_at(bytes, (base + done) as u64)
+                        .map_err(|e| Error::io(&o.dst_path, e))?;
+                    want
+                }
+                _ if n == 0 => {
+                    return Err(err(
+                        Class::Io,
+                        &o.src.path,
+                        "file shrank while being copied",
+                    ))
+                }
+                _ => return Err(Error::io(&o.dst_path, e)),
+            }
+        };
+        done += copied;
+        progress(copied);
+    }
+    Ok(())
+}
+
+/// Elements per work chunk: large enough for efficient block GEMMs, small enough to stay in cache.
+const CHUNK_ELEMS: usize = 1 << 17;
+
+fn transform_rows(
+    o: &OutFile,
+    t: &TensorInfo,
+    chain: &Chain,
+    backend: &dyn Backend,
+    stop: &(dyn Fn() -> bool + Sync),
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    let esize = t.dtype.float_size().expect("checked at planning");
+    let rows = t.shape[0];
+    let n = chain.n;
+    let chunk_rows = (backend.chunk_elems().max(CHUNK_ELEMS) / n).clamp(1, rows.max(1));
+    let chunks = rows.div_ceil(chunk_rows);
+    let src = o.src.data(t);
+    let file_off = (o.src.data_offset + t.start) as u64;
+    (0..chunks).into_par_iter().try_for_each_init(
+        || (Scratch::default(), Vec::<f32>::new(), Vec::<u8>::new()),
+        |(scratch, x, bytes), c| -> Result<()> {
+            if stop() {
+                return Ok(());
+            }
+            let r0 = c * chunk_rows;
+            let r1 = (r0 + chunk_rows).min(rows);
+            let (b0, b1) = (r0 * n * esize, r1 * n * esize);
+            x.resize((r1 - r0) * n, 0.0);
+            dtype::decode_f32(t.dtype, &src[b0..b1], x);
+            backend.apply(chain, x, r0, r1 - r0, scratch)?;
+            bytes.resize(b1 - b0, 0);
+            dtype::encode_f32(t.dtype, x, bytes);
+            o.dst
+                .write_all_at(bytes, file_off + b0 as u64)
+                .map_err(|e| Error::io(&o.dst_path, e))?;
+            bar.inc((b1 - b0) as u64);
+            Ok(())
+        },
+    )
+}
+
+/// Output-side transforms mix rows, so work on column slabs: each slab is read transposed
+/// (one vector per column), transformed, and written back transposed.
+fn transform_columns(
+    o: &OutFile,
+    t: &TensorInfo,
+    slices: &[((usize, usize), Chain)],
+    backend: &dyn Backend,
+    stop: &(dyn Fn() -> bool + Sync),
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    let esize = t.dtype.float_size().expect("checked at planning");
+    let cols: usize = t.shape[1..].iter().product();
+    let src = o.src.data(t);
+    // The whole tensor's output lives in one buffer (bounded by the largest targeted tensor);
+    // rows outside every slice are copied unchanged.
+    let mut out = src.to_vec();
+    let row_bytes = cols * esize;
+    for ((a, b), chain) in slices {
+        let n = b - a;
+        let slab = (CHUNK_ELEMS / n).clamp(1, cols.max(1));
+        let nslabs = cols.div_ceil(slab);
+        let results: Vec<Result<(usize, Vec<u8>)>> = (0..nslabs)
+            .into_par_iter()
+            .map_init(
+                || (Scratch::default(), Vec::<f32>::new(), vec![0f32; 1]),
+                |(scratch, x, one), s| {
+                    if stop() {
+                        return Ok((s, Vec::new()));
+                    }
+                    let c0 = s * slab;
+                    let c1 = (c0 + slab).min(cols);
+                    let w = c1 - c0;
+                    x.resize(w * n, 0.0);
+                    for i in 0..n {
+                        let row = &src[(a + i) * row_bytes..(a + i + 1) * row_bytes];
+                        for c in 0..w {
+                            let e = (c0 + c) * esize;
+                            dtype::decode_f32(t.dtype, &row[e..e + esize], one);
+                            x[c * n + i] = one[0];
+                        }
+                    }
+                    backend.apply(chain, x, 0, w, scratch)?;
+                    let mut enc = vec![0u8; w * n * esize];
+                    for i in 0..n {
+                        for c in 0..w {
+                            let v = x[c * n + i];
+                            let at = (i * w + c) * esize;
+                            dtype::encode_f32(t.dtype, &[v], &mut enc[at..at + esize]);
+                        }
+                    }
+                    Ok((s, enc))
+                },
+            )
+            .collect();
+        for r in results {
+            let (s, enc) = r?;
+            if enc.is_empty() {
+                continue;
+            }
+            let c0 = s * slab;
+            let w = enc.len() / (n * esize);
+            for i in 0..n {
+                let dst = (a + i) * row_bytes + c0 * esize;
+                out[dst..dst + w * esize].copy_from_slice(&enc[i * w * esize..(i + 1) * w * esize]);
+            }
+        }
+    }
+    output::check_interrupted()?;
+    o.dst
+        .write_all_at(&out, (o.src.data_offset + t.start) as u64)
+        .map_err(|e| Error::io(&o.dst_path, e))?;
+    bar.inc(out.len() as u64);
+    Ok(())
+}
+
+fn write_replacement(
+    o: &OutFile,
+    t: &TensorInfo,
+    r: &Replacement,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
+    let bytes = if r.dtype == t.dtype {
+        r.data.clone()
+    } else {
+        let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
+        let mut b = vec![0u8; v.len() * t.dtype.float_size().expect("checked at planning")];
+        dtype::encode_f32(t.dtype, &v, &mut b);
+        b
+    };
+    o.dst
+        .write_all_at(&bytes, (o.src.data_offset + t.start) as u64)
+        .map_err(|e| Error::io(&o.dst_path, e))?;
+    bar.inc(bytes.len() as u64);
+    Ok(())
+}
+
+/// Check every target against the base and record the base shape in it (for `boft-convert --base`).
+pub fn resolve_shapes(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
+    plan(base, adapter, false)?;
+    for t in &mut adapter.targets {
+        if let Some((_, info)) = base.get(&t.name) {
+            t.shape = Some(info.shape.clone());
+        }
+    }
+    Ok(())
+}
+
+/// The CUDA backend when built with the `cuda` feature.
+pub fn cuda_backend(device: &str) -> Result<Box<dyn Backend>> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(Box::new(candle::CandleBackend::cuda(device)?));
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(Error::bare(
+        Class::NoDevice,
+        format!(
+            "--device {device}: this binary was built without CUDA support; rebuild with \
+             `cargo build --release --features cuda` (see README)"
+        ),
+    ))
+}
+
+/// The whole merge as the command line runs it: check destination, plan, stage, execute, commit.
+pub fn merge_to(
+    base: &Checkpoint,
+    adapter: &Adapter,
+    dest: &Path,
+    inputs: &[&Path],
+    force: bool,
+    backend: &dyn Backend,
+    opts: &Options,
+) -> Result<Stats> {
+    output::check_destination(dest, inputs, force)?;
+    let plan = plan(base, adapter, opts.unmerge)?;
+    let staged = if base.is_folder() {
+        Staged::dir(dest)?
+    } else {
+        Staged::file(dest)?
+    };
+    let stats = plan.execute(&staged, backend, opts)?;
+    staged.commit()?;
+    Ok(stats)
+}

@@ -1,0 +1,1 @@
+//! Adapter verification (placeholder, replaced below).

@@ -1,0 +1,190 @@
+//! Helpers shared by the integration tests: run the real binaries, read safetensors files and
+//! compare tensors against the reference libraries' outputs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use boft::checkpoint::{dtype, Checkpoint, Dtype};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+pub fn bin(name: &str) -> Command {
+    let path = match name {
+        "boft-merge" => env!("CARGO_BIN_EXE_boft-merge"),
+        "boft-convert" => env!("CARGO_BIN_EXE_boft-convert"),
+        "boft-verify" => env!("CARGO_BIN_EXE_boft-verify"),
+        other => panic!("unknown binary {other}"),
+    };
+    Command::new(path)
+}
+
+pub fn run(name: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut c = bin(name);
+    for a in args {
+        c.arg(a);
+    }
+    c.output().expect("binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Assert success and return stdout.
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        stderr(o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Assert the error contract: exit 2, exactly one stderr line, carrying `[class]`.
+pub fn fails_with(o: &Output, class: &str) -> String {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line, got: {err}"
+    );
+    assert!(
+        err.contains(&format!("[{class}]")),
+        "expected class [{class}], got: {err}"
+    );
+    err
+}
+
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl Tensor {
+    pub fn f32(&self) -> Vec<f32> {
+        dtype::decode_any_f32(self.dtype, &self.bytes).expect("float tensor")
+    }
+}
+
+/// Every tensor of a checkpoint (file or folder), with the file it lives in.
+pub fn tensors(path: &Path) -> BTreeMap<String, (PathBuf, Tensor)> {
+    let ck = Checkpoint::open(path).unwrap_or_else(|e| panic!("{e}"));
+    let mut out = BTreeMap::new();
+    for (rel, f) in &ck.files {
+        for t in &f.tensors {
+            out.insert(
+                t.name.clone(),
+                (
+                    rel.clone(),
+                    Tensor {
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                        bytes: f.data(t).to_vec(),
+                    },
+                ),
+            );
+        }
+    }
+    out
+}
+
+/// Largest |a − b| over the largest |b|.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b
+        .iter()
+        .fold(0f64, |m, &x| m.max((x as f64).abs()))
+        .max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()))
+        / scale
+}
+
+/// Distance in units in the last place of a 16-bit float type, at the larger magnitude.
+pub fn ulps(dt: Dtype, a: f32, b: f32) -> f64 {
+    let mag = a.abs().max(b.abs());
+    let ulp = match dt {
+        Dtype::BF16 => {
+            let bits = half::bf16::from_f32(mag).to_bits();
+            (half::bf16::from_bits(bits + 1).to_f32() - half::bf16::from_bits(bits).to_f32()) as f64
+        }
+        Dtype::F16 => {
+            let bits = half::f16::from_f32(mag).to_bits();
+            (half::f16::from_bits(bits + 1).to_f32() - half::f16::from_bits(bits).to_f32()) as f64
+        }
+        _ => panic!("ulps on {dt:?}"),
+    };
+    ((a - b).abs() as f64) / ulp
+}
+
+/// Sorted list of files under a folder (relative paths), or the file name for a file.
+pub fn file_list(path: &Path) -> Vec<PathBuf> {
+    fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(root.join(rel)).unwrap() {
+            let e = e.unwrap();
+            let r = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &r, out);
+            } else {
+                out.push(r);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if path.is_dir() {
+        walk(path, Path::new(""), &mut out);
+    } else {
+        out.push(PathBuf::from(path.file_name().unwrap()));
+    }
+    out.sort();
+    out
+}
+
+/// Hash of every file under a path, to prove inputs are left untouched.
+pub fn snapshot(path: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    use sha2::{Digest, Sha256};
+    let mut out = BTreeMap::new();
+    for rel in file_list(path) {
+        let full = if path.is_dir() {
+            path.join(&rel)
+        } else {
+            path.to_path_buf()
+        };
+        out.insert(rel, Sha256::digest(std::fs::read(full).unwrap()).to_vec());
+    }
+    out
+}
+
+/// Names of every entry in a folder (to check no temporary file is left behind).
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[derive(serde::Deserialize, Debug, Clone)]
+pub struct Case {
+    pub name: String,
+    pub base: String,
+    pub adapter: String,
+    pub merged: String,
+    pub base_dtype: String,
+    pub factors: usize,
+}
+
+pub fn peft_cases() -> Vec<Case> {
+    let p = fixtures().join("peft_boft/manifest.json");
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
