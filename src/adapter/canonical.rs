@@ -237,6 +237,14 @@ pub fn from_file(f: &SafeFile) -> Result<Adapter> {
     let mut targets = Vec::with_capacity(metas.len());
     for m in metas {
         let (nf, d, h) = (m.factors, m.blocks, m.block_size);
+        // Checked before anything is sized by these numbers: with one of them zero the blocks
+        // tensor is empty and the others could be anything.
+        if nf == 0 || d == 0 || h == 0 {
+            return Err(bad(format!(
+                "{}: empty transform (zero factors, blocks or block size)",
+                m.key
+            )));
+        }
         let n = d
             .checked_mul(h)
             .ok_or_else(|| bad(format!("{}: geometry overflows", m.key)))?;

@@ -35,9 +35,26 @@ impl TensorInfo {
     }
 }
 
+/// The bytes of a file: memory-mapped from disk, or owned (parsed from memory, e.g. by fuzzers).
+enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
 pub struct SafeFile {
+    /// Where the bytes came from (for `from_bytes`, only a label used in messages).
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: Bytes,
     /// 8 + header length: where the data section begins in the file.
     pub data_offset: usize,
     /// Tensors sorted by their start offset.
@@ -73,14 +90,26 @@ impl<'de> Deserialize<'de> for Entries {
 
 impl SafeFile {
     pub fn open(path: &Path) -> Result<SafeFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        // Look before opening: opening a FIFO blocks until a writer appears, a device can be endless.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             return Err(err(
                 Class::Io,
                 path,
                 "is a directory, expected a .safetensors file",
             ));
+        }
+        if !meta.is_file() {
+            return Err(err(
+                Class::Io,
+                path,
+                "is not a regular file (a FIFO, socket or device), expected a .safetensors file",
+            ));
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(err(Class::Io, path, "is not a regular file"));
         }
         if meta.len() == 0 {
             return Err(err(
@@ -92,10 +121,15 @@ impl SafeFile {
         // SAFETY: the map is read-only; a file truncated by another process while we run can
         // still fault, which is the accepted limit of every mmap-based loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::from_mmap(path, mmap)
+        Self::from_mmap(path, Bytes::Mapped(mmap))
     }
 
-    fn from_mmap(path: &Path, mmap: Mmap) -> Result<SafeFile> {
+    /// Parse a safetensors file held in memory; `label` names it in error messages.
+    pub fn from_bytes(label: impl AsRef<Path>, bytes: Vec<u8>) -> Result<SafeFile> {
+        Self::from_mmap(label.as_ref(), Bytes::Owned(bytes))
+    }
+
+    fn from_mmap(path: &Path, mmap: Bytes) -> Result<SafeFile> {
         let (data_offset, tensors, metadata) = parse_header(&mmap).map_err(|e| e.at(path))?;
         Ok(SafeFile {
             path: path.to_path_buf(),

@@ -50,6 +50,7 @@ impl Checkpoint {
         let canon_root = root.canonicalize().map_err(|e| Error::io(root, e))?;
         let index_path = root.join(INDEX_NAME);
         let (layout, shard_names) = if index_path.exists() {
+            confine(&canon_root, &index_path)?;
             (Layout::Sharded, read_index(&index_path)?)
         } else if root.join(SINGLE_NAME).exists() {
             (Layout::Folder, vec![(PathBuf::from(SINGLE_NAME), vec![])])
@@ -165,40 +166,63 @@ impl Checkpoint {
     }
 }
 
-/// Parse an index, returning each shard (in order of first appearance) with the tensors it holds.
+/// An index larger than this is not an index (a real one for thousands of tensors is well under 1 MB).
+pub const MAX_INDEX: u64 = 100_000_000;
+
+/// Read and parse an index file.
 fn read_index(path: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(err(Class::BadIndex, path, "is not a regular file"));
+    }
+    if meta.len() > MAX_INDEX {
+        return Err(err(
+            Class::BadIndex,
+            path,
+            format!(
+                "{} bytes exceeds the {MAX_INDEX}-byte limit for an index",
+                meta.len()
+            ),
+        ));
+    }
     let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&text)
-        .map_err(|e| err(Class::BadIndex, path, format!("not valid JSON ({e})")))?;
+    parse_index(&text).map_err(|e| e.at(path))
+}
+
+/// Parse the bytes of a `model.safetensors.index.json`, returning each shard (in order of first
+/// appearance, as a safe relative path) with the tensors it holds. Errors carry no path.
+pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
+    let bare = Error::bare;
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| bare(Class::BadIndex, format!("not valid JSON ({e})")))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
-        .ok_or_else(|| err(Class::BadIndex, path, "no \"weight_map\" object"))?;
+        .ok_or_else(|| bare(Class::BadIndex, "no \"weight_map\" object"))?;
     let mut shards: Vec<(PathBuf, Vec<String>)> = Vec::new();
-    let mut pos: HashMap<String, usize> = HashMap::new();
+    let mut pos: HashMap<PathBuf, usize> = HashMap::new();
     for (tensor, shard) in map {
         let shard = shard.as_str().ok_or_else(|| {
-            err(
+            bare(
                 Class::BadIndex,
-                path,
                 format!("weight_map entry for {tensor:?} is not a string"),
             )
         })?;
         let rel = safe_relative(shard).ok_or_else(|| {
-            err(
+            bare(
                 Class::PathEscape,
-                path,
                 format!("shard {shard:?} points outside the checkpoint folder"),
             )
         })?;
-        let i = *pos.entry(shard.to_string()).or_insert_with(|| {
+        // `a.safetensors` and `./a.safetensors` are one shard.
+        let i = *pos.entry(rel.clone()).or_insert_with(|| {
             shards.push((rel, Vec::new()));
             shards.len() - 1
         });
         shards[i].1.push(tensor.clone());
     }
     if shards.is_empty() {
-        return Err(err(Class::BadIndex, path, "weight_map is empty"));
+        return Err(bare(Class::BadIndex, "weight_map is empty"));
     }
     Ok(shards)
 }
@@ -240,12 +264,30 @@ fn confine(canon_root: &Path, p: &Path) -> Result<PathBuf> {
     Ok(real)
 }
 
+/// Folders nested deeper than this (symlinks included) are refused rather than walked.
+const MAX_DEPTH: usize = 64;
+
+/// Collect the folder's other files. `ancestors` holds the real paths of the folders being
+/// walked, so a symlink leading back to one of them (a cycle) is refused instead of followed
+/// forever.
 fn list_others(
     root: &Path,
     canon_root: &Path,
     rel: &Path,
     shards: &std::collections::HashSet<&PathBuf>,
     out: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let mut ancestors = vec![canon_root.to_path_buf()];
+    walk_others(root, canon_root, rel, shards, out, &mut ancestors)
+}
+
+fn walk_others(
+    root: &Path,
+    canon_root: &Path,
+    rel: &Path,
+    shards: &std::collections::HashSet<&PathBuf>,
+    out: &mut Vec<PathBuf>,
+    ancestors: &mut Vec<PathBuf>,
 ) -> Result<()> {
     let dir = root.join(rel);
     let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -257,10 +299,36 @@ fn list_others(
         }
         let p = root.join(&r);
         let real = confine(canon_root, &p)?;
-        if real.is_dir() {
-            list_others(root, canon_root, &r, shards, out)?;
-        } else {
+        let meta = std::fs::metadata(&real).map_err(|e| Error::io(&p, e))?;
+        if meta.is_dir() {
+            if ancestors.contains(&real) {
+                return Err(err(
+                    Class::SymlinkLoop,
+                    &p,
+                    format!(
+                        "leads back to {}, which contains it (a symlink cycle)",
+                        real.display()
+                    ),
+                ));
+            }
+            if ancestors.len() > MAX_DEPTH {
+                return Err(err(
+                    Class::SymlinkLoop,
+                    &p,
+                    format!("nested more than {MAX_DEPTH} folders deep"),
+                ));
+            }
+            ancestors.push(real);
+            walk_others(root, canon_root, &r, shards, out, ancestors)?;
+            ancestors.pop();
+        } else if meta.is_file() {
             out.push(r);
+        } else {
+            return Err(err(
+                Class::Io,
+                &p,
+                "is not a regular file or folder (a FIFO, socket or device); it cannot be copied",
+            ));
         }
     }
     Ok(())

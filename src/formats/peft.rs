@@ -35,20 +35,7 @@ pub fn load_folder(dir: &Path) -> Result<Adapter> {
         return Err(err(Class::NotFound, dir, msg));
     }
     let text = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let config: Value = serde_json::from_slice(&text).map_err(|e| {
-        err(
-            Class::BadAdapter,
-            &cfg_path,
-            format!("not valid JSON ({e})"),
-        )
-    })?;
-    if !config.is_object() {
-        return Err(err(
-            Class::BadAdapter,
-            &cfg_path,
-            "config is not a JSON object",
-        ));
-    }
+    let config = parse_config(&text, &cfg_path)?;
     let weights = dir.join(WEIGHTS);
     if !weights.is_file() {
         let msg = if dir.join("adapter_model.bin").is_file() {
@@ -59,35 +46,67 @@ pub fn load_folder(dir: &Path) -> Result<Adapter> {
         return Err(err(Class::NotFound, &weights, msg));
     }
     let f = SafeFile::open(&weights)?;
-    let peft_type = config
-        .get("peft_type")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    let mut adapter = match peft_type {
-        "BOFT" => peft_boft::import(&config, &cfg_path, &f)?,
-        "OFT" => {
-            return Err(err(
-                Class::UnknownFormat,
-                &cfg_path,
-                "PEFT OFT adapters are not supported by this version yet (only BOFT)",
-            ))
-        }
-        other => {
-            return Err(err(
-                Class::UnknownFormat,
-                &cfg_path,
-                format!("peft_type {other:?} is not an orthogonal adapter this tool reads"),
-            ))
-        }
-    };
-    adapter.source_version = version(&config);
+    let mut adapter = import_config(&config, &cfg_path, &f)?;
     adapter
         .source_sha256
         .insert(CONFIG.into(), sha256_file(&cfg_path)?);
     adapter
         .source_sha256
         .insert(WEIGHTS.into(), sha256_file(&weights)?);
-    adapter.validate().map_err(|e| e.at(&weights))?;
+    Ok(adapter)
+}
+
+/// Import a PEFT adapter held in memory: the bytes of `adapter_config.json` and the parsed
+/// `adapter_model.safetensors` (see `SafeFile::from_bytes`). Used by the fuzz targets.
+pub fn import_bytes(config: &[u8], weights: &SafeFile) -> Result<Adapter> {
+    let cfg_path = Path::new(CONFIG);
+    let config = parse_config(config, cfg_path)?;
+    import_config(&config, cfg_path, weights)
+}
+
+fn parse_config(text: &[u8], cfg_path: &Path) -> Result<Value> {
+    let config: Value = serde_json::from_slice(text).map_err(|e| {
+        err(
+            Class::BadAdapter,
+            cfg_path,
+            format!("not valid JSON ({e})"),
+        )
+    })?;
+    if !config.is_object() {
+        return Err(err(
+            Class::BadAdapter,
+            cfg_path,
+            "config is not a JSON object",
+        ));
+    }
+    Ok(config)
+}
+
+/// Dispatch on `peft_type` and check the result.
+fn import_config(config: &Value, cfg_path: &Path, f: &SafeFile) -> Result<Adapter> {
+    let peft_type = config
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let mut adapter = match peft_type {
+        "BOFT" => peft_boft::import(config, cfg_path, f)?,
+        "OFT" => {
+            return Err(err(
+                Class::UnknownFormat,
+                cfg_path,
+                "PEFT OFT adapters are not supported by this version yet (only BOFT)",
+            ))
+        }
+        other => {
+            return Err(err(
+                Class::UnknownFormat,
+                cfg_path,
+                format!("peft_type {other:?} is not an orthogonal adapter this tool reads"),
+            ))
+        }
+    };
+    adapter.source_version = version(config);
+    adapter.validate().map_err(|e| e.at(&f.path))?;
     Ok(adapter)
 }
 

@@ -156,10 +156,11 @@ fn module_target(
         )));
     }
     let (nf, d, h) = (r.shape[0], r.shape[1], r.shape[2]);
-    let n = d * h;
     if nf == 0 || d == 0 || h == 0 {
         return Err(bad(format!("boft_R has an empty dimension {:?}", r.shape)));
     }
+    // No dimension is zero, so the tensor's byte length (checked against the file) bounds n.
+    let n = d * h;
     if nf > 1 {
         // Every butterfly factor after the first pairs half-blocks across 2^i blocks.
         if h % 2 != 0 || d % (1usize << (nf - 1).min(63)) != 0 {

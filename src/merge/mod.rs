@@ -25,7 +25,7 @@ use crate::output::{self, Staged};
 pub use backend::{Backend, CpuBackend};
 
 /// What happens to one base tensor.
-enum Action<'a> {
+pub(crate) enum Action<'a> {
     /// Transform whole rows (input side, one chain).
     Rows(Chain),
     /// Transform columns of row slices (output side; several slices for fused weights).
@@ -166,6 +166,10 @@ impl Plan<'_> {
         self.actions.len()
     }
 
+    pub(crate) fn action(&self, name: &str) -> Option<&Action<'_>> {
+        self.actions.get(name)
+    }
+
     /// Write the merged checkpoint under `staged` (a folder for folder bases, a file otherwise).
     pub fn execute(&self, staged: &Staged, backend: &dyn Backend, opts: &Options) -> Result<Stats> {
         let base = self.base;
@@ -269,9 +273,7 @@ impl Plan<'_> {
                 let o = &outs[*fi];
                 let res = match a {
                     Action::Rows(chain) => transform_rows(o, t, chain, backend, &stop, &bar),
-                    Action::Columns(slices) => {
-                        transform_columns(o, t, slices, backend, &stop, &bar)
-                    }
+                    Action::Columns(slices) => transform_columns(o, t, slices, backend, &bar),
                     Action::Replace(r) => write_replacement(o, t, r, &bar),
                 };
                 if let Err(e) = res {
@@ -380,12 +382,36 @@ fn transform_rows(
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
     let esize = t.dtype.float_size().expect("checked at planning");
+    let row_bytes = chain.n * esize;
+    let file_off = (o.src.data_offset + t.start) as u64;
+    let src = o.src.data(t);
+    rows_chunked(t, src, chain, backend, stop, |r0, x, bytes| {
+        bytes.resize(x.len() * esize, 0);
+        dtype::encode_f32(t.dtype, x, bytes);
+        o.dst
+            .write_all_at(bytes, file_off + (r0 * row_bytes) as u64)
+            .map_err(|e| Error::io(&o.dst_path, e))?;
+        bar.inc(bytes.len() as u64);
+        Ok(())
+    })
+}
+
+/// Transform an input-side tensor in row chunks, in parallel, handing each finished chunk (its
+/// first row and its f32 values) to `sink` with a reusable byte buffer. Memory stays at a few
+/// chunks per thread whatever the tensor's size.
+pub(crate) fn rows_chunked(
+    t: &TensorInfo,
+    src: &[u8],
+    chain: &Chain,
+    backend: &dyn Backend,
+    stop: &(dyn Fn() -> bool + Sync),
+    sink: impl Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
+) -> Result<()> {
+    let esize = t.dtype.float_size().expect("checked at planning");
     let rows = t.shape[0];
     let n = chain.n;
     let chunk_rows = (backend.chunk_elems().max(CHUNK_ELEMS) / n).clamp(1, rows.max(1));
     let chunks = rows.div_ceil(chunk_rows);
-    let src = o.src.data(t);
-    let file_off = (o.src.data_offset + t.start) as u64;
     (0..chunks).into_par_iter().try_for_each_init(
         || (Scratch::default(), Vec::<f32>::new(), Vec::<u8>::new()),
         |(scratch, x, bytes), c| -> Result<()> {
@@ -394,88 +420,63 @@ fn transform_rows(
             }
             let r0 = c * chunk_rows;
             let r1 = (r0 + chunk_rows).min(rows);
-            let (b0, b1) = (r0 * n * esize, r1 * n * esize);
             x.resize((r1 - r0) * n, 0.0);
-            dtype::decode_f32(t.dtype, &src[b0..b1], x);
+            dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
             backend.apply(chain, x, r0, r1 - r0, scratch)?;
-            bytes.resize(b1 - b0, 0);
-            dtype::encode_f32(t.dtype, x, bytes);
-            o.dst
-                .write_all_at(bytes, file_off + b0 as u64)
-                .map_err(|e| Error::io(&o.dst_path, e))?;
-            bar.inc((b1 - b0) as u64);
-            Ok(())
+            sink(r0, x, bytes)
         },
     )
 }
 
-/// Output-side transforms mix rows, so work on column slabs: each slab is read transposed
-/// (one vector per column), transformed, and written back transposed.
+/// Output-side transforms mix rows, so each row slice is handled as column vectors: the slice
+/// is transposed (one vector per column), transformed in parallel batches, and transposed back.
+/// Returns the whole tensor in f32; memory is bounded by the targeted tensor, not the model.
+pub(crate) fn columns_f32(
+    t: &TensorInfo,
+    src: &[u8],
+    slices: &[((usize, usize), Chain)],
+    backend: &dyn Backend,
+) -> Result<Vec<f32>> {
+    let cols: usize = t.shape[1..].iter().product();
+    let mut w = dtype::decode_any_f32(t.dtype, src).expect("float tensor");
+    for ((a, b), chain) in slices {
+        let n = b - a;
+        let mut xt = vec![0f32; n * cols];
+        for i in 0..n {
+            for c in 0..cols {
+                xt[c * n + i] = w[(a + i) * cols + c];
+            }
+        }
+        let batch = (CHUNK_ELEMS / n).clamp(1, cols.max(1)) * n;
+        xt.par_chunks_mut(batch).try_for_each_init(
+            || (Scratch::default(), Vec::<f32>::new()),
+            |(scratch, x), chunk| -> Result<()> {
+                x.clear();
+                x.extend_from_slice(chunk);
+                backend.apply(chain, x, 0, chunk.len() / n, scratch)?;
+                chunk.copy_from_slice(x);
+                Ok(())
+            },
+        )?;
+        for i in 0..n {
+            for c in 0..cols {
+                w[(a + i) * cols + c] = xt[c * n + i];
+            }
+        }
+    }
+    Ok(w)
+}
+
 fn transform_columns(
     o: &OutFile,
     t: &TensorInfo,
     slices: &[((usize, usize), Chain)],
     backend: &dyn Backend,
-    stop: &(dyn Fn() -> bool + Sync),
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
-    let esize = t.dtype.float_size().expect("checked at planning");
-    let cols: usize = t.shape[1..].iter().product();
-    let src = o.src.data(t);
-    // The whole tensor's output lives in one buffer (bounded by the largest targeted tensor);
-    // rows outside every slice are copied unchanged.
-    let mut out = src.to_vec();
-    let row_bytes = cols * esize;
-    for ((a, b), chain) in slices {
-        let n = b - a;
-        let slab = (CHUNK_ELEMS / n).clamp(1, cols.max(1));
-        let nslabs = cols.div_ceil(slab);
-        let results: Vec<Result<(usize, Vec<u8>)>> = (0..nslabs)
-            .into_par_iter()
-            .map_init(
-                || (Scratch::default(), Vec::<f32>::new(), vec![0f32; 1]),
-                |(scratch, x, one), s| {
-                    if stop() {
-                        return Ok((s, Vec::new()));
-                    }
-                    let c0 = s * slab;
-                    let c1 = (c0 + slab).min(cols);
-                    let w = c1 - c0;
-                    x.resize(w * n, 0.0);
-                    for i in 0..n {
-                        let row = &src[(a + i) * row_bytes..(a + i + 1) * row_bytes];
-                        for c in 0..w {
-                            let e = (c0 + c) * esize;
-                            dtype::decode_f32(t.dtype, &row[e..e + esize], one);
-                            x[c * n + i] = one[0];
-                        }
-                    }
-                    backend.apply(chain, x, 0, w, scratch)?;
-                    let mut enc = vec![0u8; w * n * esize];
-                    for i in 0..n {
-                        for c in 0..w {
-                            let v = x[c * n + i];
-                            let at = (i * w + c) * esize;
-                            dtype::encode_f32(t.dtype, &[v], &mut enc[at..at + esize]);
-                        }
-                    }
-                    Ok((s, enc))
-                },
-            )
-            .collect();
-        for r in results {
-            let (s, enc) = r?;
-            if enc.is_empty() {
-                continue;
-            }
-            let c0 = s * slab;
-            let w = enc.len() / (n * esize);
-            for i in 0..n {
-                let dst = (a + i) * row_bytes + c0 * esize;
-                out[dst..dst + w * esize].copy_from_slice(&enc[i * w * esize..(i + 1) * w * esize]);
-            }
-        }
-    }
+    let w = columns_f32(t, o.src.data(t), slices, backend)?;
+    let mut out = vec![0u8; t.end - t.start];
+    dtype::encode_f32(t.dtype, &w, &mut out);
     output::check_interrupted()?;
     o.dst
         .write_all_at(&out, (o.src.data_offset + t.start) as u64)
