@@ -367,7 +367,7 @@ fn check_target(ctx: &mut Ctx, t: &Target, base: Option<&Checkpoint>) -> Result<
         c.scale = None;
         c
     };
-    let props = transform_properties(&m_chain, ctx.settings.probes);
+    let props = transform_properties(&m_chain, ctx.settings.probes, DENSE_MAX);
     ctx.bound(
         "transform-orthogonality",
         &label,
@@ -538,9 +538,9 @@ pub fn dense(chain: &Chain) -> Vec<f64> {
     m
 }
 
-fn transform_properties(chain: &Chain, probes: usize) -> Props {
+fn transform_properties(chain: &Chain, probes: usize, dense_max: usize) -> Props {
     let n = chain.n;
-    if n <= DENSE_MAX {
+    if n <= dense_max {
         let m = dense(chain);
         let mm = DMatrix::from_row_slice(n, n, &m);
         let gram = mm.transpose() * &mm;
@@ -1039,4 +1039,201 @@ pub fn render(report: &Report) -> String {
         report.failed.len()
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::math::kernel::{Factor, ScaleOn};
+    use crate::math::{cayley, perm};
+
+    fn chain(n: usize, h: usize, nf: usize, mut perms: impl FnMut(usize) -> Option<Vec<u32>>, seed: u64) -> Chain {
+        let mut rng = Rng(seed);
+        let d = n / h;
+        Chain {
+            n,
+            factors: (0..nf)
+                .map(|i| {
+                    let mut blocks = Vec::new();
+                    for _ in 0..d {
+                        let a: Vec<f64> = (0..h * h).map(|_| rng.normal() as f64).collect();
+                        let q = cayley::cayley_minus(h, &cayley::skew_half(h, &a));
+                        blocks.extend(q.iter().map(|&x| x as f32));
+                    }
+                    Factor { h, d, blocks, perm: perms(i) }
+                })
+                .collect(),
+            scale: None,
+            scale_on: ScaleOn::Vector,
+            scale_first: false,
+            blend: 1.0,
+        }
+    }
+
+    /// Brute force: count the non-zero entries of each row of the dense M.
+    fn brute_reach(c: &Chain) -> (usize, usize, f64) {
+        let n = c.n;
+        let m = dense(c);
+        let counts: Vec<usize> =
+            (0..n).map(|i| (0..n).filter(|&j| m[i * n + j].abs() > 1e-9).count()).collect();
+        (
+            *counts.iter().min().unwrap(),
+            *counts.iter().max().unwrap(),
+            counts.iter().sum::<usize>() as f64 / n as f64,
+        )
+    }
+
+    #[test]
+    fn connectivity_matches_brute_force() {
+        let mut cases = Vec::new();
+        for (n, h) in [(16usize, 2usize), (32, 4), (64, 8), (48, 6), (24, 6)] {
+            let d = n / h;
+            for nf in 1..=4usize {
+                if nf > 1 && d % (1 << (nf - 1)) != 0 {
+                    continue;
+                }
+                cases.push((n, h, nf));
+            }
+        }
+        for (seed, (n, h, nf)) in cases.into_iter().enumerate() {
+            // PEFT's butterfly permutations, stored inverted as the importer does.
+            let c = chain(n, h, nf, |i| Some(perm::invert(&perm::peft_boft(n, h, i))), seed as u64);
+            let r = connectivity(&c);
+            assert_eq!((r.min, r.max, r.mean), brute_reach(&c), "n={n} h={h} N={nf}");
+            assert_eq!(r.min, n.min(h << (nf - 1)), "butterfly reach n={n} h={h} N={nf}");
+            assert_eq!(r.butterfly_reach, r.min);
+            assert_eq!(r.dense, r.min == n);
+            // Random permutations break the butterfly pattern but the count still matches.
+            let mut rng = Rng(seed as u64 + 99);
+            let c = chain(
+                n,
+                h,
+                nf,
+                |_| {
+                    let mut p: Vec<u32> = (0..n as u32).collect();
+                    for k in (1..n).rev() {
+                        let j = (rng.next() * (k + 1) as f64) as usize;
+                        p.swap(k, j.min(k));
+                    }
+                    Some(p)
+                },
+                seed as u64,
+            );
+            let r = connectivity(&c);
+            assert_eq!((r.min, r.max, r.mean), brute_reach(&c), "random perms n={n} h={h} N={nf}");
+        }
+        // The paper's depth for full density: log2(n/b) + 1.
+        let c = chain(64, 8, 4, |i| Some(perm::invert(&perm::peft_boft(64, 8, i))), 5);
+        let r = connectivity(&c);
+        assert!(r.dense);
+        assert_eq!(r.factors_for_full_density, 4);
+    }
+
+    /// Rank of the Jacobian (central differences, f64) of raw parameters → materialised
+    /// matrices: the number of independent directions the parametrisation really has.
+    fn jacobian_rank(params: usize, f: impl Fn(&[f64]) -> Vec<f64>) -> usize {
+        let mut rng = Rng(7);
+        let x0: Vec<f64> = (0..params).map(|_| rng.normal() as f64 * 0.3).collect();
+        let eps = 1e-6;
+        let rows = f(&x0).len();
+        let mut j = DMatrix::<f64>::zeros(rows, params);
+        for p in 0..params {
+            let (mut a, mut b) = (x0.clone(), x0.clone());
+            a[p] += eps;
+            b[p] -= eps;
+            let (fa, fb) = (f(&a), f(&b));
+            for r in 0..rows {
+                j[(r, p)] = (fa[r] - fb[r]) / (2.0 * eps);
+            }
+        }
+        j.svd(false, false).singular_values.iter().filter(|&&s| s > 1e-6).count()
+    }
+
+    #[test]
+    fn degrees_of_freedom_match_brute_force_rank() {
+        // A PEFT-style target: raw blocks A → C−(½(A − Aᵀ)) per block, per factor.
+        for (h, d, nf) in [(2usize, 4usize, 1usize), (4, 2, 2), (3, 3, 1), (4, 4, 3)] {
+            let t = Target {
+                name: "w".into(),
+                module: "m".into(),
+                side: Side::Input,
+                shape: None,
+                rows: None,
+                factors: nf,
+                blocks: d,
+                block_size: h,
+                data: vec![0.0; nf * d * h * h],
+                perms: vec![None; nf],
+                scale: None,
+                kind: BlockKind::Cayley,
+            };
+            let dof = degrees_of_freedom(&t);
+            let raw = nf * d * h * h;
+            let rank = jacobian_rank(raw, |x| {
+                x.chunks(h * h)
+                    .flat_map(|a| cayley::cayley_minus(h, &cayley::skew_half(h, a)))
+                    .collect()
+            });
+            assert_eq!(dof.adapter, rank, "h={h} d={d} N={nf}");
+            assert_eq!(dof.oft_same_block * nf, rank);
+            // A dense orthogonal matrix of the same n: rank of the Cayley map on n×n.
+            let n = h * d;
+            if n <= 8 {
+                let dense_rank =
+                    jacobian_rank(n * n, |a| cayley::cayley_minus(n, &cayley::skew_half(n, a)));
+                assert_eq!(dof.dense_orthogonal, dense_rank, "n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn probe_measures_agree_with_exact_ones() {
+        let n = 64;
+        let c = chain(n, 8, 3, |i| Some(perm::invert(&perm::peft_boft(n, 8, i))), 11);
+        let exact = transform_properties(&c, 8, DENSE_MAX);
+        assert_eq!(exact.orth.method, "exact");
+        assert!(exact.orth.value < 1e-5);
+        let probe = transform_properties(&c, 64, 0);
+        assert_eq!(probe.orth.method, "probe");
+        assert!(probe.orth.value < 1e-5);
+        // Hutchinson's estimate of ‖M − I‖_F with 64 probes: within 20%.
+        let rel = (probe.distance.value - exact.distance.value).abs() / exact.distance.value;
+        assert!(rel < 0.2, "{} vs {}", probe.distance.value, exact.distance.value);
+        // Power iteration finds the largest rotation angle.
+        assert!((probe.angle.value - exact.angle.value).abs() < 2.0, "{} vs {}", probe.angle.value, exact.angle.value);
+        // A non-orthogonal chain is caught by the probes too.
+        let mut bad = c.clone();
+        bad.factors[1].blocks[0] += 0.1;
+        assert!(transform_properties(&bad, 8, 0).orth.value > 1e-3);
+        // A single 2×2 rotation by θ: the largest rotation angle is θ.
+        let theta = 0.3f64;
+        let rot = Chain {
+            n: 2,
+            factors: vec![Factor {
+                h: 2,
+                d: 1,
+                blocks: vec![theta.cos() as f32, -theta.sin() as f32, theta.sin() as f32, theta.cos() as f32],
+                perm: None,
+            }],
+            scale: None,
+            scale_on: ScaleOn::Vector,
+            scale_first: false,
+            blend: 1.0,
+        };
+        let p = transform_properties(&rot, 4, DENSE_MAX);
+        assert!((p.angle.value - theta.to_degrees()).abs() < 1e-3, "{}", p.angle.value);
+        assert!((p.distance.value - (2.0 * (2.0 - 2.0 * theta.cos())).sqrt()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn transposed_chain_is_the_inverse_of_an_orthogonal_chain() {
+        let n = 32;
+        let c = chain(n, 4, 3, |i| Some(perm::invert(&perm::peft_boft(n, 4, i))), 3);
+        let t = transposed(&c);
+        let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 1.0).collect();
+        let y = crate::math::kernel::apply_vec(&t, &crate::math::kernel::apply_vec(&c, &x));
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
 }

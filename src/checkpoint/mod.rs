@@ -192,7 +192,9 @@ fn read_index(path: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
 /// Parse the bytes of a `model.safetensors.index.json`, returning each shard (in order of first
 /// appearance, as a safe relative path) with the tensors it holds. Errors carry no path.
 pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
-    let bare = Error::bare;
+    fn bare(class: Class, message: impl Into<String>) -> Error {
+        Error::bare(class, message)
+    }
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| bare(Class::BadIndex, format!("not valid JSON ({e})")))?;
     let map = v

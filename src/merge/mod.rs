@@ -205,7 +205,14 @@ impl Plan<'_> {
                 if let Some(parent) = to.parent() {
                     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
-                std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+                std::fs::copy(&from, &to).map_err(|e| {
+                    // A full or read-only disk is the destination's fault, not the input's.
+                    let dst_fault = matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EFBIG)
+                    );
+                    Error::io(if dst_fault { &to } else { &from }, e)
+                })?;
             }
         }
 

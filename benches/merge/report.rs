@@ -1,0 +1,709 @@
+//! docs/bench.csv (one row per timed run), docs/BENCHMARKS.md and docs/bench.png.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Result;
+
+use crate::gen::Spec;
+use crate::measure::Sample;
+use crate::run::{repo, RunArgs};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Everything about the machine and the invocation.
+pub struct Meta {
+    pub started: String,
+    pub finished: String,
+    pub command: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub ram: String,
+    pub storage: String,
+    pub kernel: String,
+    pub commit: String,
+    pub rustc: String,
+    pub bin: PathBuf,
+    pub cold: bool,
+    pub python: String,
+    pub plot_pythons: Vec<PathBuf>,
+    pub repeats: usize,
+    pub sample_ms: u64,
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+pub fn now() -> String {
+    sh("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default()
+}
+
+fn quote(s: &str) -> String {
+    if !s.is_empty()
+        && s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Mount point, device, filesystem and options of the mount holding `p`.
+fn storage(p: &Path) -> String {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let best = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && p.starts_with(f[1])).then(|| (f[1].len(), f[0], f[1], f[2], f[3]))
+        })
+        .max_by_key(|x| x.0);
+    let mut s = match best {
+        Some((_, dev, mnt, fstype, opts)) => format!("{dev} mounted at {mnt}, {fstype} ({opts})"),
+        None => "unknown".into(),
+    };
+    if let Some((_, dev, ..)) = best {
+        let name = dev.trim_start_matches("/dev/");
+        let q = |f: &str| {
+            fs::read_to_string(format!("/sys/block/{name}/queue/{f}"))
+                .ok()
+                .map(|x| x.trim().to_string())
+        };
+        if let Some(r) = q("rotational") {
+            let _ = write!(s, "; rotational={r}");
+        }
+        if let Some(sch) = q("scheduler") {
+            let _ = write!(s, "; scheduler {sch}");
+        }
+    }
+    // SAFETY: statvfs fills a plain struct from a NUL-terminated path.
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default();
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0 {
+        let free = st.f_bavail as f64 * st.f_frsize as f64 / 1e9;
+        let total = st.f_blocks as f64 * st.f_frsize as f64 / 1e9;
+        let _ = write!(s, "; {free:.0} GB free of {total:.0} GB at start");
+    }
+    s
+}
+
+impl Meta {
+    pub fn collect(
+        data: &Path,
+        bin: &Path,
+        argv: &[String],
+        cold: bool,
+        python: &str,
+        a: &RunArgs,
+    ) -> Meta {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("unknown")
+            .trim()
+            .to_string();
+        let ram = fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .map(|kib| format!("{:.1} GiB", kib / MIB))
+            .unwrap_or_default();
+        let root = repo();
+        let root_s = root.to_string_lossy().to_string();
+        let mut commit = sh("git", &["-C", &root_s, "rev-parse", "HEAD"]).unwrap_or("unknown".into());
+        if sh("git", &["-C", &root_s, "status", "--porcelain", "--untracked-files=no"])
+            .is_some_and(|s| !s.is_empty())
+        {
+            commit.push_str(" + uncommitted changes");
+        }
+        let mut plot_pythons: Vec<PathBuf> = a.python.iter().cloned().collect();
+        plot_pythons.push("/work/venv-fixtures/bin/python".into());
+        plot_pythons.push("python3".into());
+        Meta {
+            started: now(),
+            finished: String::new(),
+            command: std::iter::once("cargo bench --bench merge --".to_string())
+                .chain(argv.iter().map(|s| quote(s)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ram,
+            storage: storage(data),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            commit,
+            rustc: sh("rustc", &["-V"]).unwrap_or_default(),
+            bin: bin.to_path_buf(),
+            cold,
+            python: python.to_string(),
+            plot_pythons,
+            repeats: a.repeats,
+            sample_ms: a.sample_ms,
+        }
+    }
+}
+
+/// What was generated for one size.
+#[derive(Clone)]
+pub struct SizeInfo {
+    pub size_mb: u64,
+    pub spec: Spec,
+    pub base_bytes: u64,
+    pub adapter_bytes: u64,
+    pub shards: usize,
+    pub gen_seconds: f64,
+    pub sanity: String,
+    pub load_before: String,
+    pub load_after: String,
+}
+
+impl SizeInfo {
+    fn largest(&self) -> u64 {
+        self.spec.largest_tensor_bytes(false)
+    }
+    fn bound(&self) -> f64 {
+        2.0 * self.largest() as f64 + 64.0 * MIB
+    }
+}
+
+/// One timed run.
+pub struct Row {
+    pub size_mb: u64,
+    pub base_bytes: u64,
+    pub mode: String,
+    pub cache: String,
+    /// 0: the binary's default (all cores).
+    pub threads: usize,
+    pub rep: usize,
+    pub s: Sample,
+    pub note: String,
+    cols: String,
+}
+
+impl Row {
+    pub fn new(
+        i: &SizeInfo,
+        mode: &str,
+        cache: &str,
+        threads: usize,
+        rep: usize,
+        s: Sample,
+        note: String,
+    ) -> Row {
+        let sp = &i.spec;
+        let cols = format!(
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            sp.layers,
+            sp.hidden,
+            sp.intermediate,
+            sp.vocab,
+            sp.dtype.cli_name(),
+            sp.block_size,
+            sp.factors,
+            i.shards,
+            sp.largest_tensor_bytes(false),
+            sp.largest_tensor_bytes(true),
+            i.adapter_bytes,
+            i.spec.total_bytes()
+        );
+        Row {
+            size_mb: i.size_mb,
+            base_bytes: i.base_bytes,
+            mode: mode.into(),
+            cache: cache.into(),
+            threads,
+            rep,
+            s,
+            note: note.replace([',', '\n'], ";"),
+            cols,
+        }
+    }
+}
+
+const CSV_HEADER: &str = "size_mb,base_bytes,layers,hidden,intermediate,vocab,dtype,block_size,factors,shards,\
+largest_tensor_bytes,largest_target_bytes,adapter_bytes,tensor_bytes,mode,cache,threads,rep,wall_s,user_s,sys_s,\
+max_rss_kib,peak_anon_kib,peak_rss_sampled_kib,samples,note";
+
+fn csv(rows: &[Row]) -> String {
+    let mut s = String::from(CSV_HEADER);
+    s.push('\n');
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{}",
+            r.size_mb,
+            r.base_bytes,
+            r.cols,
+            r.mode,
+            r.cache,
+            r.threads,
+            r.rep,
+            r.s.wall_s,
+            r.s.user_s,
+            r.s.sys_s,
+            r.s.max_rss_kib,
+            r.s.peak_anon_kib,
+            r.s.peak_rss_sampled_kib,
+            r.s.samples,
+            r.note
+        );
+    }
+    s
+}
+
+/// Median and friends over the repeats of one command.
+#[derive(Clone, Copy)]
+struct Agg {
+    med: f64,
+    min: f64,
+    n: usize,
+    cpu: f64,
+    rss: f64,
+    anon: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn agg(rows: &[Row], size: u64, mode: &str, cache: &str, threads: usize) -> Option<Agg> {
+    let rs: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.size_mb == size && r.mode == mode && r.cache == cache && r.threads == threads)
+        .collect();
+    if rs.is_empty() {
+        return None;
+    }
+    Some(Agg {
+        med: median(rs.iter().map(|r| r.s.wall_s).collect()),
+        min: rs.iter().map(|r| r.s.wall_s).fold(f64::INFINITY, f64::min),
+        n: rs.len(),
+        cpu: median(rs.iter().map(|r| r.s.user_s + r.s.sys_s).collect()),
+        rss: rs.iter().map(|r| r.s.max_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
+        anon: rs.iter().map(|r| r.s.peak_anon_kib).max().unwrap_or(0) as f64 / 1024.0,
+    })
+}
+
+/// The floor for a cache state: the faster (by median) of the two plain copies.
+fn floor(rows: &[Row], size: u64, cache: &str) -> Option<(f64, &'static str)> {
+    let rw = agg(rows, size, "floor_rw", cache, 0).map(|a| (a.med, "read/write"));
+    let cfr = agg(rows, size, "floor_cfr", cache, 0).map(|a| (a.med, "copy_file_range"));
+    match (rw, cfr) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok {
+        "**PASS**"
+    } else {
+        "**FAIL**"
+    }
+}
+
+fn gb(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else {
+        format!("{:.0} MB", b / 1e6)
+    }
+}
+
+fn plot(doc_dir: &Path, meta: &Meta, csv_path: &Path) -> String {
+    let png = doc_dir.join("bench.png");
+    let subtitle = format!(
+        "{} · {} cores · {} · {} · {}",
+        meta.cpu,
+        meta.cores,
+        meta.ram,
+        meta.started,
+        meta.commit.chars().take(12).collect::<String>()
+    );
+    let script = repo().join("benches/merge/plot.py");
+    let mut errors = Vec::new();
+    for py in &meta.plot_pythons {
+        match Command::new(py)
+            .arg(&script)
+            .arg(csv_path)
+            .arg(&png)
+            .arg(&subtitle)
+            .output()
+        {
+            Ok(o) if o.status.success() => return format!("![time and memory vs model size](bench.png)\n\nPlotted with {} by `benches/merge/plot.py` from `bench.csv`.", py.display()),
+            Ok(o) => errors.push(format!(
+                "{}: {}",
+                py.display(),
+                String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+            )),
+            Err(e) => errors.push(format!("{}: {e}", py.display())),
+        }
+    }
+    format!(
+        "_No plot: no Python with matplotlib found ({}). Install matplotlib and rerun, or run \
+         `python benches/merge/plot.py docs/bench.csv docs/bench.png`._",
+        errors.join("; ")
+    )
+}
+
+pub fn write_all(doc_dir: &Path, meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> Result<()> {
+    let csv_path = doc_dir.join("bench.csv");
+    fs::write(&csv_path, csv(rows))?;
+    let plot_md = plot(doc_dir, meta, &csv_path);
+    fs::write(doc_dir.join("BENCHMARKS.md"), markdown(meta, infos, rows, &plot_md))?;
+    Ok(())
+}
+
+fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> String {
+    let mut m = String::new();
+    let w = &mut m;
+    let _ = writeln!(w, "# Benchmarks: `boft-merge` against the disk floor and PEFT\n");
+    let _ = writeln!(
+        w,
+        "_Written by the benchmark harness (`benches/merge/`) from {} to {}. Do not edit by hand: \
+         rerun the command below. Every timed run is in [bench.csv](bench.csv)._\n",
+        meta.started, meta.finished
+    );
+    let _ = writeln!(w, "## Machine\n");
+    let _ = writeln!(w, "| | |\n|---|---|");
+    let _ = writeln!(w, "| CPU | {} ({} cores available) |", meta.cpu, meta.cores);
+    let _ = writeln!(w, "| RAM | {} |", meta.ram);
+    let _ = writeln!(w, "| Storage of the data folder | {} |", meta.storage);
+    let _ = writeln!(w, "| Kernel | Linux {} |", meta.kernel);
+    let _ = writeln!(w, "| Commit | `{}` |", meta.commit);
+    let _ = writeln!(w, "| Compiler | {} |", meta.rustc);
+    let _ = writeln!(w, "| Binary measured | `{}` |", meta.bin.display());
+    let _ = writeln!(w, "| PEFT recipe | {} |", meta.python);
+    let _ = writeln!(
+        w,
+        "| Page cache | {} |",
+        if meta.cold {
+            "cold runs drop it (`sync; echo 3 > /proc/sys/vm/drop_caches`) before each run"
+        } else {
+            "warm only: dropping the page cache is not permitted here (or --cold off)"
+        }
+    );
+    let loads: Vec<String> = infos
+        .iter()
+        .map(|i| format!("{} MB: {} → {}", i.size_mb, i.load_before, i.load_after))
+        .collect();
+    let _ = writeln!(
+        w,
+        "| Load average (1/5/15 min) before → after each size | {} |\n",
+        loads.join("; ")
+    );
+    let _ = writeln!(
+        w,
+        "Other processes on the machine share the CPUs and the disk; a load average well above 0 \
+         while this ran means the numbers are noisy.\n"
+    );
+
+    let _ = writeln!(w, "## Reproduce\n");
+    let _ = writeln!(w, "```sh\n{}\n```\n", meta.command);
+    let _ = writeln!(
+        w,
+        "`cargo bench` builds `target/release/boft-merge` (release profile) and the harness. \
+         Generated data goes to `bench-data/` (git-ignored) and is deleted after each size unless \
+         `--keep-data`; the largest size needs about 4.5× its size in free disk. Options: \
+         `cargo bench --bench merge -- run --help`. To make only the data: \
+         `cargo bench --bench merge -- gen --size 230 --out bench-data/m230`.\n"
+    );
+
+    let _ = writeln!(w, "## Method\n");
+    let _ = writeln!(
+        w,
+        "* **Data.** Synthetic Llama checkpoints (`LlamaForCausalLM` config; embed_tokens, per layer \
+         q/k/v/o/gate/up/down + 2 RMSNorms, final norm, untied lm_head), deterministic \
+         pseudo-random values, sharded the way Hugging Face does (state-dict order, new shard when \
+         the next tensor would overflow the maximum shard size; tensors sorted by name in each \
+         shard; index with `total_size`). Sizes are reached by the number of layers at a fixed \
+         hidden size, so every size has the same tensor shapes. The adapter is a PEFT BOFT folder \
+         (`adapter_config.json`, `adapter_model.safetensors` with `boft_R` (N, D, b, b) and \
+         `boft_s` (out, 1), f32) targeting all seven linear layers of every decoder layer.\n\
+         * **Commands**, each a separate child process, on the same files:\n  \
+         * *floor read/write*: the harness's own `copy --mode rw` (1 MiB `read`/`write` loop) of \
+         every file of the base folder, then `fsync` of each output file;\n  \
+         * *floor copy_file_range*: the same with `copy_file_range(2)` in 64 MiB requests (what \
+         `boft-merge` uses for untouched tensors), then `fsync`;\n  \
+         * `boft-merge --base B --adapter A -o OUT -q` (it fsyncs its outputs);\n  \
+         * `boft-merge --unmerge` of a merged copy (made untimed beforehand) with the same adapter;\n  \
+         * the PEFT recipe (`benches/merge/peft_merge.py`): `AutoModelForCausalLM.from_pretrained` \
+         + `PeftModel.from_pretrained` + `merge_and_unload` + `save_pretrained`, then `fsync` of \
+         its outputs; timed as a whole Python process (imports included; the phases are listed \
+         below). PEFT needs its CUDA extension for more than one butterfly factor; a CPU stand-in \
+         (as in `fixtures/generate/make_peft_boft.py`) is installed so it really merges all factors.\n\
+         * **Cache states.** *warm*: all inputs read into the page cache just before the run. \
+         *cold*: `sync` and `echo 3 > /proc/sys/vm/drop_caches` just before the run. Before every \
+         run the previous output is deleted and `sync` is called (untimed), so no run pays for \
+         another's writeback. Commands are interleaved within each repeat.\n\
+         * **Numbers.** Wall time: spawn to reap. {} runs per command and cache state; tables give \
+         the **median** (and the minimum). GB/s = bytes of the base's files / wall time. \
+         × floor = median / the faster median of the two floor copies in the same cache state. \
+         Peak RSS = the kernel's `ru_maxrss` (includes file pages of the memory-mapped base). \
+         Peak anon = the largest `RssAnon` in `/proc/<pid>/status`, sampled every {} ms (heap and \
+         buffers, not the page cache; a spike shorter than the interval can be missed).\n",
+        meta.repeats, meta.sample_ms
+    );
+
+    // ---- targets
+    let _ = writeln!(w, "## Targets (issue 5)\n");
+    let reference = infos.iter().min_by_key(|i| i.size_mb.abs_diff(230));
+    let largest = infos.iter().max_by_key(|i| i.base_bytes);
+    let _ = writeln!(w, "| target | measured | status |\n|---|---|---|");
+    if let Some(r) = reference {
+        let sz = r.size_mb;
+        for cache in ["warm", "cold"] {
+            if let (Some(mg), Some((fl, which))) =
+                (agg(rows, sz, "merge", cache, 0), floor(rows, sz, cache))
+            {
+                let ratio = mg.med / fl;
+                let _ = writeln!(
+                    w,
+                    "| merge ≤ 1.5× floor, {} ({cache} cache) | {:.3} s vs floor {:.3} s ({which}): **{ratio:.2}×** | {} |",
+                    gb(r.base_bytes),
+                    mg.med,
+                    fl,
+                    pass(ratio <= 1.5)
+                );
+            }
+        }
+        match (agg(rows, sz, "merge", "warm", 0), agg(rows, sz, "peft", "warm", 0)) {
+            (Some(mg), Some(p)) => {
+                let x = p.med / mg.med;
+                let _ = writeln!(
+                    w,
+                    "| ≥ 30× faster than PEFT, {} (warm) | PEFT {:.1} s vs {:.3} s: **{x:.0}×** | {} |",
+                    gb(r.base_bytes),
+                    p.med,
+                    mg.med,
+                    pass(x >= 30.0)
+                );
+            }
+            _ => {
+                let _ = writeln!(w, "| ≥ 30× faster than PEFT | PEFT not measured | — |");
+            }
+        }
+    }
+    for i in infos {
+        let is_ref = reference.is_some_and(|r| r.size_mb == i.size_mb);
+        let is_big = largest.is_some_and(|l| l.size_mb == i.size_mb);
+        if !(is_ref || is_big) {
+            continue;
+        }
+        let anon = ["merge", "unmerge"]
+            .iter()
+            .filter_map(|m| agg(rows, i.size_mb, m, "warm", 0).map(|a| a.anon))
+            .chain(
+                ["merge", "unmerge"]
+                    .iter()
+                    .filter_map(|m| agg(rows, i.size_mb, m, "cold", 0).map(|a| a.anon)),
+            )
+            .fold(0f64, f64::max);
+        let bound = i.bound() / MIB;
+        let _ = writeln!(
+            w,
+            "| peak anon ≤ 2× largest tensor + 64 MiB, {} | {anon:.1} MiB vs bound {bound:.1} MiB (largest tensor {:.1} MiB) | {} |",
+            gb(i.base_bytes),
+            i.largest() as f64 / MIB,
+            pass(anon <= bound)
+        );
+    }
+    if largest.is_none_or(|l| l.base_bytes < 4_000_000_000) {
+        let _ = writeln!(w, "| peak anon bound at ≥ 4 GB | no size ≥ 4 GB was run | — |");
+    }
+    // Linearity: seconds per GB of the warm merge across sizes.
+    let per_gb: Vec<(f64, f64)> = infos
+        .iter()
+        .filter_map(|i| {
+            agg(rows, i.size_mb, "merge", "warm", 0)
+                .map(|a| (i.base_bytes as f64 / 1e9, a.med / (i.base_bytes as f64 / 1e9)))
+        })
+        .collect();
+    if per_gb.len() >= 2 {
+        let lo = per_gb.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+        let hi = per_gb.iter().map(|x| x.1).fold(0f64, f64::max);
+        let span_lo = per_gb.iter().map(|x| x.0).fold(f64::INFINITY, f64::min);
+        let span_hi = per_gb.iter().map(|x| x.0).fold(0f64, f64::max);
+        let list: Vec<String> = per_gb
+            .iter()
+            .map(|(g, s)| format!("{g:.2} GB: {s:.2} s/GB"))
+            .collect();
+        let covers = span_lo <= 0.15 && span_hi >= 4.0;
+        let _ = writeln!(
+            w,
+            "| linear in size, 100 MB → ≥ 4 GB (warm merge; pass: max/min of s/GB ≤ 1.25) | {}; max/min {:.2}{} | {} |",
+            list.join(", "),
+            hi / lo,
+            if covers { "" } else { " (range does not cover 0.1–4 GB)" },
+            if covers { pass(hi / lo <= 1.25) } else { "—" }
+        );
+    }
+    if let Some(r) = reference {
+        let t: Vec<(usize, Agg)> = rows
+            .iter()
+            .filter(|x| x.size_mb == r.size_mb && x.threads > 0)
+            .map(|x| x.threads)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|t| agg(rows, r.size_mb, "merge", "warm", t).map(|a| (t, a)))
+            .collect();
+        if let (Some(one), Some(all)) = (t.first(), t.last()) {
+            if one.0 == 1 && all.0 > 1 {
+                let sp = one.1.med / all.1.med;
+                let _ = writeln!(
+                    w,
+                    "| threads scale across cores, {} (warm; pass: speedup ≥ 0.75 × threads) | 1 thread {:.3} s, {} threads {:.3} s: **{sp:.2}×** | {} |",
+                    gb(r.base_bytes),
+                    one.1.med,
+                    all.0,
+                    all.1.med,
+                    pass(sp >= 0.75 * all.0 as f64)
+                );
+            }
+        }
+    }
+    let _ = writeln!(w);
+
+    // ---- per size
+    let _ = writeln!(w, "## Results by size\n");
+    for i in infos {
+        let sp = &i.spec;
+        let _ = writeln!(
+            w,
+            "### {} MB requested: {} in {} shard(s)\n",
+            i.size_mb,
+            gb(i.base_bytes),
+            i.shards
+        );
+        let _ = writeln!(
+            w,
+            "{} layers, hidden {}, intermediate {}, {} heads ({} KV), vocab {}, {}; adapter: BOFT \
+             b={}, {} factor(s), {} targets, {}. Largest tensor {:.1} MiB (largest targeted {:.1} \
+             MiB); memory bound 2× largest + 64 MiB = {:.1} MiB. {}\n",
+            sp.layers,
+            sp.hidden,
+            sp.intermediate,
+            sp.heads,
+            sp.kv_heads,
+            sp.vocab,
+            sp.dtype.cli_name(),
+            sp.block_size,
+            sp.factors,
+            sp.layers * crate::gen::MODULES.len(),
+            gb(i.adapter_bytes),
+            i.largest() as f64 / MIB,
+            sp.largest_tensor_bytes(true) as f64 / MIB,
+            i.bound() / MIB,
+            if i.gen_seconds > 0.0 {
+                format!("Generated in {:.1} s.", i.gen_seconds)
+            } else {
+                "Data reused from an earlier run.".into()
+            }
+        );
+        if !i.sanity.is_empty() {
+            let _ = writeln!(w, "Sanity check (layer 0): {}.\n", i.sanity);
+        }
+        let _ = writeln!(
+            w,
+            "| command | cache | median s | min s | runs | GB/s | × floor | CPU s (user+sys) | peak RSS MiB | peak anon MiB |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+        );
+        for (mode, label) in [
+            ("floor_rw", "floor: read/write + fsync"),
+            ("floor_cfr", "floor: copy_file_range + fsync"),
+            ("merge", "`boft-merge`"),
+            ("unmerge", "`boft-merge --unmerge`"),
+            ("peft", "PEFT recipe"),
+        ] {
+            for cache in ["warm", "cold"] {
+                let Some(a) = agg(rows, i.size_mb, mode, cache, 0) else {
+                    continue;
+                };
+                let x = floor(rows, i.size_mb, cache)
+                    .map(|(f, _)| format!("{:.2}", a.med / f))
+                    .unwrap_or("—".into());
+                let _ = writeln!(
+                    w,
+                    "| {label} | {cache} | {:.3} | {:.3} | {} | {:.2} | {x} | {:.2} | {:.1} | {:.1} |",
+                    a.med,
+                    a.min,
+                    a.n,
+                    i.base_bytes as f64 / a.med / 1e9,
+                    a.cpu,
+                    a.rss,
+                    a.anon
+                );
+            }
+        }
+        let _ = writeln!(w);
+        let peft_notes: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.size_mb == i.size_mb && r.mode == "peft" && !r.note.is_empty())
+            .map(|r| r.note.as_str())
+            .collect();
+        if !peft_notes.is_empty() {
+            let _ = writeln!(
+                w,
+                "PEFT phases (s): {}.\n",
+                peft_notes.join(" | ").replace('=', " ")
+            );
+        }
+        let threads: BTreeSet<usize> = rows
+            .iter()
+            .filter(|r| r.size_mb == i.size_mb && r.threads > 0)
+            .map(|r| r.threads)
+            .collect();
+        if !threads.is_empty() {
+            let one = agg(rows, i.size_mb, "merge", "warm", 1).map(|a| a.med);
+            let _ = writeln!(
+                w,
+                "Thread scaling (`boft-merge --threads N`, warm):\n\n\
+                 | threads | median s | min s | speedup vs 1 | CPU s | CPU / wall | × floor (warm) |\n\
+                 |--:|--:|--:|--:|--:|--:|--:|"
+            );
+            for t in threads {
+                if let Some(a) = agg(rows, i.size_mb, "merge", "warm", t) {
+                    let x = floor(rows, i.size_mb, "warm")
+                        .map(|(f, _)| format!("{:.2}", a.med / f))
+                        .unwrap_or("—".into());
+                    let _ = writeln!(
+                        w,
+                        "| {t} | {:.3} | {:.3} | {} | {:.2} | {:.2} | {x} |",
+                        a.med,
+                        a.min,
+                        one.map(|o| format!("{:.2}", o / a.med)).unwrap_or("—".into()),
+                        a.cpu,
+                        a.cpu / a.med
+                    );
+                }
+            }
+            let _ = writeln!(w);
+        }
+    }
+    let _ = writeln!(w, "## Plot\n\n{plot_md}");
+    m
+}

@@ -1,0 +1,1146 @@
+//! Hostile and broken inputs (docs/ERRORS.md, "Bad-input matrix"): every row builds its bad input
+//! in a temporary folder from the fixtures, runs the real binary and checks the error contract —
+//! exit 2, one stderr line with the expected `[class]` — and that nothing was lost or left behind:
+//! no output, no temporary file beside it, inputs byte-identical.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Map, Value};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn fx(rel: &str) -> PathBuf {
+    fixtures().join("peft_boft").join(rel)
+}
+
+fn copy_tree(src: &Path, dst: &Path) {
+    if src.is_dir() {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            copy_tree(&e.path(), &dst.join(e.file_name()));
+        }
+    } else {
+        std::fs::copy(src, dst).unwrap();
+    }
+}
+
+/// Every entry under a path without following symlinks or opening special files: regular files
+/// by content hash, symlinks by target, folders and special files by kind.
+fn tree(path: &Path) -> BTreeMap<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    fn walk(full: &Path, rel: PathBuf, out: &mut BTreeMap<PathBuf, String>) {
+        let m = std::fs::symlink_metadata(full).unwrap();
+        let ft = m.file_type();
+        if ft.is_symlink() {
+            let t = std::fs::read_link(full).unwrap();
+            out.insert(rel, format!("link:{}", t.display()));
+        } else if ft.is_dir() {
+            out.insert(rel.clone(), "dir".into());
+            let mut names: Vec<_> = std::fs::read_dir(full)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            for n in names {
+                walk(&full.join(&n), rel.join(&n), out);
+            }
+        } else if ft.is_file() {
+            let h = Sha256::digest(std::fs::read(full).unwrap());
+            out.insert(rel, format!("file:{h:x}"));
+        } else {
+            out.insert(rel, format!("special:{:?}", ft));
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(path, PathBuf::new(), &mut out);
+    out
+}
+
+/// Run a binary with a deadline, so that a hang (a FIFO opened, a symlink cycle walked) fails
+/// the test instead of stalling the suite.
+fn run_limited(name: &str, args: &[&OsStr]) -> Output {
+    let child = bin(name)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    wait_limited(child, Duration::from_secs(120))
+}
+
+fn wait_limited(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {limit:?} (a hang?); stderr: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A parsed safetensors file that tests can edit and write back with fresh, contiguous offsets.
+struct St {
+    metadata: Option<Value>,
+    /// name, dtype, shape, bytes
+    tensors: Vec<(String, String, Vec<usize>, Vec<u8>)>,
+}
+
+fn split_st(bytes: &[u8]) -> (Map<String, Value>, &[u8]) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    match header {
+        Value::Object(m) => (m, &bytes[8 + n..]),
+        _ => panic!("header is not an object"),
+    }
+}
+
+fn join_st(header: &Map<String, Value>, data: &[u8]) -> Vec<u8> {
+    let h = serde_json::to_vec(header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out
+}
+
+impl St {
+    fn read(path: &Path) -> St {
+        let bytes = std::fs::read(path).unwrap();
+        let (header, data) = split_st(&bytes);
+        let mut metadata = None;
+        let mut tensors = Vec::new();
+        for (k, v) in header {
+            if k == "__metadata__" {
+                metadata = Some(v);
+                continue;
+            }
+            let dtype = v["dtype"].as_str().unwrap().to_string();
+            let shape = v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            let a = v["data_offsets"][0].as_u64().unwrap() as usize;
+            let b = v["data_offsets"][1].as_u64().unwrap() as usize;
+            tensors.push((k, dtype, shape, data[a..b].to_vec()));
+        }
+        St { metadata, tensors }
+    }
+
+    fn write(&self, path: &Path) {
+        let mut header = Map::new();
+        if let Some(m) = &self.metadata {
+            header.insert("__metadata__".into(), m.clone());
+        }
+        let mut data = Vec::new();
+        for (name, dtype, shape, bytes) in &self.tensors {
+            let a = data.len();
+            data.extend_from_slice(bytes);
+            header.insert(
+                name.clone(),
+                json!({"dtype": dtype, "shape": shape, "data_offsets": [a, data.len()]}),
+            );
+        }
+        std::fs::write(path, join_st(&header, &data)).unwrap();
+    }
+
+    fn tensor_mut(&mut self, name: &str) -> &mut (String, String, Vec<usize>, Vec<u8>) {
+        self.tensors
+            .iter_mut()
+            .find(|t| t.0 == name)
+            .unwrap_or_else(|| panic!("no tensor {name}"))
+    }
+}
+
+/// Edit a safetensors header as JSON, keeping the data section as it is.
+fn edit_header(path: &Path, f: impl FnOnce(&mut Map<String, Value>)) {
+    let bytes = std::fs::read(path).unwrap();
+    let (mut header, data) = split_st(&bytes);
+    f(&mut header);
+    let out = join_st(&header, data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Replace text inside a header by text of the same length (keeps every offset valid).
+fn patch_header_text(path: &Path, from: &str, to: &str) {
+    assert_eq!(from.len(), to.len());
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = &mut bytes[8..n];
+    let at = header
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("{from:?} not in header"));
+    header[at..at + to.len()].copy_from_slice(to.as_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// One row of the matrix: a scratch folder, the inputs it snapshots, the output it must not get.
+struct Scene {
+    tmp: tempfile::TempDir,
+    inputs: Vec<(PathBuf, BTreeMap<PathBuf, String>)>,
+    /// The output's parent folder and its entries before the run.
+    parent: Option<(PathBuf, Vec<String>)>,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        Scene {
+            tmp: tempfile::tempdir().unwrap(),
+            inputs: Vec::new(),
+            parent: None,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// Copy a fixture (file or folder) into the scene.
+    fn copy(&self, fixture: &str, rel: &str) -> PathBuf {
+        let dst = self.path(rel);
+        if let Some(p) = dst.parent() {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        copy_tree(&fx(fixture), &dst);
+        dst
+    }
+
+    /// An empty folder for outputs.
+    fn out_dir(&self) -> PathBuf {
+        let d = self.path("out");
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Snapshot the inputs and the output's parent just before running.
+    fn freeze(&mut self, inputs: &[&Path], out: &Path) {
+        self.inputs = inputs
+            .iter()
+            .map(|p| (p.to_path_buf(), tree(p)))
+            .collect();
+        self.parent = out
+            .parent()
+            .filter(|p| p.is_dir())
+            .map(|p| (p.to_path_buf(), dir_entries(p)));
+    }
+
+    fn merge(&mut self, base: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Output {
+        self.freeze(&[base, adapter], out);
+        let mut args: Vec<&OsStr> = vec![
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--threads".as_ref(),
+            "1".as_ref(),
+        ];
+        args.extend(extra.iter().map(|s| OsStr::new(*s)));
+        run_limited("boft-merge", &args)
+    }
+
+    fn convert(&mut self, input: &Path, out: &Path, extra: &[&str]) -> Output {
+        self.freeze(&[input], out);
+        let mut args: Vec<&OsStr> = vec![input.as_os_str(), "-o".as_ref(), out.as_os_str()];
+        args.extend(extra.iter().map(|s| OsStr::new(*s)));
+        run_limited("boft-convert", &args)
+    }
+
+    /// The whole contract for a refused run. `out_existed`: the output path was there before (and
+    /// must still be there, unchanged, as one of the inputs or a pre-existing file).
+    fn assert_refused_keep(&self, o: &Output, class: &str, out: &Path, out_existed: bool) {
+        let err = fails_with(o, class);
+        assert!(!err.contains("panicked"), "panic: {err}");
+        if !out_existed {
+            assert!(
+                std::fs::symlink_metadata(out).is_err(),
+                "output {} was created",
+                out.display()
+            );
+        }
+        if let Some((parent, before)) = &self.parent {
+            let after = dir_entries(parent);
+            assert_eq!(&after, before, "leftovers in {}", parent.display());
+            assert!(
+                !after.iter().any(|n| n.contains(".boft-")),
+                "temporary file left in {}: {after:?}",
+                parent.display()
+            );
+        }
+        for (p, before) in &self.inputs {
+            assert_eq!(&tree(p), before, "input {} changed", p.display());
+        }
+    }
+
+    fn assert_refused(&self, o: &Output, class: &str, out: &Path) {
+        self.assert_refused_keep(o, class, out, false)
+    }
+}
+
+/// The bare-file base (`bases/conv/model.safetensors`) and its adapter, copied into a scene.
+fn conv(sc: &Scene) -> (PathBuf, PathBuf, PathBuf) {
+    let base = sc.copy("bases/conv/model.safetensors", "in/model.safetensors");
+    let adapter = sc.copy("adapters/conv_f1", "in/adapter");
+    let out = sc.out_dir().join("merged.safetensors");
+    (base, adapter, out)
+}
+
+/// The sharded base and its adapter, copied into a scene.
+fn sharded(sc: &Scene) -> (PathBuf, PathBuf, PathBuf) {
+    let base = sc.copy("bases/llama_bf16_sharded", "in/base");
+    let adapter = sc.copy("adapters/llama_bf16_f2", "in/adapter");
+    let out = sc.out_dir().join("merged");
+    (base, adapter, out)
+}
+
+const SHARD1: &str = "model-00001-of-00002.safetensors";
+const SHARD2: &str = "model-00002-of-00002.safetensors";
+const INDEX: &str = "model.safetensors.index.json";
+
+fn tensor_entry<'a>(h: &'a mut Map<String, Value>, name: &str) -> &'a mut Map<String, Value> {
+    h.get_mut(name).unwrap().as_object_mut().unwrap()
+}
+
+fn mkfifo(p: &Path) {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: plain syscall on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped. None when this process may not mount.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(dir: &Path, flags: libc::c_ulong, options: &str) -> Option<Mount> {
+        std::fs::create_dir_all(dir).unwrap();
+        let target = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let opts = CString::new(options).unwrap();
+        // SAFETY: plain syscall with NUL-terminated strings that outlive it.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                flags,
+                opts.as_ptr().cast(),
+            )
+        };
+        (rc == 0).then(|| Mount(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let target = CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        // SAFETY: plain syscall; lazy detach so a failing test cannot leave it busy.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Base checkpoint: one safetensors file
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn b01_empty_file() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    std::fs::write(&base, b"").unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "empty-file", &out);
+}
+
+#[test]
+fn b02_shorter_than_length_prefix() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    std::fs::write(&base, [1u8, 2, 3, 4, 5]).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "header-too-small", &out);
+}
+
+#[test]
+fn b03_header_length_past_end() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut b = std::fs::read(&base).unwrap();
+    let len = b.len() as u64;
+    b[..8].copy_from_slice(&len.to_le_bytes());
+    std::fs::write(&base, b).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "header-past-end", &out);
+}
+
+#[test]
+fn b04_header_length_absurd() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut b = std::fs::read(&base).unwrap();
+    b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    std::fs::write(&base, b).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "header-too-large", &out);
+}
+
+#[test]
+fn b05_header_not_json() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut b = std::fs::read(&base).unwrap();
+    b[8..16].copy_from_slice(b"{garbage");
+    std::fs::write(&base, b).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "header-not-json", &out);
+}
+
+#[test]
+fn b06_header_not_utf8() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut b = std::fs::read(&base).unwrap();
+    b[9] = 0xff;
+    b[10] = 0xfe;
+    std::fs::write(&base, b).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "header-not-json", &out);
+}
+
+#[test]
+fn b07_header_not_object() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut b = std::fs::read(&base).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let mut h = b"[1, 2, 3]".to_vec();
+    h.resize(n, b' ');
+    b[8..8 + n].copy_from_slice(&h);
+    std::fs::write(&base, b).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "header-not-object", &out);
+}
+
+#[test]
+fn b08_offsets_overlap() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // conv1.weight moved 16 bytes back: it overlaps conv1.bias (and leaves a gap after it).
+    edit_header(&base, |h| {
+        tensor_entry(h, "conv1.weight")["data_offsets"] = json!([16, 2320]);
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-offsets", &out);
+}
+
+#[test]
+fn b09_offsets_out_of_order() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // End before start.
+    edit_header(&base, |h| {
+        tensor_entry(h, "conv1.bias")["data_offsets"] = json!([32, 0]);
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-offsets", &out);
+}
+
+#[test]
+fn b10_offsets_past_end() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // Truncated: the last tensor runs past the end of the file.
+    let b = std::fs::read(&base).unwrap();
+    std::fs::write(&base, &b[..b.len() - 100]).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-offsets", &out);
+}
+
+#[test]
+fn b11_offsets_not_matching_shape_and_dtype() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // 9 F32 values need 36 bytes; the offsets hold 32.
+    edit_header(&base, |h| {
+        tensor_entry(h, "conv1.bias")["shape"] = json!([9]);
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-offsets", &out);
+}
+
+#[test]
+fn b12_trailing_bytes() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut b = std::fs::read(&base).unwrap();
+    b.extend_from_slice(&[0u8; 64]);
+    std::fs::write(&base, b).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-offsets", &out);
+}
+
+#[test]
+fn b13_unknown_dtype() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    edit_header(&base, |h| {
+        tensor_entry(h, "conv1.bias")["dtype"] = json!("F33");
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "unknown-dtype", &out);
+}
+
+#[test]
+fn b14_malformed_tensor_entry() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    edit_header(&base, |h| {
+        tensor_entry(h, "conv1.bias").remove("data_offsets");
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-tensor-info", &out);
+}
+
+#[test]
+fn b15_shape_overflows() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    edit_header(&base, |h| {
+        tensor_entry(h, "conv1.bias")["shape"] = json!([1u64 << 40, 1u64 << 40]);
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-tensor-info", &out);
+}
+
+#[test]
+fn b16_duplicate_tensor_in_header() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    patch_header_text(&base, "\"conv2.bias\"", "\"conv1.bias\"");
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "duplicate-tensor", &out);
+}
+
+#[test]
+fn b17_base_is_a_fifo() {
+    let mut sc = Scene::new();
+    let (_, adapter, out) = conv(&sc);
+    let base = sc.path("in/pipe.safetensors");
+    mkfifo(&base);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "io", &out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Base checkpoint: a folder, sharded with an index
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn s01_shard_missing() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    std::fs::remove_file(base.join(SHARD2)).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "missing-shard", &out);
+}
+
+#[test]
+fn s02_index_shard_outside_with_dotdot() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    // The shard really is there, one folder up: still refused.
+    std::fs::copy(base.join(SHARD2), sc.path("in").join(SHARD2)).unwrap();
+    edit_json(&base.join(INDEX), |v| {
+        v["weight_map"]["lm_head.weight"] = json!(format!("../{SHARD2}"));
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+}
+
+#[test]
+fn s03_index_shard_absolute_path() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    // Absolute, even though it names the folder's own shard.
+    let abs = base.join(SHARD2);
+    edit_json(&base.join(INDEX), |v| {
+        v["weight_map"]["lm_head.weight"] = json!(abs.to_str().unwrap());
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+}
+
+#[test]
+fn s04_index_not_json() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    std::fs::write(base.join(INDEX), b"{\"weight_map\": {").unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-index", &out);
+}
+
+#[test]
+fn s05_index_without_weight_map() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    std::fs::write(base.join(INDEX), b"[\"model-00001-of-00002.safetensors\"]").unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-index", &out);
+}
+
+#[test]
+fn s06_index_names_wrong_shard() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    edit_json(&base.join(INDEX), |v| {
+        v["weight_map"]["lm_head.weight"] = json!(SHARD1);
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-index", &out);
+}
+
+#[test]
+fn s07_duplicate_tensor_across_shards() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    let lm = St::read(&base.join(SHARD2))
+        .tensors
+        .into_iter()
+        .find(|t| t.0 == "lm_head.weight")
+        .unwrap();
+    let mut s1 = St::read(&base.join(SHARD1));
+    s1.tensors.push(lm);
+    s1.write(&base.join(SHARD1));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "duplicate-tensor", &out);
+}
+
+#[test]
+fn s08_symlink_to_file_outside_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    std::fs::write(sc.path("in/secret.txt"), b"not part of the model").unwrap();
+    std::os::unix::fs::symlink(sc.path("in/secret.txt"), base.join("tokenizer.json")).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+}
+
+#[test]
+fn s09_shard_is_symlink_outside_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    let elsewhere = sc.path("in").join(SHARD2);
+    std::fs::rename(base.join(SHARD2), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, base.join(SHARD2)).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+}
+
+#[test]
+fn s10_index_is_symlink_outside_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    let elsewhere = sc.path("in").join(INDEX);
+    std::fs::rename(base.join(INDEX), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, base.join(INDEX)).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+}
+
+#[test]
+fn s11_symlinked_folder_cycle() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    std::fs::create_dir(base.join("extra")).unwrap();
+    std::os::unix::fs::symlink("..", base.join("extra/loop")).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "symlink-loop", &out);
+}
+
+#[test]
+fn s12_fifo_in_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    mkfifo(&base.join("notes.txt"));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "io", &out);
+}
+
+/// Not an error row: symlinks that stay inside the folder are followed, and the output holds
+/// regular files with their contents.
+#[test]
+fn symlinks_inside_folder_are_followed() {
+    let sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    std::fs::create_dir(base.join("extra")).unwrap();
+    std::fs::rename(base.join("config.json"), base.join("extra/config.json")).unwrap();
+    std::os::unix::fs::symlink("extra/config.json", base.join("config.json")).unwrap();
+    std::fs::rename(base.join(SHARD2), base.join("extra").join(SHARD2)).unwrap();
+    std::os::unix::fs::symlink(Path::new("extra").join(SHARD2), base.join(SHARD2)).unwrap();
+    let before = tree(&base);
+    let o = run_limited(
+        "boft-merge",
+        &[
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    );
+    ok(&o);
+    assert_eq!(tree(&base), before);
+    let cfg = out.join("config.json");
+    assert!(std::fs::symlink_metadata(&cfg).unwrap().is_file());
+    assert_eq!(
+        std::fs::read(&cfg).unwrap(),
+        std::fs::read(fx("bases/llama_bf16_sharded/config.json")).unwrap()
+    );
+    assert!(std::fs::symlink_metadata(out.join(SHARD2))
+        .unwrap()
+        .is_file());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adapters
+// ---------------------------------------------------------------------------------------------
+
+const CONV_W: &str = "adapter_model.safetensors";
+const CONV_CFG: &str = "adapter_config.json";
+
+#[test]
+fn a01_adapter_nan() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut st = St::read(&adapter.join(CONV_W));
+    st.tensor_mut("base_model.model.conv1.boft_R").3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    st.write(&adapter.join(CONV_W));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "non-finite", &out);
+}
+
+#[test]
+fn a02_adapter_inf_scale() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut st = St::read(&adapter.join(CONV_W));
+    st.tensor_mut("base_model.model.fc.boft_s").3[4..8]
+        .copy_from_slice(&f32::INFINITY.to_le_bytes());
+    st.write(&adapter.join(CONV_W));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "non-finite", &out);
+}
+
+#[test]
+fn a03_adapter_geometry_does_not_fit_base() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // fc has 48 inputs = 4 blocks of 12; keep only 2 blocks (24).
+    let mut st = St::read(&adapter.join(CONV_W));
+    let t = st.tensor_mut("base_model.model.fc.boft_R");
+    t.2 = vec![1, 2, 12, 12];
+    t.3.truncate(2 * 12 * 12 * 4);
+    st.write(&adapter.join(CONV_W));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "shape-mismatch", &out);
+}
+
+#[test]
+fn a04_adapter_bad_butterfly_geometry() {
+    let mut sc = Scene::new();
+    let base = sc.copy("bases/conv/model.safetensors", "in/model.safetensors");
+    let adapter = sc.copy("adapters/conv_f2", "in/adapter");
+    let out = sc.out_dir().join("merged.safetensors");
+    // Two butterfly factors over 8 blocks of 6 → 7 blocks of 6 (not divisible by 2).
+    let mut st = St::read(&adapter.join(CONV_W));
+    let t = st.tensor_mut("base_model.model.fc.boft_R");
+    assert_eq!(t.2, vec![2, 8, 6, 6]);
+    t.2 = vec![2, 7, 6, 6];
+    t.3.truncate(2 * 7 * 6 * 6 * 4);
+    st.write(&adapter.join(CONV_W));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+}
+
+#[test]
+fn a05_adapter_for_a_different_base() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // The same tensor names with other shapes: fc is 48 → 16 here, the adapter expects 16 → 48.
+    edit_header(&base, |h| {
+        tensor_entry(h, "fc.weight")["shape"] = json!([48, 16]);
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "shape-mismatch", &out);
+}
+
+#[test]
+fn a06_adapter_targets_missing_from_base() {
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    let adapter = sc.copy("adapters/llama_f32_f1", "in/llama-adapter");
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "missing-target", &out);
+}
+
+#[test]
+fn a07_peft_config_contradicts_tensors() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    edit_json(&adapter.join(CONV_CFG), |v| v["boft_block_size"] = json!(6));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+}
+
+#[test]
+fn a08_peft_config_not_json() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    std::fs::write(adapter.join(CONV_CFG), b"{\"peft_type\": \"BOFT\",").unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+}
+
+#[test]
+fn a09_peft_type_not_orthogonal() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    edit_json(&adapter.join(CONV_CFG), |v| v["peft_type"] = json!("LORA"));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "unknown-format", &out);
+}
+
+#[test]
+fn a10_peft_weights_missing() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    std::fs::remove_file(adapter.join(CONV_W)).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "not-found", &out);
+}
+
+#[test]
+fn a11_peft_weights_truncated() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let b = std::fs::read(adapter.join(CONV_W)).unwrap();
+    std::fs::write(adapter.join(CONV_W), &b[..b.len() - 1]).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-offsets", &out);
+}
+
+#[test]
+fn a12_peft_boft_r_without_boft_s() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut st = St::read(&adapter.join(CONV_W));
+    st.tensors.retain(|t| t.0 != "base_model.model.conv2.boft_s");
+    st.write(&adapter.join(CONV_W));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+}
+
+#[test]
+fn a13_canonical_from_a_newer_version() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let canon = sc.path("in/conv_f1.safetensors");
+    ok(&run("boft-convert", &[&adapter, &"-o", &canon]));
+    edit_header(&canon, |h| {
+        h.get_mut("__metadata__").unwrap()["format_version"] = json!("99");
+    });
+    let o = sc.merge(&base, &canon, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+}
+
+#[test]
+fn a14_not_an_adapter() {
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    // A checkpoint passed where the adapter goes.
+    let other = sc.copy("bases/conv/model.safetensors", "in/other.safetensors");
+    let o = sc.merge(&base, &other, &out, &[]);
+    sc.assert_refused(&o, "unknown-format", &out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn o01_output_is_the_base_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, _) = sharded(&sc);
+    // --force does not make it acceptable.
+    let o = sc.merge(&base, &adapter, &base, &["--force"]);
+    sc.assert_refused_keep(&o, "output-is-input", &base, true);
+}
+
+#[test]
+fn o02_output_inside_the_base_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, _) = sharded(&sc);
+    let out = base.join("merged");
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "output-is-input", &out);
+}
+
+#[test]
+fn o03_output_is_the_base_file_through_a_symlink() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    std::os::unix::fs::symlink(&base, &out).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &["--force"]);
+    sc.assert_refused_keep(&o, "output-is-input", &out, true);
+}
+
+#[test]
+fn o04_convert_output_inside_the_adapter_folder() {
+    let mut sc = Scene::new();
+    let adapter = sc.copy("adapters/conv_f1", "in/adapter");
+    let out = adapter.join(CONV_W);
+    let o = sc.convert(&adapter, &out, &["--force"]);
+    sc.assert_refused_keep(&o, "output-is-input", &out, true);
+}
+
+#[test]
+fn o05_output_exists_without_force() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    std::fs::write(&out, b"precious").unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused_keep(&o, "output-exists", &out, true);
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+}
+
+#[test]
+fn o06_output_folder_missing() {
+    let mut sc = Scene::new();
+    let (base, adapter, _) = conv(&sc);
+    let out = sc.path("no/such/folder/merged.safetensors");
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "not-found", &out);
+}
+
+#[test]
+fn o07_output_on_read_only_location() {
+    let mut sc = Scene::new();
+    let (base, adapter, _) = conv(&sc);
+    let ro = sc.path("ro");
+    let mount = Mount::tmpfs(&ro, libc::MS_RDONLY, "size=64k");
+    let parent = if mount.is_some() {
+        ro
+    } else if Path::new("/sys").is_dir() {
+        // sysfs refuses new files even to root.
+        eprintln!("note: cannot mount a read-only tmpfs here; using /sys instead");
+        PathBuf::from("/sys")
+    } else {
+        eprintln!("skipped: cannot mount a read-only tmpfs and /sys is absent");
+        return;
+    };
+    let out = parent.join("boft-merged.safetensors");
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "io", &out);
+    assert!(stderr(&o).to_lowercase().contains("read-only") || parent == Path::new("/sys"));
+}
+
+#[test]
+fn o08_disk_full() {
+    let mut sc = Scene::new();
+    let base = sc.copy("bases/llama_f32", "in/base");
+    let adapter = sc.copy("adapters/llama_f32_f2", "in/adapter");
+    let model = std::fs::metadata(base.join("model.safetensors")).unwrap().len();
+    // Half the model's size: the space reservation (or the first writes) fail.
+    let small = sc.path("small");
+    let Some(_m) = Mount::tmpfs(&small, 0, &format!("size={}", model / 2)) else {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)");
+        return;
+    };
+    let out = small.join("merged");
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "io", &out);
+    assert!(stderr(&o).contains("no space left on device"), "{}", stderr(&o));
+    assert!(dir_entries(&small).is_empty());
+}
+
+#[test]
+fn o09_disk_full_after_the_tensors() {
+    let mut sc = Scene::new();
+    let base = sc.copy("bases/llama_f32", "in/base");
+    let adapter = sc.copy("adapters/llama_f32_f2", "in/adapter");
+    let model = std::fs::metadata(base.join("model.safetensors")).unwrap().len();
+    // Room for the tensors, in whole pages, and nothing more: copying config.json fails.
+    let pages = model.div_ceil(4096) * 4096;
+    let small = sc.path("small");
+    let Some(_m) = Mount::tmpfs(&small, 0, &format!("size={pages}")) else {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)");
+        return;
+    };
+    let out = small.join("merged");
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "io", &out);
+    let err = stderr(&o);
+    assert!(err.contains("no space left on device"), "{err}");
+    assert!(!err.contains(base.to_str().unwrap()), "blames the input: {err}");
+    assert!(dir_entries(&small).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals
+// ---------------------------------------------------------------------------------------------
+
+/// A base whose one tensor takes a while to transform: `rows` × 1024 F32, and a canonical
+/// adapter with 4 factors of 16 blocks of 64 on it.
+fn slow_case(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
+    use boft::adapter::{canonical, Adapter, BlockKind, Side, Target};
+    let (n, h, d, nf) = (1024usize, 64usize, 16usize, 4usize);
+    let base = dir.join(format!("big-{rows}.safetensors"));
+    let header = format!(
+        r#"{{"w":{{"dtype":"F32","shape":[{rows},{n}],"data_offsets":[0,{}]}}}}"#,
+        rows * n * 4
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend((0..rows * n).flat_map(|i| ((i % 251) as f32 * 0.01).to_le_bytes()));
+    std::fs::write(&base, bytes).unwrap();
+    let mut data = vec![0f32; nf * d * h * h];
+    for b in 0..nf * d {
+        for i in 0..h {
+            data[b * h * h + i * h + i] = 1.0;
+        }
+    }
+    let adapter = Adapter {
+        targets: vec![Target {
+            name: "w".into(),
+            module: "w".into(),
+            side: Side::Input,
+            shape: None,
+            rows: None,
+            factors: nf,
+            blocks: d,
+            block_size: h,
+            data,
+            perms: vec![None; nf],
+            scale: None,
+            kind: BlockKind::Cayley,
+        }],
+        source_format: "test".into(),
+        ..Default::default()
+    };
+    let apath = dir.join(format!("big-{rows}-adapter.safetensors"));
+    std::fs::write(&apath, canonical::to_bytes(&adapter).unwrap()).unwrap();
+    (base, apath)
+}
+
+/// Start a merge, wait for its temporary output to appear, signal it, and check it stops with
+/// [interrupted], leaving no output and no temporary file. When the merge is so fast that it
+/// finishes before the signal lands, retry with a larger base.
+fn interrupt_mid_write(signal: libc::c_int) {
+    let sc = Scene::new();
+    let out_dir = sc.out_dir();
+    let out = out_dir.join("merged.safetensors");
+    for rows in [8192usize, 32768, 131072] {
+        let (base, adapter) = slow_case(sc.tmp.path(), rows);
+        let before = (tree(&base), tree(&adapter));
+        let child = bin("boft-merge")
+            .args([
+                "--base".as_ref(),
+                base.as_os_str(),
+                "--adapter".as_ref(),
+                adapter.as_os_str(),
+                "-o".as_ref(),
+                out.as_os_str(),
+                "--threads".as_ref(),
+                OsStr::new("1"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let temp = out_dir.join(format!(".merged.safetensors.boft-partial-{}", child.id()));
+        let mut child = child;
+        let start = Instant::now();
+        let mut seen = false;
+        while start.elapsed() < Duration::from_secs(60) {
+            if temp.exists() {
+                seen = true;
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if seen {
+            // SAFETY: signalling our own child, which has not been reaped yet.
+            assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        }
+        let o = wait_limited(child, Duration::from_secs(120));
+        if o.status.success() {
+            eprintln!("merge of {rows} rows finished before the signal; retrying larger");
+            std::fs::remove_file(&out).unwrap();
+            std::fs::remove_file(&base).unwrap();
+            continue;
+        }
+        let err = fails_with(&o, "interrupted");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists(), "output written despite the signal");
+        assert!(
+            dir_entries(&out_dir).is_empty(),
+            "leftovers: {:?}",
+            dir_entries(&out_dir)
+        );
+        assert_eq!((tree(&base), tree(&adapter)), before, "inputs changed");
+        return;
+    }
+    panic!("every merge finished before the signal arrived");
+}
+
+#[test]
+fn i01_sigint_mid_write() {
+    interrupt_mid_write(libc::SIGINT);
+}
+
+#[test]
+fn i02_sigterm_mid_write() {
+    interrupt_mid_write(libc::SIGTERM);
+}
+
+#[test]
+#[ignore]
+fn tmp_time_slow_case() {
+    let sc = Scene::new();
+    let out = sc.out_dir().join("m.safetensors");
+    let (base, adapter) = slow_case(sc.tmp.path(), 8192);
+    let t = Instant::now();
+    ok(&run("boft-merge", &[&"--base", &base, &"--adapter", &adapter, &"-o", &out, &"--threads", &"1"]));
+    eprintln!("8192 rows: {:?}", t.elapsed());
+}
