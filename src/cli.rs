@@ -22,6 +22,32 @@ pub fn run(program: &str, body: impl FnOnce() -> Result<i32, Error>) -> ! {
     std::process::exit(code)
 }
 
+/// Parse the command line. `--help` and `--version` print as usual (exit 0); a usage error is
+/// reported like every other error: one `[usage]` line on stderr, exit 2.
+pub fn parse_args<T: clap::Parser>(program: &str) -> T {
+    use clap::error::ErrorKind;
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => {
+                let text = e.render().to_string();
+                let text = text.split("Usage:").next().unwrap_or_default();
+                let text = text.trim().trim_start_matches("error:");
+                let words: Vec<&str> = text.split_whitespace().collect();
+                let err = Error::bare(
+                    crate::error::Class::Usage,
+                    format!("{} (see {program} --help)", words.join(" ")),
+                );
+                eprintln!("{program}: error{err}");
+                std::process::exit(EXIT_ERROR)
+            }
+        },
+    }
+}
+
 /// A byte progress bar on a terminal; hidden when stderr is not one or when disabled.
 pub fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     if !enabled || !std::io::stderr().is_terminal() {

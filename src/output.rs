@@ -143,7 +143,7 @@ impl Staged {
     pub fn dir(dest: &Path) -> Result<Staged> {
         let temp = sibling(dest, "partial");
         let _ = fs::remove_dir_all(&temp);
-        fs::create_dir(&temp).map_err(|e| Error::io(&temp, e))?;
+        fs::create_dir(&temp).map_err(|e| Error::io(dest, e))?;
         Ok(Staged {
             dest: dest.to_path_buf(),
             temp,
@@ -155,6 +155,21 @@ impl Staged {
     /// Where to write.
     pub fn path(&self) -> &Path {
         &self.temp
+    }
+
+    /// Report an error about the temporary name (removed by the time the user reads it) as one
+    /// about the destination.
+    pub fn blame_dest(&self, mut e: Error) -> Error {
+        if let Some(p) = &e.path {
+            if let Ok(rest) = p.strip_prefix(&self.temp) {
+                e.path = Some(if rest.as_os_str().is_empty() {
+                    self.dest.clone()
+                } else {
+                    self.dest.join(rest)
+                });
+            }
+        }
+        e
     }
 
     /// Move the finished output into place, replacing an existing one.

@@ -217,8 +217,19 @@ impl Ctx<'_> {
         }
     }
 
-    fn bound(&mut self, check: &'static str, subject: &str, value: f64, threshold: f64, what: &str) {
-        let status = if value <= threshold { Status::Pass } else { Status::Fail };
+    fn bound(
+        &mut self,
+        check: &'static str,
+        subject: &str,
+        value: f64,
+        threshold: f64,
+        what: &str,
+    ) {
+        let status = if value <= threshold {
+            Status::Pass
+        } else {
+            Status::Fail
+        };
         self.push(
             check,
             subject,
@@ -312,7 +323,14 @@ fn check_target(ctx: &mut Ctx, t: &Target, base: Option<&Checkpoint>) -> Result<
     let label = t.label();
     let (h, d, nf, n) = (t.block_size, t.blocks, t.factors, t.n());
     // Loading already refused non-finite values and broken geometry; record that they held.
-    ctx.push("finite", &label, Status::Pass, None, None, "all block and scale values finite");
+    ctx.push(
+        "finite",
+        &label,
+        Status::Pass,
+        None,
+        None,
+        "all block and scale values finite",
+    );
     ctx.push(
         "geometry",
         &label,
@@ -334,7 +352,11 @@ fn check_target(ctx: &mut Ctx, t: &Target, base: Option<&Checkpoint>) -> Result<
         }
     }
     let exact = t.kind == BlockKind::Cayley;
-    let orth_tol = if exact { ctx.settings.tolerance } else { ctx.settings.approx_tolerance };
+    let orth_tol = if exact {
+        ctx.settings.tolerance
+    } else {
+        ctx.settings.approx_tolerance
+    };
     let what = match t.kind {
         BlockKind::Cayley => "worst |BᵀB − I| over blocks",
         BlockKind::Neumann => "worst |BᵀB − I| (expected: truncated Neumann series)",
@@ -346,7 +368,11 @@ fn check_target(ctx: &mut Ctx, t: &Target, base: Option<&Checkpoint>) -> Result<
         ctx.push(
             "determinant",
             &label,
-            if negative == 0 { Status::Pass } else { Status::Fail },
+            if negative == 0 {
+                Status::Pass
+            } else {
+                Status::Fail
+            },
             Some(negative as f64),
             Some(0.0),
             format!("{negative} of {} Cayley blocks with determinant −1", nf * d),
@@ -441,12 +467,29 @@ fn check_target(ctx: &mut Ctx, t: &Target, base: Option<&Checkpoint>) -> Result<
                 Status::Fail,
                 None,
                 None,
-                format!("module {} targets {} which the base lacks", t.module, t.name),
+                format!(
+                    "module {} targets {} which the base lacks",
+                    t.module, t.name
+                ),
             ),
             Some((file, info)) => {
-                ctx.push("target-present", &label, Status::Pass, None, None, "present in the base");
+                ctx.push(
+                    "target-present",
+                    &label,
+                    Status::Pass,
+                    None,
+                    None,
+                    "present in the base",
+                );
                 match t.check_base(info.dtype, &info.shape) {
-                    Err(e) => ctx.push("base-compatible", &label, Status::Fail, None, None, e.message),
+                    Err(e) => ctx.push(
+                        "base-compatible",
+                        &label,
+                        Status::Fail,
+                        None,
+                        None,
+                        e.message,
+                    ),
                     Ok(()) => {
                         ctx.push(
                             "base-compatible",
@@ -458,7 +501,8 @@ fn check_target(ctx: &mut Ctx, t: &Target, base: Option<&Checkpoint>) -> Result<
                         );
                         if t.side == Side::Input && ctx.settings.wants("hyperspherical-energy") {
                             let chain = t.chain(false)?;
-                            let e = hyperspherical(&chain, info.dtype, &info.shape, file.data(info));
+                            let e =
+                                hyperspherical(&chain, info.dtype, &info.shape, file.data(info));
                             ctx.bound(
                                 "hyperspherical-energy",
                                 &label,
@@ -554,10 +598,19 @@ fn transform_properties(chain: &Chain, probes: usize, dense_max: usize) -> Props
             }
         }
         let sym = (&mm + mm.transpose()) * 0.5;
-        let lmin = sym.symmetric_eigenvalues().iter().fold(f64::INFINITY, |a, &b| a.min(b));
+        let lmin = sym
+            .symmetric_eigenvalues()
+            .iter()
+            .fold(f64::INFINITY, |a, &b| a.min(b));
         return Props {
-            orth: Measure { value: orth, method: "exact" },
-            distance: Measure { value: dist.sqrt(), method: "exact" },
+            orth: Measure {
+                value: orth,
+                method: "exact",
+            },
+            distance: Measure {
+                value: dist.sqrt(),
+                method: "exact",
+            },
             angle: Measure {
                 value: lmin.clamp(-1.0, 1.0).acos().to_degrees(),
                 method: "exact",
@@ -570,12 +623,21 @@ fn transform_properties(chain: &Chain, probes: usize, dense_max: usize) -> Props
     let mut v: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
     let orig = v.clone();
     chain.apply_rows(&mut v, 0, k, &mut Scratch::default());
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>();
+    let dot = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| x as f64 * y as f64)
+            .sum::<f64>()
+    };
     let mut orth = 0f64;
     let mut dist2 = 0f64;
     for a in 0..k {
         let (va, oa) = (&v[a * n..(a + 1) * n], &orig[a * n..(a + 1) * n]);
-        dist2 += va.iter().zip(oa).map(|(&x, &y)| ((x - y) as f64).powi(2)).sum::<f64>();
+        dist2 += va
+            .iter()
+            .zip(oa)
+            .map(|(&x, &y)| ((x - y) as f64).powi(2))
+            .sum::<f64>();
         for b in a..k {
             let (vb, ob) = (&v[b * n..(b + 1) * n], &orig[b * n..(b + 1) * n]);
             let norm = (dot(oa, oa) * dot(ob, ob)).sqrt();
@@ -599,7 +661,10 @@ fn transform_properties(chain: &Chain, probes: usize, dense_max: usize) -> Props
         x = y;
     }
     Props {
-        orth: Measure { value: orth, method: "probe" },
+        orth: Measure {
+            value: orth,
+            method: "probe",
+        },
         distance: Measure {
             value: (dist2 / k as f64).sqrt(),
             method: "estimate",
@@ -704,7 +769,11 @@ fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[u8]) -> Ene
     let picks: Vec<usize> = (0..take).map(|i| i * rows / take).collect();
     let mut before = vec![0f32; take * n];
     for (k, &r) in picks.iter().enumerate() {
-        dtype::decode_f32(dt, &data[r * n * esize..(r + 1) * n * esize], &mut before[k * n..(k + 1) * n]);
+        dtype::decode_f32(
+            dt,
+            &data[r * n * esize..(r + 1) * n * esize],
+            &mut before[k * n..(k + 1) * n],
+        );
     }
     let mut after = Vec::with_capacity(take * n);
     let mut s = Scratch::default();
@@ -717,14 +786,24 @@ fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[u8]) -> Ene
         let unit: Vec<Vec<f64>> = w
             .chunks(n)
             .map(|r| {
-                let norm = r.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+                let norm = r
+                    .iter()
+                    .map(|&x| (x as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+                    .max(1e-30);
                 r.iter().map(|&x| x as f64 / norm).collect()
             })
             .collect();
         let mut e = 0.0;
         for i in 0..unit.len() {
             for j in i + 1..unit.len() {
-                let d: f64 = unit[i].iter().zip(&unit[j]).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+                let d: f64 = unit[i]
+                    .iter()
+                    .zip(&unit[j])
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
                 if d > 1e-12 {
                     e += 1.0 / d;
                 }
@@ -752,11 +831,13 @@ fn element_ok(dt: Dtype, got: f32, want: f32, scale: f32, f32_tol: f64) -> bool 
             let ulp = match dt {
                 Dtype::BF16 => {
                     let b = half::bf16::from_f32(mag).to_bits();
-                    half::bf16::from_bits(b.saturating_add(1)).to_f32() - half::bf16::from_bits(b).to_f32()
+                    half::bf16::from_bits(b.saturating_add(1)).to_f32()
+                        - half::bf16::from_bits(b).to_f32()
                 }
                 _ => {
                     let b = half::f16::from_f32(mag).to_bits();
-                    half::f16::from_bits(b.saturating_add(1)).to_f32() - half::f16::from_bits(b).to_f32()
+                    half::f16::from_bits(b.saturating_add(1)).to_f32()
+                        - half::f16::from_bits(b).to_f32()
                 }
             } as f64;
             diff <= ulp * 1.0001 || diff <= 2e-6 * scale as f64
@@ -778,14 +859,20 @@ fn check_merged(
     let merged_files: Vec<_> = merged.files.iter().map(|(r, _)| r.clone()).collect();
     let mut layout_problem = None;
     if base.is_folder() && base_files != merged_files {
-        layout_problem = Some(format!("files {merged_files:?} differ from the base's {base_files:?}"));
+        layout_problem = Some(format!(
+            "files {merged_files:?} differ from the base's {base_files:?}"
+        ));
     }
     for (rel, f) in &base.files {
         for t in &f.tensors {
             let problem = match merged.get(&t.name) {
                 None => Some(format!("tensor {} is missing", t.name)),
                 Some((mf, mt)) => {
-                    let mrel = merged.files.iter().find(|(_, x)| std::ptr::eq(x, mf)).map(|(r, _)| r);
+                    let mrel = merged
+                        .files
+                        .iter()
+                        .find(|(_, x)| std::ptr::eq(x, mf))
+                        .map(|(r, _)| r);
                     if base.is_folder() && mrel != Some(rel) {
                         Some(format!("tensor {} moved to another file", t.name))
                     } else if mt.dtype != t.dtype || mt.shape != t.shape {
@@ -807,7 +894,10 @@ fn check_merged(
             }
         }
     }
-    let extra = merged.tensor_names().filter(|n| base.get(n).is_none()).count();
+    let extra = merged
+        .tensor_names()
+        .filter(|n| base.get(n).is_none())
+        .count();
     if layout_problem.is_none() && extra > 0 {
         layout_problem = Some(format!("{extra} tensors not in the base"));
     }
@@ -821,7 +911,14 @@ fn check_merged(
             untouched: 0,
         });
     }
-    ctx.push("merged-layout", &subject, Status::Pass, None, None, "same files, tensors, dtypes and shapes");
+    ctx.push(
+        "merged-layout",
+        &subject,
+        Status::Pass,
+        None,
+        None,
+        "same files, tensors, dtypes and shapes",
+    );
 
     let mut report = MergedReport {
         path: subject,
@@ -850,7 +947,9 @@ fn check_merged(
                             Status::Fail,
                             None,
                             None,
-                            format!("not targeted by the adapter but differs from the base (byte {at})"),
+                            format!(
+                                "not targeted by the adapter but differs from the base (byte {at})"
+                            ),
                         );
                     }
                 }
@@ -859,14 +958,22 @@ fn check_merged(
                     let want = dtype::decode_any_f32(r.dtype, &r.data).expect("float");
                     let mut bytes = vec![0u8; want.len() * t.dtype.float_size().unwrap_or(4)];
                     dtype::encode_f32(t.dtype, &want, &mut bytes);
-                    let same = if r.dtype == t.dtype { got == r.data.as_slice() } else { got == bytes.as_slice() };
+                    let same = if r.dtype == t.dtype {
+                        got == r.data.as_slice()
+                    } else {
+                        got == bytes.as_slice()
+                    };
                     ctx.push(
                         "merged-values",
                         &t.name,
                         if same { Status::Pass } else { Status::Fail },
                         None,
                         None,
-                        if same { "equals the adapter's replacement" } else { "differs from the adapter's replacement" },
+                        if same {
+                            "equals the adapter's replacement"
+                        } else {
+                            "differs from the adapter's replacement"
+                        },
                     );
                 }
                 Some(action) => {
@@ -941,7 +1048,10 @@ fn check_merged(
             Status::Pass,
             Some(report.untouched as f64),
             None,
-            format!("{} tensors not targeted are byte-identical to the base", report.untouched),
+            format!(
+                "{} tensors not targeted are byte-identical to the base",
+                report.untouched
+            ),
         );
     }
     Ok(report)
@@ -952,7 +1062,10 @@ struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
@@ -1019,9 +1132,18 @@ pub fn render(report: &Report) -> String {
         let of: Vec<&Check> = report.checks.iter().filter(|c| c.check == id).collect();
         let fails = of.iter().filter(|c| c.status == Status::Fail).count();
         let info = of.iter().all(|c| c.status == Status::Info);
-        let worst = of.iter().filter_map(|c| c.value).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let worst = of
+            .iter()
+            .filter_map(|c| c.value)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
         let thr = of.iter().find_map(|c| c.threshold);
-        let status = if info { "INFO" } else if fails > 0 { "FAIL" } else { "PASS" };
+        let status = if info {
+            "INFO"
+        } else if fails > 0 {
+            "FAIL"
+        } else {
+            "PASS"
+        };
         let detail = match (info, worst, thr) {
             (false, Some(w), Some(t)) => format!(" worst {w:.3e}, threshold {t:.1e}"),
             _ => String::new(),
@@ -1035,7 +1157,11 @@ pub fn render(report: &Report) -> String {
         s,
         "{}: {} checks, {} failed",
         if report.passed { "PASS" } else { "FAIL" },
-        report.checks.iter().filter(|c| c.status != Status::Info).count(),
+        report
+            .checks
+            .iter()
+            .filter(|c| c.status != Status::Info)
+            .count(),
         report.failed.len()
     );
     s
@@ -1047,7 +1173,13 @@ mod tests {
     use crate::math::kernel::{Factor, ScaleOn};
     use crate::math::{cayley, perm};
 
-    fn chain(n: usize, h: usize, nf: usize, mut perms: impl FnMut(usize) -> Option<Vec<u32>>, seed: u64) -> Chain {
+    fn chain(
+        n: usize,
+        h: usize,
+        nf: usize,
+        mut perms: impl FnMut(usize) -> Option<Vec<u32>>,
+        seed: u64,
+    ) -> Chain {
         let mut rng = Rng(seed);
         let d = n / h;
         Chain {
@@ -1060,7 +1192,12 @@ mod tests {
                         let q = cayley::cayley_minus(h, &cayley::skew_half(h, &a));
                         blocks.extend(q.iter().map(|&x| x as f32));
                     }
-                    Factor { h, d, blocks, perm: perms(i) }
+                    Factor {
+                        h,
+                        d,
+                        blocks,
+                        perm: perms(i),
+                    }
                 })
                 .collect(),
             scale: None,
@@ -1074,8 +1211,9 @@ mod tests {
     fn brute_reach(c: &Chain) -> (usize, usize, f64) {
         let n = c.n;
         let m = dense(c);
-        let counts: Vec<usize> =
-            (0..n).map(|i| (0..n).filter(|&j| m[i * n + j].abs() > 1e-9).count()).collect();
+        let counts: Vec<usize> = (0..n)
+            .map(|i| (0..n).filter(|&j| m[i * n + j].abs() > 1e-9).count())
+            .collect();
         (
             *counts.iter().min().unwrap(),
             *counts.iter().max().unwrap(),
@@ -1097,10 +1235,24 @@ mod tests {
         }
         for (seed, (n, h, nf)) in cases.into_iter().enumerate() {
             // PEFT's butterfly permutations, stored inverted as the importer does.
-            let c = chain(n, h, nf, |i| Some(perm::invert(&perm::peft_boft(n, h, i))), seed as u64);
+            let c = chain(
+                n,
+                h,
+                nf,
+                |i| Some(perm::invert(&perm::peft_boft(n, h, i))),
+                seed as u64,
+            );
             let r = connectivity(&c);
-            assert_eq!((r.min, r.max, r.mean), brute_reach(&c), "n={n} h={h} N={nf}");
-            assert_eq!(r.min, n.min(h << (nf - 1)), "butterfly reach n={n} h={h} N={nf}");
+            assert_eq!(
+                (r.min, r.max, r.mean),
+                brute_reach(&c),
+                "n={n} h={h} N={nf}"
+            );
+            assert_eq!(
+                r.min,
+                n.min(h << (nf - 1)),
+                "butterfly reach n={n} h={h} N={nf}"
+            );
             assert_eq!(r.butterfly_reach, r.min);
             assert_eq!(r.dense, r.min == n);
             // Random permutations break the butterfly pattern but the count still matches.
@@ -1120,10 +1272,20 @@ mod tests {
                 seed as u64,
             );
             let r = connectivity(&c);
-            assert_eq!((r.min, r.max, r.mean), brute_reach(&c), "random perms n={n} h={h} N={nf}");
+            assert_eq!(
+                (r.min, r.max, r.mean),
+                brute_reach(&c),
+                "random perms n={n} h={h} N={nf}"
+            );
         }
         // The paper's depth for full density: log2(n/b) + 1.
-        let c = chain(64, 8, 4, |i| Some(perm::invert(&perm::peft_boft(64, 8, i))), 5);
+        let c = chain(
+            64,
+            8,
+            4,
+            |i| Some(perm::invert(&perm::peft_boft(64, 8, i))),
+            5,
+        );
         let r = connectivity(&c);
         assert!(r.dense);
         assert_eq!(r.factors_for_full_density, 4);
@@ -1146,7 +1308,11 @@ mod tests {
                 j[(r, p)] = (fa[r] - fb[r]) / (2.0 * eps);
             }
         }
-        j.svd(false, false).singular_values.iter().filter(|&&s| s > 1e-6).count()
+        j.svd(false, false)
+            .singular_values
+            .iter()
+            .filter(|&&s| s > 1e-6)
+            .count()
     }
 
     #[test]
@@ -1189,7 +1355,13 @@ mod tests {
     #[test]
     fn probe_measures_agree_with_exact_ones() {
         let n = 64;
-        let c = chain(n, 8, 3, |i| Some(perm::invert(&perm::peft_boft(n, 8, i))), 11);
+        let c = chain(
+            n,
+            8,
+            3,
+            |i| Some(perm::invert(&perm::peft_boft(n, 8, i))),
+            11,
+        );
         let exact = transform_properties(&c, 8, DENSE_MAX);
         assert_eq!(exact.orth.method, "exact");
         assert!(exact.orth.value < 1e-5);
@@ -1198,9 +1370,19 @@ mod tests {
         assert!(probe.orth.value < 1e-5);
         // Hutchinson's estimate of ‖M − I‖_F with 64 probes: within 20%.
         let rel = (probe.distance.value - exact.distance.value).abs() / exact.distance.value;
-        assert!(rel < 0.2, "{} vs {}", probe.distance.value, exact.distance.value);
+        assert!(
+            rel < 0.2,
+            "{} vs {}",
+            probe.distance.value,
+            exact.distance.value
+        );
         // Power iteration finds the largest rotation angle.
-        assert!((probe.angle.value - exact.angle.value).abs() < 2.0, "{} vs {}", probe.angle.value, exact.angle.value);
+        assert!(
+            (probe.angle.value - exact.angle.value).abs() < 2.0,
+            "{} vs {}",
+            probe.angle.value,
+            exact.angle.value
+        );
         // A non-orthogonal chain is caught by the probes too.
         let mut bad = c.clone();
         bad.factors[1].blocks[0] += 0.1;
@@ -1212,7 +1394,12 @@ mod tests {
             factors: vec![Factor {
                 h: 2,
                 d: 1,
-                blocks: vec![theta.cos() as f32, -theta.sin() as f32, theta.sin() as f32, theta.cos() as f32],
+                blocks: vec![
+                    theta.cos() as f32,
+                    -theta.sin() as f32,
+                    theta.sin() as f32,
+                    theta.cos() as f32,
+                ],
                 perm: None,
             }],
             scale: None,
@@ -1221,14 +1408,24 @@ mod tests {
             blend: 1.0,
         };
         let p = transform_properties(&rot, 4, DENSE_MAX);
-        assert!((p.angle.value - theta.to_degrees()).abs() < 1e-3, "{}", p.angle.value);
+        assert!(
+            (p.angle.value - theta.to_degrees()).abs() < 1e-3,
+            "{}",
+            p.angle.value
+        );
         assert!((p.distance.value - (2.0 * (2.0 - 2.0 * theta.cos())).sqrt()).abs() < 1e-5);
     }
 
     #[test]
     fn transposed_chain_is_the_inverse_of_an_orthogonal_chain() {
         let n = 32;
-        let c = chain(n, 4, 3, |i| Some(perm::invert(&perm::peft_boft(n, 4, i))), 3);
+        let c = chain(
+            n,
+            4,
+            3,
+            |i| Some(perm::invert(&perm::peft_boft(n, 4, i))),
+            3,
+        );
         let t = transposed(&c);
         let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 1.0).collect();
         let y = crate::math::kernel::apply_vec(&t, &crate::math::kernel::apply_vec(&c, &x));

@@ -14,7 +14,11 @@ fn json(o: &std::process::Output) -> serde_json::Value {
 
 fn base_of(c: &Case) -> std::path::PathBuf {
     let b = fixtures().join("peft_boft").join(&c.base);
-    if b.join("config.json").exists() { b } else { b.join("model.safetensors") }
+    if b.join("config.json").exists() {
+        b
+    } else {
+        b.join("model.safetensors")
+    }
 }
 
 #[test]
@@ -29,15 +33,31 @@ fn every_fixture_adapter_passes_with_its_base_and_peft_merge() {
         };
         let o = run(
             "boft-verify",
-            &[&fx.join(&c.adapter), &"--base", &base, &"--merged", &merged, &"--json"],
+            &[
+                &fx.join(&c.adapter),
+                &"--base",
+                &base,
+                &"--merged",
+                &merged,
+                &"--json",
+            ],
         );
         let out = ok(&o);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["passed"], true, "{}: {}", c.name, out);
         let checks = v["checks"].as_array().unwrap();
-        for id in ["block-orthogonality", "transform-orthogonality", "hyperspherical-energy", "merged-values", "merged-untouched", "merged-layout"] {
+        for id in [
+            "block-orthogonality",
+            "transform-orthogonality",
+            "hyperspherical-energy",
+            "merged-values",
+            "merged-untouched",
+            "merged-layout",
+        ] {
             assert!(
-                checks.iter().any(|x| x["check"] == id && x["status"] == "pass"),
+                checks
+                    .iter()
+                    .any(|x| x["check"] == id && x["status"] == "pass"),
                 "{}: no passing {id} check",
                 c.name
             );
@@ -46,7 +66,10 @@ fn every_fixture_adapter_passes_with_its_base_and_peft_merge() {
 }
 
 /// Load a fixture adapter, let `edit` break it, write it as a canonical file.
-fn broken_canonical(dir: &Path, edit: impl FnOnce(&mut boft::adapter::Adapter)) -> std::path::PathBuf {
+fn broken_canonical(
+    dir: &Path,
+    edit: impl FnOnce(&mut boft::adapter::Adapter),
+) -> std::path::PathBuf {
     let mut a = boft::formats::load(&fixtures().join("peft_boft/adapters/llama_f32_f2")).unwrap();
     edit(&mut a);
     let p = dir.join("broken.safetensors");
@@ -64,14 +87,29 @@ fn non_orthogonal_block_fails_with_exit_1_naming_the_target() {
     let o = run("boft-verify", &[&p, &"--json"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let v = json(&o);
-    let name = boft::formats::load(&fixtures().join("peft_boft/adapters/llama_f32_f2")).unwrap().targets[3].name.clone();
-    let failed: Vec<String> = v["failed"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
-    assert!(failed.contains(&format!("block-orthogonality:{name}")), "{failed:?}");
+    let name = boft::formats::load(&fixtures().join("peft_boft/adapters/llama_f32_f2"))
+        .unwrap()
+        .targets[3]
+        .name
+        .clone();
+    let failed: Vec<String> = v["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        failed.contains(&format!("block-orthogonality:{name}")),
+        "{failed:?}"
+    );
     // The table names it too.
     let o = run("boft-verify", &[&p]);
     assert_eq!(o.status.code(), Some(1));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains(&format!("FAIL block-orthogonality {name}")), "{text}");
+    assert!(
+        text.contains(&format!("FAIL block-orthogonality {name}")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -92,7 +130,10 @@ fn broken_permutation_is_refused_naming_the_module() {
         t.perms[1] = Some(p);
     });
     let err = fails_with(&run("boft-verify", &[&p]), "bad-adapter");
-    assert!(err.contains("not a permutation") && err.contains("model.layers"), "{err}");
+    assert!(
+        err.contains("not a permutation") && err.contains("model.layers"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -110,7 +151,10 @@ fn adapter_for_another_base_fails() {
     assert_eq!(o.status.code(), Some(1));
     let v = json(&o);
     let failed = v["failed"].as_array().unwrap();
-    assert!(failed.iter().any(|f| f.as_str().unwrap().starts_with("target-present:model.layers.0")));
+    assert!(failed.iter().any(|f| f
+        .as_str()
+        .unwrap()
+        .starts_with("target-present:model.layers.0")));
     // Same names, wrong shapes: the bf16 base has the same architecture, so build a mismatch
     // by checking a conv adapter (fc is 48 wide) against a canonical file edited to 96 blocks.
     let tmp = tempfile::tempdir().unwrap();
@@ -119,10 +163,21 @@ fn adapter_for_another_base_fails() {
             t.shape = Some(vec![7, 7]);
         }
     });
-    let o = run("boft-verify", &[&p, &"--base", &fixtures().join("peft_boft/bases/llama_f32"), &"--json"]);
+    let o = run(
+        "boft-verify",
+        &[
+            &p,
+            &"--base",
+            &fixtures().join("peft_boft/bases/llama_f32"),
+            &"--json",
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     let v = json(&o);
-    assert!(v["failed"].as_array().unwrap().iter().any(|f| f.as_str().unwrap().starts_with("base-compatible:model.layers")));
+    assert!(v["failed"].as_array().unwrap().iter().any(|f| f
+        .as_str()
+        .unwrap()
+        .starts_with("base-compatible:model.layers")));
 }
 
 #[test]
@@ -133,9 +188,22 @@ fn merged_checkpoint_with_one_changed_element_fails_and_names_the_tensor() {
         let c = peft_cases().into_iter().find(|c| c.name == case).unwrap();
         let base = base_of(&c);
         let out = tmp.path().join(case);
-        ok(&run("boft-merge", &[&"--base", &base, &"--adapter", &fx.join(&c.adapter), &"-o", &out]));
+        ok(&run(
+            "boft-merge",
+            &[
+                &"--base",
+                &base,
+                &"--adapter",
+                &fx.join(&c.adapter),
+                &"-o",
+                &out,
+            ],
+        ));
         // Our honest output passes.
-        ok(&run("boft-verify", &[&fx.join(&c.adapter), &"--base", &base, &"--merged", &out]));
+        ok(&run(
+            "boft-verify",
+            &[&fx.join(&c.adapter), &"--base", &base, &"--merged", &out],
+        ));
         // Change one element of a transformed tensor by a few units in the last place.
         let ck = boft::checkpoint::Checkpoint::open(&out).unwrap();
         let target = "model.layers.1.self_attn.v_proj.weight";
@@ -154,7 +222,17 @@ fn merged_checkpoint_with_one_changed_element_fails_and_names_the_tensor() {
             bytes[at..at + 2].copy_from_slice(&(v + 3).to_le_bytes());
         }
         std::fs::write(&path, bytes).unwrap();
-        let o = run("boft-verify", &[&fx.join(&c.adapter), &"--base", &base, &"--merged", &out, &"--json"]);
+        let o = run(
+            "boft-verify",
+            &[
+                &fx.join(&c.adapter),
+                &"--base",
+                &base,
+                &"--merged",
+                &out,
+                &"--json",
+            ],
+        );
         assert_eq!(o.status.code(), Some(1), "{case}: {}", stderr(&o));
         let v = json(&o);
         let failed = v["failed"].as_array().unwrap();
@@ -169,7 +247,17 @@ fn changed_untouched_tensor_fails_merged_untouched() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m");
     let base = fx.join("bases/llama_f32");
-    ok(&run("boft-merge", &[&"--base", &base, &"--adapter", &fx.join("adapters/llama_f32_f1"), &"-o", &out]));
+    ok(&run(
+        "boft-merge",
+        &[
+            &"--base",
+            &base,
+            &"--adapter",
+            &fx.join("adapters/llama_f32_f1"),
+            &"-o",
+            &out,
+        ],
+    ));
     let ck = boft::checkpoint::Checkpoint::open(&out).unwrap();
     let (f, t) = ck.get("model.norm.weight").unwrap();
     let at = f.data_offset + t.start;
@@ -178,7 +266,17 @@ fn changed_untouched_tensor_fails_merged_untouched() {
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[at] ^= 1;
     std::fs::write(&p, bytes).unwrap();
-    let o = run("boft-verify", &[&fx.join("adapters/llama_f32_f1"), &"--base", &base, &"--merged", &out, &"--json"]);
+    let o = run(
+        "boft-verify",
+        &[
+            &fx.join("adapters/llama_f32_f1"),
+            &"--base",
+            &base,
+            &"--merged",
+            &out,
+            &"--json",
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(json(&o)["failed"][0], "merged-untouched:model.norm.weight");
 }
@@ -194,8 +292,11 @@ fn usage_errors_exit_2() {
 #[test]
 fn checks_can_be_selected() {
     let a = fixtures().join("peft_boft/adapters/llama_f32_f1");
-    let v: serde_json::Value =
-        serde_json::from_str(&ok(&run("boft-verify", &[&a, &"--json", &"--checks", &"block-orthogonality"]))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&run(
+        "boft-verify",
+        &[&a, &"--json", &"--checks", &"block-orthogonality"],
+    )))
+    .unwrap();
     let checks = v["checks"].as_array().unwrap();
     assert!(!checks.is_empty());
     assert!(checks.iter().all(|c| c["check"] == "block-orthogonality"));
@@ -204,7 +305,8 @@ fn checks_can_be_selected() {
 #[test]
 fn json_output_validates_against_the_documented_schema() {
     let schema: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/verify-schema.json")).unwrap(),
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/verify-schema.json"))
+            .unwrap(),
     )
     .unwrap();
     let validator = jsonschema::validator_for(&schema).expect("schema is valid");
@@ -213,8 +315,19 @@ fn json_output_validates_against_the_documented_schema() {
     let broken = broken_canonical(tmp.path(), |a| a.targets[0].data[3] += 0.1);
     let p = |s: &str| fx.join(s).into_os_string();
     let runs: Vec<Vec<std::ffi::OsString>> = vec![
-        vec!["--json".into(), p("adapters/llama_f32_f3"), "--base".into(), p("bases/llama_f32"), "--merged".into(), p("merged/llama_f32_f3")],
-        vec!["--json".into(), p("adapters/conv_f2"), p("adapters/llama_bf16_f2")],
+        vec![
+            "--json".into(),
+            p("adapters/llama_f32_f3"),
+            "--base".into(),
+            p("bases/llama_f32"),
+            "--merged".into(),
+            p("merged/llama_f32_f3"),
+        ],
+        vec![
+            "--json".into(),
+            p("adapters/conv_f2"),
+            p("adapters/llama_bf16_f2"),
+        ],
         vec!["--json".into(), broken.into_os_string()],
     ];
     for args in runs {

@@ -436,7 +436,12 @@ impl Entry {
 
 /// Write a safetensors file the way the reference writer does: tensors sorted by name (all of
 /// one dtype here), metadata `{"format": "pt"}`, header padded with spaces to 8 bytes.
-fn write_safetensors(path: &Path, mut entries: Vec<Entry>, seed: u64, buf: &mut Vec<u8>) -> Result<u64> {
+fn write_safetensors(
+    path: &Path,
+    mut entries: Vec<Entry>,
+    seed: u64,
+    buf: &mut Vec<u8>,
+) -> Result<u64> {
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
@@ -568,7 +573,11 @@ pub fn generate(spec: &Spec, out: &Path, verbose: bool) -> Result<Generated> {
             .collect();
         written += write_safetensors(&base.join(&file), entries, spec.seed, &mut buf)?;
         if verbose {
-            eprint!("\r  gen: shard {}/{ns} ({:.0} MB)   ", i + 1, written as f64 / 1e6);
+            eprint!(
+                "\r  gen: shard {}/{ns} ({:.0} MB)   ",
+                i + 1,
+                written as f64 / 1e6
+            );
         }
     }
     if verbose {

@@ -65,7 +65,8 @@ fn main() -> Result<()> {
         Some(Cmd::Measure { sample_ms, cmd }) => {
             let mut c = Command::new(&cmd[0]);
             c.args(&cmd[1..]);
-            let log = std::env::temp_dir().join(format!("boft-bench-measure-{}", std::process::id()));
+            let log =
+                std::env::temp_dir().join(format!("boft-bench-measure-{}", std::process::id()));
             let s = measure::run(&mut c, Duration::from_millis(sample_ms), &log)?;
             let _ = std::fs::remove_file(log.with_extension("out"));
             let _ = std::fs::remove_file(log.with_extension("err"));

@@ -30,9 +30,14 @@ pub struct Sample {
 }
 
 fn status_kib(text: &str, key: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l[key.len()..].trim().trim_end_matches("kB").trim().parse().ok())
+    text.lines().find(|l| l.starts_with(key)).and_then(|l| {
+        l[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Run `cmd` to completion, sampling its memory every `every`. Fails if it exits non-zero; its
@@ -44,7 +49,9 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
         .stdout(File::create(&out_path)?)
         .stderr(File::create(&err_path)?);
     let t0 = Instant::now();
-    let child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     let pid = child.id() as libc::pid_t;
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {

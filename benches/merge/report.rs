@@ -47,8 +47,7 @@ pub fn now() -> String {
 
 fn quote(s: &str) -> String {
     if !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@".contains(c))
     {
         s.to_string()
@@ -124,9 +123,19 @@ impl Meta {
             .unwrap_or_default();
         let root = repo();
         let root_s = root.to_string_lossy().to_string();
-        let mut commit = sh("git", &["-C", &root_s, "rev-parse", "HEAD"]).unwrap_or("unknown".into());
-        if sh("git", &["-C", &root_s, "status", "--porcelain", "--untracked-files=no"])
-            .is_some_and(|s| !s.is_empty())
+        let mut commit =
+            sh("git", &["-C", &root_s, "rev-parse", "HEAD"]).unwrap_or("unknown".into());
+        if sh(
+            "git",
+            &[
+                "-C",
+                &root_s,
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+            ],
+        )
+        .is_some_and(|s| !s.is_empty())
         {
             commit.push_str(" + uncommitted changes");
         }
@@ -374,14 +383,20 @@ pub fn write_all(doc_dir: &Path, meta: &Meta, infos: &[SizeInfo], rows: &[Row]) 
     let csv_path = doc_dir.join("bench.csv");
     fs::write(&csv_path, csv(rows))?;
     let plot_md = plot(doc_dir, meta, &csv_path);
-    fs::write(doc_dir.join("BENCHMARKS.md"), markdown(meta, infos, rows, &plot_md))?;
+    fs::write(
+        doc_dir.join("BENCHMARKS.md"),
+        markdown(meta, infos, rows, &plot_md),
+    )?;
     Ok(())
 }
 
 fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> String {
     let mut m = String::new();
     let w = &mut m;
-    let _ = writeln!(w, "# Benchmarks: `boft-merge` against the disk floor and PEFT\n");
+    let _ = writeln!(
+        w,
+        "# Benchmarks: `boft-merge` against the disk floor and PEFT\n"
+    );
     let _ = writeln!(
         w,
         "_Written by the benchmark harness (`benches/merge/`) from {} to {}. Do not edit by hand: \
@@ -491,7 +506,10 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
                 );
             }
         }
-        match (agg(rows, sz, "merge", "warm", 0), agg(rows, sz, "peft", "warm", 0)) {
+        match (
+            agg(rows, sz, "merge", "warm", 0),
+            agg(rows, sz, "peft", "warm", 0),
+        ) {
             (Some(mg), Some(p)) => {
                 let x = p.med / mg.med;
                 let _ = writeln!(
@@ -533,14 +551,21 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
         );
     }
     if largest.is_none_or(|l| l.base_bytes < 4_000_000_000) {
-        let _ = writeln!(w, "| peak anon bound at ≥ 4 GB | no size ≥ 4 GB was run | — |");
+        let _ = writeln!(
+            w,
+            "| peak anon bound at ≥ 4 GB | no size ≥ 4 GB was run | — |"
+        );
     }
     // Linearity: seconds per GB of the warm merge across sizes.
     let per_gb: Vec<(f64, f64)> = infos
         .iter()
         .filter_map(|i| {
-            agg(rows, i.size_mb, "merge", "warm", 0)
-                .map(|a| (i.base_bytes as f64 / 1e9, a.med / (i.base_bytes as f64 / 1e9)))
+            agg(rows, i.size_mb, "merge", "warm", 0).map(|a| {
+                (
+                    i.base_bytes as f64 / 1e9,
+                    a.med / (i.base_bytes as f64 / 1e9),
+                )
+            })
         })
         .collect();
     if per_gb.len() >= 2 {
@@ -695,7 +720,8 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
                         "| {t} | {:.3} | {:.3} | {} | {:.2} | {:.2} | {x} |",
                         a.med,
                         a.min,
-                        one.map(|o| format!("{:.2}", o / a.med)).unwrap_or("—".into()),
+                        one.map(|o| format!("{:.2}", o / a.med))
+                            .unwrap_or("—".into()),
                         a.cpu,
                         a.cpu / a.med
                     );

@@ -107,7 +107,14 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn command(&self, mode: Mode, g: &Generated, merged: &Path, out: &Path, threads: usize) -> Command {
+    fn command(
+        &self,
+        mode: Mode,
+        g: &Generated,
+        merged: &Path,
+        out: &Path,
+        threads: usize,
+    ) -> Command {
         match mode {
             Mode::FloorRw | Mode::FloorCfr => {
                 let mut c = Command::new(&self.me);
@@ -166,7 +173,11 @@ impl Ctx<'_> {
         if cold {
             measure::drop_caches()?;
         } else {
-            let input: &Path = if mode == Mode::Unmerge { merged } else { &g.base };
+            let input: &Path = if mode == Mode::Unmerge {
+                merged
+            } else {
+                &g.base
+            };
             measure::prewarm(&[input, &g.adapter])?;
         }
         let mut cmd = self.command(mode, g, merged, out, threads);
@@ -234,7 +245,9 @@ fn sanity(base: &Path, merged: &Path, unmerged: &Path) -> Result<String> {
                 changed * 100.0
             );
         }
-        let short = name.trim_start_matches("model.layers.0.").trim_end_matches(".weight");
+        let short = name
+            .trim_start_matches("model.layers.0.")
+            .trim_end_matches(".weight");
         parts.push(format!(
             "{short}: merge changed {:.1}% of elements; unmerge(merge(W)) within {back:.1e}·max|W| of W",
             changed * 100.0
@@ -265,7 +278,10 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_boft-merge")));
     if !bin.is_file() {
-        bail!("{} does not exist; build it with cargo build --release", bin.display());
+        bail!(
+            "{} does not exist; build it with cargo build --release",
+            bin.display()
+        );
     }
     let cold = match a.cold {
         Cold::Off => false,
@@ -288,7 +304,13 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         });
         match python_versions(&py) {
             Ok(v) => (Some(py.clone()), format!("{} ({v})", py.display())),
-            Err(e) => (None, format!("not run: {} cannot import torch/peft/transformers ({e})", py.display())),
+            Err(e) => (
+                None,
+                format!(
+                    "not run: {} cannot import torch/peft/transformers ({e})",
+                    py.display()
+                ),
+            ),
         }
     };
     let mut meta = Meta::collect(&data, &bin, argv, cold, &python_note, &a);
@@ -303,7 +325,10 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
     let threads_at = if a.threads_at == 0 {
         None
     } else {
-        a.sizes.iter().copied().min_by_key(|s| s.abs_diff(a.threads_at))
+        a.sizes
+            .iter()
+            .copied()
+            .min_by_key(|s| s.abs_diff(a.threads_at))
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut thread_list: Vec<usize> = std::iter::successors(Some(1usize), |t| Some(t * 2))
@@ -357,8 +382,22 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             load_before: load_before.clone(),
             load_after: String::new(),
         };
-        let mut push = |rows: &mut Vec<Row>, mode: Mode, cache: &str, threads: usize, rep: usize, s: Sample, note: String| {
-            rows.push(Row::new(&info_base, mode.key(), cache, threads, rep, s, note));
+        let mut push = |rows: &mut Vec<Row>,
+                        mode: Mode,
+                        cache: &str,
+                        threads: usize,
+                        rep: usize,
+                        s: Sample,
+                        note: String| {
+            rows.push(Row::new(
+                &info_base,
+                mode.key(),
+                cache,
+                threads,
+                rep,
+                s,
+                note,
+            ));
         };
 
         let modes = [Mode::FloorRw, Mode::FloorCfr, Mode::Merge, Mode::Unmerge];
@@ -397,11 +436,18 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
                     .last()
                     .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                     .map(|v| {
-                        ["import", "load_base", "load_adapter", "merge", "save", "fsync"]
-                            .iter()
-                            .map(|k| format!("{k}={:.2}", v[k].as_f64().unwrap_or(f64::NAN)))
-                            .collect::<Vec<_>>()
-                            .join(" ")
+                        [
+                            "import",
+                            "load_base",
+                            "load_adapter",
+                            "merge",
+                            "save",
+                            "fsync",
+                        ]
+                        .iter()
+                        .map(|k| format!("{k}={:.2}", v[k].as_f64().unwrap_or(f64::NAN)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
                     })
                     .unwrap_or_default();
                 push(&mut rows, Mode::Peft, "warm", 0, rep, s, note);
@@ -418,7 +464,10 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         infos.push(info);
         meta.finished = report::now();
         report::write_all(&doc_dir, &meta, &infos, &rows)?;
-        eprintln!("  report updated: {}", doc_dir.join("BENCHMARKS.md").display());
+        eprintln!(
+            "  report updated: {}",
+            doc_dir.join("BENCHMARKS.md").display()
+        );
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = cli::parse_args("boft-convert");
     cli::run("boft-convert", || {
         let mut adapter = boft::formats::load(&args.input)?;
         if let Some(b) = &args.base {

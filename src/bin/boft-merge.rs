@@ -44,7 +44,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = cli::parse_args("boft-merge");
     cli::run("boft-merge", || {
         let backend = cli::backend(&args.device)?;
         let base = Checkpoint::open(&args.base)?;

@@ -69,7 +69,10 @@ fn main() {
         }
         let report = verify::verify(&adapters, base.as_ref(), merged.as_ref(), &settings)?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).expect("report serialises")
+            );
         } else {
             print!("{}", verify::render(&report));
         }

@@ -166,10 +166,11 @@ impl SafeFile {
     }
 }
 
+/// Where the data section starts, the tensors sorted by offset, and `__metadata__`.
+pub type Header = (usize, Vec<TensorInfo>, Option<BTreeMap<String, String>>);
+
 /// Parse and validate a safetensors header against the whole file's bytes.
-pub fn parse_header(
-    buf: &[u8],
-) -> Result<(usize, Vec<TensorInfo>, Option<BTreeMap<String, String>>)> {
+pub fn parse_header(buf: &[u8]) -> Result<Header> {
     let bare = |c: Class, m: String| Error::bare(c, m);
     if buf.is_empty() {
         return Err(bare(

@@ -65,13 +65,8 @@ pub fn import_bytes(config: &[u8], weights: &SafeFile) -> Result<Adapter> {
 }
 
 fn parse_config(text: &[u8], cfg_path: &Path) -> Result<Value> {
-    let config: Value = serde_json::from_slice(text).map_err(|e| {
-        err(
-            Class::BadAdapter,
-            cfg_path,
-            format!("not valid JSON ({e})"),
-        )
-    })?;
+    let config: Value = serde_json::from_slice(text)
+        .map_err(|e| err(Class::BadAdapter, cfg_path, format!("not valid JSON ({e})")))?;
     if !config.is_object() {
         return Err(err(
             Class::BadAdapter,

@@ -22,11 +22,36 @@ struct Prepared {
 pub struct CandleBackend {
     device: Device,
     label: String,
-    cache: Mutex<HashMap<usize, Arc<Prepared>>>,
+    /// Uploaded chains by content hash: a tensor's batches share one upload.
+    cache: Mutex<HashMap<u64, Arc<Prepared>>>,
+}
+
+/// Content hash of a chain (blocks, permutations, scale, flags); hashing is cheap next to the
+/// batch it guards, and unlike an address it cannot alias a chain that has since been freed.
+fn fingerprint(c: &Chain) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    c.n.hash(&mut h);
+    c.scale_first.hash(&mut h);
+    (c.scale_on == ScaleOn::Vector).hash(&mut h);
+    for f in &c.factors {
+        (f.h, f.d).hash(&mut h);
+        f.blocks.iter().for_each(|x| x.to_bits().hash(&mut h));
+        f.perm.hash(&mut h);
+    }
+    if let Some(s) = &c.scale {
+        s.iter().for_each(|x| x.to_bits().hash(&mut h));
+    }
+    h.finish()
 }
 
 fn ce(e: candle_core::Error) -> Error {
-    Error::bare(Class::Io, format!("candle: {e}"))
+    // candle appends a backtrace to its messages; the contract is one line.
+    let msg = e.to_string();
+    Error::bare(
+        Class::Io,
+        format!("candle: {}", msg.lines().next().unwrap_or("")),
+    )
 }
 
 impl CandleBackend {
@@ -63,7 +88,7 @@ impl CandleBackend {
     }
 
     fn prepare(&self, chain: &Chain) -> Result<Arc<Prepared>> {
-        let key = chain as *const Chain as usize;
+        let key = fingerprint(chain);
         if let Some(p) = self.cache.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
@@ -171,5 +196,65 @@ impl Backend for CandleBackend {
 
     fn name(&self) -> String {
         self.label.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::math::kernel::Factor;
+    use crate::math::perm;
+
+    fn rnd(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    #[test]
+    fn candle_cpu_matches_native_kernel() {
+        let mut seed = 17u64;
+        let backend = CandleBackend::cpu();
+        for (n, h, nf) in [(64usize, 8usize, 3usize), (48, 6, 2), (12, 12, 1)] {
+            for (scale_on, scale_first, blend) in [
+                (ScaleOn::Vector, false, 1.0f32),
+                (ScaleOn::Component, true, 1.0),
+                (ScaleOn::Vector, false, 0.5),
+            ] {
+                let d = n / h;
+                let rows = 40;
+                let slen = if scale_on == ScaleOn::Vector { rows } else { n };
+                let chain = Chain {
+                    n,
+                    factors: (0..nf)
+                        .map(|i| Factor {
+                            h,
+                            d,
+                            blocks: (0..d * h * h).map(|_| rnd(&mut seed)).collect(),
+                            perm: (i > 0).then(|| perm::invert(&perm::peft_boft(n, h, i))),
+                        })
+                        .collect(),
+                    scale: Some((0..slen).map(|_| 1.0 + rnd(&mut seed)).collect()),
+                    scale_on,
+                    scale_first,
+                    blend,
+                };
+                let x0: Vec<f32> = (0..rows * n).map(|_| rnd(&mut seed)).collect();
+                let mut a = x0.clone();
+                chain.apply_rows(&mut a, 0, rows, &mut Scratch::default());
+                let mut b = x0.clone();
+                backend
+                    .apply(&chain, &mut b, 0, rows, &mut Scratch::default())
+                    .unwrap();
+                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * scale,
+                        "{x} vs {y} (n={n}, h={h}, N={nf})"
+                    );
+                }
+            }
+        }
     }
 }

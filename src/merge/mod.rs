@@ -557,7 +557,9 @@ pub fn merge_to(
     } else {
         Staged::file(dest)?
     };
-    let stats = plan.execute(&staged, backend, opts)?;
+    let stats = plan
+        .execute(&staged, backend, opts)
+        .map_err(|e| staged.blame_dest(e))?;
     staged.commit()?;
     Ok(stats)
 }
