@@ -396,7 +396,7 @@ mod tests {
             (vec![], Class::EmptyFile),
             (vec![1, 2, 3], Class::HeaderTooSmall),
             (u64::MAX.to_le_bytes().to_vec(), Class::HeaderTooLarge),
-            (file("{", &[]), Class::HeaderNotJson),
+            (file("{\"a\"", &[]), Class::HeaderNotJson),
             (file("[1]", &[]), Class::HeaderNotObject),
             (
                 file(

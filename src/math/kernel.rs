@@ -57,6 +57,7 @@ pub struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     orig: Vec<f32>,
+    runs: Vec<(usize, usize, usize)>,
 }
 
 impl Chain {
@@ -100,9 +101,10 @@ impl Chain {
             debug_assert_eq!(f.n(), n);
             match &f.perm {
                 Some(p) => {
-                    gather(x, &mut scratch.a, p, rows, n);
+                    runs(p, &mut scratch.runs);
+                    gather(x, &mut scratch.a, &scratch.runs, rows, n);
                     blocks_times(f, &scratch.a, &mut scratch.b, rows);
-                    scatter(&scratch.b, x, p, rows, n);
+                    scatter(&scratch.b, x, &scratch.runs, rows, n);
                 }
                 None => {
                     blocks_times(f, x, &mut scratch.a, rows);
@@ -122,20 +124,35 @@ impl Chain {
     }
 }
 
-fn gather(x: &[f32], out: &mut [f32], p: &[u32], rows: usize, n: usize) {
+/// A permutation as maximal runs `(j, p[j], len)` with `p[j + k] = p[j] + k`: butterfly
+/// permutations move half-blocks, so gathers and scatters become a few memcpys per row.
+fn runs(p: &[u32], out: &mut Vec<(usize, usize, usize)>) {
+    out.clear();
+    let mut j = 0;
+    while j < p.len() {
+        let start = j;
+        while j + 1 < p.len() && p[j + 1] == p[j] + 1 {
+            j += 1;
+        }
+        out.push((start, p[start] as usize, j + 1 - start));
+        j += 1;
+    }
+}
+
+fn gather(x: &[f32], out: &mut [f32], runs: &[(usize, usize, usize)], rows: usize, n: usize) {
     for r in 0..rows {
-        let src = &x[r * n..(r + 1) * n];
-        for (o, &j) in out[r * n..(r + 1) * n].iter_mut().zip(p) {
-            *o = src[j as usize];
+        let (src, dst) = (&x[r * n..(r + 1) * n], &mut out[r * n..(r + 1) * n]);
+        for &(j, pj, len) in runs {
+            dst[j..j + len].copy_from_slice(&src[pj..pj + len]);
         }
     }
 }
 
-fn scatter(h: &[f32], x: &mut [f32], p: &[u32], rows: usize, n: usize) {
+fn scatter(h: &[f32], x: &mut [f32], runs: &[(usize, usize, usize)], rows: usize, n: usize) {
     for r in 0..rows {
-        let dst = &mut x[r * n..(r + 1) * n];
-        for (&v, &j) in h[r * n..(r + 1) * n].iter().zip(p) {
-            dst[j as usize] = v;
+        let (src, dst) = (&h[r * n..(r + 1) * n], &mut x[r * n..(r + 1) * n]);
+        for &(j, pj, len) in runs {
+            dst[pj..pj + len].copy_from_slice(&src[j..j + len]);
         }
     }
 }
