@@ -852,7 +852,7 @@ fn check_merged(
     merged: &Checkpoint,
     adapter: &Adapter,
 ) -> Result<MergedReport> {
-    let plan = merge::plan(base, adapter, false)?;
+    let plan = merge::plan(base, adapter, merge::Direction::Merge)?;
     let subject = merged.root.display().to_string();
     // Layout: same files, each tensor in the same file with the same dtype and shape.
     let base_files: Vec<_> = base.files.iter().map(|(r, _)| r.clone()).collect();

@@ -185,14 +185,45 @@ fn unmerge_restores_the_base() {
                 &"--unmerge",
             ],
         );
+        let mut replaced = std::collections::BTreeSet::new();
         if cfg.contains("modules_to_save\": [") || cfg.contains("\"bias\": \"boft_only\"") {
-            // Replaced tensors cannot be restored: refused, not silently wrong.
+            // Replaced tensors cannot be restored: refused, not silently wrong...
             fails_with(&o, "bad-adapter");
-            continue;
+            assert!(!back.exists());
+            // ...unless asked to leave them as they are; everything else comes back.
+            ok(&run(
+                "boft-merge",
+                &[
+                    &"--base",
+                    &merged,
+                    &"--adapter",
+                    &fx.join(&c.adapter),
+                    &"-o",
+                    &back,
+                    &"--unmerge",
+                    &"--keep-replaced",
+                ],
+            ));
+            let m = tensors(&merged);
+            let adapter = boft::formats::load(&fx.join(&c.adapter)).unwrap();
+            for r in &adapter.replacements {
+                assert_eq!(
+                    tensors(&back)[&r.name].1.bytes,
+                    m[&r.name].1.bytes,
+                    "{}",
+                    r.name
+                );
+                replaced.insert(r.name.clone());
+            }
+            assert!(!replaced.is_empty());
+        } else {
+            ok(&o);
         }
-        ok(&o);
         let orig = tensors(&base_path);
         for (name, (_, t)) in tensors(&back) {
+            if replaced.contains(&name) {
+                continue;
+            }
             let b = &orig[&name].1;
             let e = rel_err(&t.f32(), &b.f32());
             assert!(e <= 1e-5, "{}: {name}: un-merge error {e:e}", c.name);

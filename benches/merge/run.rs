@@ -382,13 +382,13 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             load_before: load_before.clone(),
             load_after: String::new(),
         };
-        let mut push = |rows: &mut Vec<Row>,
-                        mode: Mode,
-                        cache: &str,
-                        threads: usize,
-                        rep: usize,
-                        s: Sample,
-                        note: String| {
+        let push = |rows: &mut Vec<Row>,
+                    mode: Mode,
+                    cache: &str,
+                    threads: usize,
+                    rep: usize,
+                    s: Sample,
+                    note: String| {
             rows.push(Row::new(
                 &info_base,
                 mode.key(),

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use boft::checkpoint::Checkpoint;
 use boft::cli;
-use boft::merge::{self, Options};
+use boft::merge::{self, Direction, Options};
 use clap::Parser;
 
 /// Bake a BOFT/OFT adapter into a safetensors checkpoint (or take it out again with --unmerge).
@@ -29,6 +29,10 @@ struct Args {
     /// Remove the adapter from a merged checkpoint instead of applying it.
     #[arg(long)]
     unmerge: bool,
+    /// With --unmerge: leave tensors the adapter replaced outright (modules_to_save, trained
+    /// biases) as they are instead of refusing; their originals are not in the adapter.
+    #[arg(long, requires = "unmerge")]
+    keep_replaced: bool,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
@@ -50,7 +54,11 @@ fn main() {
         let base = Checkpoint::open(&args.base)?;
         let adapter = boft::formats::load(&args.adapter)?;
         let opts = Options {
-            unmerge: args.unmerge,
+            direction: match (args.unmerge, args.keep_replaced) {
+                (false, _) => Direction::Merge,
+                (true, false) => Direction::Unmerge,
+                (true, true) => Direction::UnmergeKeepReplaced,
+            },
             progress: !args.quiet,
         };
         let stats = cli::with_threads(args.threads, || {

@@ -203,9 +203,21 @@ mod tests {
     #[test]
     fn fast_bf16_matches_half() {
         let mut seed = 1u64;
-        let mut vals = vec![0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, f32::MIN_POSITIVE, 1e-40, -3.3e38];
+        let mut vals = vec![
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -3.3e38,
+        ];
         for _ in 0..100_000 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             vals.push(f32::from_bits((seed >> 32) as u32));
         }
         for v in vals {

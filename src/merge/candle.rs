@@ -19,11 +19,26 @@ struct Prepared {
     scale: Option<Tensor>,
 }
 
+/// Device timings, collected when `BOFT_DEVICE_STATS` is set (scripts/device-check.sh reads them).
+#[derive(Default)]
+struct Stats {
+    elements: u64,
+    factor_elements: u64,
+    upload_s: f64,
+    compute_s: f64,
+    download_s: f64,
+}
+
 pub struct CandleBackend {
     device: Device,
     label: String,
+    stats: Option<Mutex<Stats>>,
     /// Uploaded chains by content hash: a tensor's batches share one upload.
     cache: Mutex<HashMap<u64, Arc<Prepared>>>,
+}
+
+fn stats_enabled() -> Option<Mutex<Stats>> {
+    std::env::var_os("BOFT_DEVICE_STATS").map(|_| Mutex::new(Stats::default()))
 }
 
 /// Content hash of a chain (blocks, permutations, scale, flags); hashing is cheap next to the
@@ -59,6 +74,7 @@ impl CandleBackend {
         CandleBackend {
             device: Device::Cpu,
             label: "candle-cpu".into(),
+            stats: stats_enabled(),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -83,6 +99,7 @@ impl CandleBackend {
         Ok(CandleBackend {
             device,
             label: format!("cuda:{ordinal}"),
+            stats: stats_enabled(),
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -132,7 +149,13 @@ impl CandleBackend {
             .prepare(chain)
             .map_err(|e| candle_core::Error::Msg(e.message))?;
         let n = chain.n;
+        let timing = self.stats.is_some();
+        let clock = std::time::Instant::now();
         let orig = Tensor::from_slice(x, (rows, n), &self.device)?;
+        if timing {
+            self.device.synchronize()?;
+        }
+        let uploaded = clock.elapsed().as_secs_f64();
         let apply_scale = |t: Tensor| -> candle_core::Result<Tensor> {
             match &prep.scale {
                 None => Ok(t),
@@ -168,7 +191,41 @@ impl CandleBackend {
         if chain.blend != 1.0 {
             t = ((&t - &orig)?.affine(chain.blend as f64, 0.0)? + &orig)?;
         }
-        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+        if timing {
+            self.device.synchronize()?;
+        }
+        let computed = clock.elapsed().as_secs_f64();
+        let out = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(st) = &self.stats {
+            let mut st = st.lock().unwrap();
+            st.elements += (rows * n) as u64;
+            st.factor_elements += (rows * n * chain.factors.len()) as u64;
+            st.upload_s += uploaded;
+            st.compute_s += computed - uploaded;
+            st.download_s += clock.elapsed().as_secs_f64() - computed;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for CandleBackend {
+    fn drop(&mut self) {
+        // Summed over threads, so with overlapping batches these are busy times, not wall time.
+        if let Some(st) = &self.stats {
+            let st = st.lock().unwrap();
+            let gb = st.elements as f64 * 8.0 / 1e9;
+            eprintln!(
+                "device-stats: device={} elements={} factor_elements={} upload_s={:.4} compute_s={:.4} download_s={:.4} min_traffic_gb={:.3} min_traffic_gbps={:.1}",
+                self.label,
+                st.elements,
+                st.factor_elements,
+                st.upload_s,
+                st.compute_s,
+                st.download_s,
+                gb,
+                gb / st.compute_s.max(1e-12)
+            );
+        }
     }
 }
 

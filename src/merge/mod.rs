@@ -46,13 +46,24 @@ pub struct Stats {
     pub bytes: u64,
 }
 
+/// Which way a plan goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Merge,
+    /// Undo the transforms; refuse adapters that replaced tensors outright.
+    Unmerge,
+    /// Undo the transforms and leave replaced tensors as they are.
+    UnmergeKeepReplaced,
+}
+
 pub struct Options {
-    pub unmerge: bool,
+    pub direction: Direction,
     pub progress: bool,
 }
 
 /// Resolve every target and replacement against the base and check it fits. Nothing is written.
-pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, unmerge: bool) -> Result<Plan<'a>> {
+pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, dir: Direction) -> Result<Plan<'a>> {
+    let unmerge = dir != Direction::Merge;
     let mut actions: HashMap<String, Action<'a>> = HashMap::new();
     let missing = |what: &str, name: &str, module: &str| {
         err(
@@ -130,19 +141,25 @@ pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, unmerge: bool) -> Re
                 ),
             ));
         }
-        if unmerge {
+        match dir {
+            Direction::Merge => {
+                actions.insert(r.name.clone(), Action::Replace(r));
+            }
             // The base tensor a replacement overwrote is not in the adapter: it cannot be restored.
-            return Err(err(
-                Class::BadAdapter,
-                &base.root,
-                format!(
-                    "the adapter replaces {} outright (modules_to_save or bias); the original \
-                     cannot be recovered by --unmerge",
-                    r.name
-                ),
-            ));
+            Direction::Unmerge => {
+                return Err(err(
+                    Class::BadAdapter,
+                    &base.root,
+                    format!(
+                        "the adapter replaces {} outright (modules_to_save or bias); the original \
+                         cannot be recovered by --unmerge (--keep-replaced un-merges the rest and \
+                         leaves such tensors as they are)",
+                        r.name
+                    ),
+                ));
+            }
+            Direction::UnmergeKeepReplaced => {}
         }
-        actions.insert(r.name.clone(), Action::Replace(r));
     }
     Ok(Plan { base, actions })
 }
@@ -515,7 +532,7 @@ fn write_replacement(
 
 /// Check every target against the base and record the base shape in it (for `boft-convert --base`).
 pub fn resolve_shapes(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
-    plan(base, adapter, false)?;
+    plan(base, adapter, Direction::Merge)?;
     for t in &mut adapter.targets {
         if let Some((_, info)) = base.get(&t.name) {
             t.shape = Some(info.shape.clone());
@@ -551,7 +568,7 @@ pub fn merge_to(
     opts: &Options,
 ) -> Result<Stats> {
     output::check_destination(dest, inputs, force)?;
-    let plan = plan(base, adapter, opts.unmerge)?;
+    let plan = plan(base, adapter, opts.direction)?;
     let staged = if base.is_folder() {
         Staged::dir(dest)?
     } else {

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# GPU device check (issue 6): merge a >= 2 GB bf16 benchmark model on the GPU and on the CPU,
+# prove the GPU output equals base ⊕ adapter tensor by tensor, and report GPU throughput and the
+# share of the card's memory bandwidth the merge kernel used.
+#
+# Prepare on the build machine (needs nvcc, see README "GPU build"):
+#   CUDA_COMPUTE_CAP=90 cargo build --release --features cuda
+#   mkdir -p device-bin && cp target/release/boft-merge target/release/boft-verify device-bin/
+#   cp "$(cargo bench --bench merge --no-run --message-format=json 2>/dev/null \
+#        | sed -n 's/.*"executable":"\([^"]*merge-[^"]*\)".*/\1/p' | tail -1)" device-bin/merge-bench
+# Run on the GPU machine from the repository root, carrying device-bin:
+#   bash scripts/device-check.sh            # writes $OUT/device-check.txt (OUT defaults to ./out)
+set -euo pipefail
+BIN=${BIN:-device-bin}
+WORK=${WORK:-/tmp/boft-device-check}
+OUT=${OUT:-out}
+SIZE_MB=${SIZE_MB:-2200}
+mkdir -p "$WORK" "$OUT"
+report="$OUT/device-check.txt"
+: >"$report"
+say() { echo "$*" | tee -a "$report"; }
+
+say "date: $(date -u +%FT%TZ)"
+say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv,noheader)"
+say "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+
+"$BIN/merge-bench" gen --size "$SIZE_MB" --dtype bf16 --block-size 32 --factors 2 --out "$WORK/m"
+base="$WORK/m/base"
+adapter="$WORK/m/adapter"
+bytes=$(du -sb "$base" | cut -f1)
+say "model: $(du -sh "$base" | cut -f1) bf16, BOFT b=32, 2 factors on every linear layer"
+
+timed() { # label, command...
+    local label=$1; shift
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$@" 2> >(tee -a "$report" >&2)
+    t1=$(date +%s.%N)
+    local s; s=$(echo "$t1 - $t0" | bc -l)
+    say "$label: $(printf '%.3f' "$s") s, $(echo "$bytes / $s / 1000000000" | bc -l | xargs printf '%.2f') GB/s of base read"
+}
+
+# Warm the page cache once so both runs read from memory.
+cat "$base"/*.safetensors >/dev/null
+timed "gpu merge" env BOFT_DEVICE_STATS=1 "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$WORK/gpu" --device cuda
+timed "cpu merge" "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$WORK/cpu"
+
+# Tensor by tensor: the GPU output against base ⊕ adapter recomputed on the CPU (one bf16 ulp),
+# every untouched tensor byte-identical, same layout.
+"$BIN/boft-verify" "$adapter" --base "$base" --merged "$WORK/gpu" \
+    --checks merged-layout,merged-untouched,merged-values | tail -5 | tee -a "$report"
+same=0; differ=0
+for f in "$WORK/cpu"/*.safetensors; do
+    if cmp -s "$f" "$WORK/gpu/$(basename "$f")"; then same=$((same + 1)); else differ=$((differ + 1)); fi
+done
+say "shards bit-identical to the CPU merge: $same, differing (within the verified ulp): $differ"
+
+# Bandwidth share: the kernel must at least read and write every targeted element once in f32
+# (8 bytes); device-stats reports that traffic over the device compute time.
+gbps=$(grep -o 'min_traffic_gbps=[0-9.]*' "$report" | tail -1 | cut -d= -f2)
+name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$name" in
+    *H200*) peak=4800 ;;
+    *H100*SXM*|*H100\ 80GB\ HBM3*) peak=3350 ;;
+    *H100*) peak=2000 ;;
+    *A100*) peak=2039 ;;
+    *) peak="" ;;
+esac
+if [ -n "$peak" ] && [ -n "$gbps" ]; then
+    say "merge kernel: $gbps GB/s of minimum f32 traffic = $(echo "100 * $gbps / $peak" | bc -l | xargs printf '%.1f')% of the $name's $peak GB/s"
+fi
+rm -rf "$WORK"
