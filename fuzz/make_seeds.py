@@ -83,49 +83,60 @@ def main():
         "a": "model-00001.safetensors", "b": "./model-00001.safetensors", "c": "sub/model-00002.safetensors"}}).encode())
     put("index", "escape", b'{"weight_map": {"a": "../x.safetensors", "b": "/abs/y.safetensors"}}')
 
-    # peft: length-prefixed config + weights.
-    for case in ["conv_f1", "conv_f2", "llama_f32_f1", "llama_f32_f2_adapter_bf16", "llama_bf16_f3_adapter_f16"]:
-        put("peft", case, peft_seed(read("adapters", case, "adapter_config.json"),
-                                    read("adapters", case, "adapter_model.safetensors")))
-    # A module with a trained bias (base_layer.bias) and a modules_to_save replacement, trimmed.
-    meta, tensors = st_read(os.path.join(FX, "adapters", "llama_f32_f3", "adapter_model.safetensors"))
-    keep = []
-    for name, dtype, shape, raw in tensors:
-        if "layers.0.self_attn.q_proj" in name:
-            keep.append((name, dtype, shape, raw))
-        elif name == "base_model.model.lm_head.weight":
-            keep.append((name, dtype, [16, 64], raw[: 16 * 64 * 4]))
-    put("peft", "f3-bias-replacement", peft_seed(read("adapters", "llama_f32_f3", "adapter_config.json"),
-                                                 st_bytes(meta, keep)))
-    # A PEFT <= 0.13 config (no exclude_modules, no peft_version) on a conv adapter.
-    cfg = json.loads(read("adapters", "conv_f1", "adapter_config.json"))
+    # peft and canonical: the fixtures trimmed to one or two modules each, so that one execution
+    # stays cheap (a few KiB) while every importer path (factor counts, dtypes, conv scales,
+    # trained biases, modules_to_save, legacy configs) keeps a seed.
+    def trim(case, keep_modules, resize=None):
+        meta, tensors = st_read(os.path.join(FX, "adapters", case, "adapter_model.safetensors"))
+        kept = []
+        for name, dtype, shape, raw in tensors:
+            if any(m in name for m in keep_modules):
+                if resize and name in resize:
+                    shape, n_bytes = resize[name]
+                    raw = raw[:n_bytes]
+                kept.append((name, dtype, shape, raw))
+        assert kept, case
+        return read("adapters", case, "adapter_config.json"), st_bytes(meta, kept)
+
+    q0 = "model.layers.0.self_attn.q_proj."
+    lm = "base_model.model.lm_head.weight"
+    seeds = {
+        "conv_f1-fc": trim("conv_f1", ["model.fc."]),
+        "conv_f2-conv1": trim("conv_f2", ["model.conv1."]),
+        "llama_f32_f1-q": trim("llama_f32_f1", [q0]),
+        "llama_f32_f2-bf16-q": trim("llama_f32_f2_adapter_bf16", [q0]),
+        "llama_bf16_f3-f16-q": trim("llama_bf16_f3_adapter_f16", [q0]),
+        "llama_f32_f3-bias-lm_head": trim("llama_f32_f3", [q0, lm], {lm: ([2, 64], 2 * 64 * 4)}),
+    }
+    cfg = json.loads(seeds["conv_f2-conv1"][0])
     cfg.pop("exclude_modules", None)
     cfg.pop("peft_version", None)
-    put("peft", "conv-legacy-config", peft_seed(json.dumps(cfg).encode(),
-                                                read("adapters", "conv_f1", "adapter_model.safetensors")))
+    seeds["conv_f2-legacy-config"] = (json.dumps(cfg).encode(), seeds["conv_f2-conv1"][1])
+    for name, (config, weights) in seeds.items():
+        put("peft", name, peft_seed(config, weights))
 
-    # canonical: boft-convert's output for a few adapters (with and without recorded shapes).
+    # canonical: boft-convert's output for the same trimmed adapters.
     exe = os.path.join(ROOT, "target", "debug", "boft-convert")
     tmp = tempfile.mkdtemp()
     try:
-        jobs = [("conv_f1", "bases/conv/model.safetensors"), ("conv_f2", None), ("llama_f32_f1", None)]
-        for case, base in jobs:
-            out = os.path.join(tmp, case + ".safetensors")
-            cmd = [exe, os.path.join(FX, "adapters", case), "-o", out]
-            if base:
-                cmd += ["--base", os.path.join(FX, base)]
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            put("canonical", case + ("-shapes" if base else ""), open(out, "rb").read())
-        trimmed = os.path.join(tmp, "f3")
-        os.makedirs(trimmed)
-        shutil.copy(os.path.join(FX, "adapters", "llama_f32_f3", "adapter_config.json"), trimmed)
-        open(os.path.join(trimmed, "adapter_model.safetensors"), "wb").write(st_bytes(meta, keep))
-        out = os.path.join(tmp, "f3.safetensors")
-        subprocess.run([exe, trimmed, "-o", out], check=True, stdout=subprocess.DEVNULL)
-        put("canonical", "f3-bias-replacement", open(out, "rb").read())
+        for name, (config, weights) in seeds.items():
+            if "legacy" in name:
+                continue
+            folder = os.path.join(tmp, name)
+            os.makedirs(folder)
+            open(os.path.join(folder, "adapter_config.json"), "wb").write(config)
+            open(os.path.join(folder, "adapter_model.safetensors"), "wb").write(weights)
+            out = os.path.join(tmp, name + ".safetensors")
+            subprocess.run([exe, folder, "-o", out], check=True, stdout=subprocess.DEVNULL)
+            put("canonical", name, open(out, "rb").read())
+        # One with recorded base shapes (boft-convert --base).
+        out = os.path.join(tmp, "conv_f1-shapes.safetensors")
+        subprocess.run([exe, os.path.join(tmp, "conv_f1-fc"), "-o", out, "--base",
+                        os.path.join(FX, "bases", "conv", "model.safetensors")],
+                       check=True, stdout=subprocess.DEVNULL)
+        put("canonical", "conv_f1-fc-shapes", open(out, "rb").read())
     finally:
         shutil.rmtree(tmp)
-
 
 if __name__ == "__main__":
     main()

@@ -259,7 +259,7 @@ impl Scene {
             out.as_os_str(),
         ];
         if !extra.contains(&"--threads") {
-            args.extend(["--threads".as_ref(), "1".as_ref()]);
+            args.extend([OsStr::new("--threads"), OsStr::new("1")]);
         }
         args.extend(extra.iter().map(|s| OsStr::new(*s)));
         run_limited("boft-merge", &args)

@@ -19,13 +19,22 @@ pub struct Sample {
     pub wall_s: f64,
     pub user_s: f64,
     pub sys_s: f64,
-    /// Peak resident set (kernel high-water mark, KiB): anonymous + file pages mapped.
+    /// Peak resident set (KiB): the largest `VmHWM` (the kernel's high-water mark of this
+    /// process image: anonymous + mapped file pages) read from /proc; the last read is at most
+    /// one sampling interval before exit.
     pub max_rss_kib: u64,
+    /// `ru_maxrss` from wait4 (KiB). Not used in the report: Linux carries the parent's peak over
+    /// fork+exec, so a small child reports at least the runner's own size.
+    pub ru_maxrss_kib: u64,
     /// Largest RssAnon sampled (KiB): heap, stacks, private buffers; not the page cache.
     pub peak_anon_kib: u64,
     /// Largest VmRSS sampled (KiB), to compare with `max_rss_kib`.
     pub peak_rss_sampled_kib: u64,
     pub samples: u64,
+    /// Time the child's threads spent runnable but waiting for a CPU (s): the sum of each
+    /// thread's last-sampled `/proc/<pid>/task/<tid>/schedstat` run-queue delay. High when other
+    /// processes compete for the cores.
+    pub runq_wait_s: f64,
     pub stdout: String,
 }
 
@@ -58,8 +67,22 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let path = format!("/proc/{pid}/status");
-            let (mut anon, mut rss, mut n) = (0u64, 0u64, 0u64);
+            let (mut anon, mut rss, mut hwm, mut n) = (0u64, 0u64, 0u64, 0u64);
+            let mut waits: std::collections::HashMap<String, u64> = Default::default();
+            let tasks = format!("/proc/{pid}/task");
             while !stop.load(Ordering::Relaxed) {
+                if let Ok(dir) = fs::read_dir(&tasks) {
+                    for e in dir.flatten() {
+                        let tid = e.file_name().to_string_lossy().into_owned();
+                        if let Ok(st) = fs::read_to_string(e.path().join("schedstat")) {
+                            if let Some(w) =
+                                st.split_whitespace().nth(1).and_then(|x| x.parse().ok())
+                            {
+                                waits.insert(tid, w);
+                            }
+                        }
+                    }
+                }
                 if let Ok(s) = fs::read_to_string(&path) {
                     if let Some(a) = status_kib(&s, "RssAnon:") {
                         anon = anon.max(a);
@@ -68,10 +91,13 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
                     if let Some(r) = status_kib(&s, "VmRSS:") {
                         rss = rss.max(r);
                     }
+                    if let Some(h) = status_kib(&s, "VmHWM:") {
+                        hwm = hwm.max(h);
+                    }
                 }
                 std::thread::sleep(every);
             }
-            (anon, rss, n)
+            (anon, rss, hwm, n, waits.values().sum::<u64>())
         })
     };
     let mut status = 0;
@@ -88,7 +114,7 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
     };
     let wall = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    let (anon, rss, n) = sampler.join().unwrap();
+    let (anon, rss, hwm, n, wait_ns) = sampler.join().unwrap();
     drop(child);
     if r != pid {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
@@ -107,10 +133,12 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
         wall_s: wall,
         user_s: tv(ru.ru_utime),
         sys_s: tv(ru.ru_stime),
-        max_rss_kib: ru.ru_maxrss as u64,
+        max_rss_kib: hwm,
+        ru_maxrss_kib: ru.ru_maxrss as u64,
         peak_anon_kib: anon,
         peak_rss_sampled_kib: rss,
         samples: n,
+        runq_wait_s: wait_ns as f64 * 1e-9,
         stdout,
     })
 }

@@ -248,7 +248,7 @@ impl Row {
 
 const CSV_HEADER: &str = "size_mb,base_bytes,layers,hidden,intermediate,vocab,dtype,block_size,factors,shards,\
 largest_tensor_bytes,largest_target_bytes,adapter_bytes,tensor_bytes,mode,cache,threads,rep,wall_s,user_s,sys_s,\
-max_rss_kib,peak_anon_kib,peak_rss_sampled_kib,samples,note";
+max_rss_kib,peak_anon_kib,peak_rss_sampled_kib,samples,ru_maxrss_kib,runq_wait_s,note";
 
 fn csv(rows: &[Row]) -> String {
     let mut s = String::from(CSV_HEADER);
@@ -256,7 +256,7 @@ fn csv(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{},{:.6},{}",
             r.size_mb,
             r.base_bytes,
             r.cols,
@@ -271,6 +271,8 @@ fn csv(rows: &[Row]) -> String {
             r.s.peak_anon_kib,
             r.s.peak_rss_sampled_kib,
             r.s.samples,
+            r.s.ru_maxrss_kib,
+            r.s.runq_wait_s,
             r.note
         );
     }
@@ -284,6 +286,7 @@ struct Agg {
     min: f64,
     n: usize,
     cpu: f64,
+    wait: f64,
     rss: f64,
     anon: f64,
 }
@@ -311,6 +314,7 @@ fn agg(rows: &[Row], size: u64, mode: &str, cache: &str, threads: usize) -> Opti
         min: rs.iter().map(|r| r.s.wall_s).fold(f64::INFINITY, f64::min),
         n: rs.len(),
         cpu: median(rs.iter().map(|r| r.s.user_s + r.s.sys_s).collect()),
+        wait: median(rs.iter().map(|r| r.s.runq_wait_s).collect()),
         rss: rs.iter().map(|r| r.s.max_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
         anon: rs.iter().map(|r| r.s.peak_anon_kib).max().unwrap_or(0) as f64 / 1024.0,
     })
@@ -478,9 +482,12 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
          * **Numbers.** Wall time: spawn to reap. {} runs per command and cache state; tables give \
          the **median** (and the minimum). GB/s = bytes of the base's files / wall time. \
          × floor = median / the faster median of the two floor copies in the same cache state. \
-         Peak RSS = the kernel's `ru_maxrss` (includes file pages of the memory-mapped base). \
+         Peak RSS = the largest `VmHWM` (the kernel's resident high-water mark, which includes \
+         file pages of the memory-mapped base) read from `/proc/<pid>/status`. \
          Peak anon = the largest `RssAnon` in `/proc/<pid>/status`, sampled every {} ms (heap and \
-         buffers, not the page cache; a spike shorter than the interval can be missed).\n",
+         buffers, not the page cache; a spike shorter than the interval can be missed). \
+         Run-queue wait = time the command's threads were runnable but had no CPU (from \
+         `/proc/<pid>/task/*/schedstat`): other load on the machine shows up there.\n",
         meta.repeats, meta.sample_ms
     );
 
@@ -654,8 +661,8 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
         }
         let _ = writeln!(
             w,
-            "| command | cache | median s | min s | runs | GB/s | × floor | CPU s (user+sys) | peak RSS MiB | peak anon MiB |\n\
-             |---|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+            "| command | cache | median s | min s | runs | GB/s | × floor | CPU s (user+sys) | run-queue wait s | peak RSS MiB | peak anon MiB |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
         );
         for (mode, label) in [
             ("floor_rw", "floor: read/write + fsync"),
@@ -673,12 +680,13 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
                     .unwrap_or("—".into());
                 let _ = writeln!(
                     w,
-                    "| {label} | {cache} | {:.3} | {:.3} | {} | {:.2} | {x} | {:.2} | {:.1} | {:.1} |",
+                    "| {label} | {cache} | {:.3} | {:.3} | {} | {:.2} | {x} | {:.2} | {:.2} | {:.1} | {:.1} |",
                     a.med,
                     a.min,
                     a.n,
                     i.base_bytes as f64 / a.med / 1e9,
                     a.cpu,
+                    a.wait,
                     a.rss,
                     a.anon
                 );
@@ -707,8 +715,8 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
             let _ = writeln!(
                 w,
                 "Thread scaling (`boft-merge --threads N`, warm):\n\n\
-                 | threads | median s | min s | speedup vs 1 | CPU s | CPU / wall | × floor (warm) |\n\
-                 |--:|--:|--:|--:|--:|--:|--:|"
+                 | threads | median s | min s | speedup vs 1 | CPU s | CPU / wall | run-queue wait s | × floor (warm) |\n\
+                 |--:|--:|--:|--:|--:|--:|--:|--:|"
             );
             for t in threads {
                 if let Some(a) = agg(rows, i.size_mb, "merge", "warm", t) {
@@ -717,13 +725,14 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
                         .unwrap_or("—".into());
                     let _ = writeln!(
                         w,
-                        "| {t} | {:.3} | {:.3} | {} | {:.2} | {:.2} | {x} |",
+                        "| {t} | {:.3} | {:.3} | {} | {:.2} | {:.2} | {:.2} | {x} |",
                         a.med,
                         a.min,
                         one.map(|o| format!("{:.2}", o / a.med))
                             .unwrap_or("—".into()),
                         a.cpu,
-                        a.cpu / a.med
+                        a.cpu / a.med,
+                        a.wait
                     );
                 }
             }

@@ -42,8 +42,9 @@ pub struct RunArgs {
     /// Do not run the PEFT recipe.
     #[arg(long)]
     pub no_peft: bool,
-    /// Run the PEFT recipe only up to this base size (MB): it is slow and needs the model in RAM.
-    #[arg(long, default_value_t = 1000)]
+    /// Run the PEFT recipe only up to this base size (MB): it is slow (minutes per GB on two
+    /// cores) and holds the whole model in RAM.
+    #[arg(long, default_value_t = 300)]
     pub peft_max_mb: u64,
     /// Timed PEFT runs per size (warm cache only).
     #[arg(long, default_value_t = 1)]
@@ -184,12 +185,14 @@ impl Ctx<'_> {
         let log = self.logs.join(format!("{tag}-{}", mode.key()));
         let s = measure::run(&mut cmd, self.every, &log)?;
         eprintln!(
-            "    {:<9} {:<4} t={} {:>8.3} s  {:>6.2} GB/s  rss {:>7.1} MiB  anon {:>7.1} MiB",
+            "    {:<9} {:<4} t={} {:>8.3} s  {:>6.2} GB/s  cpu {:>6.2} s  runq {:>5.2} s  rss {:>7.1} MiB  anon {:>7.1} MiB",
             mode.key(),
             if cold { "cold" } else { "warm" },
             threads,
             s.wall_s,
             g.base_file_bytes as f64 / s.wall_s / 1e9,
+            s.user_s + s.sys_s,
+            s.runq_wait_s,
             s.max_rss_kib as f64 / 1024.0,
             s.peak_anon_kib as f64 / 1024.0
         );

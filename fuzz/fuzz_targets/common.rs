@@ -18,7 +18,11 @@ pub fn exercise(adapter: &Adapter) {
     for (a, b) in adapter.targets.iter().zip(&back.targets) {
         assert_eq!(a.label(), b.label());
         assert_eq!(a.data.len(), b.data.len());
-        assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(a
+            .data
+            .iter()
+            .zip(&b.data)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
         assert_eq!(a.perms, b.perms);
         assert_eq!(a.scale, b.scale);
     }

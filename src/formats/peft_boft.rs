@@ -216,9 +216,17 @@ fn module_target(
     let scale = floats(path, f, s)?;
     let hh = h * h;
     let mut data = Vec::with_capacity(raw.len());
-    for blk in raw.chunks_exact(hh) {
+    for (k, blk) in raw.chunks_exact(hh).enumerate() {
         let a: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
-        let q = cayley::cayley_minus(h, &cayley::skew_half(h, &a));
+        let q = cayley::try_cayley_minus(h, &cayley::skew_half(h, &a)).ok_or_else(|| {
+            bad(format!(
+                "block {} of factor {}: its Cayley transform cannot be computed in f64 \
+                 (values too large; largest magnitude {:e})",
+                k % d,
+                k / d,
+                blk.iter().fold(0f32, |m, x| m.max(x.abs()))
+            ))
+        })?;
         data.extend(q.iter().map(|&x| x as f32));
     }
     let perms: Vec<Option<Vec<u32>>> = (0..nf)

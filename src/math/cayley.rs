@@ -25,16 +25,23 @@ pub fn skew_half(h: usize, a: &[f64]) -> Vec<f64> {
     s
 }
 
-/// `(I − S)(I + S)⁻¹`, row-major in and out.
+/// `(I − S)(I + S)⁻¹`, row-major in and out. Exact arithmetic never fails for skew S, but f64
+/// can: with huge entries (from a hostile file) elimination cancels to a zero pivot or overflows.
+/// Then every entry is NaN, which the finite-value checks downstream reject; importers that want
+/// to say why use `try_cayley_minus`.
 pub fn cayley_minus(h: usize, s: &[f64]) -> Vec<f64> {
+    try_cayley_minus(h, s).unwrap_or_else(|| vec![f64::NAN; h * h])
+}
+
+/// `(I − S)(I + S)⁻¹`, or None when it cannot be computed in f64 (a zero pivot or a non-finite
+/// entry).
+pub fn try_cayley_minus(h: usize, s: &[f64]) -> Option<Vec<f64>> {
     let s = mat(h, s);
     let id = DMatrix::<f64>::identity(h, h);
     // (I − S) and (I + S)⁻¹ commute, so this is a single solve.
-    let q = (&id + &s)
-        .lu()
-        .solve(&(&id - &s))
-        .expect("I + S is invertible for skew-symmetric S");
-    rows(&q)
+    let q = (&id + &s).lu().solve(&(&id - &s))?;
+    let q = rows(&q);
+    q.iter().all(|x| x.is_finite()).then_some(q)
 }
 
 /// `(I + S)(I − S)⁻¹ = C−(S)ᵀ`.
