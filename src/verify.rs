@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use nalgebra::DMatrix;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::adapter::{Adapter, BlockKind, Side, Target};
@@ -257,9 +258,24 @@ pub fn verify(
             adapter: label.clone(),
             checks: Vec::new(),
         };
-        let mut targets = Vec::new();
-        for t in &adapter.targets {
-            targets.push(check_target(&mut ctx, t, base)?);
+        // Targets are independent: check them in parallel, keep the report in adapter order.
+        let per_target: Vec<Result<(TargetReport, Vec<Check>)>> = adapter
+            .targets
+            .par_iter()
+            .map(|t| {
+                let mut c = Ctx {
+                    settings,
+                    adapter: label.clone(),
+                    checks: Vec::new(),
+                };
+                check_target(&mut c, t, base).map(|r| (r, c.checks))
+            })
+            .collect();
+        let mut targets = Vec::with_capacity(per_target.len());
+        for r in per_target {
+            let (report, checks) = r?;
+            targets.push(report);
+            ctx.checks.extend(checks);
         }
         if let Some(base) = base {
             for r in &adapter.replacements {

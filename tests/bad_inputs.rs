@@ -868,7 +868,30 @@ fn a12_peft_boft_r_without_boft_s() {
 }
 
 #[test]
-fn a13_canonical_from_a_newer_version() {
+fn a13_adapter_cayley_not_computable() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // Finite but absurd generators: blocks of 3 whose skew part is ±2^100. I + S is invertible
+    // in exact arithmetic, not in f64 (the 1s vanish and an odd skew matrix is singular).
+    let mut st = St::read(&adapter.join(CONV_W));
+    st.tensors.retain(|t| t.0.contains(".conv1."));
+    let r = st.tensor_mut("base_model.model.conv1.boft_R");
+    let mut vals = vec![0f32; 24 * 9];
+    for k in [1, 2, 5] {
+        // The upper triangle of the first block: S = ½(A − Aᵀ) has entries ±2^100.
+        vals[k] = 2f32.powi(101);
+    }
+    r.2 = vec![1, 24, 3, 3];
+    r.3 = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
+    st.write(&adapter.join(CONV_W));
+    edit_json(&adapter.join(CONV_CFG), |v| v["boft_block_size"] = json!(3));
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("Cayley"), "{}", stderr(&o));
+}
+
+#[test]
+fn a14_canonical_from_a_newer_version() {
     let mut sc = Scene::new();
     let (base, adapter, out) = conv(&sc);
     let canon = sc.path("in/conv_f1.safetensors");
@@ -881,7 +904,7 @@ fn a13_canonical_from_a_newer_version() {
 }
 
 #[test]
-fn a14_not_an_adapter() {
+fn a15_not_an_adapter() {
     let mut sc = Scene::new();
     let (base, _, out) = conv(&sc);
     // A checkpoint passed where the adapter goes.

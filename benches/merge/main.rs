@@ -72,10 +72,11 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_file(log.with_extension("err"));
             print!("{}", s.stdout);
             println!(
-                "wall {:.3} s, user {:.3} s, sys {:.3} s, peak RSS {:.1} MiB, peak anon {:.1} MiB ({} samples)",
+                "wall {:.3} s, user {:.3} s, sys {:.3} s, run-queue wait {:.3} s, peak RSS {:.1} MiB, peak anon {:.1} MiB ({} samples)",
                 s.wall_s,
                 s.user_s,
                 s.sys_s,
+                s.runq_wait_s,
                 s.max_rss_kib as f64 / 1024.0,
                 s.peak_anon_kib as f64 / 1024.0,
                 s.samples

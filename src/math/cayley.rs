@@ -124,4 +124,19 @@ mod tests {
             vec![1., 0., 0., 0., 1., 0., 0., 0., 1.]
         );
     }
+
+    #[test]
+    fn huge_generators_fail_cleanly() {
+        // Exactly invertible, numerically singular: the identity vanishes next to 1e30 and a
+        // skew matrix of odd size is singular.
+        // With every entry ±2^100 the elimination is exact and meets a zero pivot.
+        let big = 2f64.powi(101);
+        let mut a = vec![0.0; 9];
+        a[1] = big;
+        a[2] = big;
+        a[5] = big;
+        let s = skew_half(3, &a);
+        assert!(try_cayley_minus(3, &s).is_none());
+        assert!(cayley_minus(3, &s).iter().all(|x| x.is_nan()));
+    }
 }
