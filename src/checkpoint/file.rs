@@ -121,6 +121,9 @@ impl SafeFile {
         // SAFETY: the map is read-only; a file truncated by another process while we run can
         // still fault, which is the accepted limit of every mmap-based loader.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // Merges read each file front to back once: ask for aggressive readahead. Advice is a
+        // hint; failing to give it changes nothing.
+        let _ = mmap.advise(memmap2::Advice::Sequential);
         Self::from_mmap(path, Bytes::Mapped(mmap))
     }
 

@@ -15,6 +15,7 @@ use crate::adapter::{Adapter, BlockKind, Replacement, Side, Target};
 use crate::checkpoint::{dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
 use crate::math::{cayley, perm};
+use rayon::prelude::*;
 
 #[derive(Default)]
 struct Module<'a> {
@@ -215,19 +216,26 @@ fn module_target(
     let raw = floats(path, f, r)?;
     let scale = floats(path, f, s)?;
     let hh = h * h;
+    // Thousands of small solves for a large model: spread them over the cores.
+    let solved: Vec<Result<Vec<f64>>> = raw
+        .par_chunks_exact(hh)
+        .enumerate()
+        .map(|(k, blk)| {
+            let a: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
+            cayley::try_cayley_minus(h, &cayley::skew_half(h, &a)).ok_or_else(|| {
+                bad(format!(
+                    "block {} of factor {}: its Cayley transform cannot be computed in f64 \
+                     (values too large; largest magnitude {:e})",
+                    k % d,
+                    k / d,
+                    blk.iter().fold(0f32, |m, x| m.max(x.abs()))
+                ))
+            })
+        })
+        .collect();
     let mut data = Vec::with_capacity(raw.len());
-    for (k, blk) in raw.chunks_exact(hh).enumerate() {
-        let a: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
-        let q = cayley::try_cayley_minus(h, &cayley::skew_half(h, &a)).ok_or_else(|| {
-            bad(format!(
-                "block {} of factor {}: its Cayley transform cannot be computed in f64 \
-                 (values too large; largest magnitude {:e})",
-                k % d,
-                k / d,
-                blk.iter().fold(0f32, |m, x| m.max(x.abs()))
-            ))
-        })?;
-        data.extend(q.iter().map(|&x| x as f32));
+    for q in solved {
+        data.extend(q?.iter().map(|&x| x as f32));
     }
     let perms: Vec<Option<Vec<u32>>> = (0..nf)
         .map(|i| {
