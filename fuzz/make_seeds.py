@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write the seed corpora under fuzz/corpus/<target>/seed-* from the PEFT fixtures.
+"""Write the seed corpora under fuzz/corpus/<target>/seed-* from the PEFT fixtures
+(seed-regression-* files are inputs that once crashed a target; they are kept as they are).
 
 Run from the repository root after `cargo build` (the canonical seeds come from boft-convert):
     python3 fuzz/make_seeds.py
@@ -62,7 +63,7 @@ def main():
     if os.path.isdir(CORPUS):
         for t in os.listdir(CORPUS):
             for f in os.listdir(os.path.join(CORPUS, t)):
-                if f.startswith("seed-"):
+                if f.startswith("seed-") and not f.startswith("seed-regression-"):
                     os.remove(os.path.join(CORPUS, t, f))
 
     # header: real files, plus small hand-made ones covering metadata and every dtype.

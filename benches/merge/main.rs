@@ -67,7 +67,7 @@ fn main() -> Result<()> {
             c.args(&cmd[1..]);
             let log =
                 std::env::temp_dir().join(format!("boft-bench-measure-{}", std::process::id()));
-            let s = measure::run(&mut c, Duration::from_millis(sample_ms), &log)?;
+            let s = measure::run(&mut c, Duration::from_millis(sample_ms), &log, None)?;
             let _ = std::fs::remove_file(log.with_extension("out"));
             let _ = std::fs::remove_file(log.with_extension("err"));
             print!("{}", s.stdout);

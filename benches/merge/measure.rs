@@ -35,6 +35,12 @@ pub struct Sample {
     /// thread's last-sampled `/proc/<pid>/task/<tid>/schedstat` run-queue delay. High when other
     /// processes compete for the cores.
     pub runq_wait_s: f64,
+    /// Seconds from spawn to the first byte written (NaN if not tracked): startup — opening the
+    /// inputs, loading the adapter, planning.
+    pub first_write_s: f64,
+    /// Seconds from spawn until every output byte had been handed to the kernel (NaN if not
+    /// tracked); the rest of the wall time is fsync + rename + exit.
+    pub all_written_s: f64,
     pub stdout: String,
 }
 
@@ -51,7 +57,30 @@ fn status_kib(text: &str, key: &str) -> Option<u64> {
 
 /// Run `cmd` to completion, sampling its memory every `every`. Fails if it exits non-zero; its
 /// stdout/stderr go to `log` (stdout is also returned).
-pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
+/// What the sampler thread saw.
+#[derive(Default)]
+struct Seen {
+    anon: u64,
+    rss: u64,
+    hwm: u64,
+    n: u64,
+    /// Last run-queue delay per thread id (ns).
+    waits: std::collections::HashMap<String, u64>,
+    /// Seconds after spawn at which `wchar` first exceeded 0 / reached the expected total.
+    first_write: Option<f64>,
+    all_written: Option<f64>,
+}
+
+/// Run `cmd` to completion, sampling its memory every `every`. Fails if it exits non-zero; its
+/// stdout/stderr go to `log` (stdout is also returned). With `expect_write`, also notes when the
+/// child first writes and when it has written that many bytes (`/proc/<pid>/io` `wchar`, which
+/// counts write, pwrite and copy_file_range alike), to split its time into phases.
+pub fn run(
+    cmd: &mut Command,
+    every: Duration,
+    log: &Path,
+    expect_write: Option<u64>,
+) -> Result<Sample> {
     let out_path = log.with_extension("out");
     let err_path = log.with_extension("err");
     cmd.stdin(Stdio::null())
@@ -66,11 +95,25 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
     let sampler = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let path = format!("/proc/{pid}/status");
-            let (mut anon, mut rss, mut hwm, mut n) = (0u64, 0u64, 0u64, 0u64);
-            let mut waits: std::collections::HashMap<String, u64> = Default::default();
+            let status = format!("/proc/{pid}/status");
+            let io = format!("/proc/{pid}/io");
             let tasks = format!("/proc/{pid}/task");
+            let mut seen = Seen::default();
             while !stop.load(Ordering::Relaxed) {
+                if let Some(total) = expect_write.filter(|_| seen.all_written.is_none()) {
+                    if let Some(w) = fs::read_to_string(&io)
+                        .ok()
+                        .and_then(|s| status_kib(&s, "wchar:"))
+                    {
+                        let t = t0.elapsed().as_secs_f64();
+                        if w > 0 && seen.first_write.is_none() {
+                            seen.first_write = Some(t);
+                        }
+                        if w >= total {
+                            seen.all_written = Some(t);
+                        }
+                    }
+                }
                 if let Ok(dir) = fs::read_dir(&tasks) {
                     for e in dir.flatten() {
                         let tid = e.file_name().to_string_lossy().into_owned();
@@ -78,26 +121,26 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
                             if let Some(w) =
                                 st.split_whitespace().nth(1).and_then(|x| x.parse().ok())
                             {
-                                waits.insert(tid, w);
+                                seen.waits.insert(tid, w);
                             }
                         }
                     }
                 }
-                if let Ok(s) = fs::read_to_string(&path) {
+                if let Ok(s) = fs::read_to_string(&status) {
                     if let Some(a) = status_kib(&s, "RssAnon:") {
-                        anon = anon.max(a);
-                        n += 1;
+                        seen.anon = seen.anon.max(a);
+                        seen.n += 1;
                     }
                     if let Some(r) = status_kib(&s, "VmRSS:") {
-                        rss = rss.max(r);
+                        seen.rss = seen.rss.max(r);
                     }
                     if let Some(h) = status_kib(&s, "VmHWM:") {
-                        hwm = hwm.max(h);
+                        seen.hwm = seen.hwm.max(h);
                     }
                 }
                 std::thread::sleep(every);
             }
-            (anon, rss, hwm, n, waits.values().sum::<u64>())
+            seen
         })
     };
     let mut status = 0;
@@ -114,7 +157,7 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
     };
     let wall = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    let (anon, rss, hwm, n, wait_ns) = sampler.join().unwrap();
+    let seen = sampler.join().unwrap();
     drop(child);
     if r != pid {
         bail!("wait4 failed: {}", std::io::Error::last_os_error());
@@ -133,12 +176,18 @@ pub fn run(cmd: &mut Command, every: Duration, log: &Path) -> Result<Sample> {
         wall_s: wall,
         user_s: tv(ru.ru_utime),
         sys_s: tv(ru.ru_stime),
-        max_rss_kib: hwm,
+        max_rss_kib: seen.hwm,
         ru_maxrss_kib: ru.ru_maxrss as u64,
-        peak_anon_kib: anon,
-        peak_rss_sampled_kib: rss,
-        samples: n,
-        runq_wait_s: wait_ns as f64 * 1e-9,
+        peak_anon_kib: seen.anon,
+        peak_rss_sampled_kib: seen.rss,
+        samples: seen.n,
+        runq_wait_s: seen.waits.values().sum::<u64>() as f64 * 1e-9,
+        first_write_s: seen.first_write.unwrap_or(f64::NAN),
+        // Exited before a sample saw the last byte: it wrote until (almost) the end.
+        all_written_s: seen
+            .all_written
+            .or(seen.first_write.map(|_| wall))
+            .unwrap_or(f64::NAN),
         stdout,
     })
 }

@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def main():
@@ -84,6 +85,12 @@ def main():
     bx.set_title("Peak anonymous memory (RssAnon, sampled)")
     bx.grid(True, which="both", alpha=0.3)
     bx.legend(fontsize=8)
+    sizes = sorted({int(r["base_bytes"]) / 1e9 for r in rows})
+    for a in (ax, bx):
+        a.set_xticks(sizes)
+        a.set_xticklabels([f"{x:.2g}" for x in sizes])
+        a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        a.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -248,7 +248,7 @@ impl Row {
 
 const CSV_HEADER: &str = "size_mb,base_bytes,layers,hidden,intermediate,vocab,dtype,block_size,factors,shards,\
 largest_tensor_bytes,largest_target_bytes,adapter_bytes,tensor_bytes,mode,cache,threads,rep,wall_s,user_s,sys_s,\
-max_rss_kib,peak_anon_kib,peak_rss_sampled_kib,samples,ru_maxrss_kib,runq_wait_s,note";
+max_rss_kib,peak_anon_kib,peak_rss_sampled_kib,samples,ru_maxrss_kib,runq_wait_s,first_write_s,all_written_s,note";
 
 fn csv(rows: &[Row]) -> String {
     let mut s = String::from(CSV_HEADER);
@@ -256,7 +256,7 @@ fn csv(rows: &[Row]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{},{:.6},{}",
+            "{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{},{:.6},{:.6},{:.6},{}",
             r.size_mb,
             r.base_bytes,
             r.cols,
@@ -273,6 +273,8 @@ fn csv(rows: &[Row]) -> String {
             r.s.samples,
             r.s.ru_maxrss_kib,
             r.s.runq_wait_s,
+            r.s.first_write_s,
+            r.s.all_written_s,
             r.note
         );
     }
@@ -287,11 +289,21 @@ struct Agg {
     n: usize,
     cpu: f64,
     wait: f64,
+    /// Phases (medians; NaN when not tracked): spawn → first output byte, first → last output
+    /// byte handed to the kernel, last byte → exit.
+    startup: f64,
+    write: f64,
+    tail: f64,
     rss: f64,
     anon: f64,
 }
 
+/// Median of the finite values (NaN if none).
 fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -315,6 +327,13 @@ fn agg(rows: &[Row], size: u64, mode: &str, cache: &str, threads: usize) -> Opti
         n: rs.len(),
         cpu: median(rs.iter().map(|r| r.s.user_s + r.s.sys_s).collect()),
         wait: median(rs.iter().map(|r| r.s.runq_wait_s).collect()),
+        startup: median(rs.iter().map(|r| r.s.first_write_s).collect()),
+        write: median(
+            rs.iter()
+                .map(|r| r.s.all_written_s - r.s.first_write_s)
+                .collect(),
+        ),
+        tail: median(rs.iter().map(|r| r.s.wall_s - r.s.all_written_s).collect()),
         rss: rs.iter().map(|r| r.s.max_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
         anon: rs.iter().map(|r| r.s.peak_anon_kib).max().unwrap_or(0) as f64 / 1024.0,
     })
@@ -560,7 +579,7 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
     if largest.is_none_or(|l| l.base_bytes < 4_000_000_000) {
         let _ = writeln!(
             w,
-            "| peak anon bound at ≥ 4 GB | no size ≥ 4 GB was run | — |"
+            "| peak anon bound at ≥ 4 GB | no size of ≥ 4 GB (4·10⁹ bytes) was run | — |"
         );
     }
     // Linearity: seconds per GB of the warm merge across sizes.
@@ -693,6 +712,43 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
             }
         }
         let _ = writeln!(w);
+        let mut phase_rows = Vec::new();
+        let groups: BTreeSet<(String, String, usize)> = rows
+            .iter()
+            .filter(|r| r.size_mb == i.size_mb && r.mode != "peft")
+            .map(|r| (r.mode.clone(), r.cache.clone(), r.threads))
+            .collect();
+        for (mode, cache, threads) in &groups {
+            if let Some(a) = agg(rows, i.size_mb, mode, cache, *threads) {
+                if a.startup.is_finite() && a.write.is_finite() {
+                    phase_rows.push(format!(
+                        "| {mode} | {cache} | {} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                        if *threads == 0 {
+                            "all".to_string()
+                        } else {
+                            threads.to_string()
+                        },
+                        a.startup,
+                        a.write,
+                        a.tail,
+                        a.med
+                    ));
+                }
+            }
+        }
+        if !phase_rows.is_empty() {
+            let _ = writeln!(
+                w,
+                "Where the time goes (medians, s; from `wchar` in `/proc/<pid>/io`, sampled): \
+                 *startup* = spawn → first output byte (open inputs, load and convert the adapter, \
+                 plan); *write* = first → last output byte handed to the kernel (transform and \
+                 copy); *tail* = last byte → exit (fsync, rename). The floor copies fsync each \
+                 file as they go, so their tail is only the last file's fsync.\n\n\
+                 | command | cache | threads | startup | write | tail | total |\n\
+                 |---|---|--:|--:|--:|--:|--:|\n{}\n",
+                phase_rows.join("\n")
+            );
+        }
         let peft_notes: Vec<&str> = rows
             .iter()
             .filter(|r| r.size_mb == i.size_mb && r.mode == "peft" && !r.note.is_empty())

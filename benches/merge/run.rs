@@ -25,7 +25,7 @@ pub enum Cold {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Base sizes in MB (10^6 bytes), comma-separated. Each picks a layer count at --hidden.
-    #[arg(long, value_delimiter = ',', default_value = "100,230,1000,4000")]
+    #[arg(long, value_delimiter = ',', default_value = "100,230,1000,4100")]
     pub sizes: Vec<u64>,
     #[command(flatten)]
     pub shape: ShapeArgs,
@@ -183,7 +183,9 @@ impl Ctx<'_> {
         }
         let mut cmd = self.command(mode, g, merged, out, threads);
         let log = self.logs.join(format!("{tag}-{}", mode.key()));
-        let s = measure::run(&mut cmd, self.every, &log)?;
+        // Every command writes as many bytes as the base's files hold (PEFT re-serialises).
+        let expect = (mode != Mode::Peft).then_some(g.base_file_bytes);
+        let s = measure::run(&mut cmd, self.every, &log, expect)?;
         eprintln!(
             "    {:<9} {:<4} t={} {:>8.3} s  {:>6.2} GB/s  cpu {:>6.2} s  runq {:>5.2} s  rss {:>7.1} MiB  anon {:>7.1} MiB",
             mode.key(),
@@ -372,7 +374,12 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         measure::remove(&merged)?;
         // The unmerge input, made by an untimed merge.
         let mut c = ctx.command(Mode::Merge, &g, &merged, &merged, 0);
-        measure::run(&mut c, ctx.every, &ctx.logs.join(format!("{size}-prepare")))?;
+        measure::run(
+            &mut c,
+            ctx.every,
+            &ctx.logs.join(format!("{size}-prepare")),
+            None,
+        )?;
 
         let info_base = SizeInfo {
             size_mb: size,
