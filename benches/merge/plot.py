@@ -55,7 +55,7 @@ def main():
         (("floor_rw", "warm"), "floor: read/write + fsync (warm)", "0.55", "D", "-"),
         (("peft", "warm"), "PEFT merge_and_unload + save_pretrained", "C3", "v", "-"),
     ]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 6.4))
     for key, label, color, marker, ls in series:
         if key in wall:
             xs, ys = med(wall[key])
@@ -66,7 +66,7 @@ def main():
     ax.set_ylabel("wall time (s), median")
     ax.set_title("Time vs model size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
 
     for key, label, color, marker in [
         (("merge", "warm"), "boft-merge", "C0", "o"),
@@ -84,7 +84,7 @@ def main():
     bx.set_ylabel("peak anonymous memory (MiB)")
     bx.set_title("Peak anonymous memory (RssAnon, sampled)")
     bx.grid(True, which="both", alpha=0.3)
-    bx.legend(fontsize=8)
+    bx.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     sizes = sorted({int(r["base_bytes"]) / 1e9 for r in rows})
     for a in (ax, bx):
         a.set_xticks(sizes)
