@@ -436,20 +436,33 @@ pub(crate) fn rows_chunked(
     let n = chain.n;
     let chunk_rows = (backend.chunk_elems().max(CHUNK_ELEMS) / n).clamp(1, rows.max(1));
     let chunks = rows.div_ceil(chunk_rows);
-    (0..chunks).into_par_iter().try_for_each_init(
-        || (Scratch::default(), Vec::<f32>::new(), Vec::<u8>::new()),
-        |(scratch, x, bytes), c| -> Result<()> {
-            if stop() {
-                return Ok(());
-            }
+    (0..chunks).into_par_iter().try_for_each(|c| -> Result<()> {
+        if stop() {
+            return Ok(());
+        }
+        let body = |(scratch, x, bytes): &mut (Scratch, Vec<f32>, Vec<u8>)| {
             let r0 = c * chunk_rows;
             let r1 = (r0 + chunk_rows).min(rows);
             x.resize((r1 - r0) * n, 0.0);
             dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
             backend.apply(chain, x, r0, r1 - r0, scratch)?;
             sink(r0, x, bytes)
-        },
-    )
+        };
+        // A backend that itself uses rayon may run another chunk on this thread while the
+        // buffers are borrowed; that chunk gets buffers of its own.
+        WORK.with(|w| match w.try_borrow_mut() {
+            Ok(mut g) => body(&mut g),
+            Err(_) => body(&mut Default::default()),
+        })
+    })
+}
+
+thread_local! {
+    /// Per-thread buffers that live as long as the worker thread: rayon's `*_init` helpers make
+    /// fresh ones for every work split, and faulting in and zeroing megabytes of new pages per
+    /// split cost more than the arithmetic.
+    static WORK: std::cell::RefCell<(Scratch, Vec<f32>, Vec<u8>)> =
+        std::cell::RefCell::new((Scratch::default(), Vec::new(), Vec::new()));
 }
 
 /// Output-side transforms mix rows, so each row slice is handled as column vectors: the slice
