@@ -12,12 +12,7 @@ fn candle_backend_matches_native_merge() {
     let fx = fixtures().join("peft_boft");
     for c in peft_cases() {
         let tmp = tempfile::tempdir().unwrap();
-        let base = fx.join(&c.base);
-        let base = if base.join("config.json").exists() {
-            base
-        } else {
-            base.join("model.safetensors")
-        };
+        let base = c.base_path();
         let name = |s: &str| {
             if base.is_dir() {
                 tmp.path().join(s)

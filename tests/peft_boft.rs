@@ -114,13 +114,7 @@ fn merges_match_peft_merge_and_unload() {
     assert!(cases.len() >= 8);
     for c in &cases {
         let tmp = tempfile::tempdir().unwrap();
-        let base = fx.join(&c.base);
-        let base_path =
-            if base.join("model.safetensors").exists() && !base.join("config.json").exists() {
-                base.join("model.safetensors")
-            } else {
-                base.clone()
-            };
+        let base_path = c.base_path();
         let out = out_path(tmp.path(), &base_path);
         let before = snapshot(&base_path);
         ok(&run(
@@ -149,12 +143,7 @@ fn unmerge_restores_the_base() {
     let fx = fixtures().join("peft_boft");
     for c in peft_cases().iter().filter(|c| c.base_dtype == "float32") {
         let tmp = tempfile::tempdir().unwrap();
-        let base = fx.join(&c.base);
-        let base_path = if base.join("config.json").exists() {
-            base.clone()
-        } else {
-            base.join("model.safetensors")
-        };
+        let base_path = c.base_path();
         let merged = out_path(tmp.path(), &base_path);
         ok(&run(
             "boft-merge",
@@ -236,12 +225,7 @@ fn convert_then_merge_equals_merging_the_folder() {
     let fx = fixtures().join("peft_boft");
     for c in peft_cases() {
         let tmp = tempfile::tempdir().unwrap();
-        let base = fx.join(&c.base);
-        let base_path = if base.join("config.json").exists() {
-            base.clone()
-        } else {
-            base.join("model.safetensors")
-        };
+        let base_path = c.base_path();
         let canon = tmp.path().join("adapter.safetensors");
         let summary = ok(&run(
             "boft-convert",

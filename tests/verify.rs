@@ -12,20 +12,11 @@ fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(o)))
 }
 
-fn base_of(c: &Case) -> std::path::PathBuf {
-    let b = fixtures().join("peft_boft").join(&c.base);
-    if b.join("config.json").exists() {
-        b
-    } else {
-        b.join("model.safetensors")
-    }
-}
-
 #[test]
 fn every_fixture_adapter_passes_with_its_base_and_peft_merge() {
     for c in peft_cases() {
         let fx = fixtures().join("peft_boft");
-        let base = base_of(&c);
+        let base = c.base_path();
         let merged = if base.is_dir() {
             fx.join(&c.merged)
         } else {
@@ -186,7 +177,7 @@ fn merged_checkpoint_with_one_changed_element_fails_and_names_the_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     for (case, dtype_size) in [("llama_f32_f2", 4usize), ("llama_bf16_f2", 2)] {
         let c = peft_cases().into_iter().find(|c| c.name == case).unwrap();
-        let base = base_of(&c);
+        let base = c.base_path();
         let out = tmp.path().join(case);
         ok(&run(
             "boft-merge",

@@ -188,3 +188,16 @@ pub fn peft_cases() -> Vec<Case> {
     let p = fixtures().join("peft_boft/manifest.json");
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
+
+impl Case {
+    /// The base checkpoint to pass to the binaries: the folder for Hugging Face-style bases,
+    /// the bare `model.safetensors` file for the conv base (which has no config.json).
+    pub fn base_path(&self) -> PathBuf {
+        let b = fixtures().join("peft_boft").join(&self.base);
+        if b.join("config.json").exists() {
+            b
+        } else {
+            b.join("model.safetensors")
+        }
+    }
+}
