@@ -278,6 +278,8 @@ fn usage_errors_exit_2() {
     fails_with(&run("boft-verify", &[&a, &"--checks", &"bogus"]), "usage");
     fails_with(&run("boft-verify", &[&a, &"--merged", &a]), "usage");
     fails_with(&run("boft-verify", &[&"/nonexistent/adapter"]), "not-found");
+    fails_with(&run("boft-verify", &[&a, &"--bogus"]), "usage");
+    fails_with(&run("boft-verify", &[]), "usage");
 }
 
 #[test]

@@ -45,7 +45,7 @@ struct Args {
 }
 
 fn main() {
-    let args = Args::parse();
+    let args: Args = cli::parse_args("boft-verify");
     cli::run("boft-verify", || {
         let mut settings = Settings {
             tolerance: args.tolerance,
