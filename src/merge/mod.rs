@@ -179,10 +179,6 @@ struct CopyRun {
 }
 
 impl Plan<'_> {
-    pub fn targeted(&self) -> usize {
-        self.actions.len()
-    }
-
     pub(crate) fn action(&self, name: &str) -> Option<&Action<'_>> {
         self.actions.get(name)
     }
