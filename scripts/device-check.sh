@@ -15,13 +15,29 @@ BIN=${BIN:-device-bin}
 WORK=${WORK:-/tmp/boft-device-check}
 OUT=${OUT:-out}
 SIZE_MB=${SIZE_MB:-2200}
+# DEVICE=candle-cpu dry-runs the script on a machine without a GPU.
+DEVICE=${DEVICE:-cuda}
 mkdir -p "$WORK" "$OUT"
 report="$OUT/device-check.txt"
 : >"$report"
 say() { echo "$*" | tee -a "$report"; }
 
+# A binary linked on a machine without CUDA (see README, "GPU build") finds the driver's and the
+# toolkit's libraries here: collect the sonames it needs from wherever this machine has them.
+libs=$WORK/lib
+mkdir -p "$libs"
+for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+    [ -e "$libs/$so" ] && continue
+    found=$(find /usr/local/nvidia /usr/local/cuda/ /usr/lib/x86_64-linux-gnu /opt -name "$so" 2>/dev/null | head -1 || true)
+    [ -n "$found" ] && ln -sf "$found" "$libs/$so"
+done
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+missing=$(ldd "$BIN/boft-merge" 2>/dev/null | grep 'not found' || true)
+[ -z "$missing" ] || echo "warning: $BIN/boft-merge: $missing" >&2
+calc() { awk "BEGIN { printf \"%.${2:-3}f\", $1 }"; }
+
 say "date: $(date -u +%FT%TZ)"
-say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv,noheader)"
+say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv,noheader 2>/dev/null || echo none)"
 say "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 
 "$BIN/merge-bench" gen --size "$SIZE_MB" --dtype bf16 --block-size 32 --factors 2 --out "$WORK/m"
@@ -36,13 +52,12 @@ timed() { # label, command...
     t0=$(date +%s.%N)
     "$@" 2> >(tee -a "$report" >&2)
     t1=$(date +%s.%N)
-    local s; s=$(echo "$t1 - $t0" | bc -l)
-    say "$label: $(printf '%.3f' "$s") s, $(echo "$bytes / $s / 1000000000" | bc -l | xargs printf '%.2f') GB/s of base read"
+    say "$label: $(calc "$t1 - $t0") s, $(calc "$bytes / ($t1 - $t0) / 1e9" 2) GB/s of base read"
 }
 
 # Warm the page cache once so both runs read from memory.
 cat "$base"/*.safetensors >/dev/null
-timed "gpu merge" env BOFT_DEVICE_STATS=1 "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$WORK/gpu" --device cuda
+timed "gpu merge" env BOFT_DEVICE_STATS=1 "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$WORK/gpu" --device "$DEVICE"
 timed "cpu merge" "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$WORK/cpu"
 
 # Tensor by tensor: the GPU output against base ⊕ adapter recomputed on the CPU (one bf16 ulp),
@@ -58,7 +73,7 @@ say "shards bit-identical to the CPU merge: $same, differing (within the verifie
 # Bandwidth share: the kernel must at least read and write every targeted element once in f32
 # (8 bytes); device-stats reports that traffic over the device compute time.
 gbps=$(grep -o 'min_traffic_gbps=[0-9.]*' "$report" | tail -1 | cut -d= -f2)
-name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
 case "$name" in
     *H200*) peak=4800 ;;
     *H100*SXM*|*H100\ 80GB\ HBM3*) peak=3350 ;;
@@ -67,6 +82,6 @@ case "$name" in
     *) peak="" ;;
 esac
 if [ -n "$peak" ] && [ -n "$gbps" ]; then
-    say "merge kernel: $gbps GB/s of minimum f32 traffic = $(echo "100 * $gbps / $peak" | bc -l | xargs printf '%.1f')% of the $name's $peak GB/s"
+    say "merge kernel: $gbps GB/s of minimum f32 traffic = $(calc "100 * $gbps / $peak" 1)% of the $name's $peak GB/s"
 fi
 rm -rf "$WORK"
