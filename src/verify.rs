@@ -1013,19 +1013,26 @@ fn check_merged(
                             }
                         }
                     };
-                    match action {
-                        Action::Rows(chain) => {
+                    match plan.build(action)? {
+                        merge::Built::Rows(chain) => {
                             let n = chain.n;
-                            merge::rows_chunked(t, src, chain, &CpuBackend, &never, |r0, x, _| {
-                                compare(r0 * n, x);
-                                Ok(())
-                            })?;
+                            merge::rows_chunked(
+                                t,
+                                src,
+                                &chain,
+                                &CpuBackend,
+                                &never,
+                                |r0, x, _| {
+                                    compare(r0 * n, x);
+                                    Ok(())
+                                },
+                            )?;
                         }
-                        Action::Columns(slices) => {
-                            let w = merge::columns_f32(t, src, slices, &CpuBackend)?;
+                        merge::Built::Columns(slices) => {
+                            let w = merge::columns_f32(t, src, &slices, &CpuBackend)?;
                             compare(0, &w);
                         }
-                        Action::Replace(_) => unreachable!(),
+                        merge::Built::Replace(_) => unreachable!(),
                     }
                     let (bad, dev) = worst.into_inner().unwrap();
                     match bad {
@@ -1345,6 +1352,7 @@ mod tests {
                 blocks: d,
                 block_size: h,
                 data: vec![0.0; nf * d * h * h],
+                deferred: None,
                 perms: vec![None; nf],
                 scale: None,
                 kind: BlockKind::Cayley,

@@ -1097,6 +1097,7 @@ fn slow_case(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
             blocks: d,
             block_size: h,
             data,
+            deferred: None,
             perms: vec![None; nf],
             scale: None,
             kind: BlockKind::Cayley,

@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(f) = SafeFile::from_bytes("fuzz.safetensors", data.to_vec()) else {
         return;
     };
-    let Ok(adapter): Result<Adapter, _> = canonical::from_file(&f) else {
+    let Ok(adapter): Result<Adapter, _> = canonical::from_file(f) else {
         return;
     };
     common::exercise(&adapter);

@@ -12,7 +12,7 @@ pub fn exercise(adapter: &Adapter) {
     // Round trip through the canonical file.
     let bytes = canonical::to_bytes(adapter).expect("an accepted adapter serialises");
     let f = SafeFile::from_bytes("roundtrip.safetensors", bytes).expect("our own file parses");
-    let back = canonical::from_file(&f).expect("our own file reads back");
+    let back = canonical::from_file(f).expect("our own file reads back");
     assert_eq!(back.targets.len(), adapter.targets.len());
     assert_eq!(back.replacements.len(), adapter.replacements.len());
     for (a, b) in adapter.targets.iter().zip(&back.targets) {

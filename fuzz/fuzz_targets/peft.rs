@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(f) = SafeFile::from_bytes(peft::WEIGHTS, weights.to_vec()) else {
         return;
     };
-    let Ok(adapter) = peft::import_bytes(config, &f) else {
+    let Ok(adapter) = peft::import_bytes(config, f) else {
         return;
     };
     common::exercise(&adapter);

@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Adapter, BlockKind, Replacement, Side, Target};
+use super::{Adapter, BlockKind, Deferred, Replacement, Side, Target};
 use crate::checkpoint::file::SafeFile;
 use crate::checkpoint::{dtype, Dtype};
 use crate::error::{err, Class, Error, Result};
@@ -68,7 +69,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             Owned {
                 dtype: safetensors::Dtype::F32,
                 shape: vec![t.factors, t.blocks, t.block_size, t.block_size],
-                data: f32_bytes(&t.data),
+                data: f32_bytes(&t.blocks_data()?),
             },
         ));
         let permuted = t.perms.iter().any(Option::is_some);
@@ -176,11 +177,19 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
 }
 
 pub fn read(path: &Path) -> Result<Adapter> {
-    let f = SafeFile::open(path)?;
-    from_file(&f)
+    from_file(SafeFile::open(path)?)
 }
 
-pub fn from_file(f: &SafeFile) -> Result<Adapter> {
+/// Read a canonical file with every block decoded.
+pub fn from_file(f: SafeFile) -> Result<Adapter> {
+    let mut a = from_shared(&Arc::new(f))?;
+    a.materialise()?;
+    Ok(a)
+}
+
+/// Read a canonical file, leaving the blocks in the (mapped) file until they are needed; their
+/// values are checked for NaN/Inf here.
+pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
     let path = f.path.as_path();
     let meta = f
         .metadata
@@ -248,11 +257,27 @@ pub fn from_file(f: &SafeFile) -> Result<Adapter> {
         let n = d
             .checked_mul(h)
             .ok_or_else(|| bad(format!("{}: geometry overflows", m.key)))?;
-        let data = to_f32(tensor(
-            &format!("{}::blocks", m.key),
-            Dtype::F32,
-            &[nf, d, h, h],
-        )?);
+        let blocks_key = format!("{}::blocks", m.key);
+        let raw = tensor(&blocks_key, Dtype::F32, &[nf, d, h, h])?;
+        if let Some((i, x)) = dtype::first_non_finite(Dtype::F32, raw) {
+            return Err(err(
+                Class::NonFinite,
+                path,
+                format!("{}: block value #{i} is {x} (NaN/Inf)", m.target),
+            ));
+        }
+        let deferred = {
+            let f = f.clone();
+            Deferred {
+                path: path.to_path_buf(),
+                compute: Arc::new(move || {
+                    let t = f
+                        .tensor(&blocks_key)
+                        .expect("checked when the file was read");
+                    Ok(dtype::decode_any_f32(Dtype::F32, f.data(t)).expect("f32"))
+                }),
+            }
+        };
         let perms = if m.permuted {
             let raw = tensor(&format!("{}::perm", m.key), Dtype::I32, &[nf, n])?;
             let all: Vec<i32> = raw
@@ -304,7 +329,8 @@ pub fn from_file(f: &SafeFile) -> Result<Adapter> {
             factors: nf,
             blocks: d,
             block_size: h,
-            data,
+            data: Vec::new(),
+            deferred: Some(deferred),
             perms,
             scale,
             kind: m.block_kind,

@@ -3,7 +3,9 @@
 
 pub mod canonical;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +38,21 @@ pub enum BlockKind {
     Raw,
 }
 
+/// Blocks an importer computes on demand. A merge holds one target's blocks at a time this way,
+/// so its memory does not grow with the adapter; `Adapter::materialise` computes them all.
+#[derive(Clone)]
+pub struct Deferred {
+    pub compute: Arc<dyn Fn() -> Result<Vec<f32>> + Send + Sync>,
+    /// The file the blocks come from, for messages.
+    pub path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Deferred(..)")
+    }
+}
+
 /// One weight the adapter transforms.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -51,8 +68,11 @@ pub struct Target {
     pub factors: usize,
     pub blocks: usize,
     pub block_size: usize,
-    /// `factors × blocks × block_size × block_size`, the materialised blocks, f32.
+    /// `factors × blocks × block_size × block_size`, the materialised blocks, f32; empty while
+    /// `deferred` is set.
     pub data: Vec<f32>,
+    /// How to compute `data` when it is not materialised yet.
+    pub deferred: Option<Deferred>,
     /// One gather permutation per factor; None for the identity.
     pub perms: Vec<Option<Vec<u32>>>,
     /// Per output row scale applied after the transform.
@@ -85,6 +105,7 @@ impl Target {
         self.blocks * self.block_size
     }
 
+    /// Block `k` of factor `f`; the target must be materialised.
     pub fn block(&self, f: usize, k: usize) -> &[f32] {
         let hh = self.block_size * self.block_size;
         let i = (f * self.blocks + k) * hh;
@@ -107,12 +128,8 @@ impl Target {
                 "empty transform (zero factors, blocks or block size)".into()
             ));
         }
-        let want = self.factors * self.blocks * self.block_size * self.block_size;
-        if self.data.len() != want {
-            return Err(bad(format!(
-                "{} block values, geometry needs {want}",
-                self.data.len()
-            )));
+        if self.deferred.is_none() {
+            self.check_data(&self.data)?;
         }
         if self.perms.len() != self.factors {
             return Err(bad(format!(
@@ -131,16 +148,6 @@ impl Target {
                 }
             }
         }
-        if let Some(i) = self.data.iter().position(|x| !x.is_finite()) {
-            return Err(Error::bare(
-                Class::NonFinite,
-                format!(
-                    "{}: block value #{i} is {} (NaN/Inf)",
-                    self.label(),
-                    self.data[i]
-                ),
-            ));
-        }
         if let Some(s) = &self.scale {
             if let Some(i) = s.iter().position(|x| !x.is_finite()) {
                 return Err(Error::bare(
@@ -156,6 +163,57 @@ impl Target {
                     self.n()
                 )));
             }
+        }
+        Ok(())
+    }
+
+    fn param_len(&self) -> usize {
+        self.factors * self.blocks * self.block_size * self.block_size
+    }
+
+    /// Check block values: as many as the geometry needs, all finite.
+    fn check_data(&self, data: &[f32]) -> Result<()> {
+        if data.len() != self.param_len() {
+            return Err(Error::bare(
+                Class::BadAdapter,
+                format!(
+                    "{}: {} block values, geometry needs {}",
+                    self.label(),
+                    data.len(),
+                    self.param_len()
+                ),
+            ));
+        }
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            return Err(Error::bare(
+                Class::NonFinite,
+                format!(
+                    "{}: block value #{i} is {} (NaN/Inf)",
+                    self.label(),
+                    data[i]
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The block values, computing deferred ones (checked, not kept).
+    pub fn blocks_data(&self) -> Result<Cow<'_, [f32]>> {
+        match &self.deferred {
+            None => Ok(Cow::Borrowed(&self.data)),
+            Some(d) => {
+                let v = (d.compute)().map_err(|e| e.at(&d.path))?;
+                self.check_data(&v).map_err(|e| e.at(&d.path))?;
+                Ok(Cow::Owned(v))
+            }
+        }
+    }
+
+    /// Compute deferred blocks and keep them.
+    pub fn materialise(&mut self) -> Result<()> {
+        if self.deferred.is_some() {
+            self.data = self.blocks_data()?.into_owned();
+            self.deferred = None;
         }
         Ok(())
     }
@@ -232,11 +290,12 @@ impl Target {
     /// The kernel chain that merges (or, with `inverse`, un-merges) this target.
     pub fn chain(&self, inverse: bool) -> Result<Chain> {
         let (h, d) = (self.block_size, self.blocks);
+        let data = self.blocks_data()?;
         let mut factors: Vec<Factor> = (0..self.factors)
             .map(|f| Factor {
                 h,
                 d,
-                blocks: self.data[f * d * h * h..(f + 1) * d * h * h].to_vec(),
+                blocks: data[f * d * h * h..(f + 1) * d * h * h].to_vec(),
                 perm: self.perms[f]
                     .clone()
                     .filter(|p| !crate::math::perm::is_identity(p)),
@@ -248,6 +307,12 @@ impl Target {
             for (fi, f) in factors.iter_mut().enumerate() {
                 let mut inv = Vec::with_capacity(f.blocks.len());
                 for k in 0..d {
+                    // An exact Cayley block is orthogonal: its transpose is its inverse (to the
+                    // f32 rounding of the stored values), at a fraction of the cost of a solve.
+                    if self.kind == BlockKind::Cayley {
+                        inv.extend(blocks::transpose(h, f.block(k)));
+                        continue;
+                    }
                     let b = blocks::inverse(h, f.block(k)).ok_or_else(|| {
                         Error::bare(
                             Class::BadAdapter,
@@ -313,7 +378,15 @@ impl Adapter {
     pub fn parameter_count(&self) -> usize {
         self.targets
             .iter()
-            .map(|t| t.data.len() + t.scale.as_ref().map_or(0, Vec::len))
+            .map(|t| t.param_len() + t.scale.as_ref().map_or(0, Vec::len))
             .sum()
+    }
+
+    /// Compute every deferred target's blocks (in parallel) and check them.
+    pub fn materialise(&mut self) -> Result<()> {
+        use rayon::prelude::*;
+        self.targets
+            .par_iter_mut()
+            .try_for_each(Target::materialise)
     }
 }

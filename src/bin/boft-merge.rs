@@ -52,7 +52,7 @@ fn main() {
     cli::run("boft-merge", || {
         let backend = cli::backend(&args.device)?;
         let base = Checkpoint::open(&args.base)?;
-        let adapter = boft::formats::load(&args.adapter)?;
+        let adapter = boft::formats::load_deferred(&args.adapter)?;
         let opts = Options {
             direction: match (args.unmerge, args.keep_replaced) {
                 (false, _) => Direction::Merge,

@@ -186,6 +186,30 @@ pub fn decode_any_f32(dtype: Dtype, src: &[u8]) -> Option<Vec<f32>> {
     }
 }
 
+/// Index and value of the first element of a float tensor that is NaN or infinite (as f32),
+/// scanning in small pieces so a large tensor is checked without decoding it whole.
+pub fn first_non_finite(dtype: Dtype, src: &[u8]) -> Option<(usize, f32)> {
+    let size = match dtype {
+        Dtype::F64 => 8,
+        d => d.float_size()?,
+    };
+    let mut buf = [0f32; 1024];
+    for (ci, piece) in src.chunks(buf.len() * size).enumerate() {
+        let n = piece.len() / size;
+        if dtype == Dtype::F64 {
+            for (d, c) in buf.iter_mut().zip(piece.chunks_exact(8)) {
+                *d = f64::from_le_bytes(c.try_into().unwrap()) as f32;
+            }
+        } else {
+            decode_f32(dtype, piece, &mut buf[..n]);
+        }
+        if let Some(i) = buf[..n].iter().position(|x| !x.is_finite()) {
+            return Some((ci * buf.len() + i, buf[i]));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,22 +12,36 @@ use crate::adapter::{canonical, Adapter};
 use crate::checkpoint::SafeFile;
 use crate::error::{err, Class, Error, Result};
 
-/// Load any adapter we can read: a canonical file, or a PEFT adapter folder.
+/// Load any adapter we can read (a canonical file, or a PEFT adapter folder), every block
+/// computed and checked, with the sha256 of the source files.
 pub fn load(path: &Path) -> Result<Adapter> {
+    let mut a = open(path, true)?;
+    a.materialise()?;
+    Ok(a)
+}
+
+/// Load for merging: blocks are computed when the merge reaches their tensor (so memory does not
+/// grow with the adapter) and source files are not hashed. Values are still checked for NaN/Inf
+/// and geometry up front.
+pub fn load_deferred(path: &Path) -> Result<Adapter> {
+    open(path, false)
+}
+
+fn open(path: &Path, hash: bool) -> Result<Adapter> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
-        return peft::load_folder(path);
+        return peft::load_folder(path, hash);
     }
-    let f = SafeFile::open(path)?;
+    let f = std::sync::Arc::new(SafeFile::open(path)?);
     if canonical::is_canonical(&f) {
-        return canonical::from_file(&f);
+        return canonical::from_shared(&f);
     }
     let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
     let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
     if has(".boft_R") || has(".oft_r") || has(".oft_R.weight") {
         let folder = path.parent().unwrap_or(Path::new("."));
         if folder.join("adapter_config.json").is_file() {
-            return peft::load_folder(folder);
+            return peft::load_folder(folder, hash);
         }
         return Err(err(
             Class::BadAdapter,

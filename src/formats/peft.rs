@@ -2,6 +2,7 @@
 //! Dispatches on `peft_type`; the per-method files do the maths.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -15,7 +16,9 @@ pub const WEIGHTS: &str = "adapter_model.safetensors";
 /// Prefix PEFT puts in front of every module path.
 pub const PREFIX: &str = "base_model.model.";
 
-pub fn load_folder(dir: &Path) -> Result<Adapter> {
+/// Load a PEFT adapter folder. With `hash`, record the sha256 of its files (what a canonical
+/// file keeps as provenance); a merge skips that read of the whole adapter.
+pub fn load_folder(dir: &Path, hash: bool) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG);
     if !cfg_path.is_file() {
         let subs: Vec<String> = std::fs::read_dir(dir)
@@ -45,23 +48,28 @@ pub fn load_folder(dir: &Path) -> Result<Adapter> {
         };
         return Err(err(Class::NotFound, &weights, msg));
     }
-    let f = SafeFile::open(&weights)?;
+    let f = Arc::new(SafeFile::open(&weights)?);
     let mut adapter = import_config(&config, &cfg_path, &f)?;
-    adapter
-        .source_sha256
-        .insert(CONFIG.into(), sha256_file(&cfg_path)?);
-    adapter
-        .source_sha256
-        .insert(WEIGHTS.into(), sha256_file(&weights)?);
+    if hash {
+        adapter
+            .source_sha256
+            .insert(CONFIG.into(), sha256_file(&cfg_path)?);
+        adapter
+            .source_sha256
+            .insert(WEIGHTS.into(), sha256_file(&weights)?);
+    }
     Ok(adapter)
 }
 
 /// Import a PEFT adapter held in memory: the bytes of `adapter_config.json` and the parsed
 /// `adapter_model.safetensors` (see `SafeFile::from_bytes`). Used by the fuzz targets.
-pub fn import_bytes(config: &[u8], weights: &SafeFile) -> Result<Adapter> {
+pub fn import_bytes(config: &[u8], weights: SafeFile) -> Result<Adapter> {
     let cfg_path = Path::new(CONFIG);
     let config = parse_config(config, cfg_path)?;
-    import_config(&config, cfg_path, weights)
+    let weights = Arc::new(weights);
+    let mut adapter = import_config(&config, cfg_path, &weights)?;
+    adapter.materialise()?;
+    Ok(adapter)
 }
 
 fn parse_config(text: &[u8], cfg_path: &Path) -> Result<Value> {
@@ -78,7 +86,7 @@ fn parse_config(text: &[u8], cfg_path: &Path) -> Result<Value> {
 }
 
 /// Dispatch on `peft_type` and check the result.
-fn import_config(config: &Value, cfg_path: &Path, f: &SafeFile) -> Result<Adapter> {
+fn import_config(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adapter> {
     let peft_type = config
         .get("peft_type")
         .and_then(Value::as_str)

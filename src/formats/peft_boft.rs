@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::peft::{module_key, replaced_name};
-use crate::adapter::{Adapter, BlockKind, Replacement, Side, Target};
+use crate::adapter::{Adapter, BlockKind, Deferred, Replacement, Side, Target};
 use crate::checkpoint::{dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
 use crate::math::{cayley, perm};
@@ -24,7 +25,9 @@ struct Module<'a> {
     p: Option<&'a TensorInfo>,
 }
 
-pub fn import(config: &Value, cfg_path: &Path, f: &SafeFile) -> Result<Adapter> {
+/// The blocks are deferred (computed from the mapped file when needed); values are checked for
+/// NaN/Inf here so that a broken file fails before any work.
+pub fn import(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adapter> {
     let path = f.path.as_path();
     let mut modules: BTreeMap<String, Module> = BTreeMap::new();
     let mut replacements = Vec::new();
@@ -114,7 +117,7 @@ pub fn import(config: &Value, cfg_path: &Path, f: &SafeFile) -> Result<Adapter> 
     })
 }
 
-fn floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Vec<f32>> {
+fn check_floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<()> {
     if t.dtype.float_size().is_none() {
         return Err(err(
             Class::UnsupportedDtype,
@@ -126,15 +129,19 @@ fn floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Vec<f32>> {
             ),
         ));
     }
-    let v = dtype::decode_any_f32(t.dtype, f.data(t)).expect("float");
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+    if let Some((i, x)) = dtype::first_non_finite(t.dtype, f.data(t)) {
         return Err(err(
             Class::NonFinite,
             path,
-            format!("{} holds {} at element {i}", t.name, v[i]),
+            format!("{} holds {x} at element {i}", t.name),
         ));
     }
-    Ok(v)
+    Ok(())
+}
+
+fn floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Vec<f32>> {
+    check_floats(path, f, t)?;
+    Ok(dtype::decode_any_f32(t.dtype, f.data(t)).expect("float"))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -143,7 +150,7 @@ fn module_target(
     cfg_path: &Path,
     config: &Value,
     name: &str,
-    f: &SafeFile,
+    f: &Arc<SafeFile>,
     r: &TensorInfo,
     s: &TensorInfo,
     p: Option<&TensorInfo>,
@@ -213,30 +220,15 @@ fn module_target(
             ),
         ));
     }
-    let raw = floats(path, f, r)?;
+    check_floats(path, f, r)?;
     let scale = floats(path, f, s)?;
-    let hh = h * h;
-    // Thousands of small solves for a large model: spread them over the cores.
-    let solved: Vec<Result<Vec<f64>>> = raw
-        .par_chunks_exact(hh)
-        .enumerate()
-        .map(|(k, blk)| {
-            let a: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
-            cayley::try_cayley_minus(h, &cayley::skew_half(h, &a)).ok_or_else(|| {
-                bad(format!(
-                    "block {} of factor {}: its Cayley transform cannot be computed in f64 \
-                     (values too large; largest magnitude {:e})",
-                    k % d,
-                    k / d,
-                    blk.iter().fold(0f32, |m, x| m.max(x.abs()))
-                ))
-            })
-        })
-        .collect();
-    let mut data = Vec::with_capacity(raw.len());
-    for q in solved {
-        data.extend(q?.iter().map(|&x| x as f32));
-    }
+    let deferred = {
+        let (f, r, path, name) = (f.clone(), r.clone(), path.to_path_buf(), name.to_string());
+        Deferred {
+            path: path.clone(),
+            compute: Arc::new(move || cayley_blocks(&path, &name, &f, &r, d, h)),
+        }
+    };
     let perms: Vec<Option<Vec<u32>>> = (0..nf)
         .map(|i| {
             let pi = perm::peft_boft(n, h, i);
@@ -255,11 +247,51 @@ fn module_target(
         factors: nf,
         blocks: d,
         block_size: h,
-        data,
+        data: Vec::new(),
+        deferred: Some(deferred),
         perms,
         scale: Some(scale).filter(|_| rows > 0),
         kind: BlockKind::Cayley,
     })
+}
+
+/// `C−(½(A − Aᵀ))` of every stored block, solved in f64 and rounded once to f32.
+fn cayley_blocks(
+    path: &Path,
+    name: &str,
+    f: &SafeFile,
+    r: &TensorInfo,
+    d: usize,
+    h: usize,
+) -> Result<Vec<f32>> {
+    let raw = floats(path, f, r)?;
+    let hh = h * h;
+    // Thousands of small solves for a large model: spread them over the cores.
+    let solved: Vec<Result<Vec<f64>>> = raw
+        .par_chunks_exact(hh)
+        .enumerate()
+        .map(|(k, blk)| {
+            let a: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
+            cayley::try_cayley_minus(h, &cayley::skew_half(h, &a)).ok_or_else(|| {
+                err(
+                    Class::BadAdapter,
+                    path,
+                    format!(
+                        "{name}: block {} of factor {}: its Cayley transform cannot be computed \
+                         in f64 (values too large; largest magnitude {:e})",
+                        k % d,
+                        k / d,
+                        blk.iter().fold(0f32, |m, x| m.max(x.abs()))
+                    ),
+                )
+            })
+        })
+        .collect();
+    let mut data = Vec::with_capacity(raw.len());
+    for q in solved {
+        data.extend(q?.iter().map(|&x| x as f32));
+    }
+    Ok(data)
 }
 
 /// PEFT 0.11–0.12 saved the permutation matrices; they must be the ones we derive.

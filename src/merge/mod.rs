@@ -26,9 +26,17 @@ pub use backend::{Backend, CpuBackend};
 
 /// What happens to one base tensor.
 pub(crate) enum Action<'a> {
-    /// Transform whole rows (input side, one chain).
-    Rows(Chain),
+    /// Transform whole rows (input side, one target).
+    Rows(&'a Target),
     /// Transform columns of row slices (output side; several slices for fused weights).
+    Columns(Vec<((usize, usize), &'a Target)>),
+    Replace(&'a Replacement),
+}
+
+/// An action's kernel chains, built just before its tensor is processed so that only a few
+/// targets' blocks exist at any time.
+pub(crate) enum Built<'a> {
+    Rows(Chain),
     Columns(Vec<((usize, usize), Chain)>),
     Replace(&'a Replacement),
 }
@@ -36,6 +44,7 @@ pub(crate) enum Action<'a> {
 pub struct Plan<'a> {
     pub base: &'a Checkpoint,
     actions: HashMap<String, Action<'a>>,
+    inverse: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -87,7 +96,7 @@ pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, dir: Direction) -> R
                 .map_err(|e| e.at(&base.root))?;
         }
         let action = if targets.len() == 1 && targets[0].side == Side::Input {
-            Action::Rows(targets[0].chain(unmerge)?)
+            Action::Rows(targets[0])
         } else {
             if targets.iter().any(|t| t.side == Side::Input) {
                 return Err(err(
@@ -99,7 +108,7 @@ pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, dir: Direction) -> R
             let mut slices = Vec::new();
             for t in &targets {
                 let range = t.rows.unwrap_or((0, info.shape[0]));
-                slices.push((range, t.chain(unmerge)?));
+                slices.push((range, *t));
             }
             slices.sort_by_key(|s| s.0);
             for w in slices.windows(2) {
@@ -161,7 +170,11 @@ pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, dir: Direction) -> R
             Direction::UnmergeKeepReplaced => {}
         }
     }
-    Ok(Plan { base, actions })
+    Ok(Plan {
+        base,
+        actions,
+        inverse: unmerge,
+    })
 }
 
 /// One output file being written at the same offsets as its input.
@@ -181,6 +194,21 @@ struct CopyRun {
 impl Plan<'_> {
     pub(crate) fn action(&self, name: &str) -> Option<&Action<'_>> {
         self.actions.get(name)
+    }
+
+    /// Compute an action's blocks and build its chains (the inverse ones for an unmerge).
+    pub(crate) fn build<'b>(&self, a: &Action<'b>) -> Result<Built<'b>> {
+        let at = |e: Error| e.at(&self.base.root);
+        Ok(match a {
+            Action::Rows(t) => Built::Rows(t.chain(self.inverse).map_err(at)?),
+            Action::Columns(slices) => Built::Columns(
+                slices
+                    .iter()
+                    .map(|(r, t)| Ok((*r, t.chain(self.inverse).map_err(at)?)))
+                    .collect::<Result<_>>()?,
+            ),
+            Action::Replace(r) => Built::Replace(r),
+        })
     }
 
     /// Write the merged checkpoint under `staged` (a folder for folder bases, a file otherwise).
@@ -286,16 +314,29 @@ impl Plan<'_> {
                     }
                 }
             });
-            for (fi, t, a) in &work {
+            // Blocks are computed (and un-merge inverses taken) one action ahead of the writer,
+            // on their own thread, so the arithmetic overlaps the transforms and memory holds at
+            // most a few targets' blocks.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Built>>(1);
+            let work = &work;
+            s.spawn(move || {
+                for (_, _, a) in work {
+                    if stop() || tx.send(self.build(a)).is_err() {
+                        return;
+                    }
+                }
+            });
+            // `rx` moves into the loop: leaving it early drops it, which ends the builder.
+            for ((fi, t, _), built) in work.iter().zip(rx) {
                 if stop() {
                     break;
                 }
                 let o = &outs[*fi];
-                let res = match a {
-                    Action::Rows(chain) => transform_rows(o, t, chain, backend, &stop, &bar),
-                    Action::Columns(slices) => transform_columns(o, t, slices, backend, &bar),
-                    Action::Replace(r) => write_replacement(o, t, r, &bar),
-                };
+                let res = built.and_then(|b| match &b {
+                    Built::Rows(chain) => transform_rows(o, t, chain, backend, &stop, &bar),
+                    Built::Columns(slices) => transform_columns(o, t, slices, backend, &bar),
+                    Built::Replace(r) => write_replacement(o, t, r, &bar),
+                });
                 if let Err(e) = res {
                     fail(e);
                     break;
@@ -327,6 +368,22 @@ fn reserve(f: &File, len: u64) -> std::io::Result<()> {
 }
 
 const COPY_CHUNK: usize = 64 << 20;
+
+/// Ask the kernel to start writing a range out now. Without this, dirty pages pile up until the
+/// final fsync, which then writes the whole output while nothing else happens; with it the disk
+/// works while the transforms run, and the fsync at the end finds little left. Advisory: errors
+/// are left to the fsync.
+fn start_writeback(f: &File, off: u64, len: usize) {
+    // SAFETY: plain syscall on an open descriptor; it reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
 
 fn copy_range(
     o: &OutFile,
@@ -384,6 +441,7 @@ fn copy_range(
                 _ => return Err(Error::io(&o.dst_path, e)),
             }
         };
+        start_writeback(&o.dst, (base + done) as u64, copied);
         done += copied;
         progress(copied);
     }
@@ -408,9 +466,11 @@ fn transform_rows(
     rows_chunked(t, src, chain, backend, stop, |r0, x, bytes| {
         bytes.resize(x.len() * esize, 0);
         dtype::encode_f32(t.dtype, x, bytes);
+        let off = file_off + (r0 * row_bytes) as u64;
         o.dst
-            .write_all_at(bytes, file_off + (r0 * row_bytes) as u64)
+            .write_all_at(bytes, off)
             .map_err(|e| Error::io(&o.dst_path, e))?;
+        start_writeback(&o.dst, off, bytes.len());
         bar.inc(bytes.len() as u64);
         Ok(())
     })
@@ -511,9 +571,11 @@ fn transform_columns(
     let mut out = vec![0u8; t.end - t.start];
     dtype::encode_f32(t.dtype, &w, &mut out);
     output::check_interrupted()?;
+    let off = (o.src.data_offset + t.start) as u64;
     o.dst
-        .write_all_at(&out, (o.src.data_offset + t.start) as u64)
+        .write_all_at(&out, off)
         .map_err(|e| Error::io(&o.dst_path, e))?;
+    start_writeback(&o.dst, off, out.len());
     bar.inc(out.len() as u64);
     Ok(())
 }
