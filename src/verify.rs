@@ -1356,6 +1356,9 @@ mod tests {
                 perms: vec![None; nf],
                 scale: None,
                 kind: BlockKind::Cayley,
+                share: false,
+                crop: None,
+                croppable: false,
             };
             let dof = degrees_of_freedom(&t);
             let raw = nf * d * h * h;

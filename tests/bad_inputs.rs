@@ -1101,6 +1101,9 @@ fn slow_case(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
             perms: vec![None; nf],
             scale: None,
             kind: BlockKind::Cayley,
+            share: false,
+            crop: None,
+            croppable: false,
         }],
         source_format: "test".into(),
         ..Default::default()

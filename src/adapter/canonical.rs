@@ -32,6 +32,10 @@ struct TargetMeta {
     block_kind: BlockKind,
     permuted: bool,
     scaled: bool,
+    /// The rotated axis when shorter than blocks × block_size; written only for cropped targets
+    /// (a reader that ignores it fails the geometry check instead of merging wrongly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crop: Option<usize>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -114,6 +118,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             block_kind: t.kind,
             permuted,
             scaled: t.scale.is_some(),
+            crop: t.crop,
         });
     }
     let mut rmetas = Vec::new();
@@ -334,6 +339,9 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             perms,
             scale,
             kind: m.block_kind,
+            share: false,
+            crop: m.crop,
+            croppable: false,
         };
         t.validate().map_err(|e| e.at(path))?;
         targets.push(t);

@@ -78,6 +78,14 @@ pub struct Target {
     /// Per output row scale applied after the transform.
     pub scale: Option<Vec<f32>>,
     pub kind: BlockKind,
+    /// `data` holds one block per factor, repeated over the whole diagonal (PEFT `block_share`).
+    /// `blocks` is 0 until the target is fitted to its base tensor.
+    pub share: bool,
+    /// The rotated axis is shorter than `blocks × block_size`: the block-diagonal matrix is
+    /// cropped to this size (PEFT OFT ≤ 0.13 when r does not divide the output features).
+    pub crop: Option<usize>,
+    /// The source crops when the axis is shorter (set by importers; `fit` sets `crop`).
+    pub croppable: bool,
 }
 
 /// A tensor that replaces a base tensor outright (PEFT `modules_to_save`, trained biases).
@@ -123,10 +131,15 @@ impl Target {
     /// Check internal consistency: sizes, permutations, finite values.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Error::bare(Class::BadAdapter, format!("{}: {m}", self.label()));
-        if self.factors == 0 || self.blocks == 0 || self.block_size == 0 {
+        if self.factors == 0 || (self.blocks == 0 && !self.share) || self.block_size == 0 {
             return Err(bad(
                 "empty transform (zero factors, blocks or block size)".into()
             ));
+        }
+        if let Some(c) = self.crop {
+            if c == 0 || c > self.n() || self.perms.iter().any(Option::is_some) {
+                return Err(bad(format!("crop {c} does not fit n = {}", self.n())));
+            }
         }
         if self.deferred.is_none() {
             self.check_data(&self.data)?;
@@ -157,7 +170,7 @@ impl Target {
             }
         }
         if let Some((a, b)) = self.rows {
-            if self.side != Side::Output || a >= b || b - a != self.n() {
+            if self.side != Side::Output || a >= b || b - a != self.axis() {
                 return Err(bad(format!(
                     "row slice {a}:{b} does not fit n = {}",
                     self.n()
@@ -168,7 +181,46 @@ impl Target {
     }
 
     fn param_len(&self) -> usize {
-        self.factors * self.blocks * self.block_size * self.block_size
+        let stored = if self.share { 1 } else { self.blocks };
+        self.factors * stored * self.block_size * self.block_size
+    }
+
+    /// Length of the axis the transform acts on (the crop, if any).
+    pub fn axis(&self) -> usize {
+        self.crop.unwrap_or_else(|| self.n())
+    }
+
+    /// Fit a target to its base tensor's shape: the block count of shared blocks and the crop of
+    /// cropped ones follow from the length of the rotated axis.
+    pub fn fit(&mut self, shape: &[usize]) -> Result<()> {
+        if shape.len() < 2 {
+            return Ok(()); // check_base reports it
+        }
+        let axis = match (self.side, self.rows) {
+            (Side::Input, _) => shape[1..].iter().product(),
+            (Side::Output, None) => shape[0],
+            (Side::Output, Some((a, b))) => b - a,
+        };
+        if self.share && self.blocks == 0 {
+            if axis % self.block_size != 0 {
+                return Err(Error::bare(
+                    Class::ShapeMismatch,
+                    format!(
+                        "{} (from {}): a shared block of size {} does not tile the {axis} \
+                         features of the base",
+                        self.label(),
+                        self.module,
+                        self.block_size
+                    ),
+                ));
+            }
+            self.blocks = axis / self.block_size;
+        }
+        if self.croppable && axis < self.n() && axis + self.blocks > self.n() {
+            self.crop = Some(axis);
+            self.kind = BlockKind::Cropped;
+        }
+        Ok(())
     }
 
     /// Check block values: as many as the geometry needs, all finite.
@@ -199,21 +251,51 @@ impl Target {
 
     /// The block values, computing deferred ones (checked, not kept).
     pub fn blocks_data(&self) -> Result<Cow<'_, [f32]>> {
-        match &self.deferred {
-            None => Ok(Cow::Borrowed(&self.data)),
+        let stored = match &self.deferred {
+            None => Cow::Borrowed(&self.data[..]),
             Some(d) => {
                 let v = (d.compute)().map_err(|e| e.at(&d.path))?;
                 self.check_data(&v).map_err(|e| e.at(&d.path))?;
-                Ok(Cow::Owned(v))
+                Cow::Owned(v)
+            }
+        };
+        if !self.share {
+            return Ok(stored);
+        }
+        if self.blocks == 0 {
+            return Err(Error::bare(
+                Class::BadAdapter,
+                format!(
+                    "{}: shared blocks (block_share) need the base tensor to know their count; \
+                     pass --base",
+                    self.label()
+                ),
+            ));
+        }
+        let hh = self.block_size * self.block_size;
+        let mut v = Vec::with_capacity(self.factors * self.blocks * hh);
+        for f in 0..self.factors {
+            for _ in 0..self.blocks {
+                v.extend_from_slice(&stored[f * hh..(f + 1) * hh]);
             }
         }
+        Ok(Cow::Owned(v))
     }
 
-    /// Compute deferred blocks and keep them.
+    /// Compute deferred blocks and keep them (shared blocks stay one per factor until fitted).
     pub fn materialise(&mut self) -> Result<()> {
-        if self.deferred.is_some() {
+        if self.share && self.blocks == 0 {
+            if let Some(d) = self.deferred.take() {
+                let v = (d.compute)().map_err(|e| e.at(&d.path))?;
+                self.check_data(&v).map_err(|e| e.at(&d.path))?;
+                self.data = v;
+            }
+            return Ok(());
+        }
+        if self.deferred.is_some() || self.share {
             self.data = self.blocks_data()?.into_owned();
             self.deferred = None;
+            self.share = false;
         }
         Ok(())
     }
@@ -262,10 +344,10 @@ impl Target {
                 b - a
             }
         };
-        if n != self.n() {
+        if n != self.axis() {
             return Err(mism(format!(
                 "transform covers {} = {} blocks × {}, base {} side is {n}",
-                self.n(),
+                self.axis(),
                 self.blocks,
                 self.block_size,
                 if self.side == Side::Input {
@@ -290,7 +372,24 @@ impl Target {
     /// The kernel chain that merges (or, with `inverse`, un-merges) this target.
     pub fn chain(&self, inverse: bool) -> Result<Chain> {
         let (h, d) = (self.block_size, self.blocks);
-        let data = self.blocks_data()?;
+        let mut data = self.blocks_data()?;
+        if let Some(axis) = self.crop.filter(|&a| a < self.n()) {
+            // Cropping keeps the leading axis×axis part of the block diagonal. On a vector padded
+            // with zeros, blocks whose cropped rows and columns are the identity give exactly
+            // that, and stay invertible for the un-merge.
+            let v = data.to_mut();
+            for f in 0..self.factors {
+                for i in axis..self.n() {
+                    let (k, li) = (i / h, i % h);
+                    let b = &mut v[(f * d + k) * h * h..(f * d + k + 1) * h * h];
+                    for j in 0..h {
+                        b[li * h + j] = 0.0;
+                        b[j * h + li] = 0.0;
+                    }
+                    b[li * h + li] = 1.0;
+                }
+            }
+        }
         let mut factors: Vec<Factor> = (0..self.factors)
             .map(|f| Factor {
                 h,

@@ -52,7 +52,8 @@ fn main() {
     cli::run("boft-merge", || {
         let backend = cli::backend(&args.device)?;
         let base = Checkpoint::open(&args.base)?;
-        let adapter = boft::formats::load_deferred(&args.adapter)?;
+        let mut adapter = boft::formats::load_deferred(&args.adapter)?;
+        merge::fit(&base, &mut adapter)?;
         let opts = Options {
             direction: match (args.unmerge, args.keep_replaced) {
                 (false, _) => Direction::Merge,

@@ -3,6 +3,7 @@
 
 pub mod peft;
 pub mod peft_boft;
+pub mod peft_oft;
 
 use std::path::Path;
 

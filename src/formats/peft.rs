@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{peft_boft, sha256_file};
-use crate::adapter::Adapter;
-use crate::checkpoint::SafeFile;
+use super::{peft_boft, peft_oft, sha256_file};
+use crate::adapter::{Adapter, Replacement};
+use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
 
 pub const CONFIG: &str = "adapter_config.json";
@@ -93,13 +93,7 @@ fn import_config(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<A
         .unwrap_or("");
     let mut adapter = match peft_type {
         "BOFT" => peft_boft::import(config, cfg_path, f)?,
-        "OFT" => {
-            return Err(err(
-                Class::UnknownFormat,
-                cfg_path,
-                "PEFT OFT adapters are not supported by this version yet (only BOFT)",
-            ))
-        }
+        "OFT" => peft_oft::import(config, cfg_path, f)?,
         other => {
             return Err(err(
                 Class::UnknownFormat,
@@ -120,6 +114,46 @@ pub fn version(config: &Value) -> String {
         .and_then(Value::as_str)
         .map(|v| format!("peft {v}"))
         .unwrap_or_else(|| "peft (version not recorded)".into())
+}
+
+/// A saved tensor that is not part of the adapter's maths (`modules_to_save`, trained biases):
+/// it replaces the base tensor it names. F64 is stored as F32; the base dtype decides the final
+/// rounding.
+pub fn replacement(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Replacement> {
+    if t.dtype.float_size().is_none() && t.dtype != Dtype::F64 {
+        return Err(err(
+            Class::BadAdapter,
+            path,
+            format!(
+                "tensor {:?} is {}, not a float tensor",
+                t.name,
+                t.dtype.name()
+            ),
+        ));
+    }
+    let data = f.data(t);
+    let values = dtype::decode_any_f32(t.dtype, data).expect("float");
+    if values.iter().any(|x| !x.is_finite()) {
+        return Err(err(
+            Class::NonFinite,
+            path,
+            format!("tensor {:?} holds NaN/Inf", t.name),
+        ));
+    }
+    let (dt, bytes) = if t.dtype == Dtype::F64 {
+        (
+            Dtype::F32,
+            values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
+    } else {
+        (t.dtype, data.to_vec())
+    };
+    Ok(Replacement {
+        name: replaced_name(&t.name),
+        dtype: dt,
+        shape: t.shape.clone(),
+        data: bytes,
+    })
 }
 
 /// Strip PEFT's `base_model.model.` prefix from a key.

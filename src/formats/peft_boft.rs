@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::peft::{module_key, replaced_name};
-use crate::adapter::{Adapter, BlockKind, Deferred, Replacement, Side, Target};
+use super::peft::{module_key, replacement};
+use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
 use crate::math::{cayley, perm};
@@ -40,41 +40,7 @@ pub fn import(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adap
         } else if let Some(m) = k.strip_suffix(".boft_P") {
             modules.entry(m.to_string()).or_default().p = Some(t);
         } else {
-            if t.dtype.float_size().is_none() && t.dtype != crate::checkpoint::Dtype::F64 {
-                return Err(err(
-                    Class::BadAdapter,
-                    path,
-                    format!(
-                        "tensor {:?} is {}, not a float tensor",
-                        t.name,
-                        t.dtype.name()
-                    ),
-                ));
-            }
-            let data = f.data(t);
-            let values = dtype::decode_any_f32(t.dtype, data).expect("float");
-            if values.iter().any(|x| !x.is_finite()) {
-                return Err(err(
-                    Class::NonFinite,
-                    path,
-                    format!("tensor {:?} holds NaN/Inf", t.name),
-                ));
-            }
-            // F64 replacements are stored as F32; the base dtype decides the final rounding.
-            let (dt, bytes) = if t.dtype == crate::checkpoint::Dtype::F64 {
-                (
-                    crate::checkpoint::Dtype::F32,
-                    values.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )
-            } else {
-                (t.dtype, data.to_vec())
-            };
-            replacements.push(Replacement {
-                name: replaced_name(&t.name),
-                dtype: dt,
-                shape: t.shape.clone(),
-                data: bytes,
-            });
+            replacements.push(replacement(path, f, t)?);
         }
     }
     if modules.is_empty() {
@@ -117,7 +83,7 @@ pub fn import(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adap
     })
 }
 
-fn check_floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<()> {
+pub(super) fn check_floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<()> {
     if t.dtype.float_size().is_none() {
         return Err(err(
             Class::UnsupportedDtype,
@@ -139,7 +105,7 @@ fn check_floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<()> {
     Ok(())
 }
 
-fn floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Vec<f32>> {
+pub(super) fn floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Vec<f32>> {
     check_floats(path, f, t)?;
     Ok(dtype::decode_any_f32(t.dtype, f.data(t)).expect("float"))
 }
@@ -252,6 +218,9 @@ fn module_target(
         perms,
         scale: Some(scale).filter(|_| rows > 0),
         kind: BlockKind::Cayley,
+        share: false,
+        crop: None,
+        croppable: false,
     })
 }
 

@@ -25,6 +25,87 @@ pub fn skew_half(h: usize, a: &[f64]) -> Vec<f64> {
     s
 }
 
+/// `U − Uᵀ` where `U` holds `v` in its strict upper triangle, row by row (the order of
+/// `torch.triu_indices(h, h, 1)`), as PEFT OFT ≥ 0.16 stores its blocks.
+pub fn skew_from_triu(h: usize, v: &[f64]) -> Vec<f64> {
+    let mut s = vec![0.0; h * h];
+    let mut k = 0;
+    for i in 0..h {
+        for j in i + 1..h {
+            s[i * h + j] = v[k];
+            s[j * h + i] = -v[k];
+            k += 1;
+        }
+    }
+    s
+}
+
+/// Block size h with `h(h−1)/2 = len`, if there is one.
+pub fn triu_size(len: usize) -> Option<usize> {
+    let h = ((1.0 + (1.0 + 8.0 * len as f64).sqrt()) / 2.0).round() as usize;
+    (h >= 2 && h * (h - 1) / 2 == len).then_some(h)
+}
+
+/// Scale `m` down to Frobenius norm `max` when it is larger (the COFT constraint).
+pub fn clamp_frobenius(m: &mut [f64], max: f64) {
+    let norm = m.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if norm > max {
+        m.iter_mut().for_each(|x| *x *= max / norm);
+    }
+}
+
+fn matmul(h: usize, a: &[f64], b: &[f64]) -> Vec<f64> {
+    let mut c = vec![0.0; h * h];
+    for i in 0..h {
+        for k in 0..h {
+            let aik = a[i * h + k];
+            for j in 0..h {
+                c[i * h + j] += aik * b[k * h + j];
+            }
+        }
+    }
+    c
+}
+
+/// PEFT OFT's truncated Neumann series for `C+(S) = (I + S)(I − S)⁻¹ = I + 2S + 2S² + …` with
+/// `terms` terms, exactly as the writing PEFT version summed it:
+/// * `legacy` (PEFT 0.16–0.17): `I + 2S + … + 2S^{T−1}`;
+/// * otherwise (PEFT ≥ 0.18): `I + 2S + … + 2S^{T−2} + S^{T−1}` for T ≥ 4, `I` for T = 1,
+///   `I + 2S` for T = 2, and T = 3 summed like T = 4 (PEFT's loop bound).
+pub fn neumann_plus(h: usize, s: &[f64], terms: usize, legacy: bool) -> Vec<f64> {
+    let mut r = vec![0.0; h * h];
+    for i in 0..h {
+        r[i * h + i] = 1.0;
+    }
+    let add = |r: &mut Vec<f64>, m: &[f64], w: f64| {
+        r.iter_mut().zip(m).for_each(|(x, y)| *x += w * y);
+    };
+    if legacy {
+        let mut p = s.to_vec();
+        for k in 1..terms {
+            if k > 1 {
+                p = matmul(h, &p, s);
+            }
+            add(&mut r, &p, 2.0);
+        }
+        return r;
+    }
+    if terms > 1 {
+        add(&mut r, s, 2.0);
+    }
+    if terms > 2 {
+        let mut p = matmul(h, s, s);
+        add(&mut r, &p, 2.0);
+        for _ in 3..terms.saturating_sub(1) {
+            p = matmul(h, &p, s);
+            add(&mut r, &p, 2.0);
+        }
+        p = matmul(h, &p, s);
+        add(&mut r, &p, 1.0);
+    }
+    r
+}
+
 /// `(I − S)(I + S)⁻¹`, row-major in and out. Exact arithmetic never fails for skew S, but f64
 /// can: with huge entries (from a hostile file) elimination cancels to a zero pivot or overflows.
 /// Then every entry is NaN, which the finite-value checks downstream reject; importers that want
@@ -64,6 +145,49 @@ pub fn inverse_cayley_minus(h: usize, r: &[f64]) -> Option<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn neumann_series_match_peft_term_rules() {
+        let h = 4;
+        let v: Vec<f64> = (0..6).map(|i| 0.01 * (i as f64 + 1.0)).collect();
+        let s = skew_from_triu(h, &v);
+        assert_eq!(triu_size(6), Some(4));
+        assert_eq!(triu_size(7), None);
+        let s2 = matmul(h, &s, &s);
+        let s3 = matmul(h, &s2, &s);
+        let id: Vec<f64> = (0..16)
+            .map(|k| if k % 5 == 0 { 1.0 } else { 0.0 })
+            .collect();
+        let comb = |w: &[f64]| -> Vec<f64> {
+            let pw = [&id, &s, &s2, &s3];
+            (0..16)
+                .map(|k| w.iter().zip(pw).map(|(a, m)| a * m[k]).sum())
+                .collect()
+        };
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-15);
+        assert!(close(&neumann_plus(h, &s, 1, false), &id));
+        assert!(close(&neumann_plus(h, &s, 2, false), &comb(&[1.0, 2.0])));
+        // T = 3 and T = 4 are the same sum in PEFT ≥ 0.18.
+        assert!(close(
+            &neumann_plus(h, &s, 3, false),
+            &comb(&[1.0, 2.0, 2.0, 1.0])
+        ));
+        assert!(close(
+            &neumann_plus(h, &s, 4, false),
+            &comb(&[1.0, 2.0, 2.0, 1.0])
+        ));
+        assert!(close(
+            &neumann_plus(h, &s, 4, true),
+            &comb(&[1.0, 2.0, 2.0, 2.0])
+        ));
+        // Many terms converge to the exact C+(S) for a small generator.
+        let exact = cayley_plus(h, &s);
+        assert!(close_to(&neumann_plus(h, &s, 30, false), &exact, 1e-12));
+    }
+
+    fn close_to(a: &[f64], b: &[f64], tol: f64) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() < tol)
+    }
     use crate::math::blocks::orth_error_f64;
 
     fn lcg(seed: &mut u64) -> f64 {

@@ -533,9 +533,10 @@ pub(crate) fn columns_f32(
     let cols: usize = t.shape[1..].iter().product();
     let mut w = dtype::decode_any_f32(t.dtype, src).expect("float tensor");
     for ((a, b), chain) in slices {
-        let n = b - a;
+        // A cropped transform (chain.n > b − a) acts on columns padded with zeros.
+        let (m, n) = (b - a, chain.n);
         let mut xt = vec![0f32; n * cols];
-        for i in 0..n {
+        for i in 0..m {
             for c in 0..cols {
                 xt[c * n + i] = w[(a + i) * cols + c];
             }
@@ -551,7 +552,7 @@ pub(crate) fn columns_f32(
                 Ok(())
             },
         )?;
-        for i in 0..n {
+        for i in 0..m {
             for c in 0..cols {
                 w[(a + i) * cols + c] = xt[c * n + i];
             }
@@ -601,8 +602,19 @@ fn write_replacement(
     Ok(())
 }
 
+/// Fit every target to its base tensor (the count of shared blocks, crops); see `Target::fit`.
+pub fn fit(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
+    for t in &mut adapter.targets {
+        if let Some((_, info)) = base.get(&t.name) {
+            t.fit(&info.shape).map_err(|e| e.at(&base.root))?;
+        }
+    }
+    Ok(())
+}
+
 /// Check every target against the base and record the base shape in it (for `boft-convert --base`).
 pub fn resolve_shapes(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
+    fit(base, adapter)?;
     plan(base, adapter, Direction::Merge)?;
     for t in &mut adapter.targets {
         if let Some((_, info)) = base.get(&t.name) {

@@ -201,3 +201,198 @@ impl Case {
         }
     }
 }
+
+/// f32: within 2e-5 of the tensor's largest magnitude. 16-bit: within one ulp of the element,
+/// unless the element is so small that f32 summation order alone (2e-6 of the tensor's largest
+/// magnitude) moves it by more — PEFT builds M densely and sums in another order, so elements
+/// that cancel to near zero cannot be matched to their own ulp by any implementation.
+pub fn assert_close(name: &str, dt: Dtype, ours: &[f32], theirs: &[f32]) {
+    match dt {
+        Dtype::F32 => {
+            let e = rel_err(ours, theirs);
+            assert!(e <= 2e-5, "{name}: relative error {e:e} > 2e-5");
+        }
+        Dtype::BF16 | Dtype::F16 => {
+            let scale = theirs.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (i, (&a, &b)) in ours.iter().zip(theirs).enumerate() {
+                let u = ulps(dt, a, b);
+                assert!(
+                    u <= 1.0 || (a - b).abs() <= 2e-6 * scale,
+                    "{name}[{i}]: ours {a} vs PEFT {b}: {u} ulp"
+                );
+            }
+        }
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    }
+}
+
+/// Same files, same shard membership, untouched tensors byte-identical, targeted ones close.
+pub fn assert_merge_matches(out: &Path, expected: &Path, base: &Path) {
+    if base.is_dir() {
+        assert_eq!(
+            file_list(out),
+            file_list(base),
+            "output layout differs from the base"
+        );
+    }
+    let ours = tensors(out);
+    let theirs = tensors(expected);
+    let orig = tensors(base);
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        theirs.keys().collect::<Vec<_>>()
+    );
+    let mut changed = 0;
+    for (name, (file, t)) in &ours {
+        let (efile, e) = &theirs[name];
+        let (_, b) = &orig[name];
+        if base.is_dir() {
+            assert_eq!(file, efile, "{name} moved to another shard");
+        }
+        assert_eq!(
+            (t.dtype, &t.shape),
+            (e.dtype, &e.shape),
+            "{name}: dtype/shape"
+        );
+        if e.bytes == b.bytes {
+            assert_eq!(
+                t.bytes, b.bytes,
+                "{name}: untouched tensor not byte-identical"
+            );
+        } else {
+            changed += 1;
+            assert_close(name, t.dtype, &t.f32(), &e.f32());
+        }
+    }
+    assert!(
+        changed > 0,
+        "the fixture changed nothing: it proves nothing"
+    );
+    // Non-tensor files are copied verbatim.
+    if base.is_dir() {
+        for rel in file_list(base) {
+            if rel.extension().is_some_and(|e| e == "safetensors") {
+                continue;
+            }
+            assert_eq!(
+                std::fs::read(out.join(&rel)).unwrap(),
+                std::fs::read(base.join(&rel)).unwrap(),
+                "{} differs",
+                rel.display()
+            );
+        }
+        // Header bytes (metadata included) are kept as they were.
+        for rel in file_list(base) {
+            if rel.extension().is_some_and(|e| e == "safetensors") {
+                let a = std::fs::read(out.join(&rel)).unwrap();
+                let b = std::fs::read(base.join(&rel)).unwrap();
+                let n = 8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+                assert_eq!(a[..n], b[..n], "{}: header changed", rel.display());
+            }
+        }
+    }
+}
+
+pub fn out_path(dir: &Path, base: &Path) -> std::path::PathBuf {
+    if base.is_dir() {
+        dir.join("out")
+    } else {
+        dir.join("out.safetensors")
+    }
+}
+
+/// One case of a fixture folder's manifest.json (the fields every generator writes).
+#[derive(serde::Deserialize, Debug)]
+pub struct RefCase {
+    pub name: String,
+    pub format: String,
+    pub base: String,
+    pub base_dtype: String,
+    pub adapter: String,
+    pub merged: Vec<RefMerged>,
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+#[derive(serde::Deserialize, Debug)]
+pub struct RefMerged {
+    pub path: String,
+    pub multiplier: f64,
+}
+
+pub fn ref_cases(folder: &str) -> Vec<RefCase> {
+    let dir = fixtures().join(folder);
+    let mut v: Vec<RefCase> =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    for c in &mut v {
+        c.dir = dir.clone();
+    }
+    v
+}
+
+impl RefCase {
+    /// The base as the binaries take it: a folder when it is a Hugging Face-style folder, else
+    /// its single safetensors file.
+    pub fn base_path(&self) -> PathBuf {
+        let b = self.dir.join(&self.base);
+        if b.join("config.json").exists() || !b.is_dir() {
+            b
+        } else {
+            single_file(&b)
+        }
+    }
+
+    pub fn adapter_path(&self) -> PathBuf {
+        self.dir.join(&self.adapter)
+    }
+
+    /// The reference output in the same form as `base_path`.
+    pub fn expected(&self, m: &RefMerged) -> PathBuf {
+        let e = self.dir.join(&m.path);
+        if self.base_path().is_dir() || !e.is_dir() {
+            e
+        } else {
+            single_file(&e)
+        }
+    }
+}
+
+fn single_file(dir: &Path) -> PathBuf {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "{}: expected one safetensors file",
+        dir.display()
+    );
+    files[0].clone()
+}
+
+/// Merge `c` with the binary (extra flags appended), check the base is untouched and the output
+/// equals the reference `m`.
+pub fn merge_and_compare(c: &RefCase, m: &RefMerged, extra: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = c.base_path();
+    let out = out_path(tmp.path(), &base);
+    let before = snapshot(&base);
+    let adapter = c.adapter_path();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"--base", &base, &"--adapter", &adapter, &"-o", &out];
+    for e in extra {
+        args.push(e);
+    }
+    let o = run("boft-merge", &args);
+    assert!(
+        o.status.success(),
+        "{} ({}): {}",
+        c.name,
+        c.format,
+        stderr(&o)
+    );
+    assert_eq!(snapshot(&base), before, "{}: base modified", c.name);
+    assert_merge_matches(&out, &c.expected(m), &base);
+}

@@ -1,0 +1,69 @@
+//! Merging real PEFT OFT adapters of all three on-disk generations (and what PEFT 0.13 wrote for
+//! BOFT on Conv2d): our output against the writing PEFT version's own merge_and_unload(), tensor
+//! by tensor, on fixtures made by fixtures/generate/make_peft_oft.py and make_peft_oft_old.py.
+
+mod common;
+
+use common::*;
+
+fn cases() -> Vec<RefCase> {
+    let mut v = ref_cases("peft_oft");
+    v.extend(ref_cases("peft_oft_old"));
+    v
+}
+
+#[test]
+fn every_generation_matches_its_peft_version() {
+    let cases: Vec<RefCase> = cases()
+        .into_iter()
+        .filter(|c| c.format.starts_with("peft_oft"))
+        .collect();
+    for gen in ["peft_oft_v0", "peft_oft_v1", "peft_oft_v2"] {
+        assert!(
+            cases.iter().filter(|c| c.format == gen).count() >= 5,
+            "{gen}"
+        );
+    }
+    for c in &cases {
+        merge_and_compare(c, &c.merged[0], &[]);
+    }
+}
+
+#[test]
+fn unmerge_restores_the_base() {
+    for c in cases()
+        .iter()
+        .filter(|c| c.format.starts_with("peft_oft") && c.base_dtype == "float32")
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = c.base_path();
+        let merged = out_path(tmp.path(), &base);
+        let back = tmp.path().join(if base.is_dir() {
+            "back"
+        } else {
+            "back.safetensors"
+        });
+        let adapter = c.adapter_path();
+        ok(&run(
+            "boft-merge",
+            &[&"--base", &base, &"--adapter", &adapter, &"-o", &merged],
+        ));
+        ok(&run(
+            "boft-merge",
+            &[
+                &"--base",
+                &merged,
+                &"--adapter",
+                &adapter,
+                &"-o",
+                &back,
+                &"--unmerge",
+            ],
+        ));
+        let (orig, restored) = (tensors(&base), tensors(&back));
+        for (name, (_, t)) in &orig {
+            let e = rel_err(&restored[name].1.f32(), &t.f32());
+            assert!(e <= 1e-5, "{}: {name}: un-merge error {e:e}", c.name);
+        }
+    }
+}
