@@ -8,6 +8,7 @@ pub mod error;
 pub mod formats;
 pub mod math;
 pub mod merge;
+pub mod names;
 pub mod output;
 pub mod verify;
 

@@ -275,7 +275,8 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             let f = f.clone();
             Deferred {
                 path: path.to_path_buf(),
-                compute: Arc::new(move || {
+                base_dtype: None,
+                compute: Arc::new(move |_| {
                     let t = f
                         .tensor(&blocks_key)
                         .expect("checked when the file was read");

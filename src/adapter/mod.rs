@@ -42,9 +42,12 @@ pub enum BlockKind {
 /// so its memory does not grow with the adapter; `Adapter::materialise` computes them all.
 #[derive(Clone)]
 pub struct Deferred {
-    pub compute: Arc<dyn Fn() -> Result<Vec<f32>> + Send + Sync>,
+    /// Called with the base tensor's dtype once the target is fitted to a base (some sources
+    /// compute their blocks in the model's dtype), else None.
+    pub compute: Arc<dyn Fn(Option<Dtype>) -> Result<Vec<f32>> + Send + Sync>,
     /// The file the blocks come from, for messages.
     pub path: std::path::PathBuf,
+    pub base_dtype: Option<Dtype>,
 }
 
 impl std::fmt::Debug for Deferred {
@@ -192,7 +195,10 @@ impl Target {
 
     /// Fit a target to its base tensor's shape: the block count of shared blocks and the crop of
     /// cropped ones follow from the length of the rotated axis.
-    pub fn fit(&mut self, shape: &[usize]) -> Result<()> {
+    pub fn fit(&mut self, dtype: Dtype, shape: &[usize]) -> Result<()> {
+        if let Some(d) = &mut self.deferred {
+            d.base_dtype = Some(dtype);
+        }
         if shape.len() < 2 {
             return Ok(()); // check_base reports it
         }
@@ -254,7 +260,7 @@ impl Target {
         let stored = match &self.deferred {
             None => Cow::Borrowed(&self.data[..]),
             Some(d) => {
-                let v = (d.compute)().map_err(|e| e.at(&d.path))?;
+                let v = (d.compute)(d.base_dtype).map_err(|e| e.at(&d.path))?;
                 self.check_data(&v).map_err(|e| e.at(&d.path))?;
                 Cow::Owned(v)
             }
@@ -286,7 +292,7 @@ impl Target {
     pub fn materialise(&mut self) -> Result<()> {
         if self.share && self.blocks == 0 {
             if let Some(d) = self.deferred.take() {
-                let v = (d.compute)().map_err(|e| e.at(&d.path))?;
+                let v = (d.compute)(d.base_dtype).map_err(|e| e.at(&d.path))?;
                 self.check_data(&v).map_err(|e| e.at(&d.path))?;
                 self.data = v;
             }
@@ -371,7 +377,25 @@ impl Target {
 
     /// The kernel chain that merges (or, with `inverse`, un-merges) this target.
     pub fn chain(&self, inverse: bool) -> Result<Chain> {
+        self.chain_at(inverse, Strength::FULL)
+    }
+
+    /// The chain at a strength (see `Strength`); with `inverse`, the chain that undoes it.
+    pub fn chain_at(&self, inverse: bool, strength: Strength) -> Result<Chain> {
         let (h, d) = (self.block_size, self.blocks);
+        let t = strength.t;
+        let partial = t != 1.0;
+        if partial && inverse && strength.mode == StrengthMode::Linear {
+            return Err(Error::bare(
+                Class::Usage,
+                format!(
+                    "{}: a linear-strength merge (W + t·(F(W) − W), t ≠ 1) has no structured \
+                     inverse; un-merge with the strength mode it was merged with (per-factor or \
+                     geodesic) or at strength 1",
+                    self.label()
+                ),
+            ));
+        }
         let mut data = self.blocks_data()?;
         if let Some(axis) = self.crop.filter(|&a| a < self.n()) {
             // Cropping keeps the leading axis×axis part of the block diagonal. On a vector padded
@@ -390,6 +414,51 @@ impl Target {
                 }
             }
         }
+        if partial && strength.mode != StrengthMode::Linear {
+            let v = data.to_mut();
+            let hh = h * h;
+            for (k, b) in v.chunks_exact_mut(hh).enumerate() {
+                match strength.mode {
+                    StrengthMode::PerFactor => {
+                        b.iter_mut().for_each(|x| *x *= t as f32);
+                        for i in 0..h {
+                            b[i * h + i] += (1.0 - t) as f32;
+                        }
+                    }
+                    _ => {
+                        if blocks::orth_error(h, b) > GEODESIC_ORTH_TOL {
+                            return Err(Error::bare(
+                                Class::BadAdapter,
+                                format!(
+                                    "{}: block {} of factor {} is not orthogonal ({} blocks); \
+                                     --strength-mode geodesic needs rotations",
+                                    self.label(),
+                                    k % d,
+                                    k / d,
+                                    self.kind_name()
+                                ),
+                            ));
+                        }
+                        let p = blocks::orthogonal_power(h, b, t).ok_or_else(|| {
+                            Error::bare(
+                                Class::BadAdapter,
+                                format!(
+                                    "{}: block {} of factor {} turns some direction by 180°: \
+                                     no unique geodesic to scale",
+                                    self.label(),
+                                    k % d,
+                                    k / d
+                                ),
+                            )
+                        })?;
+                        b.copy_from_slice(&p);
+                    }
+                }
+            }
+        }
+        // Transposing inverts exactly orthogonal blocks; interpolated ones need a solve.
+        let orthogonal = self.kind == BlockKind::Cayley
+            && !(partial && strength.mode == StrengthMode::PerFactor);
         let mut factors: Vec<Factor> = (0..self.factors)
             .map(|f| Factor {
                 h,
@@ -401,6 +470,23 @@ impl Target {
             })
             .collect();
         let mut scale = self.scale.clone();
+        if let (Some(s), true) = (
+            &mut scale,
+            partial && strength.mode == StrengthMode::Geodesic,
+        ) {
+            if let Some(i) = s.iter().position(|&x| x <= 0.0) {
+                return Err(Error::bare(
+                    Class::BadAdapter,
+                    format!(
+                        "{}: scale of row {i} is {} (not positive): --strength-mode geodesic \
+                         scales it to s^t",
+                        self.label(),
+                        s[i]
+                    ),
+                ));
+            }
+            s.iter_mut().for_each(|x| *x = x.powf(t as f32));
+        }
         if inverse {
             factors.reverse();
             for (fi, f) in factors.iter_mut().enumerate() {
@@ -408,7 +494,7 @@ impl Target {
                 for k in 0..d {
                     // An exact Cayley block is orthogonal: its transpose is its inverse (to the
                     // f32 rounding of the stored values), at a fraction of the cost of a solve.
-                    if self.kind == BlockKind::Cayley {
+                    if orthogonal {
                         inv.extend(blocks::transpose(h, f.block(k)));
                         continue;
                     }
@@ -445,9 +531,50 @@ impl Target {
                 Side::Output => ScaleOn::Component,
             },
             scale_first: inverse,
-            blend: 1.0,
+            blend: if strength.mode == StrengthMode::Linear {
+                t as f32
+            } else {
+                1.0
+            },
         })
     }
+
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            BlockKind::Cayley => "Cayley",
+            BlockKind::Neumann => "truncated Neumann series",
+            BlockKind::Cropped => "cropped",
+            BlockKind::Raw => "raw",
+        }
+    }
+}
+
+/// Blocks must be this close to orthogonal (`max |BᵀB − I|`) for a geodesic strength.
+const GEODESIC_ORTH_TOL: f64 = 1e-5;
+
+/// How `--strength t` scales an adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrengthMode {
+    /// `W + t·(F(W) − W)`, F the whole adapter (A1111, kohya, sd-scripts).
+    Linear,
+    /// Every block B becomes `t·B + (1 − t)·I` before it is applied; per-row scales apply in
+    /// full (LyCORIS's multiplier; for diag-oft without rescale the same as linear).
+    PerFactor,
+    /// Every block becomes `Bᵗ` (exactly orthogonal at every t, `B^½·B^½ = B`), scales `sᵗ`.
+    Geodesic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Strength {
+    pub t: f64,
+    pub mode: StrengthMode,
+}
+
+impl Strength {
+    pub const FULL: Strength = Strength {
+        t: 1.0,
+        mode: StrengthMode::Linear,
+    };
 }
 
 impl Adapter {

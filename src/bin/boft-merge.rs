@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use boft::adapter::{Strength, StrengthMode};
 use boft::checkpoint::Checkpoint;
 use boft::cli;
 use boft::merge::{self, Direction, Options};
@@ -42,9 +43,25 @@ struct Args {
     /// Where to compute: cpu (default), or cuda[:N] when built with the cuda feature.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Apply the adapter at this strength (1 = as trained).
+    #[arg(long, default_value_t = 1.0)]
+    strength: f64,
+    /// How a strength other than 1 is applied: linear (W + t·(F(W) − W), what A1111 and kohya do),
+    /// per-factor (each block tB + (1 − t)I, what LyCORIS does), geodesic (each rotation to the
+    /// power t: exactly orthogonal, two merges at t = ½ equal one at 1 for block-diagonal
+    /// adapters). docs/STRENGTH.md says which tool each mode reproduces.
+    #[arg(long, value_enum, default_value = "linear")]
+    strength_mode: Mode,
     /// Print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Mode {
+    Linear,
+    PerFactor,
+    Geodesic,
 }
 
 fn main() {
@@ -61,7 +78,21 @@ fn main() {
                 (true, true) => Direction::UnmergeKeepReplaced,
             },
             progress: !args.quiet,
+            strength: Strength {
+                t: args.strength,
+                mode: match args.strength_mode {
+                    Mode::Linear => StrengthMode::Linear,
+                    Mode::PerFactor => StrengthMode::PerFactor,
+                    Mode::Geodesic => StrengthMode::Geodesic,
+                },
+            },
         };
+        if !args.strength.is_finite() {
+            return Err(boft::Error::bare(
+                boft::Class::Usage,
+                format!("--strength {}: expected a finite number", args.strength),
+            ));
+        }
         let stats = cli::with_threads(args.threads, || {
             merge::merge_to(
                 &base,

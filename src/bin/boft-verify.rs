@@ -65,12 +65,12 @@ fn main() {
         let merged = args.merged.as_deref().map(Checkpoint::open).transpose()?;
         let mut adapters = Vec::new();
         for a in &args.adapters {
-            let mut adapter = boft::formats::load(a)?;
+            let mut adapter = boft::formats::load_deferred(a)?;
             if let Some(b) = &base {
-                // Shared and cropped blocks take their geometry from the base.
+                // Names, shared and cropped blocks and some sources' arithmetic follow the base.
                 boft::merge::fit(b, &mut adapter)?;
-                adapter.materialise()?;
             }
+            adapter.materialise()?;
             adapters.push((a.display().to_string(), adapter));
         }
         let report = verify::verify(&adapters, base.as_ref(), merged.as_ref(), &settings)?;

@@ -168,6 +168,15 @@ fn bf16_bits(x: f32) -> u16 {
     (if x.is_nan() { nan } else { rounded }) as u16
 }
 
+/// Round an f32 to the nearest value of a float dtype (nearest-even), as f32.
+pub fn round_f32(dtype: Dtype, x: f32) -> f32 {
+    match dtype {
+        Dtype::BF16 => f32::from_bits((bf16_bits(x) as u32) << 16),
+        Dtype::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
 /// Decode any float tensor (including F64) into f32; None for non-float types.
 pub fn decode_any_f32(dtype: Dtype, src: &[u8]) -> Option<Vec<f32>> {
     match dtype {

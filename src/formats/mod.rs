@@ -1,6 +1,8 @@
 //! Source formats. Each file here knows one framework's on-disk layout and turns it into the
 //! canonical model; nothing outside this folder knows about any of them.
 
+pub mod export;
+pub mod lycoris;
 pub mod peft;
 pub mod peft_boft;
 pub mod peft_oft;
@@ -51,17 +53,13 @@ fn open(path: &Path, hash: bool) -> Result<Adapter> {
              pass the adapter folder",
         ));
     }
-    if has(".oft_blocks") || has(".oft_diag") || names.iter().any(|n| n.contains(".oft_blocks.")) {
-        return Err(err(
-            Class::UnknownFormat,
-            path,
-            "LyCORIS/kohya OFT files are not supported by this version yet",
-        ));
+    if lycoris::detect(&f) {
+        return lycoris::import(&f);
     }
     Err(err(
         Class::UnknownFormat,
         path,
-        "not a recognised adapter (expected a canonical file or a PEFT adapter folder)",
+        "not a recognised adapter (expected a canonical file, a PEFT adapter folder, or a LyCORIS/kohya OFT file)",
     ))
 }
 

@@ -192,7 +192,8 @@ fn module_target(
         let (f, r, path, name) = (f.clone(), r.clone(), path.to_path_buf(), name.to_string());
         Deferred {
             path: path.clone(),
-            compute: Arc::new(move || cayley_blocks(&path, &name, &f, &r, d, h)),
+            compute: Arc::new(move |_| cayley_blocks(&path, &name, &f, &r, d, h)),
+            base_dtype: None,
         }
     };
     let perms: Vec<Option<Vec<u32>>> = (0..nf)

@@ -299,7 +299,8 @@ fn module_target(
         let (f, r, path) = (f.clone(), r.clone(), path.to_path_buf());
         Deferred {
             path: path.clone(),
-            compute: Arc::new(move || compute_blocks(&path, &f, &r, &recipe)),
+            compute: Arc::new(move |_| compute_blocks(&path, &f, &r, &recipe)),
+            base_dtype: None,
         }
     };
     Ok(Target {

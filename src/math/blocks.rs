@@ -56,8 +56,75 @@ pub fn inverse(h: usize, b: &[f32]) -> Option<Vec<f32>> {
     Some(inv.transpose().iter().map(|&x| x as f32).collect())
 }
 
+/// `Bᵗ` of an orthogonal block with determinant +1 (the point at t along the geodesic from I to
+/// B in SO(h)), or None when B has an eigenvalue −1 (no unique geodesic). Computed through the
+/// Cayley generator: `B = C−(S)`, S's eigenvalues ±iσ become ±i·tan(t·atan σ), so that
+/// `C−(S_t)` has B's eigenvectors and t times its rotation angles. (Scaling S by t alone is not
+/// a geodesic: `C−(S/2)² ≠ C−(S)`.)
+pub fn orthogonal_power(h: usize, b: &[f32], t: f64) -> Option<Vec<f32>> {
+    let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+    let s = crate::math::cayley::inverse_cayley_minus(h, &b64)?;
+    let s = DMatrix::from_row_slice(h, h, &s);
+    let s = (&s - s.transpose()) * 0.5;
+    let eig = (&s * &s).symmetric_eigen();
+    let g: Vec<f64> = eig
+        .eigenvalues
+        .iter()
+        .map(|&mu| {
+            let sigma = (-mu).max(0.0).sqrt();
+            if sigma < 1e-12 {
+                t
+            } else {
+                (t * sigma.atan()).tan() / sigma
+            }
+        })
+        .collect();
+    let v = &eig.eigenvectors;
+    let gm = v * DMatrix::from_diagonal(&nalgebra::DVector::from_vec(g)) * v.transpose();
+    let st = &s * gm;
+    let st = (&st - st.transpose()) * 0.5;
+    let rows: Vec<f64> = st.transpose().as_slice().to_vec();
+    let q = crate::math::cayley::try_cayley_minus(h, &rows)?;
+    Some(q.iter().map(|&x| x as f32).collect())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn orthogonal_power_is_a_geodesic() {
+        use crate::math::cayley;
+        let h = 6;
+        let mut seed = 7u64;
+        let a: Vec<f64> = (0..h * h)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                ((seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 3.0
+            })
+            .collect();
+        let b: Vec<f32> = cayley::cayley_minus(h, &cayley::skew_half(h, &a))
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        let half = super::orthogonal_power(h, &b, 0.5).unwrap();
+        assert!(super::orth_error(h, &half) < 1e-6);
+        let mut sq = vec![0f32; h * h];
+        for i in 0..h {
+            for j in 0..h {
+                sq[i * h + j] = (0..h).map(|k| half[i * h + k] * half[k * h + j]).sum();
+            }
+        }
+        let worst = sq
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "B^½·B^½ differs from B by {worst}");
+        let one = super::orthogonal_power(h, &b, 1.0).unwrap();
+        assert!(one.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
+        let zero = super::orthogonal_power(h, &b, 0.0).unwrap();
+        assert!(super::orth_error(h, &zero) < 1e-6 && (zero[0] - 1.0).abs() < 1e-6);
+    }
+
     use super::*;
 
     #[test]

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use crate::adapter::{Adapter, Replacement, Side, Target};
+use crate::adapter::{Adapter, Replacement, Side, Strength, Target};
 use crate::checkpoint::{dtype, Checkpoint, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
@@ -45,6 +45,8 @@ pub struct Plan<'a> {
     pub base: &'a Checkpoint,
     actions: HashMap<String, Action<'a>>,
     inverse: bool,
+    /// Strength every chain is built at (full unless set).
+    pub strength: Strength,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -68,6 +70,7 @@ pub enum Direction {
 pub struct Options {
     pub direction: Direction,
     pub progress: bool,
+    pub strength: Strength,
 }
 
 /// Resolve every target and replacement against the base and check it fits. Nothing is written.
@@ -174,6 +177,7 @@ pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, dir: Direction) -> R
         base,
         actions,
         inverse: unmerge,
+        strength: Strength::FULL,
     })
 }
 
@@ -200,11 +204,11 @@ impl Plan<'_> {
     pub(crate) fn build<'b>(&self, a: &Action<'b>) -> Result<Built<'b>> {
         let at = |e: Error| e.at(&self.base.root);
         Ok(match a {
-            Action::Rows(t) => Built::Rows(t.chain(self.inverse).map_err(at)?),
+            Action::Rows(t) => Built::Rows(t.chain_at(self.inverse, self.strength).map_err(at)?),
             Action::Columns(slices) => Built::Columns(
                 slices
                     .iter()
-                    .map(|(r, t)| Ok((*r, t.chain(self.inverse).map_err(at)?)))
+                    .map(|(r, t)| Ok((*r, t.chain_at(self.inverse, self.strength).map_err(at)?)))
                     .collect::<Result<_>>()?,
             ),
             Action::Replace(r) => Built::Replace(r),
@@ -602,11 +606,14 @@ fn write_replacement(
     Ok(())
 }
 
-/// Fit every target to its base tensor (the count of shared blocks, crops); see `Target::fit`.
+/// Resolve every target's name against the base (`crate::names`) and fit it to its base
+/// tensor (the count of shared blocks, crops; see `Target::fit`).
 pub fn fit(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
+    crate::names::resolve(base, adapter)?;
     for t in &mut adapter.targets {
         if let Some((_, info)) = base.get(&t.name) {
-            t.fit(&info.shape).map_err(|e| e.at(&base.root))?;
+            t.fit(info.dtype, &info.shape)
+                .map_err(|e| e.at(&base.root))?;
         }
     }
     Ok(())
@@ -651,7 +658,8 @@ pub fn merge_to(
     opts: &Options,
 ) -> Result<Stats> {
     output::check_destination(dest, inputs, force)?;
-    let plan = plan(base, adapter, opts.direction)?;
+    let mut plan = plan(base, adapter, opts.direction)?;
+    plan.strength = opts.strength;
     let staged = if base.is_folder() {
         Staged::dir(dest)?
     } else {

@@ -394,5 +394,6 @@ pub fn merge_and_compare(c: &RefCase, m: &RefMerged, extra: &[&str]) {
         stderr(&o)
     );
     assert_eq!(snapshot(&base), before, "{}: base modified", c.name);
+    eprintln!("comparing {} at multiplier {}", c.name, m.multiplier);
     assert_merge_matches(&out, &c.expected(m), &base);
 }

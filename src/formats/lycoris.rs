@@ -1,0 +1,383 @@
+//! LyCORIS (`lycoris-lora`) diag-oft and boft, and kohya sd-scripts `networks.oft`: single
+//! safetensors files keyed `<prefix>_<module path, '.' → '_'>.<tensor>`. All rotate the output
+//! side (rows of the weight).
+//!
+//! * LyCORIS diag-oft: `oft_blocks (D, H, H)`, `alpha` (the constraint), optional `rescale`.
+//!   `Q = A − Aᵀ` over all blocks; with `c = alpha·out > 0` and `‖Q‖_F + 1e-8 > c`,
+//!   `Q ← Q·c/(‖Q‖ + 1e-8)`; `R_k = C+(Q_k)`; merge `W'_k = R_kᵀ·W_k`, then rows × rescale.
+//!   The canonical block is `R_kᵀ = C−(Q_k)`.
+//! * LyCORIS boft: `oft_blocks (m, D, H, H)`; same Q, constraint (norm over all m·D blocks) and
+//!   `R = C+(Q)`. Stage i gathers rows by LyCORIS's pattern (groups of `2k`, `k = 2^i·H/2`,
+//!   interleaved halves), multiplies each H-row block by `R` (not its transpose), scatters back.
+//! * kohya `networks.oft` (`oft_unet_*`): diag-oft maths with the clamp always applied,
+//!   `Q·(min(‖Q‖, c) + 1e-8)/(‖Q‖ + 1e-8)`, no rescale.
+//!
+//! Module names are left as the file spells them (`lycoris_down_blocks_0_…`); `crate::names`
+//! resolves them against the base checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
+use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
+use crate::error::{err, Class, Result};
+use crate::math::cayley;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Flavour {
+    DiagOft,
+    Boft,
+    Kohya,
+}
+
+#[derive(Default)]
+struct Module<'a> {
+    blocks: Option<&'a TensorInfo>,
+    alpha: Option<&'a TensorInfo>,
+    rescale: Option<&'a TensorInfo>,
+}
+
+/// True when the tensor names look like a LyCORIS or kohya OFT file.
+pub fn detect(f: &SafeFile) -> bool {
+    f.tensors
+        .iter()
+        .any(|t| t.name.ends_with(".oft_blocks") || t.name.ends_with(".oft_diag"))
+}
+
+pub fn import(f: &Arc<SafeFile>) -> Result<Adapter> {
+    let path = f.path.as_path();
+    let mut modules: BTreeMap<&str, Module> = BTreeMap::new();
+    for t in &f.tensors {
+        let (m, kind) = t.name.rsplit_once('.').unwrap_or((t.name.as_str(), ""));
+        match kind {
+            "oft_blocks" => modules.entry(m).or_default().blocks = Some(t),
+            "alpha" => modules.entry(m).or_default().alpha = Some(t),
+            "rescale" => modules.entry(m).or_default().rescale = Some(t),
+            "oft_diag" => {
+                return Err(err(
+                    Class::UnknownFormat,
+                    path,
+                    format!(
+                        "{}: LyCORIS 2.0 files that store the finished rotation (oft_diag) are \
+                         not supported",
+                        t.name
+                    ),
+                ))
+            }
+            _ if t.name.contains(".oft_blocks.") => {
+                return Err(err(
+                    Class::UnknownFormat,
+                    path,
+                    format!(
+                        "{}: kohya FLUX OFT (split oft_blocks.<j>) is not supported yet",
+                        t.name
+                    ),
+                ))
+            }
+            _ => {
+                return Err(err(
+                    Class::BadAdapter,
+                    path,
+                    format!(
+                        "tensor {:?} is not part of a LyCORIS/kohya OFT module",
+                        t.name
+                    ),
+                ))
+            }
+        }
+    }
+    let kohya = modules.keys().any(|k| k.starts_with("oft_unet_"));
+    if kohya && modules.keys().any(|k| !k.starts_with("oft_unet_")) {
+        return Err(err(
+            Class::UnknownFormat,
+            path,
+            "mixes kohya (oft_unet_*) and other module names: not one file format",
+        ));
+    }
+    let meta_constraint = metadata_constraint(f);
+    let mut targets = Vec::with_capacity(modules.len());
+    let mut flavours = std::collections::BTreeSet::new();
+    for (name, m) in &modules {
+        let blocks = m.blocks.ok_or_else(|| {
+            err(
+                Class::BadAdapter,
+                path,
+                format!("{name}: alpha/rescale without oft_blocks"),
+            )
+        })?;
+        let flavour = match (kohya, blocks.shape.len()) {
+            (true, 3) => Flavour::Kohya,
+            (false, 3) => Flavour::DiagOft,
+            (false, 4) => Flavour::Boft,
+            _ => {
+                return Err(err(
+                    Class::BadAdapter,
+                    path,
+                    format!(
+                        "{name}.oft_blocks has shape {:?}, expected (D, H, H){}",
+                        blocks.shape,
+                        if kohya { "" } else { " or (m, D, H, H)" }
+                    ),
+                ))
+            }
+        };
+        flavours.insert(format!("{flavour:?}"));
+        targets.push(module_target(
+            path,
+            f,
+            name,
+            m,
+            blocks,
+            flavour,
+            meta_constraint,
+        )?);
+    }
+    if targets.is_empty() {
+        return Err(err(Class::BadAdapter, path, "no oft_blocks tensors"));
+    }
+    let source_format = if kohya {
+        "kohya-oft"
+    } else if flavours.len() > 1 {
+        "lycoris-oft"
+    } else if flavours.contains("Boft") {
+        "lycoris-boft"
+    } else {
+        "lycoris-diag-oft"
+    };
+    let version = f
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get("ss_network_module").cloned())
+        .unwrap_or_default();
+    Ok(Adapter {
+        targets,
+        replacements: Vec::new(),
+        source_format: source_format.into(),
+        source_version: version,
+        ..Default::default()
+    })
+}
+
+/// LyCORIS 2.1.0–2.1.0.post2 files carry no `alpha`; their constraint is in the training
+/// arguments, when those were kept.
+fn metadata_constraint(f: &SafeFile) -> Option<f64> {
+    let args = f.metadata.as_ref()?.get("ss_network_args")?;
+    let v: serde_json::Value = serde_json::from_str(args).ok()?;
+    ["constraint", "constrain"]
+        .iter()
+        .find_map(|k| match v.get(k)? {
+            serde_json::Value::String(s) => s.parse().ok(),
+            x => x.as_f64(),
+        })
+}
+
+struct Recipe {
+    flavour: Flavour,
+    /// `c = alpha · out` (0: no constraint).
+    constraint: f64,
+    h: usize,
+}
+
+fn module_target(
+    path: &Path,
+    f: &Arc<SafeFile>,
+    name: &str,
+    m: &Module,
+    blocks: &TensorInfo,
+    flavour: Flavour,
+    meta_constraint: Option<f64>,
+) -> Result<Target> {
+    let bad = |msg: String| err(Class::BadAdapter, path, format!("{name}: {msg}"));
+    let (nf, d, h) = match blocks.shape.as_slice() {
+        &[d, a, b] if a == b => (1, d, a),
+        &[m, d, a, b] if a == b => (m, d, a),
+        s => {
+            return Err(bad(format!(
+                "oft_blocks has shape {s:?}, blocks are not square"
+            )))
+        }
+    };
+    if nf == 0 || d == 0 || h == 0 {
+        return Err(bad(format!(
+            "oft_blocks has an empty dimension {:?}",
+            blocks.shape
+        )));
+    }
+    if flavour == Flavour::Boft {
+        // Stage i pairs half-blocks across 2^i blocks.
+        if h % 2 != 0 || nf > 1 && (d % (1usize << (nf - 1).min(63)) != 0) {
+            return Err(bad(format!(
+                "{nf} butterfly stages need an even block size and a block count divisible by {}; \
+                 oft_blocks holds {d} blocks of {h}",
+                1u64 << (nf - 1).min(63)
+            )));
+        }
+    }
+    super::peft_boft::check_floats(path, f, blocks)?;
+    let out = d * h;
+    let alpha = match m.alpha {
+        Some(a) => {
+            let v = super::peft_boft::floats(path, f, a)?;
+            if v.len() != 1 {
+                return Err(bad(format!(
+                    "alpha has shape {:?}, expected a scalar",
+                    a.shape
+                )));
+            }
+            v[0] as f64
+        }
+        None if flavour == Flavour::Kohya => {
+            return Err(bad("kohya OFT module without alpha".into()));
+        }
+        None => meta_constraint.unwrap_or(0.0),
+    };
+    let scale = match m.rescale {
+        Some(r) => {
+            let v = super::peft_boft::floats(path, f, r)?;
+            if r.shape.first() != Some(&out) || v.len() != out {
+                return Err(bad(format!(
+                    "rescale has shape {:?}, expected ({out}, 1, …)",
+                    r.shape
+                )));
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let perms = (0..nf)
+        .map(|i| (flavour == Flavour::Boft).then(|| lycoris_boft_perm(out, h, i)))
+        .map(|p| p.filter(|p| !crate::math::perm::is_identity(p)))
+        .collect();
+    let recipe = Arc::new(Recipe {
+        flavour,
+        constraint: alpha * out as f64,
+        h,
+    });
+    let deferred = {
+        let (f, t, path) = (f.clone(), blocks.clone(), path.to_path_buf());
+        Deferred {
+            path: path.clone(),
+            compute: Arc::new(move |dt| compute_blocks(&path, &f, &t, &recipe, dt)),
+            base_dtype: None,
+        }
+    };
+    Ok(Target {
+        name: name.to_string(),
+        module: name.to_string(),
+        side: Side::Output,
+        shape: None,
+        rows: None,
+        factors: nf,
+        blocks: d,
+        block_size: h,
+        data: Vec::new(),
+        deferred: Some(deferred),
+        perms,
+        scale,
+        kind: BlockKind::Cayley,
+        share: false,
+        crop: None,
+        croppable: false,
+    })
+}
+
+/// LyCORIS boft's row order of stage i: for each group of `2k` rows (`k = 2^i·h/2`), rows
+/// `g·2k + c·k + a` for a in 0..k, c in 0..2 with c varying fastest.
+pub fn lycoris_boft_perm(n: usize, h: usize, i: usize) -> Vec<u32> {
+    let k = (h / 2) << i;
+    let mut p = Vec::with_capacity(n);
+    for g in 0..n / (2 * k) {
+        for a in 0..k {
+            for c in 0..2 {
+                p.push((g * 2 * k + c * k + a) as u32);
+            }
+        }
+    }
+    p
+}
+
+/// `C±(Q)` of every block. LyCORIS merges with its module cast to the model's dtype, so on a
+/// 16-bit model it rounds the blocks, `Q = A − Aᵀ`, its norm and the clamped Q to that dtype
+/// before solving in f32; `dt` (the base dtype, when known) reproduces that. kohya computes in
+/// the stored dtype and f32.
+fn compute_blocks(
+    path: &Path,
+    f: &SafeFile,
+    t: &TensorInfo,
+    r: &Recipe,
+    dt: Option<Dtype>,
+) -> Result<Vec<f32>> {
+    let raw = super::peft_boft::floats(path, f, t)?;
+    let h = r.h;
+    let hh = h * h;
+    let low = dt.filter(|d| r.flavour != Flavour::Kohya && matches!(d, Dtype::BF16 | Dtype::F16));
+    let round = |x: f32| match low {
+        Some(d) => dtype::round_f32(d, x),
+        None => x,
+    };
+    let mut q: Vec<f64> = vec![0.0; raw.len()];
+    for (blk, out) in raw.chunks_exact(hh).zip(q.chunks_exact_mut(hh)) {
+        for i in 0..h {
+            for j in 0..h {
+                out[i * h + j] = match low {
+                    Some(_) => round(round(blk[i * h + j]) - round(blk[j * h + i])) as f64,
+                    None => blk[i * h + j] as f64 - blk[j * h + i] as f64,
+                };
+            }
+        }
+    }
+    let mut norm = q.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if low.is_some() {
+        norm = round(norm as f32) as f64;
+    }
+    match r.flavour {
+        Flavour::Kohya => {
+            let factor = (norm.min(r.constraint) + 1e-8) / (norm + 1e-8);
+            q.iter_mut().for_each(|x| *x *= factor);
+        }
+        _ if r.constraint > 0.0 && norm + 1e-8 > r.constraint => match low {
+            Some(_) => {
+                let (c, n) = (r.constraint as f32, round((norm + 1e-8) as f32));
+                q.iter_mut()
+                    .for_each(|x| *x = round(round(*x as f32 * c) / n) as f64);
+            }
+            None => {
+                let factor = r.constraint / (norm + 1e-8);
+                q.iter_mut().for_each(|x| *x *= factor);
+            }
+        },
+        _ => {}
+    }
+    let solved: Vec<Result<Vec<f64>>> = q
+        .par_chunks_exact(hh)
+        .enumerate()
+        .map(|(k, s)| {
+            // The canonical block of diag-oft/kohya is Rᵀ = C+(Q)ᵀ = C−(Q); boft multiplies by
+            // R = C+(Q) itself.
+            let b = match r.flavour {
+                Flavour::Boft => {
+                    cayley::try_cayley_minus(h, &s.iter().map(|x| -x).collect::<Vec<_>>())
+                }
+                _ => cayley::try_cayley_minus(h, s),
+            };
+            b.ok_or_else(|| {
+                err(
+                    Class::BadAdapter,
+                    path,
+                    format!(
+                        "{}: block {k} cannot be computed in f64 (values too large)",
+                        t.name
+                    ),
+                )
+            })
+        })
+        .collect();
+    let mut data = Vec::with_capacity(raw.len());
+    for b in solved {
+        data.extend(b?.iter().map(|&x| x as f32));
+    }
+    Ok(data)
+}

@@ -1,0 +1,25 @@
+//! LyCORIS diag-oft/boft and kohya OFT files: our merge against the writing library's own merge,
+//! on fixtures made by fixtures/generate/make_lycoris_oft.py and make_kohya_oft.py. Module names
+//! are diffusers-style, flattened the way those libraries flatten them.
+
+mod common;
+
+use common::*;
+
+fn cases() -> Vec<RefCase> {
+    let mut v = ref_cases("lycoris");
+    v.extend(ref_cases("kohya_oft"));
+    v
+}
+
+#[test]
+fn full_strength_matches_the_library() {
+    let cases = cases();
+    for f in ["lycoris_diag_oft", "lycoris_boft", "kohya_oft"] {
+        assert!(cases.iter().any(|c| c.format == f), "{f}");
+    }
+    for c in &cases {
+        let m = c.merged.iter().find(|m| m.multiplier == 1.0).unwrap();
+        merge_and_compare(c, m, &[]);
+    }
+}
