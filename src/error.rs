@@ -36,6 +36,7 @@ pub enum Class {
     Usage,
     Interrupted,
     NoDevice,
+    NotExportable,
 }
 
 impl Class {
@@ -68,6 +69,7 @@ impl Class {
             Class::Usage => "usage",
             Class::Interrupted => "interrupted",
             Class::NoDevice => "no-device",
+            Class::NotExportable => "not-exportable",
         }
     }
 }

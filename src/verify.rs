@@ -1028,8 +1028,8 @@ fn check_merged(
                                 },
                             )?;
                         }
-                        merge::Built::Columns(slices) => {
-                            let w = merge::columns_f32(t, src, &slices, &CpuBackend)?;
+                        merge::Built::Columns(slices, cols) => {
+                            let w = merge::columns_f32(t, src, &slices, cols, &CpuBackend)?;
                             compare(0, &w);
                         }
                         merge::Built::Replace(_) => unreachable!(),
@@ -1359,6 +1359,7 @@ mod tests {
                 share: false,
                 crop: None,
                 croppable: false,
+                view: None,
             };
             let dof = degrees_of_freedom(&t);
             let raw = nf * d * h * h;

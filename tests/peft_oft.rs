@@ -33,7 +33,7 @@ fn every_generation_matches_its_peft_version() {
 fn unmerge_restores_the_base() {
     for c in cases()
         .iter()
-        .filter(|c| c.format.starts_with("peft_oft") && c.base_dtype == "float32")
+        .filter(|c| c.base_dtype == "float32")
     {
         let tmp = tempfile::tempdir().unwrap();
         let base = c.base_path();
@@ -65,5 +65,19 @@ fn unmerge_restores_the_base() {
             let e = rel_err(&restored[name].1.f32(), &t.f32());
             assert!(e <= 1e-5, "{}: {name}: un-merge error {e:e}", c.name);
         }
+    }
+}
+
+/// PEFT ≤ 0.13 merged Conv2d BOFT layers through a reinterpretation of the kernel buffer; such
+/// files (config without exclude_modules) are merged the way the PEFT that wrote them did.
+#[test]
+fn legacy_conv_boft_matches_peft_0_13() {
+    let cases: Vec<RefCase> = cases()
+        .into_iter()
+        .filter(|c| c.format == "peft_boft_legacy_conv")
+        .collect();
+    assert_eq!(cases.len(), 2);
+    for c in &cases {
+        merge_and_compare(c, &c.merged[0], &[]);
     }
 }

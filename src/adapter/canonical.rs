@@ -36,6 +36,10 @@ struct TargetMeta {
     /// (a reader that ignores it fails the geometry check instead of merging wrongly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     crop: Option<usize>,
+    /// The base tensor read as this (rows, cols) matrix, scale on its columns (PEFT ≤ 0.13
+    /// Conv2d BOFT); written only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    view: Option<(usize, usize)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -119,6 +123,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             permuted,
             scaled: t.scale.is_some(),
             crop: t.crop,
+            view: t.view,
         });
     }
     let mut rmetas = Vec::new();
@@ -343,6 +348,7 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             share: false,
             crop: m.crop,
             croppable: false,
+            view: m.view,
         };
         t.validate().map_err(|e| e.at(path))?;
         targets.push(t);

@@ -89,6 +89,10 @@ pub struct Target {
     pub crop: Option<usize>,
     /// The source crops when the axis is shorter (set by importers; `fit` sets `crop`).
     pub croppable: bool,
+    /// The base tensor's buffer read as a `(rows, cols)` matrix instead of `(out, rest)`, and the
+    /// scale multiplying that matrix's columns (output side only). PEFT ≤ 0.13 merged Conv2d
+    /// BOFT layers this way: the raw `(out, C, kh, kw)` buffer as `(C·kh·kw, out)`.
+    pub view: Option<(usize, usize)>,
 }
 
 /// A tensor that replaces a base tensor outright (PEFT `modules_to_save`, trained biases).
@@ -203,6 +207,7 @@ impl Target {
             return Ok(()); // check_base reports it
         }
         let axis = match (self.side, self.rows) {
+            (_, _) if self.view.is_some() => self.view.unwrap().0,
             (Side::Input, _) => shape[1..].iter().product(),
             (Side::Output, None) => shape[0],
             (Side::Output, Some((a, b))) => b - a,
@@ -336,8 +341,18 @@ impl Target {
                 )));
             }
         }
-        let rows = shape[0];
-        let cols: usize = shape[1..].iter().product();
+        let (rows, cols) = match self.view {
+            Some((r, c)) => {
+                let numel: usize = shape.iter().product();
+                if r.checked_mul(c) != Some(numel) || self.side != Side::Output {
+                    return Err(mism(format!(
+                        "a ({r}, {c}) view does not fit a base tensor of shape {shape:?}"
+                    )));
+                }
+                (r, c)
+            }
+            None => (shape[0], shape[1..].iter().product()),
+        };
         let n = match (self.side, self.rows) {
             (Side::Input, _) => cols,
             (Side::Output, None) => rows,
@@ -364,12 +379,13 @@ impl Target {
             )));
         }
         if let Some(s) = &self.scale {
-            let want = match self.rows {
-                Some((a, b)) => b - a,
-                None => rows,
+            let want = match (self.rows, self.view) {
+                (_, Some(_)) => cols,
+                (Some((a, b)), _) => b - a,
+                (None, None) => rows,
             };
             if s.len() != want {
-                return Err(mism(format!("{} scale values for {want} rows", s.len())));
+                return Err(mism(format!("{} scale values for {want}", s.len())));
             }
         }
         Ok(())
@@ -526,9 +542,9 @@ impl Target {
             n: self.n(),
             factors,
             scale,
-            scale_on: match self.side {
-                Side::Input => ScaleOn::Vector,
-                Side::Output => ScaleOn::Component,
+            scale_on: match (self.side, self.view) {
+                (Side::Input, _) | (Side::Output, Some(_)) => ScaleOn::Vector,
+                (Side::Output, None) => ScaleOn::Component,
             },
             scale_first: inverse,
             blend: if strength.mode == StrengthMode::Linear {

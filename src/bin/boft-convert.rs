@@ -1,28 +1,51 @@
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use boft::adapter::canonical;
 use boft::checkpoint::Checkpoint;
 use boft::cli;
-use clap::Parser;
+use boft::formats::export;
+use clap::{Parser, ValueEnum};
 
-/// Convert a BOFT/OFT adapter to the canonical format (docs/FORMAT.md).
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum To {
+    /// The canonical file (docs/FORMAT.md).
+    Canonical,
+    /// A PEFT adapter folder: BOFT, or OFT (exact Cayley); input-side targets only.
+    Peft,
+    /// A LyCORIS diag-oft/boft .safetensors file; output-side targets only.
+    Lycoris,
+}
+
+/// Convert a BOFT/OFT adapter to the canonical format (docs/FORMAT.md), or export it exactly to
+/// PEFT or LyCORIS (docs/EXPORT.md).
 #[derive(Parser)]
 #[command(
     name = "boft-convert",
     version,
-    after_help = "Example:\n  boft-convert fixtures/peft_boft/adapters/llama_f32_f2 -o llama_f2.safetensors\n\n\
-With --base, every target is checked against the base checkpoint and its shape recorded.\n\
+    after_help = "Examples:\n  boft-convert fixtures/peft_boft/adapters/llama_f32_f2 -o llama_f2.safetensors\n  \
+boft-convert adapter.safetensors --to peft -o my-peft-adapter/ --base model/\n  \
+boft-convert lycoris.safetensors --to lycoris -o out.safetensors --base unet/\n\n\
+With --base, every target is checked against the base checkpoint and its shape recorded (an\n\
+export needs it for Conv2d layers and shared blocks). An export is exact or refused.\n\
 Exit status: 0 success, 2 error (one line on stderr)."
 )]
 struct Args {
-    /// Adapter to read: a PEFT adapter folder or a canonical file.
+    /// Adapter to read: a PEFT adapter folder, a LyCORIS/kohya file or a canonical file.
     input: PathBuf,
-    /// Canonical .safetensors file to write.
+    /// File (canonical, lycoris) or folder (peft) to write.
     #[arg(short = 'o', long = "output")]
     output: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "canonical")]
+    to: To,
     /// Base checkpoint to resolve and check targets against.
     #[arg(long)]
     base: Option<PathBuf>,
+    /// --to peft: a module (e.g. model.embed_tokens) that is an nn.Embedding, which PEFT OFT
+    /// stores as oft_embedding_R (found by itself when the input is a PEFT OFT folder).
+    #[arg(long = "embedding", value_name = "MODULE")]
+    embeddings: Vec<String>,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
@@ -37,8 +60,32 @@ fn main() {
             boft::merge::resolve_shapes(&base, &mut adapter)?;
         }
         boft::output::check_destination(&args.output, &[&args.input], args.force)?;
-        canonical::write(&adapter, &args.output)?;
-        println!("{}", cli::summary(&adapter, &args.output));
+        let done = match args.to {
+            To::Canonical => {
+                canonical::write(&adapter, &args.output)?;
+                println!("{}", cli::summary(&adapter, &args.output));
+                return Ok(0);
+            }
+            To::Peft => {
+                let mut emb: BTreeSet<String> = export::peft_embedding_modules(&args.input);
+                emb.extend(args.embeddings.iter().cloned());
+                export::write_peft(&adapter, &args.output, &emb)?
+            }
+            To::Lycoris => export::write_lycoris(&adapter, &args.output)?,
+        };
+        let version = if adapter.source_version.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", adapter.source_version)
+        };
+        println!(
+            "wrote {}: {} targets from {}{version} as {}, {} replaced tensors",
+            args.output.display(),
+            done.targets,
+            adapter.source_format,
+            done.kind,
+            done.replaced
+        );
         Ok(0)
     })
 }

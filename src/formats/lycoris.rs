@@ -281,6 +281,7 @@ fn module_target(
         share: false,
         crop: None,
         croppable: false,
+        view: None,
     })
 }
 

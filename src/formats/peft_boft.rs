@@ -176,16 +176,9 @@ fn module_target(
             )))
         }
     };
-    if is_conv && legacy {
-        return Err(err(
-            Class::UnknownFormat,
-            cfg_path,
-            format!(
-                "{name}: a Conv2d BOFT layer written by PEFT ≤ 0.13 (config without exclude_modules) \
-                 uses the legacy kernel reinterpretation, which this version does not read yet"
-            ),
-        ));
-    }
+    // PEFT ≤ 0.13 merged Conv2d layers by reading the raw (out, C, kh, kw) buffer as an
+    // (n, out) matrix V: V' = M · V · diag(s).
+    let legacy_conv = is_conv && legacy;
     check_floats(path, f, r)?;
     let scale = floats(path, f, s)?;
     let deferred = {
@@ -208,7 +201,11 @@ fn module_target(
     Ok(Target {
         name: format!("{name}.weight"),
         module: name.to_string(),
-        side: Side::Input,
+        side: if legacy_conv {
+            Side::Output
+        } else {
+            Side::Input
+        },
         shape: None,
         rows: None,
         factors: nf,
@@ -222,6 +219,7 @@ fn module_target(
         share: false,
         crop: None,
         croppable: false,
+        view: legacy_conv.then_some((n, rows)),
     })
 }
 

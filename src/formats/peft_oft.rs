@@ -328,6 +328,7 @@ fn module_target(
         share,
         crop: None,
         croppable: gen == Gen::V0,
+        view: None,
     })
 }
 

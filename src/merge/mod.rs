@@ -37,7 +37,8 @@ pub(crate) enum Action<'a> {
 /// targets' blocks exist at any time.
 pub(crate) enum Built<'a> {
     Rows(Chain),
-    Columns(Vec<((usize, usize), Chain)>),
+    /// Row slices and their chains, and the number of columns the tensor is read as.
+    Columns(Vec<((usize, usize), Chain)>, Option<usize>),
     Replace(&'a Replacement),
 }
 
@@ -110,7 +111,9 @@ pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, dir: Direction) -> R
             }
             let mut slices = Vec::new();
             for t in &targets {
-                let range = t.rows.unwrap_or((0, info.shape[0]));
+                let range = t
+                    .rows
+                    .unwrap_or((0, t.view.map_or(info.shape[0], |v| v.0)));
                 slices.push((range, *t));
             }
             slices.sort_by_key(|s| s.0);
@@ -210,6 +213,7 @@ impl Plan<'_> {
                     .iter()
                     .map(|(r, t)| Ok((*r, t.chain_at(self.inverse, self.strength).map_err(at)?)))
                     .collect::<Result<_>>()?,
+                slices.iter().find_map(|(_, t)| t.view.map(|v| v.1)),
             ),
             Action::Replace(r) => Built::Replace(r),
         })
@@ -338,7 +342,9 @@ impl Plan<'_> {
                 let o = &outs[*fi];
                 let res = built.and_then(|b| match &b {
                     Built::Rows(chain) => transform_rows(o, t, chain, backend, &stop, &bar),
-                    Built::Columns(slices) => transform_columns(o, t, slices, backend, &bar),
+                    Built::Columns(slices, cols) => {
+                        transform_columns(o, t, slices, *cols, backend, &bar)
+                    }
                     Built::Replace(r) => write_replacement(o, t, r, &bar),
                 });
                 if let Err(e) = res {
@@ -532,9 +538,10 @@ pub(crate) fn columns_f32(
     t: &TensorInfo,
     src: &[u8],
     slices: &[((usize, usize), Chain)],
+    view_cols: Option<usize>,
     backend: &dyn Backend,
 ) -> Result<Vec<f32>> {
-    let cols: usize = t.shape[1..].iter().product();
+    let cols: usize = view_cols.unwrap_or_else(|| t.shape[1..].iter().product());
     let mut w = dtype::decode_any_f32(t.dtype, src).expect("float tensor");
     for ((a, b), chain) in slices {
         // A cropped transform (chain.n > b − a) acts on columns padded with zeros.
@@ -546,12 +553,13 @@ pub(crate) fn columns_f32(
             }
         }
         let batch = (CHUNK_ELEMS / n).clamp(1, cols.max(1)) * n;
-        xt.par_chunks_mut(batch).try_for_each_init(
+        xt.par_chunks_mut(batch).enumerate().try_for_each_init(
             || (Scratch::default(), Vec::<f32>::new()),
-            |(scratch, x), chunk| -> Result<()> {
+            |(scratch, x), (ci, chunk)| -> Result<()> {
                 x.clear();
                 x.extend_from_slice(chunk);
-                backend.apply(chain, x, 0, chunk.len() / n, scratch)?;
+                // Each column is a vector: a per-vector scale is indexed by column.
+                backend.apply(chain, x, ci * batch / n, chunk.len() / n, scratch)?;
                 chunk.copy_from_slice(x);
                 Ok(())
             },
@@ -569,10 +577,11 @@ fn transform_columns(
     o: &OutFile,
     t: &TensorInfo,
     slices: &[((usize, usize), Chain)],
+    view_cols: Option<usize>,
     backend: &dyn Backend,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
-    let w = columns_f32(t, o.src.data(t), slices, backend)?;
+    let w = columns_f32(t, o.src.data(t), slices, view_cols, backend)?;
     let mut out = vec![0u8; t.end - t.start];
     dtype::encode_f32(t.dtype, &w, &mut out);
     output::check_interrupted()?;
