@@ -81,3 +81,34 @@ fn legacy_conv_boft_matches_peft_0_13() {
         merge_and_compare(c, &c.merged[0], &[]);
     }
 }
+
+/// `--from peft` reads the same files with today's rule, as PEFT 0.21.2 merges them; a reader
+/// that does not fit the files is refused in one line.
+#[test]
+fn from_forces_the_reader() {
+    for c in cases()
+        .iter()
+        .filter(|c| c.format == "peft_boft_legacy_conv")
+    {
+        assert!(c.merged[1].path.ends_with("__peft0.21.2"));
+        merge_and_compare(c, &c.merged[1], &["--from", "peft"]);
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("o.safetensors");
+        let o = run(
+            "boft-merge",
+            &[
+                &"--from",
+                &"lycoris",
+                &"--base",
+                &c.base_path(),
+                &"--adapter",
+                &c.adapter_path(),
+                &"-o",
+                &out,
+            ],
+        );
+        let line = fails_with(&o, "unknown-format");
+        assert!(line.contains("PEFT adapter folder"), "{line}");
+        assert!(!out.exists());
+    }
+}

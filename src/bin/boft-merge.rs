@@ -21,9 +21,13 @@ struct Args {
     /// model.safetensors.index.json and its shards.
     #[arg(long)]
     base: PathBuf,
-    /// Adapter: a canonical .safetensors file or a PEFT adapter folder.
+    /// Adapter: a canonical .safetensors file, a PEFT adapter folder, or a LyCORIS/kohya OFT
+    /// .safetensors file.
     #[arg(long)]
     adapter: PathBuf,
+    /// Reader for the adapter: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
+    #[arg(long, default_value = "auto")]
+    from: String,
     /// Output: a folder when the base is a folder, a file when the base is a file.
     #[arg(short = 'o', long = "output")]
     output: PathBuf,
@@ -69,7 +73,8 @@ fn main() {
     cli::run("boft-merge", || {
         let backend = cli::backend(&args.device)?;
         let base = Checkpoint::open(&args.base)?;
-        let mut adapter = boft::formats::load_deferred(&args.adapter)?;
+        let source = boft::formats::Source::parse(&args.from)?;
+        let mut adapter = boft::formats::load_deferred_as(&args.adapter, source)?;
         merge::fit(&base, &mut adapter)?;
         let opts = Options {
             direction: match (args.unmerge, args.keep_replaced) {

@@ -21,9 +21,12 @@ Exit status: 0 all checks pass, 1 a check failed (named in the report), 2 unread
 usage error. The JSON schema is docs/verify-schema.json."
 )]
 struct Args {
-    /// Adapters: canonical files or PEFT adapter folders.
+    /// Adapters: canonical files, PEFT adapter folders, LyCORIS/kohya OFT files.
     #[arg(required = true)]
     adapters: Vec<PathBuf>,
+    /// Reader for the adapters: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
+    #[arg(long, default_value = "auto")]
+    from: String,
     /// Base checkpoint to check targets against.
     #[arg(long)]
     base: Option<PathBuf>,
@@ -65,7 +68,8 @@ fn main() {
         let merged = args.merged.as_deref().map(Checkpoint::open).transpose()?;
         let mut adapters = Vec::new();
         for a in &args.adapters {
-            let mut adapter = boft::formats::load_deferred(a)?;
+            let mut adapter =
+                boft::formats::load_deferred_as(a, boft::formats::Source::parse(&args.from)?)?;
             if let Some(b) = &base {
                 // Names, shared and cropped blocks and some sources' arithmetic follow the base.
                 boft::merge::fit(b, &mut adapter)?;

@@ -47,7 +47,9 @@ pub fn detect(f: &SafeFile) -> bool {
         .any(|t| t.name.ends_with(".oft_blocks") || t.name.ends_with(".oft_diag"))
 }
 
-pub fn import(f: &Arc<SafeFile>) -> Result<Adapter> {
+/// `kohya`: force kohya's (Some(true)) or LyCORIS's (Some(false)) maths; None decides by the
+/// `oft_unet_` prefix kohya writes.
+pub fn import(f: &Arc<SafeFile>, kohya: Option<bool>) -> Result<Adapter> {
     let path = f.path.as_path();
     let mut modules: BTreeMap<&str, Module> = BTreeMap::new();
     for t in &f.tensors {
@@ -89,14 +91,16 @@ pub fn import(f: &Arc<SafeFile>) -> Result<Adapter> {
             }
         }
     }
-    let kohya = modules.keys().any(|k| k.starts_with("oft_unet_"));
-    if kohya && modules.keys().any(|k| !k.starts_with("oft_unet_")) {
+    let prefixed = modules.keys().any(|k| k.starts_with("oft_unet_"));
+    if kohya.is_none() && prefixed && modules.keys().any(|k| !k.starts_with("oft_unet_")) {
         return Err(err(
             Class::UnknownFormat,
             path,
-            "mixes kohya (oft_unet_*) and other module names: not one file format",
+            "mixes kohya (oft_unet_*) and other module names: not one file format (--from \
+             lycoris or --from kohya decides)",
         ));
     }
+    let kohya = kohya.unwrap_or(prefixed);
     let meta_constraint = metadata_constraint(f);
     let mut targets = Vec::with_capacity(modules.len());
     let mut flavours = std::collections::BTreeSet::new();

@@ -15,10 +15,60 @@ use crate::adapter::{canonical, Adapter};
 use crate::checkpoint::SafeFile;
 use crate::error::{err, Class, Error, Result};
 
-/// Load any adapter we can read (a canonical file, or a PEFT adapter folder), every block
-/// computed and checked, with the sha256 of the source files.
+/// Which reader to use (`--from`): detected from the files, or forced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    #[default]
+    Auto,
+    Canonical,
+    /// A PEFT folder, with today's rules (also for Conv2d BOFT files from PEFT ≤ 0.13).
+    Peft,
+    /// A PEFT folder whose Conv2d BOFT layers use PEFT ≤ 0.13's buffer reinterpretation, whatever
+    /// the config says.
+    PeftLegacyConv,
+    /// LyCORIS diag-oft/boft semantics (the constraint only when exceeded), whatever the prefix.
+    Lycoris,
+    /// kohya `networks.oft` semantics (the clamp always applied), whatever the prefix.
+    Kohya,
+}
+
+impl Source {
+    pub const NAMES: &'static [&'static str] = &[
+        "auto",
+        "canonical",
+        "peft",
+        "peft-legacy-conv",
+        "lycoris",
+        "kohya",
+    ];
+
+    pub fn parse(s: &str) -> Result<Source> {
+        Ok(match s {
+            "auto" => Source::Auto,
+            "canonical" => Source::Canonical,
+            "peft" => Source::Peft,
+            "peft-legacy-conv" => Source::PeftLegacyConv,
+            "lycoris" => Source::Lycoris,
+            "kohya" => Source::Kohya,
+            _ => {
+                return Err(Error::bare(
+                    Class::Usage,
+                    format!("--from {s}: expected one of {}", Source::NAMES.join(", ")),
+                ))
+            }
+        })
+    }
+}
+
+/// Load any adapter we can read (a canonical file, a PEFT adapter folder, a LyCORIS or kohya
+/// file), every block computed and checked, with the sha256 of the source files.
 pub fn load(path: &Path) -> Result<Adapter> {
-    let mut a = open(path, true)?;
+    load_as(path, Source::Auto)
+}
+
+/// `load` with the reader forced by `--from`.
+pub fn load_as(path: &Path, source: Source) -> Result<Adapter> {
+    let mut a = open(path, true, source)?;
     a.materialise()?;
     Ok(a)
 }
@@ -27,24 +77,45 @@ pub fn load(path: &Path) -> Result<Adapter> {
 /// grow with the adapter) and source files are not hashed. Values are still checked for NaN/Inf
 /// and geometry up front.
 pub fn load_deferred(path: &Path) -> Result<Adapter> {
-    open(path, false)
+    open(path, false, Source::Auto)
 }
 
-fn open(path: &Path, hash: bool) -> Result<Adapter> {
+/// `load_deferred` with the reader forced by `--from`.
+pub fn load_deferred_as(path: &Path, source: Source) -> Result<Adapter> {
+    open(path, false, source)
+}
+
+fn open(path: &Path, hash: bool, source: Source) -> Result<Adapter> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let not = |what: &str| {
+        err(
+            Class::UnknownFormat,
+            path,
+            format!("--from {}: this is {what}", Source::NAMES[source as usize]),
+        )
+    };
+    let peft_folder = |dir: &Path| match source {
+        Source::Auto | Source::Peft | Source::PeftLegacyConv => {
+            peft::load_folder(dir, hash, source)
+        }
+        _ => Err(not("a PEFT adapter folder")),
+    };
     if meta.is_dir() {
-        return peft::load_folder(path, hash);
+        return peft_folder(path);
     }
     let f = std::sync::Arc::new(SafeFile::open(path)?);
     if canonical::is_canonical(&f) {
-        return canonical::from_shared(&f);
+        return match source {
+            Source::Auto | Source::Canonical => canonical::from_shared(&f),
+            _ => Err(not("a canonical adapter file")),
+        };
     }
     let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
     let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix));
     if has(".boft_R") || has(".oft_r") || has(".oft_R.weight") {
         let folder = path.parent().unwrap_or(Path::new("."));
         if folder.join("adapter_config.json").is_file() {
-            return peft::load_folder(folder, hash);
+            return peft_folder(folder);
         }
         return Err(err(
             Class::BadAdapter,
@@ -54,7 +125,12 @@ fn open(path: &Path, hash: bool) -> Result<Adapter> {
         ));
     }
     if lycoris::detect(&f) {
-        return lycoris::import(&f);
+        return match source {
+            Source::Auto => lycoris::import(&f, None),
+            Source::Lycoris => lycoris::import(&f, Some(false)),
+            Source::Kohya => lycoris::import(&f, Some(true)),
+            _ => Err(not("a LyCORIS/kohya OFT file")),
+        };
     }
     Err(err(
         Class::UnknownFormat,

@@ -18,7 +18,7 @@ pub const PREFIX: &str = "base_model.model.";
 
 /// Load a PEFT adapter folder. With `hash`, record the sha256 of its files (what a canonical
 /// file keeps as provenance); a merge skips that read of the whole adapter.
-pub fn load_folder(dir: &Path, hash: bool) -> Result<Adapter> {
+pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG);
     if !cfg_path.is_file() {
         let subs: Vec<String> = std::fs::read_dir(dir)
@@ -49,7 +49,12 @@ pub fn load_folder(dir: &Path, hash: bool) -> Result<Adapter> {
         return Err(err(Class::NotFound, &weights, msg));
     }
     let f = Arc::new(SafeFile::open(&weights)?);
-    let mut adapter = import_config(&config, &cfg_path, &f)?;
+    let legacy = match source {
+        super::Source::Peft => Some(false),
+        super::Source::PeftLegacyConv => Some(true),
+        _ => None,
+    };
+    let mut adapter = import_config(&config, &cfg_path, &f, legacy)?;
     if hash {
         adapter
             .source_sha256
@@ -67,7 +72,7 @@ pub fn import_bytes(config: &[u8], weights: SafeFile) -> Result<Adapter> {
     let cfg_path = Path::new(CONFIG);
     let config = parse_config(config, cfg_path)?;
     let weights = Arc::new(weights);
-    let mut adapter = import_config(&config, cfg_path, &weights)?;
+    let mut adapter = import_config(&config, cfg_path, &weights, None)?;
     adapter.materialise()?;
     Ok(adapter)
 }
@@ -86,13 +91,19 @@ fn parse_config(text: &[u8], cfg_path: &Path) -> Result<Value> {
 }
 
 /// Dispatch on `peft_type` and check the result.
-fn import_config(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adapter> {
+/// `legacy_conv` forces (or rules out) PEFT ≤ 0.13's Conv2d BOFT rule; None detects it.
+fn import_config(
+    config: &Value,
+    cfg_path: &Path,
+    f: &Arc<SafeFile>,
+    legacy_conv: Option<bool>,
+) -> Result<Adapter> {
     let peft_type = config
         .get("peft_type")
         .and_then(Value::as_str)
         .unwrap_or("");
     let mut adapter = match peft_type {
-        "BOFT" => peft_boft::import(config, cfg_path, f)?,
+        "BOFT" => peft_boft::import(config, cfg_path, f, legacy_conv)?,
         "OFT" => peft_oft::import(config, cfg_path, f)?,
         other => {
             return Err(err(

@@ -27,7 +27,12 @@ struct Module<'a> {
 
 /// The blocks are deferred (computed from the mapped file when needed); values are checked for
 /// NaN/Inf here so that a broken file fails before any work.
-pub fn import(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adapter> {
+pub fn import(
+    config: &Value,
+    cfg_path: &Path,
+    f: &Arc<SafeFile>,
+    legacy_conv: Option<bool>,
+) -> Result<Adapter> {
     let path = f.path.as_path();
     let mut modules: BTreeMap<String, Module> = BTreeMap::new();
     let mut replacements = Vec::new();
@@ -52,7 +57,9 @@ pub fn import(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adap
     }
     // PEFT ≤ 0.13 merged Conv2d layers by reinterpreting the kernel buffer; configs written by
     // those versions lack `exclude_modules`.
-    let legacy = config.get("exclude_modules").is_none() && config.get("peft_version").is_none();
+    let legacy = legacy_conv.unwrap_or_else(|| {
+        config.get("exclude_modules").is_none() && config.get("peft_version").is_none()
+    });
 
     let mut targets = Vec::with_capacity(modules.len());
     for (name, m) in modules {
