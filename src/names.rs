@@ -35,6 +35,24 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
         for i in 0..parts.len() {
             index.entry(parts[i..].join("_")).or_default().insert(name);
         }
+        // Original (LDM) U-Net names are also known by their diffusers names, which kohya and
+        // LyCORIS use for SD 1.x/2.x.
+        if let Some(alias) = parts
+            .iter()
+            .position(|p| {
+                matches!(
+                    *p,
+                    "input_blocks" | "middle_block" | "output_blocks" | "time_embed" | "out"
+                )
+            })
+            .filter(|&i| i == 0 || parts[i - 1] == "diffusion_model")
+            .and_then(|i| ldm_to_diffusers(&parts[i..]))
+        {
+            index
+                .entry(alias.replace('.', "_"))
+                .or_default()
+                .insert(name);
+        }
     }
     for t in &mut adapter.targets {
         if base.get(&t.name).is_some() {
@@ -80,4 +98,150 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The diffusers name of an SD 1.x/2.x U-Net module given by its original (LDM) path, following
+/// the layout both use (two resnets per down level, three per up level): `input_blocks.k` is
+/// level `(k−1)/3`, item `(k−1)%3` (item 2 being the downsampler), `output_blocks.k` is level
+/// `k/3`, item `k%3`, and resnets rename their layers.
+pub fn ldm_to_diffusers(parts: &[&str]) -> Option<String> {
+    let num = |s: &str| s.parse::<usize>().ok();
+    let resnet = |rest: &[&str]| -> Option<String> {
+        let (head, tail) = match rest {
+            ["in_layers", "0", t @ ..] => ("norm1", t),
+            ["in_layers", "2", t @ ..] => ("conv1", t),
+            ["emb_layers", "1", t @ ..] => ("time_emb_proj", t),
+            ["out_layers", "0", t @ ..] => ("norm2", t),
+            ["out_layers", "3", t @ ..] => ("conv2", t),
+            ["skip_connection", t @ ..] => ("conv_shortcut", t),
+            _ => return None,
+        };
+        Some(
+            std::iter::once(head)
+                .chain(tail.iter().copied())
+                .collect::<Vec<_>>()
+                .join("."),
+        )
+    };
+    let join = |head: String, rest: &[&str]| {
+        std::iter::once(head.as_str())
+            .chain(rest.iter().copied())
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    match parts {
+        ["time_embed", "0", rest @ ..] => Some(join("time_embedding.linear_1".into(), rest)),
+        ["time_embed", "2", rest @ ..] => Some(join("time_embedding.linear_2".into(), rest)),
+        ["out", "0", rest @ ..] => Some(join("conv_norm_out".into(), rest)),
+        ["out", "2", rest @ ..] => Some(join("conv_out".into(), rest)),
+        ["input_blocks", "0", "0", rest @ ..] => Some(join("conv_in".into(), rest)),
+        ["input_blocks", k, "0", "op", rest @ ..] => {
+            let k = num(k)?;
+            (k % 3 == 0).then(|| {
+                join(
+                    format!("down_blocks.{}.downsamplers.0.conv", k / 3 - 1),
+                    rest,
+                )
+            })
+        }
+        ["input_blocks", k, "0", rest @ ..] => {
+            let k = num(k)?.checked_sub(1)?;
+            Some(format!(
+                "down_blocks.{}.resnets.{}.{}",
+                k / 3,
+                k % 3,
+                resnet(rest)?
+            ))
+        }
+        ["input_blocks", k, "1", rest @ ..] => {
+            let k = num(k)?.checked_sub(1)?;
+            Some(join(
+                format!("down_blocks.{}.attentions.{}", k / 3, k % 3),
+                rest,
+            ))
+        }
+        ["middle_block", "1", rest @ ..] => Some(join("mid_block.attentions.0".into(), rest)),
+        ["middle_block", j @ ("0" | "2"), rest @ ..] => Some(format!(
+            "mid_block.resnets.{}.{}",
+            num(j)? / 2,
+            resnet(rest)?
+        )),
+        ["output_blocks", k, "0", rest @ ..] => {
+            let k = num(k)?;
+            Some(format!(
+                "up_blocks.{}.resnets.{}.{}",
+                k / 3,
+                k % 3,
+                resnet(rest)?
+            ))
+        }
+        ["output_blocks", k, _, "conv", rest @ ..] => {
+            let k = num(k)?;
+            (k % 3 == 2).then(|| join(format!("up_blocks.{}.upsamplers.0.conv", k / 3), rest))
+        }
+        ["output_blocks", k, "1", rest @ ..] => {
+            let k = num(k)?;
+            Some(join(
+                format!("up_blocks.{}.attentions.{}", k / 3, k % 3),
+                rest,
+            ))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ldm_to_diffusers;
+
+    fn map(s: &str) -> Option<String> {
+        ldm_to_diffusers(&s.split('.').collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn sd_unet_table() {
+        let cases = [
+            ("input_blocks.0.0", "conv_in"),
+            (
+                "input_blocks.1.0.in_layers.2",
+                "down_blocks.0.resnets.0.conv1",
+            ),
+            (
+                "input_blocks.2.1.proj_in",
+                "down_blocks.0.attentions.1.proj_in",
+            ),
+            ("input_blocks.3.0.op", "down_blocks.0.downsamplers.0.conv"),
+            (
+                "input_blocks.4.0.skip_connection",
+                "down_blocks.1.resnets.0.conv_shortcut",
+            ),
+            (
+                "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            ),
+            (
+                "input_blocks.11.0.emb_layers.1",
+                "down_blocks.3.resnets.1.time_emb_proj",
+            ),
+            ("middle_block.0.out_layers.3", "mid_block.resnets.0.conv2"),
+            ("middle_block.1.proj_out", "mid_block.attentions.0.proj_out"),
+            ("middle_block.2.in_layers.0", "mid_block.resnets.1.norm1"),
+            ("output_blocks.2.1.conv", "up_blocks.0.upsamplers.0.conv"),
+            ("output_blocks.5.2.conv", "up_blocks.1.upsamplers.0.conv"),
+            (
+                "output_blocks.4.1.proj_in",
+                "up_blocks.1.attentions.1.proj_in",
+            ),
+            (
+                "output_blocks.8.0.out_layers.0",
+                "up_blocks.2.resnets.2.norm2",
+            ),
+            ("time_embed.2", "time_embedding.linear_2"),
+            ("out.2", "conv_out"),
+        ];
+        for (ldm, diffusers) in cases {
+            assert_eq!(map(ldm).as_deref(), Some(diffusers), "{ldm}");
+        }
+        assert_eq!(map("input_blocks.2.0.op"), None);
+    }
 }

@@ -17,6 +17,15 @@ use crate::error::{err, Class, Error, Result};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
+/// (index, single file) names a checkpoint folder may use: Hugging Face transformers, then the
+/// component folders of a diffusers pipeline (`unet/`, `transformer/`, `text_encoder/`).
+const FOLDER_NAMES: &[(&str, &str)] = &[
+    (INDEX_NAME, SINGLE_NAME),
+    (
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model.safetensors",
+    ),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
@@ -48,17 +57,37 @@ impl Checkpoint {
             return Checkpoint::assemble(root, Layout::File, vec![(name, f)], vec![]);
         }
         let canon_root = root.canonicalize().map_err(|e| Error::io(root, e))?;
-        let index_path = root.join(INDEX_NAME);
+        let (index_name, single_name) = FOLDER_NAMES
+            .iter()
+            .copied()
+            .find(|(i, s)| root.join(i).exists() || root.join(s).exists())
+            .unwrap_or(FOLDER_NAMES[0]);
+        let index_path = root.join(index_name);
         let (layout, shard_names) = if index_path.exists() {
             confine(&canon_root, &index_path)?;
             (Layout::Sharded, read_index(&index_path)?)
-        } else if root.join(SINGLE_NAME).exists() {
-            (Layout::Folder, vec![(PathBuf::from(SINGLE_NAME), vec![])])
+        } else if root.join(single_name).exists() {
+            (Layout::Folder, vec![(PathBuf::from(single_name), vec![])])
         } else {
+            let components: Vec<&str> = ["unet", "transformer", "text_encoder", "text_encoder_2"]
+                .into_iter()
+                .filter(|c| {
+                    FOLDER_NAMES.iter().any(|(i, s)| {
+                        root.join(c).join(i).exists() || root.join(c).join(s).exists()
+                    })
+                })
+                .collect();
             return Err(err(
                 Class::NotFound,
                 root,
-                format!("folder holds neither {SINGLE_NAME} nor {INDEX_NAME}"),
+                if components.is_empty() {
+                    format!("folder holds neither {SINGLE_NAME} nor {INDEX_NAME}")
+                } else {
+                    format!(
+                        "a diffusers pipeline folder: pass one component folder ({})",
+                        components.join(", ")
+                    )
+                },
             ));
         };
         let mut files = Vec::new();
@@ -68,7 +97,7 @@ impl Checkpoint {
                 return Err(err(
                     Class::MissingShard,
                     &p,
-                    format!("shard named in {INDEX_NAME} does not exist"),
+                    format!("shard named in {index_name} does not exist"),
                 ));
             }
             confine(&canon_root, &p)?;
