@@ -21,8 +21,10 @@ const PREFIXES: &[&str] = &[
     "oft_unet_",
 ];
 
-/// Rename every target whose name is not a base tensor to the one base tensor it denotes.
-pub fn resolve(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
+/// Rename every target whose name is not a base tensor to the one base tensor it denotes. With
+/// `strict` a name that resolves to none or to several is an error; otherwise it is left as it is
+/// (for `boft-verify`, which reports it as a failed check).
+pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result<()> {
     if adapter.targets.iter().all(|t| base.get(&t.name).is_some()) {
         return Ok(());
     }
@@ -70,6 +72,7 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
             Some(set) if set.len() == 1 => {
                 t.name = set.iter().next().unwrap().to_string();
             }
+            _ if !strict => {}
             Some(set) => {
                 let names: Vec<&str> = set.iter().copied().take(4).collect();
                 return Err(err(
@@ -90,8 +93,10 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
                     Class::MissingTarget,
                     &base.root,
                     format!(
-                        "adapter module {:?} resolves to no tensor of the base checkpoint",
-                        t.module
+                        "adapter module {:?} is not in the base checkpoint (no tensor {:?}, and no \
+                         base weight whose flattened name matches)",
+                        t.module,
+                        t.name
                     ),
                 ));
             }

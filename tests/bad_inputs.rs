@@ -1104,6 +1104,7 @@ fn slow_case(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
             share: false,
             crop: None,
             croppable: false,
+            view: None,
         }],
         source_format: "test".into(),
         ..Default::default()

@@ -31,10 +31,7 @@ fn every_generation_matches_its_peft_version() {
 
 #[test]
 fn unmerge_restores_the_base() {
-    for c in cases()
-        .iter()
-        .filter(|c| c.base_dtype == "float32")
-    {
+    for c in cases().iter().filter(|c| c.base_dtype == "float32") {
         let tmp = tempfile::tempdir().unwrap();
         let base = c.base_path();
         let merged = out_path(tmp.path(), &base);

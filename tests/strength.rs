@@ -69,10 +69,14 @@ fn gram(t: &Tensor, rows: bool) -> Vec<f64> {
     let w = t.f32();
     let r = t.shape[0];
     let c = w.len() / r;
-    let (n, len, at): (usize, usize, Box<dyn Fn(usize, usize) -> f64>) = if rows {
-        (r, c, Box::new(|i, k| w[i * c + k] as f64))
-    } else {
-        (c, r, Box::new(|i, k| w[k * c + i] as f64))
+    // Vectors as rows of the matrix: W itself, or Wᵀ for column Gram matrices.
+    let (n, len) = if rows { (r, c) } else { (c, r) };
+    let at = |i: usize, k: usize| -> f64 {
+        if rows {
+            w[i * c + k] as f64
+        } else {
+            w[k * c + i] as f64
+        }
     };
     let mut g = vec![0.0; n * n];
     for i in 0..n {

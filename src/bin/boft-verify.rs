@@ -72,7 +72,8 @@ fn main() {
                 boft::formats::load_deferred_as(a, boft::formats::Source::parse(&args.from)?)?;
             if let Some(b) = &base {
                 // Names, shared and cropped blocks and some sources' arithmetic follow the base.
-                boft::merge::fit(b, &mut adapter)?;
+                // Unresolvable names are reported by the target-present check.
+                boft::merge::fit_with(b, &mut adapter, false)?;
             }
             adapter.materialise()?;
             adapters.push((a.display().to_string(), adapter));

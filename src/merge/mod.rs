@@ -111,9 +111,7 @@ pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, dir: Direction) -> R
             }
             let mut slices = Vec::new();
             for t in &targets {
-                let range = t
-                    .rows
-                    .unwrap_or((0, t.view.map_or(info.shape[0], |v| v.0)));
+                let range = t.rows.unwrap_or((0, t.view.map_or(info.shape[0], |v| v.0)));
                 slices.push((range, *t));
             }
             slices.sort_by_key(|s| s.0);
@@ -618,7 +616,12 @@ fn write_replacement(
 /// Resolve every target's name against the base (`crate::names`) and fit it to its base
 /// tensor (the count of shared blocks, crops; see `Target::fit`).
 pub fn fit(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
-    crate::names::resolve(base, adapter)?;
+    fit_with(base, adapter, true)
+}
+
+/// `fit`, leaving names that resolve to no tensor (or to several) as they are when not `strict`.
+pub fn fit_with(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result<()> {
+    crate::names::resolve(base, adapter, strict)?;
     for t in &mut adapter.targets {
         if let Some((_, info)) = base.get(&t.name) {
             t.fit(info.dtype, &info.shape)
