@@ -23,3 +23,18 @@ fn full_strength_matches_the_library() {
         merge_and_compare(c, m, &[]);
     }
 }
+
+/// kohya FLUX OFT: one `oft_blocks.<j>` per row split of fused `qkv` / `linear1` weights, each
+/// rotated on its own rows with its own constraint; sd-scripts' own merge of these files crashes,
+/// so the reference is its module's forward pass (see the fixture's manifest).
+#[test]
+fn kohya_flux_splits_match_sd_scripts() {
+    let cases = ref_cases("kohya_flux");
+    assert!(!cases.is_empty());
+    for c in &cases {
+        for m in &c.merged {
+            let t = m.multiplier.to_string();
+            merge_and_compare(c, m, &["--strength", &t]);
+        }
+    }
+}

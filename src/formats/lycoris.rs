@@ -36,15 +36,19 @@ enum Flavour {
 #[derive(Default)]
 struct Module<'a> {
     blocks: Option<&'a TensorInfo>,
+    /// kohya FLUX: one `oft_blocks.<j>` per row split of a fused weight, in row order.
+    splits: BTreeMap<usize, &'a TensorInfo>,
     alpha: Option<&'a TensorInfo>,
     rescale: Option<&'a TensorInfo>,
 }
 
 /// True when the tensor names look like a LyCORIS or kohya OFT file.
 pub fn detect(f: &SafeFile) -> bool {
-    f.tensors
-        .iter()
-        .any(|t| t.name.ends_with(".oft_blocks") || t.name.ends_with(".oft_diag"))
+    f.tensors.iter().any(|t| {
+        t.name.ends_with(".oft_blocks")
+            || t.name.ends_with(".oft_diag")
+            || t.name.contains(".oft_blocks.")
+    })
 }
 
 /// `kohya`: force kohya's (Some(true)) or LyCORIS's (Some(false)) maths; None decides by the
@@ -69,15 +73,16 @@ pub fn import(f: &Arc<SafeFile>, kohya: Option<bool>) -> Result<Adapter> {
                     ),
                 ))
             }
-            _ if t.name.contains(".oft_blocks.") => {
-                return Err(err(
-                    Class::UnknownFormat,
-                    path,
-                    format!(
-                        "{}: kohya FLUX OFT (split oft_blocks.<j>) is not supported yet",
-                        t.name
-                    ),
-                ))
+            j if t.name.contains(".oft_blocks.") => {
+                let (m, _) = t.name.rsplit_once(".oft_blocks.").expect("contains it");
+                let j: usize = j.parse().map_err(|_| {
+                    err(
+                        Class::BadAdapter,
+                        path,
+                        format!("tensor {:?}: split index {j:?} is not a number", t.name),
+                    )
+                })?;
+                modules.entry(m).or_default().splits.insert(j, t);
             }
             _ => {
                 return Err(err(
@@ -105,6 +110,47 @@ pub fn import(f: &Arc<SafeFile>, kohya: Option<bool>) -> Result<Adapter> {
     let mut targets = Vec::with_capacity(modules.len());
     let mut flavours = std::collections::BTreeSet::new();
     for (name, m) in &modules {
+        if !m.splits.is_empty() {
+            if m.blocks.is_some() || !kohya {
+                return Err(err(
+                    Class::BadAdapter,
+                    path,
+                    format!(
+                        "{name}: split oft_blocks.<j> tensors belong to kohya FLUX files \
+                         (oft_unet_*), alone"
+                    ),
+                ));
+            }
+            if m.splits.keys().copied().ne(0..m.splits.len()) {
+                return Err(err(
+                    Class::BadAdapter,
+                    path,
+                    format!("{name}: split indices are not 0..{}", m.splits.len()),
+                ));
+            }
+            flavours.insert("Kohya".to_string());
+            // Splits rotate consecutive row ranges of the fused weight, each on its own.
+            let mut row = 0usize;
+            for t in m.splits.values() {
+                let rows_j = match t.shape.as_slice() {
+                    &[d, h, _] => d.saturating_mul(h),
+                    _ => 0,
+                };
+                let range = (m.splits.len() > 1).then_some((row, row + rows_j));
+                targets.push(module_target(
+                    path,
+                    f,
+                    name,
+                    m,
+                    t,
+                    Flavour::Kohya,
+                    meta_constraint,
+                    range,
+                )?);
+                row += rows_j;
+            }
+            continue;
+        }
         let blocks = m.blocks.ok_or_else(|| {
             err(
                 Class::BadAdapter,
@@ -137,6 +183,7 @@ pub fn import(f: &Arc<SafeFile>, kohya: Option<bool>) -> Result<Adapter> {
             blocks,
             flavour,
             meta_constraint,
+            None,
         )?);
     }
     if targets.is_empty() {
@@ -185,6 +232,7 @@ struct Recipe {
     h: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn module_target(
     path: &Path,
     f: &Arc<SafeFile>,
@@ -193,6 +241,7 @@ fn module_target(
     blocks: &TensorInfo,
     flavour: Flavour,
     meta_constraint: Option<f64>,
+    rows: Option<(usize, usize)>,
 ) -> Result<Target> {
     let bad = |msg: String| err(Class::BadAdapter, path, format!("{name}: {msg}"));
     let (nf, d, h) = match blocks.shape.as_slice() {
@@ -273,7 +322,7 @@ fn module_target(
         module: name.to_string(),
         side: Side::Output,
         shape: None,
-        rows: None,
+        rows,
         factors: nf,
         blocks: d,
         block_size: h,
