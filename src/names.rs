@@ -11,31 +11,59 @@ use crate::adapter::Adapter;
 use crate::checkpoint::Checkpoint;
 use crate::error::{err, Class, Result};
 
-/// Prefixes of flattened names (kohya, LyCORIS, A1111), longest first where one extends another.
-const PREFIXES: &[&str] = &[
-    "lora_unet_",
-    "lora_te1_",
-    "lora_te2_",
-    "lora_te_",
-    "lycoris_",
-    "oft_unet_",
+/// Prefixes of flattened names (kohya, LyCORIS, A1111), longest first where one extends another,
+/// with the containers their modules live in within single-file and diffusers checkpoints (used
+/// only to choose between several matches: SDXL's two text encoders share HF module names).
+const PREFIXES: &[(&str, &[&str])] = &[
+    ("lora_unet_", &["model.diffusion_model.", "unet."]),
+    ("lora_te1_", &["conditioner.embedders.0.", "text_encoder."]),
+    ("lora_te2_", &["conditioner.embedders.1.", "text_encoder_2."]),
+    (
+        "lora_te_",
+        &["cond_stage_model.", "conditioner.embedders.0.", "text_encoder."],
+    ),
+    ("lycoris_", &[]),
+    ("oft_unet_", &["model.diffusion_model.", "unet."]),
 ];
 
-/// Rename every target whose name is not a base tensor to the one base tensor it denotes. With
-/// `strict` a name that resolves to none or to several is an error; otherwise it is left as it is
-/// (for `boft-verify`, which reports it as a failed check).
+/// A base tensor an adapter name can denote: the whole tensor, or part k of p equal row slices
+/// of a fused weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Hit<'a> {
+    name: &'a str,
+    part: Option<(usize, usize)>,
+}
+
+/// Rename every target whose name is not a base tensor to the one base tensor it denotes (and,
+/// for q/k/v of a fused `in_proj_weight`, its row slice). With `strict` a name that resolves to
+/// none or to several is an error; otherwise it is left as it is (for `boft-verify`, which
+/// reports it as a failed check).
 pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result<()> {
     if adapter.targets.iter().all(|t| base.get(&t.name).is_some()) {
         return Ok(());
     }
-    let mut index: HashMap<String, BTreeSet<&str>> = HashMap::new();
+    let mut index: HashMap<String, BTreeSet<Hit>> = HashMap::new();
+    let mut add = |key: String, name, part| {
+        index.entry(key).or_default().insert(Hit { name, part });
+    };
     for name in base.tensor_names() {
+        if let Some(stem) = name.strip_suffix(".in_proj_weight") {
+            // OpenCLIP (SD 2.x, SDXL's second text encoder) fuses q, k and v; adapters name them
+            // as the Hugging Face CLIP modules they were trained on.
+            if let Some(layer) = stem.strip_suffix(".attn").and_then(openclip_layer) {
+                for (k, x) in ["q", "k", "v"].iter().enumerate() {
+                    let key = format!("text_model_encoder_layers_{layer}_self_attn_{x}_proj");
+                    add(key, name, Some((k, 3)));
+                }
+            }
+            continue;
+        }
         let Some(stem) = name.strip_suffix(".weight") else {
             continue;
         };
         let parts: Vec<&str> = stem.split('.').collect();
         for i in 0..parts.len() {
-            index.entry(parts[i..].join("_")).or_default().insert(name);
+            add(parts[i..].join("_"), name, None);
         }
         // Original (LDM) U-Net names are also known by their diffusers names, which kohya and
         // LyCORIS use for SD 1.x/2.x.
@@ -50,10 +78,20 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
             .filter(|&i| i == 0 || parts[i - 1] == "diffusion_model")
             .and_then(|i| ldm_to_diffusers(&parts[i..]))
         {
-            index
-                .entry(alias.replace('.', "_"))
-                .or_default()
-                .insert(name);
+            add(alias.replace('.', "_"), name, None);
+        }
+        for (openclip, hf) in [
+            ("attn.out_proj", "self_attn_out_proj"),
+            ("mlp.c_fc", "mlp_fc1"),
+            ("mlp.c_proj", "mlp_fc2"),
+        ] {
+            if let Some(layer) = stem
+                .strip_suffix(openclip)
+                .and_then(|s| s.strip_suffix('.'))
+                .and_then(openclip_layer)
+            {
+                add(format!("text_model_encoder_layers_{layer}_{hf}"), name, None);
+            }
         }
     }
     for t in &mut adapter.targets {
@@ -65,16 +103,51 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
             .strip_suffix(".weight")
             .unwrap_or(&t.name)
             .replace('.', "_");
-        let mut candidates = vec![flat.as_str()];
-        candidates.extend(PREFIXES.iter().filter_map(|p| flat.strip_prefix(p)));
-        let hit = candidates.iter().find_map(|c| index.get(*c));
-        match hit {
-            Some(set) if set.len() == 1 => {
-                t.name = set.iter().next().unwrap().to_string();
+        let mut candidates: Vec<(&str, &[&str])> = vec![(flat.as_str(), &[])];
+        candidates.extend(
+            PREFIXES
+                .iter()
+                .filter_map(|(p, hint)| flat.strip_prefix(p).map(|rest| (rest, *hint))),
+        );
+        let hits: Option<Vec<Hit>> = candidates.iter().find_map(|(c, hint)| {
+            let set = index.get(*c)?;
+            let within: Vec<Hit> = set
+                .iter()
+                .copied()
+                .filter(|h| hint.iter().any(|p| h.name.starts_with(p)))
+                .collect();
+            Some(if set.len() > 1 && within.len() == 1 {
+                within
+            } else {
+                set.iter().copied().collect()
+            })
+        });
+        match hits.as_deref() {
+            Some([hit]) => {
+                if let Some((k, p)) = hit.part {
+                    let rows = base.get(hit.name).map_or(0, |(_, i)| i.shape[0]);
+                    if t.side != crate::adapter::Side::Output || t.rows.is_some() || rows % p != 0
+                    {
+                        return Err(err(
+                            Class::ShapeMismatch,
+                            &base.root,
+                            format!(
+                                "adapter module {:?} denotes part {} of {} of the fused {}; only \
+                                 an output-side transform of the whole module can rotate it",
+                                t.module,
+                                k + 1,
+                                p,
+                                hit.name
+                            ),
+                        ));
+                    }
+                    t.rows = Some((k * rows / p, (k + 1) * rows / p));
+                }
+                t.name = hit.name.to_string();
             }
             _ if !strict => {}
             Some(set) => {
-                let names: Vec<&str> = set.iter().copied().take(4).collect();
+                let names: Vec<&str> = set.iter().map(|h| h.name).take(4).collect();
                 return Err(err(
                     Class::MissingTarget,
                     &base.root,
@@ -95,14 +168,21 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
                     format!(
                         "adapter module {:?} is not in the base checkpoint (no tensor {:?}, and no \
                          base weight whose flattened name matches)",
-                        t.module,
-                        t.name
+                        t.module, t.name
                     ),
                 ));
             }
         }
     }
     Ok(())
+}
+
+/// The layer number of an OpenCLIP `…transformer.resblocks.<N>` path.
+fn openclip_layer(path: &str) -> Option<usize> {
+    let (head, n) = path.rsplit_once('.')?;
+    head.ends_with("transformer.resblocks")
+        .then(|| n.parse().ok())
+        .flatten()
 }
 
 /// The diffusers name of an SD 1.x/2.x U-Net module given by its original (LDM) path, following
