@@ -913,6 +913,122 @@ fn a15_not_an_adapter() {
     sc.assert_refused(&o, "unknown-format", &out);
 }
 
+/// A LyCORIS file and its unet base, copied into the scene.
+fn lycoris(sc: &Scene) -> (PathBuf, PathBuf, PathBuf) {
+    let base = sc.path("in/unet.safetensors");
+    std::fs::create_dir_all(base.parent().unwrap()).unwrap();
+    copy_tree(
+        &fixtures().join("lycoris/bases/unet_f32/model.safetensors"),
+        &base,
+    );
+    let adapter = sc.path("in/oft.safetensors");
+    copy_tree(
+        &fixtures().join("lycoris/adapters/diag_oft_f32_constraint.safetensors"),
+        &adapter,
+    );
+    (base, adapter, sc.out_dir().join("merged.safetensors"))
+}
+
+#[test]
+fn a16_kohya_and_lycoris_names_mixed() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = lycoris(&sc);
+    let mut st = St::read(&adapter);
+    for t in st.tensors.iter_mut().take(2) {
+        t.0 = t.0.replacen("lycoris_", "oft_unet_", 1);
+    }
+    st.write(&adapter);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "unknown-format", &out);
+}
+
+#[test]
+fn a17_peft_oft_generations_mixed() {
+    let mut sc = Scene::new();
+    let base = sc.copy("bases/llama_f32", "in/base");
+    let adapter = sc.path("in/oft");
+    copy_tree(
+        &fixtures().join("peft_oft/adapters/llama_f32_cayley"),
+        &adapter,
+    );
+    let w = adapter.join("adapter_model.safetensors");
+    let mut st = St::read(&w);
+    let t = st
+        .tensors
+        .iter_mut()
+        .find(|t| t.0.ends_with(".oft_R.weight"))
+        .unwrap();
+    t.0 = t.0.replace(".oft_R.weight", ".oft_r");
+    st.write(&w);
+    let out = sc.out_dir().join("merged");
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "unknown-format", &out);
+}
+
+#[test]
+fn a18_adapter_name_resolves_to_nothing() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = lycoris(&sc);
+    let mut st = St::read(&adapter);
+    let module = st.tensors[0].0.rsplit_once('.').unwrap().0.to_string();
+    for t in st.tensors.iter_mut().filter(|t| t.0.starts_with(&module)) {
+        t.0 = t.0.replacen("lycoris_", "lycoris_no_such_", 1);
+    }
+    st.write(&adapter);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "missing-target", &out);
+    let line = fails_with(&o, "missing-target");
+    assert!(line.contains("no_such"), "{line}");
+}
+
+#[test]
+fn a19_adapter_name_matches_two_tensors() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = lycoris(&sc);
+    // Give the base a second tensor whose flattened name equals an adapter module's.
+    let mut st = St::read(&base);
+    let t = st
+        .tensors
+        .iter()
+        .find(|t| t.0.ends_with("attn1.to_q.weight"))
+        .unwrap()
+        .clone();
+    let twin = t.0.replace("attn1.to_q", "attn1_to.q");
+    st.tensors.push((twin, t.1, t.2, t.3));
+    st.write(&base);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "missing-target", &out);
+    let line = fails_with(&o, "missing-target");
+    assert!(line.contains("matches 2 base tensors"), "{line}");
+}
+
+#[test]
+fn a20_lycoris_geometry_does_not_fit_the_base() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = lycoris(&sc);
+    // One module's blocks cover fewer rows than its base weight has.
+    let mut st = St::read(&adapter);
+    let t = st
+        .tensors
+        .iter_mut()
+        .find(|t| t.0.ends_with(".oft_blocks") && t.2[0] > 1)
+        .unwrap();
+    let hh = t.2[1] * t.2[2] * 4;
+    t.2[0] -= 1;
+    t.3.truncate(t.3.len() - hh);
+    st.write(&adapter);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "shape-mismatch", &out);
+}
+
+#[test]
+fn a21_from_does_not_fit_the_files() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = lycoris(&sc);
+    let o = sc.merge(&base, &adapter, &out, &["--from", "peft"]);
+    sc.assert_refused(&o, "unknown-format", &out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outputs
 // ---------------------------------------------------------------------------------------------

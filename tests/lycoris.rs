@@ -38,3 +38,13 @@ fn kohya_flux_splits_match_sd_scripts() {
         }
     }
 }
+
+#[test]
+fn unmerge_restores_the_base() {
+    let mut cases = ref_cases("lycoris");
+    cases.extend(ref_cases("kohya_oft"));
+    cases.extend(ref_cases("kohya_flux"));
+    for c in cases.iter().filter(|c| c.base_dtype == "float32") {
+        assert_unmerge_restores(c);
+    }
+}

@@ -32,36 +32,7 @@ fn every_generation_matches_its_peft_version() {
 #[test]
 fn unmerge_restores_the_base() {
     for c in cases().iter().filter(|c| c.base_dtype == "float32") {
-        let tmp = tempfile::tempdir().unwrap();
-        let base = c.base_path();
-        let merged = out_path(tmp.path(), &base);
-        let back = tmp.path().join(if base.is_dir() {
-            "back"
-        } else {
-            "back.safetensors"
-        });
-        let adapter = c.adapter_path();
-        ok(&run(
-            "boft-merge",
-            &[&"--base", &base, &"--adapter", &adapter, &"-o", &merged],
-        ));
-        ok(&run(
-            "boft-merge",
-            &[
-                &"--base",
-                &merged,
-                &"--adapter",
-                &adapter,
-                &"-o",
-                &back,
-                &"--unmerge",
-            ],
-        ));
-        let (orig, restored) = (tensors(&base), tensors(&back));
-        for (name, (_, t)) in &orig {
-            let e = rel_err(&restored[name].1.f32(), &t.f32());
-            assert!(e <= 1e-5, "{}: {name}: un-merge error {e:e}", c.name);
-        }
+        assert_unmerge_restores(c);
     }
 }
 

@@ -8,7 +8,12 @@ use std::process::{Command, Output};
 
 use boft::checkpoint::{dtype, Checkpoint, Dtype};
 
+/// The fixtures folder; `BOFT_FIXTURES` points the suite at another set made by the same
+/// generators (e.g. with another `--seed`, to check against files the repository never saw).
 pub fn fixtures() -> PathBuf {
+    if let Some(p) = std::env::var_os("BOFT_FIXTURES") {
+        return PathBuf::from(p);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
@@ -396,4 +401,36 @@ pub fn merge_and_compare(c: &RefCase, m: &RefMerged, extra: &[&str]) {
     assert_eq!(snapshot(&base), before, "{}: base modified", c.name);
     eprintln!("comparing {} at multiplier {}", c.name, m.multiplier);
     assert_merge_matches(&out, &c.expected(m), &base);
+}
+
+/// Merge `c` and un-merge the result: every tensor comes back within 1e-5 relative (f32 bases).
+pub fn assert_unmerge_restores(c: &RefCase) {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = c.base_path();
+    let merged = out_path(&tmp.path().join("m"), &base);
+    let back = out_path(&tmp.path().join("b"), &base);
+    std::fs::create_dir_all(tmp.path().join("m")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("b")).unwrap();
+    let adapter = c.adapter_path();
+    ok(&run(
+        "boft-merge",
+        &[&"--base", &base, &"--adapter", &adapter, &"-o", &merged],
+    ));
+    ok(&run(
+        "boft-merge",
+        &[
+            &"--base",
+            &merged,
+            &"--adapter",
+            &adapter,
+            &"-o",
+            &back,
+            &"--unmerge",
+        ],
+    ));
+    let (orig, restored) = (tensors(&base), tensors(&back));
+    for (name, (_, t)) in &orig {
+        let e = rel_err(&restored[name].1.f32(), &t.f32());
+        assert!(e <= 1e-5, "{}: {name}: un-merge error {e:e}", c.name);
+    }
 }
