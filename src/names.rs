@@ -17,10 +17,17 @@ use crate::error::{err, Class, Result};
 const PREFIXES: &[(&str, &[&str])] = &[
     ("lora_unet_", &["model.diffusion_model.", "unet."]),
     ("lora_te1_", &["conditioner.embedders.0.", "text_encoder."]),
-    ("lora_te2_", &["conditioner.embedders.1.", "text_encoder_2."]),
+    (
+        "lora_te2_",
+        &["conditioner.embedders.1.", "text_encoder_2."],
+    ),
     (
         "lora_te_",
-        &["cond_stage_model.", "conditioner.embedders.0.", "text_encoder."],
+        &[
+            "cond_stage_model.",
+            "conditioner.embedders.0.",
+            "text_encoder.",
+        ],
     ),
     ("lycoris_", &[]),
     ("oft_unet_", &["model.diffusion_model.", "unet."]),
@@ -90,7 +97,11 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
                 .and_then(|s| s.strip_suffix('.'))
                 .and_then(openclip_layer)
             {
-                add(format!("text_model_encoder_layers_{layer}_{hf}"), name, None);
+                add(
+                    format!("text_model_encoder_layers_{layer}_{hf}"),
+                    name,
+                    None,
+                );
             }
         }
     }
@@ -126,8 +137,7 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
             Some([hit]) => {
                 if let Some((k, p)) = hit.part {
                     let rows = base.get(hit.name).map_or(0, |(_, i)| i.shape[0]);
-                    if t.side != crate::adapter::Side::Output || t.rows.is_some() || rows % p != 0
-                    {
+                    if t.side != crate::adapter::Side::Output || t.rows.is_some() || rows % p != 0 {
                         return Err(err(
                             Class::ShapeMismatch,
                             &base.root,

@@ -80,3 +80,18 @@ fn unresolvable_names_are_refused() {
     );
     assert!(!out.exists());
 }
+
+/// SDXL / SD 2.x text-encoder adapters (`lora_te1_`, `lora_te2_`, `lora_te_`, Hugging Face CLIP
+/// names) into single files where OpenCLIP fuses q/k/v into `in_proj_weight`: q, k and v rotate
+/// their own thirds of the fused rows; `lora_te1_`/`lora_te2_` choose between the two encoders
+/// that share module names (fixtures/generate/make_openclip_fused.py: LyCORIS merges on the HF
+/// encoders, converted with diffusers' own SDXL/SD2 scripts).
+#[test]
+fn openclip_fused_qkv_resolve_to_row_slices() {
+    let cases = ref_cases("openclip_fused");
+    assert!(cases.len() >= 2);
+    for c in &cases {
+        merge_and_compare(c, &c.merged[0], &[]);
+        assert_unmerge_restores(c);
+    }
+}

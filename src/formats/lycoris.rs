@@ -19,8 +19,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
@@ -405,33 +403,10 @@ fn compute_blocks(
         },
         _ => {}
     }
-    let solved: Vec<Result<Vec<f64>>> = q
-        .par_chunks_exact(hh)
-        .enumerate()
-        .map(|(k, s)| {
-            // The canonical block of diag-oft/kohya is Rᵀ = C+(Q)ᵀ = C−(Q); boft multiplies by
-            // R = C+(Q) itself.
-            let b = match r.flavour {
-                Flavour::Boft => {
-                    cayley::try_cayley_minus(h, &s.iter().map(|x| -x).collect::<Vec<_>>())
-                }
-                _ => cayley::try_cayley_minus(h, s),
-            };
-            b.ok_or_else(|| {
-                err(
-                    Class::BadAdapter,
-                    path,
-                    format!(
-                        "{}: block {k} cannot be computed in f64 (values too large)",
-                        t.name
-                    ),
-                )
-            })
-        })
-        .collect();
-    let mut data = Vec::with_capacity(raw.len());
-    for b in solved {
-        data.extend(b?.iter().map(|&x| x as f32));
-    }
-    Ok(data)
+    // The canonical block of diag-oft/kohya is Rᵀ = C+(Q)ᵀ = C−(Q); boft multiplies by
+    // R = C+(Q) itself.
+    super::solve_blocks(path, &t.name, &q, hh, |s| match r.flavour {
+        Flavour::Boft => cayley::try_cayley_minus(h, &s.iter().map(|x| -x).collect::<Vec<_>>()),
+        _ => cayley::try_cayley_minus(h, s),
+    })
 }

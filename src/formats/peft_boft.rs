@@ -16,7 +16,6 @@ use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
 use crate::math::{cayley, perm};
-use rayon::prelude::*;
 
 #[derive(Default)]
 struct Module<'a> {
@@ -192,7 +191,7 @@ fn module_target(
         let (f, r, path, name) = (f.clone(), r.clone(), path.to_path_buf(), name.to_string());
         Deferred {
             path: path.clone(),
-            compute: Arc::new(move |_| cayley_blocks(&path, &name, &f, &r, d, h)),
+            compute: Arc::new(move |_| cayley_blocks(&path, &name, &f, &r, h)),
             base_dtype: None,
         }
     };
@@ -236,37 +235,12 @@ fn cayley_blocks(
     name: &str,
     f: &SafeFile,
     r: &TensorInfo,
-    d: usize,
     h: usize,
 ) -> Result<Vec<f32>> {
-    let raw = floats(path, f, r)?;
-    let hh = h * h;
-    // Thousands of small solves for a large model: spread them over the cores.
-    let solved: Vec<Result<Vec<f64>>> = raw
-        .par_chunks_exact(hh)
-        .enumerate()
-        .map(|(k, blk)| {
-            let a: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
-            cayley::try_cayley_minus(h, &cayley::skew_half(h, &a)).ok_or_else(|| {
-                err(
-                    Class::BadAdapter,
-                    path,
-                    format!(
-                        "{name}: block {} of factor {}: its Cayley transform cannot be computed \
-                         in f64 (values too large; largest magnitude {:e})",
-                        k % d,
-                        k / d,
-                        blk.iter().fold(0f32, |m, x| m.max(x.abs()))
-                    ),
-                )
-            })
-        })
-        .collect();
-    let mut data = Vec::with_capacity(raw.len());
-    for q in solved {
-        data.extend(q?.iter().map(|&x| x as f32));
-    }
-    Ok(data)
+    let raw: Vec<f64> = floats(path, f, r)?.iter().map(|&x| x as f64).collect();
+    super::solve_blocks(path, &format!("{name}.boft_R"), &raw, h * h, |a| {
+        cayley::try_cayley_minus(h, &cayley::skew_half(h, a))
+    })
 }
 
 /// PEFT 0.11–0.12 saved the permutation matrices; they must be the ones we derive.

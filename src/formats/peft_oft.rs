@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use serde_json::Value;
 
 use super::peft::{module_key, replacement};
@@ -334,55 +333,34 @@ fn module_target(
 
 /// Every stored block, as PEFT builds it, in f64 and rounded once to f32.
 fn compute_blocks(path: &Path, f: &SafeFile, t: &TensorInfo, r: &Recipe) -> Result<Vec<f32>> {
-    let raw = floats(path, f, t)?;
+    let raw: Vec<f64> = floats(path, f, t)?.iter().map(|&x| x as f64).collect();
     let h = r.h;
     let per = if r.gen == Gen::V2 {
         h * (h - 1) / 2
     } else {
         h * h
     };
-    let solved: Vec<Result<Vec<f64>>> = raw
-        .par_chunks_exact(per)
-        .enumerate()
-        .map(|(k, blk)| {
-            let mut a: Vec<f64> = blk.iter().map(|&x| x as f64).collect();
-            let q = if r.gen == Gen::V2 {
-                let mut s = cayley::skew_from_triu(h, &a);
-                if let Some(c) = r.clamp {
-                    cayley::clamp_frobenius(&mut s, c);
-                }
-                match r.neumann {
-                    Some((terms, legacy)) => Some(cayley::neumann_plus(h, &s, terms, legacy)),
-                    None => cayley::try_cayley_minus(h, &s),
-                }
-            } else {
-                if let Some(c) = r.clamp {
-                    cayley::clamp_frobenius(&mut a, c);
-                }
-                cayley::try_cayley_minus(h, &cayley::skew_half(h, &a))
-            };
-            let q = q
-                .filter(|q| q.iter().all(|x| x.is_finite()))
-                .ok_or_else(|| {
-                    err(
-                        Class::BadAdapter,
-                        path,
-                        format!(
-                            "{}: block {k} cannot be computed in f64 (values too large)",
-                            t.name
-                        ),
-                    )
-                })?;
-            Ok(if r.transpose {
-                (0..h * h).map(|i| q[(i % h) * h + i / h]).collect()
-            } else {
-                q
-            })
+    super::solve_blocks(path, &t.name, &raw, per, |blk| {
+        let mut a = blk.to_vec();
+        let q = if r.gen == Gen::V2 {
+            let mut s = cayley::skew_from_triu(h, &a);
+            if let Some(c) = r.clamp {
+                cayley::clamp_frobenius(&mut s, c);
+            }
+            match r.neumann {
+                Some((terms, legacy)) => Some(cayley::neumann_plus(h, &s, terms, legacy)),
+                None => cayley::try_cayley_minus(h, &s),
+            }
+        } else {
+            if let Some(c) = r.clamp {
+                cayley::clamp_frobenius(&mut a, c);
+            }
+            cayley::try_cayley_minus(h, &cayley::skew_half(h, &a))
+        }?;
+        Some(if r.transpose {
+            (0..h * h).map(|i| q[(i % h) * h + i / h]).collect()
+        } else {
+            q
         })
-        .collect();
-    let mut data = Vec::with_capacity(raw.len() / per * h * h);
-    for q in solved {
-        data.extend(q?.iter().map(|&x| x as f32));
-    }
-    Ok(data)
+    })
 }
