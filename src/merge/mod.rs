@@ -189,6 +189,12 @@ struct OutFile<'a> {
     dst_path: PathBuf,
 }
 
+/// One piece of the output, in file and offset order.
+enum Step<'a> {
+    Copy(CopyRun),
+    Work(usize, &'a TensorInfo, &'a Action<'a>),
+}
+
 /// Contiguous run of untouched tensors to copy verbatim.
 struct CopyRun {
     file: usize,
@@ -263,8 +269,9 @@ impl Plan<'_> {
             }
         }
 
-        let mut runs: Vec<CopyRun> = Vec::new();
-        let mut work: Vec<(usize, &TensorInfo, &Action)> = Vec::new();
+        // Every file is written front to back in one stream (untouched runs copied, targeted
+        // tensors transformed, in offset order) so that writeback stays sequential.
+        let mut steps: Vec<Step> = Vec::new();
         let mut stats = Stats::default();
         for (fi, o) in outs.iter().enumerate() {
             for t in &o.src.tensors {
@@ -275,19 +282,19 @@ impl Plan<'_> {
                             Action::Replace(_) => stats.replaced += 1,
                             _ => stats.transformed += 1,
                         }
-                        work.push((fi, t, a));
+                        steps.push(Step::Work(fi, t, a));
                     }
                     None => {
                         stats.copied += 1;
-                        match runs.last_mut() {
-                            Some(r) if r.file == fi && r.start + r.len == t.start => {
+                        match steps.last_mut() {
+                            Some(Step::Copy(r)) if r.file == fi && r.start + r.len == t.start => {
                                 r.len += t.end - t.start
                             }
-                            _ => runs.push(CopyRun {
+                            _ => steps.push(Step::Copy(CopyRun {
                                 file: fi,
                                 start: t.start,
                                 len: t.end - t.start,
-                            }),
+                            })),
                         }
                     }
                 }
@@ -307,44 +314,44 @@ impl Plan<'_> {
         let stop = || abort.load(Ordering::Relaxed) || output::interrupted();
 
         std::thread::scope(|s| {
-            // Copies are I/O bound and run beside the compute-bound transforms.
-            s.spawn(|| {
-                for r in &runs {
-                    if stop() {
-                        return;
-                    }
-                    let o = &outs[r.file];
-                    if let Err(e) = copy_range(o, r.start, r.len, &stop, &|n| bar.inc(n as u64)) {
-                        fail(e);
-                        return;
-                    }
-                }
-            });
-            // Blocks are computed (and un-merge inverses taken) one action ahead of the writer,
-            // on their own thread, so the arithmetic overlaps the transforms and memory holds at
+            // Blocks are computed (and un-merge inverses taken) ahead of the writer on their own
+            // thread, so the arithmetic overlaps the copies and transforms, and memory holds at
             // most a few targets' blocks.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Built>>(1);
-            let work = &work;
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Built>>(2);
+            let steps = &steps;
             s.spawn(move || {
-                for (_, _, a) in work {
-                    if stop() || tx.send(self.build(a)).is_err() {
-                        return;
+                for step in steps {
+                    if let Step::Work(_, _, a) = step {
+                        if stop() || tx.send(self.build(a)).is_err() {
+                            return;
+                        }
                     }
                 }
             });
-            // `rx` moves into the loop: leaving it early drops it, which ends the builder.
-            for ((fi, t, _), built) in work.iter().zip(rx) {
+            // `rx` moves into the iterator: leaving the loop early drops it, which ends the
+            // builder.
+            let mut built = rx.into_iter();
+            for step in steps {
                 if stop() {
                     break;
                 }
-                let o = &outs[*fi];
-                let res = built.and_then(|b| match &b {
-                    Built::Rows(chain) => transform_rows(o, t, chain, backend, &stop, &bar),
-                    Built::Columns(slices, cols) => {
-                        transform_columns(o, t, slices, *cols, backend, &bar)
+                let res = match step {
+                    Step::Copy(r) => {
+                        copy_range(&outs[r.file], r.start, r.len, &stop, &|n| bar.inc(n as u64))
                     }
-                    Built::Replace(r) => write_replacement(o, t, r, &bar),
-                });
+                    Step::Work(fi, t, _) => {
+                        let o = &outs[*fi];
+                        built.next().expect("one build per step").and_then(|b| match &b {
+                            Built::Rows(chain) => {
+                                transform_rows(o, t, chain, backend, &stop, &bar)
+                            }
+                            Built::Columns(slices, cols) => {
+                                transform_columns(o, t, slices, *cols, backend, &bar)
+                            }
+                            Built::Replace(r) => write_replacement(o, t, r, &bar),
+                        })
+                    }
+                };
                 if let Err(e) = res {
                     fail(e);
                     break;
@@ -478,10 +485,12 @@ fn transform_rows(
         o.dst
             .write_all_at(bytes, off)
             .map_err(|e| Error::io(&o.dst_path, e))?;
-        start_writeback(&o.dst, off, bytes.len());
         bar.inc(bytes.len() as u64);
         Ok(())
-    })
+    })?;
+    // Chunks finish in any order; the tensor goes to the disk as one sequential range.
+    start_writeback(&o.dst, file_off, t.end - t.start);
+    Ok(())
 }
 
 /// Transform an input-side tensor in row chunks, in parallel, handing each finished chunk (its
