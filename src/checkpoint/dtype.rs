@@ -122,11 +122,7 @@ pub fn decode_f32(dtype: Dtype, src: &[u8], dst: &mut [f32]) {
                 *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        Dtype::BF16 => {
-            for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }
+        Dtype::BF16 => simd(|| decode_bf16(src, dst)),
         Dtype::F16 => {
             for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
                 *d = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
@@ -144,11 +140,7 @@ pub fn encode_f32(dtype: Dtype, src: &[f32], dst: &mut [u8]) {
                 c.copy_from_slice(&s.to_le_bytes());
             }
         }
-        Dtype::BF16 => {
-            for (s, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
-                c.copy_from_slice(&bf16_bits(*s).to_le_bytes());
-            }
-        }
+        Dtype::BF16 => simd(|| encode_bf16(src, dst)),
         Dtype::F16 => {
             for (s, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
                 c.copy_from_slice(&half::f16::from_f32(*s).to_bits().to_le_bytes());
@@ -156,6 +148,36 @@ pub fn encode_f32(dtype: Dtype, src: &[f32], dst: &mut [u8]) {
         }
         _ => unreachable!("encode_f32 called on non-float dtype {:?}", dtype),
     }
+}
+
+#[inline(always)]
+fn decode_bf16(src: &[u8], dst: &mut [f32]) {
+    for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+    }
+}
+
+#[inline(always)]
+fn encode_bf16(src: &[f32], dst: &mut [u8]) {
+    for (s, c) in src.iter().zip(dst.chunks_exact_mut(2)) {
+        c.copy_from_slice(&bf16_bits(*s).to_le_bytes());
+    }
+}
+
+/// Run a conversion loop compiled for AVX2 where the CPU has it (twice the lanes of the SSE2
+/// baseline; conversions are a tenth of a merge's CPU time).
+#[inline(always)]
+fn simd(f: impl FnOnce()) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        unsafe fn with_avx2(f: impl FnOnce()) {
+            f()
+        }
+        // SAFETY: the CPU supports AVX2 (checked above).
+        return unsafe { with_avx2(f) };
+    }
+    f()
 }
 
 /// f32 → bf16 with round-to-nearest-even, branch-free so the loop vectorises; NaN stays a

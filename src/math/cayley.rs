@@ -117,6 +117,85 @@ pub fn cayley_minus(h: usize, s: &[f64]) -> Vec<f64> {
 /// `(I − S)(I + S)⁻¹`, or None when it cannot be computed in f64 (a zero pivot or a non-finite
 /// entry).
 pub fn try_cayley_minus(h: usize, s: &[f64]) -> Option<Vec<f64>> {
+    cayley_minus_elimination(h, s).or_else(|| cayley_minus_lu(h, s))
+}
+
+/// `(I + S)⁻¹(I − S)` (equal to `(I − S)(I + S)⁻¹`: the factors commute) by Gaussian elimination
+/// without pivoting, in row-major loops the compiler vectorises. A merge solves one of these per
+/// block, thousands per model, and this is several times faster than a general pivoted LU.
+/// Pivoting is not needed: `I + S` has the identity as its symmetric part, so every pivot has
+/// magnitude at least 1 in exact arithmetic. Returns None (the caller then uses the pivoted LU)
+/// when a pivot is not comfortably away from 0 or a value is not finite, which only hostile,
+/// enormous entries cause.
+fn cayley_minus_elimination(h: usize, s: &[f64]) -> Option<Vec<f64>> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features the function is compiled for (checked above).
+        return unsafe { elimination_avx2(h, s) };
+    }
+    elimination(h, s)
+}
+
+/// The same loops compiled for AVX2/FMA (4 f64 lanes instead of SSE2's 2).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn elimination_avx2(h: usize, s: &[f64]) -> Option<Vec<f64>> {
+    elimination(h, s)
+}
+
+#[inline(always)]
+fn elimination(h: usize, s: &[f64]) -> Option<Vec<f64>> {
+    let mut a = vec![0.0; h * h];
+    let mut b = vec![0.0; h * h];
+    for i in 0..h * h {
+        a[i] = s[i];
+        b[i] = -s[i];
+    }
+    for i in 0..h {
+        a[i * h + i] += 1.0;
+        b[i * h + i] += 1.0;
+    }
+    for k in 0..h {
+        let p = a[k * h + k];
+        if !(p.abs() >= 0.5) {
+            return None;
+        }
+        let inv = 1.0 / p;
+        let (top, rest) = a.split_at_mut((k + 1) * h);
+        let (btop, brest) = b.split_at_mut((k + 1) * h);
+        let arow = &top[k * h..];
+        let brow = &btop[k * h..];
+        for (ar, br) in rest.chunks_exact_mut(h).zip(brest.chunks_exact_mut(h)) {
+            let f = ar[k] * inv;
+            if f == 0.0 {
+                continue;
+            }
+            for (x, y) in ar[k..h].iter_mut().zip(&arow[k..h]) {
+                *x -= f * y;
+            }
+            for (x, y) in br.iter_mut().zip(&brow[..h]) {
+                *x -= f * y;
+            }
+        }
+    }
+    for k in (0..h).rev() {
+        let (top, rest) = b.split_at_mut((k + 1) * h);
+        let row = &mut top[k * h..];
+        for (m, later) in rest.chunks_exact(h).enumerate() {
+            let f = a[k * h + k + 1 + m];
+            if f != 0.0 {
+                for (x, y) in row[..h].iter_mut().zip(later) {
+                    *x -= f * y;
+                }
+            }
+        }
+        let inv = 1.0 / a[k * h + k];
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    b.iter().all(|x| x.is_finite()).then_some(b)
+}
+
+fn cayley_minus_lu(h: usize, s: &[f64]) -> Option<Vec<f64>> {
     let s = mat(h, s);
     let id = DMatrix::<f64>::identity(h, h);
     // (I − S) and (I + S)⁻¹ commute, so this is a single solve.
@@ -145,6 +224,22 @@ pub fn inverse_cayley_minus(h: usize, r: &[f64]) -> Option<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elimination_matches_pivoted_lu() {
+        for (h, seed, amp) in [(2, 1, 1.0), (8, 2, 3.0), (32, 3, 0.5), (17, 4, 40.0)] {
+            let a = random(h, seed);
+            let s: Vec<f64> = skew_half(h, &a).iter().map(|x| x * amp).collect();
+            let fast = cayley_minus_elimination(h, &s).unwrap();
+            let lu = cayley_minus_lu(h, &s).unwrap();
+            let worst = fast
+                .iter()
+                .zip(&lu)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(worst < 1e-12, "h={h}: {worst:e}");
+            assert!(orth_error_f64(h, &fast) < 1e-12);
+        }
+    }
 
     #[test]
     fn neumann_series_match_peft_term_rules() {

@@ -314,58 +314,120 @@ impl Plan<'_> {
         let stop = || abort.load(Ordering::Relaxed) || output::interrupted();
 
         std::thread::scope(|s| {
-            // Blocks are computed (and un-merge inverses taken) ahead of the writer on their own
-            // thread, so the arithmetic overlaps the copies and transforms, and memory holds at
-            // most a few targets' blocks.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Built>>(2);
+            // Three stages run at once: a builder computes blocks (and un-merge inverses) ahead,
+            // this thread transforms tensors into buffers (in parallel across the cores), and a
+            // writer goes through each file front to back, copying untouched runs and writing
+            // finished tensors, so the disk stays busy while the cores compute. The channels are
+            // bounded: memory holds a few targets' blocks and at most three transformed tensors.
+            let (built_tx, built_rx) = std::sync::mpsc::sync_channel::<Result<Built>>(2);
+            let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+            let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
             let steps = &steps;
             s.spawn(move || {
                 for step in steps {
                     if let Step::Work(_, _, a) = step {
-                        if stop() || tx.send(self.build(a)).is_err() {
+                        if stop() || built_tx.send(self.build(a)).is_err() {
                             return;
                         }
                     }
                 }
             });
-            // `rx` moves into the iterator: leaving the loop early drops it, which ends the
-            // builder.
-            let mut built = rx.into_iter();
+            let (outs, bar, fail) = (&outs, &bar, &fail);
+            // Each file is fsynced as soon as its last byte is written, on a thread of its own,
+            // so that flushing one file overlaps the work on the next.
+            let (sync_tx, sync_rx) = std::sync::mpsc::channel::<usize>();
+            s.spawn(move || {
+                for fi in sync_rx {
+                    let o = &outs[fi];
+                    if let Err(e) = o.dst.sync_all() {
+                        fail(Error::io(&o.dst_path, e));
+                        return;
+                    }
+                }
+            });
+            let last_step: Vec<usize> = (0..outs.len())
+                .map(|fi| {
+                    steps
+                        .iter()
+                        .rposition(|st| match st {
+                            Step::Copy(r) => r.file == fi,
+                            Step::Work(f, _, _) => *f == fi,
+                        })
+                        .unwrap_or(usize::MAX)
+                })
+                .collect();
+            s.spawn(move || {
+                // Files without tensors are complete already.
+                for (fi, &l) in last_step.iter().enumerate() {
+                    if l == usize::MAX {
+                        let _ = sync_tx.send(fi);
+                    }
+                }
+                let mut done = out_rx.into_iter();
+                for (si, step) in steps.iter().enumerate() {
+                    if stop() {
+                        return;
+                    }
+                    let res = match step {
+                        Step::Copy(r) => {
+                            copy_range(&outs[r.file], r.start, r.len, &stop, &|n| bar.inc(n as u64))
+                        }
+                        Step::Work(fi, t, _) => match done.next() {
+                            Some(Ok(bytes)) => {
+                                let o = &outs[*fi];
+                                let off = (o.src.data_offset + t.start) as u64;
+                                let r = o
+                                    .dst
+                                    .write_all_at(&bytes, off)
+                                    .map_err(|e| Error::io(&o.dst_path, e));
+                                start_writeback(&o.dst, off, bytes.len());
+                                bar.inc(bytes.len() as u64);
+                                let _ = pool_tx.send(bytes);
+                                r
+                            }
+                            Some(Err(e)) => Err(e),
+                            None => return,
+                        },
+                    };
+                    if let Err(e) = res {
+                        fail(e);
+                        return;
+                    }
+                    if let Some(fi) = last_step.iter().position(|&l| l == si) {
+                        let _ = sync_tx.send(fi);
+                    }
+                }
+            });
+            let mut built = built_rx.into_iter();
             for step in steps {
+                let Step::Work(fi, t, _) = step else {
+                    continue;
+                };
                 if stop() {
                     break;
                 }
-                let res = match step {
-                    Step::Copy(r) => {
-                        copy_range(&outs[r.file], r.start, r.len, &stop, &|n| bar.inc(n as u64))
-                    }
-                    Step::Work(fi, t, _) => {
-                        let o = &outs[*fi];
-                        built.next().expect("one build per step").and_then(|b| match &b {
-                            Built::Rows(chain) => {
-                                transform_rows(o, t, chain, backend, &stop, &bar)
-                            }
-                            Built::Columns(slices, cols) => {
-                                transform_columns(o, t, slices, *cols, backend, &bar)
-                            }
-                            Built::Replace(r) => write_replacement(o, t, r, &bar),
-                        })
-                    }
+                let mut buf = pool_rx.try_recv().unwrap_or_default();
+                buf.resize(t.end - t.start, 0);
+                let o = &outs[*fi];
+                // The builder ends early only when stopping.
+                let Some(b) = built.next() else {
+                    break;
                 };
-                if let Err(e) = res {
-                    fail(e);
+                let res = b
+                    .and_then(|b| tensor_bytes(o, t, &b, backend, &stop, &mut buf))
+                    .map(|()| buf);
+                let failed = res.is_err();
+                if out_tx.send(res).is_err() || failed {
                     break;
                 }
             }
+            drop(out_tx);
         });
         bar.finish_and_clear();
         if let Some(e) = first_err.into_inner().unwrap() {
             return Err(e);
         }
         output::check_interrupted()?;
-        for o in &outs {
-            o.dst.sync_all().map_err(|e| Error::io(&o.dst_path, e))?;
-        }
         Ok(stats)
     }
 }
@@ -466,31 +528,99 @@ fn copy_range(
 /// Elements per work chunk: large enough for efficient block GEMMs, small enough to stay in cache.
 const CHUNK_ELEMS: usize = 1 << 17;
 
-fn transform_rows(
+/// The output bytes of one targeted tensor, into `out` (its size).
+fn tensor_bytes(
     o: &OutFile,
     t: &TensorInfo,
+    b: &Built,
+    backend: &dyn Backend,
+    stop: &(dyn Fn() -> bool + Sync),
+    out: &mut [u8],
+) -> Result<()> {
+    let src = o.src.data(t);
+    match b {
+        Built::Rows(chain) => rows_into(t, src, chain, backend, stop, out),
+        Built::Columns(slices, cols) => {
+            let w = columns_f32(t, src, slices, *cols, backend)?;
+            dtype::encode_f32(t.dtype, &w, out);
+            Ok(())
+        }
+        Built::Replace(r) => {
+            if r.dtype == t.dtype {
+                out.copy_from_slice(&r.data);
+            } else {
+                let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
+                dtype::encode_f32(t.dtype, &v, out);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `rows_chunked`, encoding each chunk into its place in `out` (the tensor's bytes).
+fn rows_into(
+    t: &TensorInfo,
+    src: &[u8],
     chain: &Chain,
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
-    bar: &indicatif::ProgressBar,
+    out: &mut [u8],
 ) -> Result<()> {
     let esize = t.dtype.float_size().expect("checked at planning");
     let row_bytes = chain.n * esize;
-    let file_off = (o.src.data_offset + t.start) as u64;
-    let src = o.src.data(t);
-    rows_chunked(t, src, chain, backend, stop, |r0, x, bytes| {
-        bytes.resize(x.len() * esize, 0);
-        dtype::encode_f32(t.dtype, x, bytes);
-        let off = file_off + (r0 * row_bytes) as u64;
-        o.dst
-            .write_all_at(bytes, off)
-            .map_err(|e| Error::io(&o.dst_path, e))?;
-        bar.inc(bytes.len() as u64);
-        Ok(())
-    })?;
-    // Chunks finish in any order; the tensor goes to the disk as one sequential range.
-    start_writeback(&o.dst, file_off, t.end - t.start);
-    Ok(())
+    let chunk_rows = chunk_rows(t, chain, backend);
+    out.par_chunks_mut(chunk_rows * row_bytes)
+        .enumerate()
+        .try_for_each(|(c, dst)| {
+            if stop() {
+                return Ok(());
+            }
+            let r0 = c * chunk_rows;
+            with_chunk(
+                t,
+                src,
+                chain,
+                backend,
+                r0,
+                r0 + dst.len() / row_bytes,
+                |x, _| {
+                    dtype::encode_f32(t.dtype, x, dst);
+                    Ok(())
+                },
+            )
+        })
+}
+
+fn chunk_rows(t: &TensorInfo, chain: &Chain, backend: &dyn Backend) -> usize {
+    let rows = t.shape[0];
+    (backend.chunk_elems().max(CHUNK_ELEMS) / chain.n).clamp(1, rows.max(1))
+}
+
+/// Decode rows `r0..r1`, apply the chain, hand the f32 result (and a reusable byte buffer) to
+/// `f`, with per-thread buffers.
+fn with_chunk(
+    t: &TensorInfo,
+    src: &[u8],
+    chain: &Chain,
+    backend: &dyn Backend,
+    r0: usize,
+    r1: usize,
+    f: impl FnOnce(&[f32], &mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let esize = t.dtype.float_size().expect("checked at planning");
+    let n = chain.n;
+    let body = |(scratch, x, bytes): &mut (Scratch, Vec<f32>, Vec<u8>)| {
+        x.resize((r1 - r0) * n, 0.0);
+        dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
+        backend.apply(chain, x, r0, r1 - r0, scratch)?;
+        f(x, bytes)
+    };
+    // A backend that itself uses rayon may run another chunk on this thread while the buffers
+    // are borrowed; that chunk gets buffers of its own.
+    WORK.with(|w| match w.try_borrow_mut() {
+        Ok(mut g) => body(&mut g),
+        Err(_) => body(&mut Default::default()),
+    })
 }
 
 /// Transform an input-side tensor in row chunks, in parallel, handing each finished chunk (its
@@ -504,30 +634,20 @@ pub(crate) fn rows_chunked(
     stop: &(dyn Fn() -> bool + Sync),
     sink: impl Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
 ) -> Result<()> {
-    let esize = t.dtype.float_size().expect("checked at planning");
     let rows = t.shape[0];
-    let n = chain.n;
-    let chunk_rows = (backend.chunk_elems().max(CHUNK_ELEMS) / n).clamp(1, rows.max(1));
-    let chunks = rows.div_ceil(chunk_rows);
-    (0..chunks).into_par_iter().try_for_each(|c| -> Result<()> {
-        if stop() {
-            return Ok(());
-        }
-        let body = |(scratch, x, bytes): &mut (Scratch, Vec<f32>, Vec<u8>)| {
+    let chunk_rows = chunk_rows(t, chain, backend);
+    (0..rows.div_ceil(chunk_rows))
+        .into_par_iter()
+        .try_for_each(|c| -> Result<()> {
+            if stop() {
+                return Ok(());
+            }
             let r0 = c * chunk_rows;
             let r1 = (r0 + chunk_rows).min(rows);
-            x.resize((r1 - r0) * n, 0.0);
-            dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
-            backend.apply(chain, x, r0, r1 - r0, scratch)?;
-            sink(r0, x, bytes)
-        };
-        // A backend that itself uses rayon may run another chunk on this thread while the
-        // buffers are borrowed; that chunk gets buffers of its own.
-        WORK.with(|w| match w.try_borrow_mut() {
-            Ok(mut g) => body(&mut g),
-            Err(_) => body(&mut Default::default()),
+            with_chunk(t, src, chain, backend, r0, r1, |x, bytes| {
+                sink(r0, x, bytes)
+            })
         })
-    })
 }
 
 thread_local! {
@@ -578,48 +698,6 @@ pub(crate) fn columns_f32(
         }
     }
     Ok(w)
-}
-
-fn transform_columns(
-    o: &OutFile,
-    t: &TensorInfo,
-    slices: &[((usize, usize), Chain)],
-    view_cols: Option<usize>,
-    backend: &dyn Backend,
-    bar: &indicatif::ProgressBar,
-) -> Result<()> {
-    let w = columns_f32(t, o.src.data(t), slices, view_cols, backend)?;
-    let mut out = vec![0u8; t.end - t.start];
-    dtype::encode_f32(t.dtype, &w, &mut out);
-    output::check_interrupted()?;
-    let off = (o.src.data_offset + t.start) as u64;
-    o.dst
-        .write_all_at(&out, off)
-        .map_err(|e| Error::io(&o.dst_path, e))?;
-    start_writeback(&o.dst, off, out.len());
-    bar.inc(out.len() as u64);
-    Ok(())
-}
-
-fn write_replacement(
-    o: &OutFile,
-    t: &TensorInfo,
-    r: &Replacement,
-    bar: &indicatif::ProgressBar,
-) -> Result<()> {
-    let bytes = if r.dtype == t.dtype {
-        r.data.clone()
-    } else {
-        let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
-        let mut b = vec![0u8; v.len() * t.dtype.float_size().expect("checked at planning")];
-        dtype::encode_f32(t.dtype, &v, &mut b);
-        b
-    };
-    o.dst
-        .write_all_at(&bytes, (o.src.data_offset + t.start) as u64)
-        .map_err(|e| Error::io(&o.dst_path, e))?;
-    bar.inc(bytes.len() as u64);
-    Ok(())
 }
 
 /// Resolve every target's name against the base (`crate::names`) and fit it to its base
