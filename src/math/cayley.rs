@@ -157,7 +157,8 @@ fn elimination(h: usize, s: &[f64]) -> Option<Vec<f64>> {
     }
     for k in 0..h {
         let p = a[k * h + k];
-        if !(p.abs() >= 0.5) {
+        // NaN fails this too.
+        if p.is_nan() || p.abs() < 0.5 {
             return None;
         }
         let inv = 1.0 / p;
