@@ -167,7 +167,6 @@ fn blocks_times(f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
                 8 => return blocks_times_fixed_avx2::<8>(f, src, out, rows),
                 16 => return blocks_times_fixed_avx2::<16>(f, src, out, rows),
                 32 => return blocks_times_fixed_avx2::<32>(f, src, out, rows),
-                64 => return blocks_times_fixed_avx2::<64>(f, src, out, rows),
                 _ => {}
             }
         }
@@ -231,7 +230,9 @@ fn blocks_times_fixed<const H: usize>(f: &Factor, src: &[f32], out: &mut [f32], 
     }
 }
 
-/// Any block size: one GEMM per block, `src_k · Q_kᵀ`.
+/// Any other block size, and every block of 64 or more: one GEMM per block, `src_k · Q_kᵀ`
+/// (matrixmultiply's packed kernels; from 64 on a block no longer fits the registers of the
+/// fixed-size kernels above).
 fn blocks_times_gemm(f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
     let (h, n) = (f.h, f.n());
     for k in 0..f.d {
@@ -309,7 +310,7 @@ mod tests {
     #[test]
     fn fixed_size_kernels_match_the_gemm() {
         let mut seed = 9u64;
-        for h in [8usize, 16, 32, 64] {
+        for h in [8usize, 16, 32] {
             let d = 3;
             let f = Factor {
                 h,
@@ -387,6 +388,71 @@ mod tests {
                     x[r * n + a],
                     want
                 );
+            }
+        }
+    }
+
+    /// Block sizes from 2 to 256 (fixed-size kernels and the GEMM path) and 1 to 6 factors with
+    /// arbitrary permutations, against the dense product of the factors.
+    #[test]
+    fn every_block_size_and_factor_count() {
+        let mut seed = 11u64;
+        for (h, d) in [
+            (2, 8),
+            (3, 4),
+            (8, 2),
+            (16, 2),
+            (32, 2),
+            (64, 2),
+            (128, 2),
+            (256, 2),
+        ] {
+            let n = h * d;
+            for nf in 1..=6 {
+                let factors: Vec<Factor> = (0..nf)
+                    .map(|i| {
+                        let mut p: Vec<u32> = (0..n as u32).collect();
+                        for j in (1..n).rev() {
+                            let k = (rnd(&mut seed).abs() * 1e6) as usize % (j + 1);
+                            p.swap(j, k);
+                        }
+                        Factor {
+                            h,
+                            d,
+                            blocks: (0..d * h * h)
+                                .map(|_| rnd(&mut seed) * 2.0 / (h as f32).sqrt())
+                                .collect(),
+                            perm: (i > 0).then_some(p),
+                        }
+                    })
+                    .collect();
+                let rows = 3;
+                let x0: Vec<f32> = (0..rows * n).map(|_| rnd(&mut seed)).collect();
+                let chain = Chain {
+                    n,
+                    factors: factors.clone(),
+                    scale: None,
+                    scale_on: ScaleOn::Vector,
+                    scale_first: false,
+                    blend: 1.0,
+                };
+                let mut x = x0.clone();
+                chain.apply_rows(&mut x, 0, rows, &mut Scratch::default());
+                for r in 0..rows {
+                    let mut want: Vec<f64> =
+                        x0[r * n..(r + 1) * n].iter().map(|&v| v as f64).collect();
+                    for f in &factors {
+                        let fd = dense(f);
+                        want = (0..n)
+                            .map(|a| (0..n).map(|b| fd[a * n + b] * want[b]).sum())
+                            .collect();
+                    }
+                    let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+                    for a in 0..n {
+                        let e = (x[r * n + a] as f64 - want[a]).abs() / scale;
+                        assert!(e < 1e-5, "h={h} factors={nf}: relative error {e:e}");
+                    }
+                }
             }
         }
     }
