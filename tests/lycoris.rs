@@ -48,3 +48,20 @@ fn unmerge_restores_the_base() {
         assert_unmerge_restores(c);
     }
 }
+
+/// Old LyCORIS files: 2.0.x stores the finished rotation (`oft_diag`, rescale already in it);
+/// 2.1.0–2.1.0.post2 have no `alpha`, the constraint is only in `ss_network_args`, and post1's
+/// `rescale` is 1-D. Each against that version's own merge (fixtures/generate/make_lycoris_old.py).
+#[test]
+fn old_lycoris_files_match_their_versions() {
+    let cases = ref_cases("lycoris_old");
+    assert!(cases.iter().any(|c| c.format.contains("oft_diag")));
+    assert!(cases.iter().any(|c| c.format.contains("no_alpha")));
+    for c in &cases {
+        for m in &c.merged {
+            let t = m.multiplier.to_string();
+            merge_and_compare(c, m, &["--strength", &t, "--strength-mode", "per-factor"]);
+        }
+        assert_unmerge_restores(c);
+    }
+}

@@ -36,6 +36,8 @@ struct Module<'a> {
     blocks: Option<&'a TensorInfo>,
     /// kohya FLUX: one `oft_blocks.<j>` per row split of a fused weight, in row order.
     splits: BTreeMap<usize, &'a TensorInfo>,
+    /// LyCORIS 2.0: the finished `diag(s)·R` per block.
+    diag: Option<&'a TensorInfo>,
     alpha: Option<&'a TensorInfo>,
     rescale: Option<&'a TensorInfo>,
 }
@@ -60,17 +62,7 @@ pub fn import(f: &Arc<SafeFile>, kohya: Option<bool>) -> Result<Adapter> {
             "oft_blocks" => modules.entry(m).or_default().blocks = Some(t),
             "alpha" => modules.entry(m).or_default().alpha = Some(t),
             "rescale" => modules.entry(m).or_default().rescale = Some(t),
-            "oft_diag" => {
-                return Err(err(
-                    Class::UnknownFormat,
-                    path,
-                    format!(
-                        "{}: LyCORIS 2.0 files that store the finished rotation (oft_diag) are \
-                         not supported",
-                        t.name
-                    ),
-                ))
-            }
+            "oft_diag" => modules.entry(m).or_default().diag = Some(t),
             j if t.name.contains(".oft_blocks.") => {
                 let (m, _) = t.name.rsplit_once(".oft_blocks.").expect("contains it");
                 let j: usize = j.parse().map_err(|_| {
@@ -108,6 +100,18 @@ pub fn import(f: &Arc<SafeFile>, kohya: Option<bool>) -> Result<Adapter> {
     let mut targets = Vec::with_capacity(modules.len());
     let mut flavours = std::collections::BTreeSet::new();
     for (name, m) in &modules {
+        if let Some(t) = m.diag {
+            if m.blocks.is_some() || !m.splits.is_empty() || kohya {
+                return Err(err(
+                    Class::BadAdapter,
+                    path,
+                    format!("{name}: oft_diag (LyCORIS 2.0) beside other OFT tensors"),
+                ));
+            }
+            flavours.insert("DiagOft".to_string());
+            targets.push(finished_target(path, f, name, t)?);
+            continue;
+        }
         if !m.splits.is_empty() {
             if m.blocks.is_some() || !kohya {
                 return Err(err(
@@ -329,6 +333,57 @@ fn module_target(
         perms,
         scale,
         kind: BlockKind::Cayley,
+        share: false,
+        crop: None,
+        croppable: false,
+        view: None,
+    })
+}
+
+/// LyCORIS 2.0.x stored each block finished, `oft_diag_k = diag(s_k)·R_k` (constraint and
+/// rescale applied), and merged `W'_k = oft_diag_kᵀ·W_k`; at multiplier t the block is
+/// `t·oft_diag + (1 − t)·I` (`--strength-mode per-factor`). The canonical block is the transpose;
+/// with a rescale it is not orthogonal (`block_kind: raw`).
+fn finished_target(path: &Path, f: &Arc<SafeFile>, name: &str, t: &TensorInfo) -> Result<Target> {
+    let (d, h) = match t.shape.as_slice() {
+        &[d, a, b] if a == b && d > 0 && a > 0 => (d, a),
+        s => {
+            return Err(err(
+                Class::BadAdapter,
+                path,
+                format!("{name}.oft_diag has shape {s:?}, expected (D, H, H)"),
+            ))
+        }
+    };
+    super::peft_boft::check_floats(path, f, t)?;
+    let deferred = {
+        let (f, t, path) = (f.clone(), t.clone(), path.to_path_buf());
+        Deferred {
+            path: path.clone(),
+            base_dtype: None,
+            compute: Arc::new(move |_| {
+                let v = super::peft_boft::floats(&path, &f, &t)?;
+                let hh = h * h;
+                Ok(v.chunks_exact(hh)
+                    .flat_map(|b| (0..hh).map(move |i| b[(i % h) * h + i / h]))
+                    .collect())
+            }),
+        }
+    };
+    Ok(Target {
+        name: name.to_string(),
+        module: name.to_string(),
+        side: Side::Output,
+        shape: None,
+        rows: None,
+        factors: 1,
+        blocks: d,
+        block_size: h,
+        data: Vec::new(),
+        deferred: Some(deferred),
+        perms: vec![None],
+        scale: None,
+        kind: BlockKind::Raw,
         share: false,
         crop: None,
         croppable: false,
