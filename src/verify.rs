@@ -1356,10 +1356,7 @@ mod tests {
                 perms: vec![None; nf],
                 scale: None,
                 kind: BlockKind::Cayley,
-                share: false,
-                crop: None,
-                croppable: false,
-                view: None,
+                ..Default::default()
             };
             let dof = degrees_of_freedom(&t);
             let raw = nf * d * h * h;

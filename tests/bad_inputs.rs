@@ -1217,10 +1217,7 @@ fn slow_case(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
             perms: vec![None; nf],
             scale: None,
             kind: BlockKind::Cayley,
-            share: false,
-            crop: None,
-            croppable: false,
-            view: None,
+            ..Default::default()
         }],
         source_format: "test".into(),
         ..Default::default()

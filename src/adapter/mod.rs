@@ -15,9 +15,10 @@ use crate::math::blocks;
 use crate::math::kernel::{Chain, Factor, ScaleOn};
 
 /// Which axis of the (2-D flattened) weight the transform mixes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
+    #[default]
     /// Columns: every weight row x becomes `M x` (`W' = W · Mᵀ`). PEFT BOFT, PEFT OFT ≥ 0.14.
     Input,
     /// Rows: every weight column x becomes `M x` (`W' = M · W`). LyCORIS, kohya, PEFT OFT ≤ 0.13.
@@ -25,9 +26,10 @@ pub enum Side {
 }
 
 /// How the blocks were made, which says how orthogonal they are expected to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BlockKind {
+    #[default]
     /// An exact Cayley transform: orthogonal, determinant +1.
     Cayley,
     /// A truncated Neumann series of a Cayley transform: only approximately orthogonal.
@@ -56,8 +58,9 @@ impl std::fmt::Debug for Deferred {
     }
 }
 
-/// One weight the adapter transforms.
-#[derive(Debug, Clone)]
+/// One weight the adapter transforms. `Default` gives an input-side Cayley target with nothing
+/// set, for importers to fill in.
+#[derive(Debug, Clone, Default)]
 pub struct Target {
     /// Name of the base tensor (e.g. `model.layers.0.self_attn.q_proj.weight`).
     pub name: String,

@@ -333,10 +333,7 @@ fn module_target(
         perms,
         scale,
         kind: BlockKind::Cayley,
-        share: false,
-        crop: None,
-        croppable: false,
-        view: None,
+        ..Default::default()
     })
 }
 
@@ -384,10 +381,7 @@ fn finished_target(path: &Path, f: &Arc<SafeFile>, name: &str, t: &TensorInfo) -
         perms: vec![None],
         scale: None,
         kind: BlockKind::Raw,
-        share: false,
-        crop: None,
-        croppable: false,
-        view: None,
+        ..Default::default()
     })
 }
 

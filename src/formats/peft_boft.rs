@@ -222,10 +222,8 @@ fn module_target(
         perms,
         scale: Some(scale).filter(|_| rows > 0),
         kind: BlockKind::Cayley,
-        share: false,
-        crop: None,
-        croppable: false,
         view: legacy_conv.then_some((n, rows)),
+        ..Default::default()
     })
 }
 
