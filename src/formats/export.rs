@@ -95,6 +95,12 @@ fn prepare(adapter: &Adapter) -> Result<Adapter> {
             ));
         }
     }
+    if a.targets.is_empty() {
+        return Err(Error::bare(
+            Class::NotExportable,
+            "the adapter transforms no tensor: nothing to export",
+        ));
+    }
     Ok(a)
 }
 
@@ -287,12 +293,6 @@ pub fn peft_bytes(
         }
     }
     let a = prepare(adapter)?;
-    if a.targets.is_empty() {
-        return Err(Error::bare(
-            Class::NotExportable,
-            "the adapter transforms no tensor: nothing to export",
-        ));
-    }
     for t in &a.targets {
         module_of(t)?;
         if let Some(s) = &t.shape {
@@ -593,21 +593,6 @@ fn lycoris_name(t: &Target) -> Result<String> {
     ))
 }
 
-/// LyCORIS boft's gather order of stage i (groups of `2k` rows, `k = 2^i·h/2`, halves
-/// interleaved), as `functional/boft._diff_weight` regroups the rows.
-fn lycoris_boft_perm(n: usize, h: usize, i: usize) -> Vec<u32> {
-    let k = (h / 2) << i;
-    let mut p = Vec::with_capacity(n);
-    for g in 0..n / (2 * k) {
-        for a in 0..k {
-            for c in 0..2 {
-                p.push((g * 2 * k + c * k + a) as u32);
-            }
-        }
-    }
-    p
-}
-
 /// Write `adapter` as one LyCORIS safetensors file at `dest` (staged, renamed when whole).
 pub fn write_lycoris(adapter: &Adapter, dest: &Path) -> Result<Exported> {
     let (bytes, kind) = lycoris_bytes(adapter)?;
@@ -634,12 +619,6 @@ pub fn lycoris_bytes(adapter: &Adapter) -> Result<(Vec<u8>, String)> {
         }
     }
     let a = prepare(adapter)?;
-    if a.targets.is_empty() {
-        return Err(Error::bare(
-            Class::NotExportable,
-            "the adapter transforms no tensor: nothing to export",
-        ));
-    }
     if let Some(r) = a.replacements.first() {
         return Err(Error::bare(
             Class::NotExportable,
@@ -696,10 +675,10 @@ pub fn lycoris_bytes(adapter: &Adapter) -> Result<(Vec<u8>, String)> {
             }
             // Stage 0's row order only permutes rows inside each block: a factor 0 without
             // permutation is stage 0 with its blocks conjugated, `B[a][b] = Q[p0[a]][p0[b]]`.
-            let p0 = lycoris_boft_perm(h, h, 0);
+            let p0 = crate::math::perm::lycoris_boft(h, h, 0);
             let mut conjugate0 = false;
             for (i, p) in t.perms.iter().enumerate() {
-                let want = lycoris_boft_perm(n, h, i);
+                let want = crate::math::perm::lycoris_boft(n, h, i);
                 let ok = match p {
                     Some(p) => *p == want,
                     None => perm::is_identity(&want) || i == 0,
@@ -913,6 +892,6 @@ mod tests {
 
     #[test]
     fn lycoris_perm_matches_the_reference_example() {
-        assert_eq!(lycoris_boft_perm(4, 4, 0), vec![0, 2, 1, 3]);
+        assert_eq!(crate::math::perm::lycoris_boft(4, 4, 0), vec![0, 2, 1, 3]);
     }
 }

@@ -303,7 +303,7 @@ fn module_target(
         None => None,
     };
     let perms = (0..nf)
-        .map(|i| (flavour == Flavour::Boft).then(|| lycoris_boft_perm(out, h, i)))
+        .map(|i| (flavour == Flavour::Boft).then(|| crate::math::perm::lycoris_boft(out, h, i)))
         .map(|p| p.filter(|p| !crate::math::perm::is_identity(p)))
         .collect();
     let recipe = Arc::new(Recipe {
@@ -383,21 +383,6 @@ fn finished_target(path: &Path, f: &Arc<SafeFile>, name: &str, t: &TensorInfo) -
         kind: BlockKind::Raw,
         ..Default::default()
     })
-}
-
-/// LyCORIS boft's row order of stage i: for each group of `2k` rows (`k = 2^i·h/2`), rows
-/// `g·2k + c·k + a` for a in 0..k, c in 0..2 with c varying fastest.
-pub fn lycoris_boft_perm(n: usize, h: usize, i: usize) -> Vec<u32> {
-    let k = (h / 2) << i;
-    let mut p = Vec::with_capacity(n);
-    for g in 0..n / (2 * k) {
-        for a in 0..k {
-            for c in 0..2 {
-                p.push((g * 2 * k + c * k + a) as u32);
-            }
-        }
-    }
-    p
 }
 
 /// `C±(Q)` of every block. LyCORIS merges with its module cast to the model's dtype, so on a

@@ -29,6 +29,22 @@ pub fn is_identity(p: &[u32]) -> bool {
 /// PEFT BOFT's permutation for butterfly factor `i` (0-based) over n indices with block size h:
 /// every chunk of `h·2^i` indices is cut into half-blocks of h/2; the even-numbered half-blocks
 /// are listed first, then the odd-numbered ones. Factor 0 is the identity.
+/// LyCORIS boft's gather order of stage i (`functional/boft._diff_weight`'s regrouping): for each
+/// group of `2k` rows (`k = 2^i·h/2`), rows `g·2k + c·k + a` for a in 0..k, c in 0..2 with c
+/// varying fastest. Stage 0 is not the identity (h = 4: `0 2 1 3`).
+pub fn lycoris_boft(n: usize, h: usize, i: usize) -> Vec<u32> {
+    let k = (h / 2) << i;
+    let mut p = Vec::with_capacity(n);
+    for g in 0..n / (2 * k) {
+        for a in 0..k {
+            for c in 0..2 {
+                p.push((g * 2 * k + c * k + a) as u32);
+            }
+        }
+    }
+    p
+}
+
 pub fn peft_boft(n: usize, h: usize, i: usize) -> Vec<u32> {
     let mut p: Vec<u32> = (0..n as u32).collect();
     if i == 0 {
