@@ -33,6 +33,11 @@ const PREFIXES: &[(&str, &[&str])] = &[
     ("oft_unet_", &["model.diffusion_model.", "unet."]),
 ];
 
+/// A flattened module name without its kohya/LyCORIS/A1111 prefix, if it has one.
+pub fn strip_flat_prefix(name: &str) -> Option<&str> {
+    PREFIXES.iter().find_map(|(p, _)| name.strip_prefix(p))
+}
+
 /// A base tensor an adapter name can denote: the whole tensor, or part k of p equal row slices
 /// of a fused weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Adapter, BlockKind, Deferred, Replacement, Side, Target};
 use crate::checkpoint::file::SafeFile;
-use crate::checkpoint::{dtype, Dtype};
+use crate::checkpoint::{dtype, Dtype, OwnedTensor};
 use crate::error::{err, Class, Error, Result};
 
 pub const FORMAT_NAME: &str = "boft-canonical";
@@ -62,19 +62,14 @@ pub fn write(adapter: &Adapter, path: &Path) -> Result<()> {
 }
 
 pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
-    struct Owned {
-        dtype: safetensors::Dtype,
-        shape: Vec<usize>,
-        data: Vec<u8>,
-    }
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let mut tensors: Vec<(String, Owned)> = Vec::new();
+    let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
     let mut metas = Vec::new();
     for t in &adapter.targets {
         let key = t.label();
         tensors.push((
             format!("{key}::blocks"),
-            Owned {
+            OwnedTensor {
                 dtype: safetensors::Dtype::F32,
                 shape: vec![t.factors, t.blocks, t.block_size, t.block_size],
                 data: f32_bytes(&t.blocks_data()?),
@@ -92,7 +87,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             }
             tensors.push((
                 format!("{key}::perm"),
-                Owned {
+                OwnedTensor {
                     dtype: safetensors::Dtype::I32,
                     shape: vec![t.factors, t.n()],
                     data,
@@ -102,7 +97,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
         if let Some(s) = &t.scale {
             tensors.push((
                 format!("{key}::scale"),
-                Owned {
+                OwnedTensor {
                     dtype: safetensors::Dtype::F32,
                     shape: vec![s.len()],
                     data: f32_bytes(s),
@@ -142,7 +137,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
         };
         tensors.push((
             key.clone(),
-            Owned {
+            OwnedTensor {
                 dtype,
                 shape: r.shape.clone(),
                 data: r.data.clone(),
@@ -174,16 +169,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
         "writer".into(),
         format!("boft {}", env!("CARGO_PKG_VERSION")),
     );
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, o)| {
-            safetensors::tensor::TensorView::new(o.dtype, o.shape.clone(), &o.data)
-                .map(|v| (k.clone(), v))
-        })
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::bare(Class::BadAdapter, format!("cannot serialise adapter: {e}")))?;
-    safetensors::tensor::serialize(views, Some(meta))
-        .map_err(|e| Error::bare(Class::BadAdapter, format!("cannot serialise adapter: {e}")))
+    crate::checkpoint::serialize(tensors.iter().map(|(k, t)| (k, t)), meta)
 }
 
 pub fn read(path: &Path) -> Result<Adapter> {
@@ -340,15 +326,13 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             factors: nf,
             blocks: d,
             block_size: h,
-            data: Vec::new(),
             deferred: Some(deferred),
             perms,
             scale,
             kind: m.block_kind,
-            share: false,
             crop: m.crop,
-            croppable: false,
             view: m.view,
+            ..Default::default()
         };
         t.validate().map_err(|e| e.at(path))?;
         targets.push(t);

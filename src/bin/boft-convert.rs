@@ -39,6 +39,9 @@ struct Args {
     /// Output format.
     #[arg(long, value_enum, default_value = "canonical")]
     to: To,
+    /// Reader for the input: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
+    #[arg(long, default_value = "auto")]
+    from: String,
     /// Base checkpoint to resolve and check targets against.
     #[arg(long)]
     base: Option<PathBuf>,
@@ -54,7 +57,8 @@ struct Args {
 fn main() {
     let args: Args = cli::parse_args("boft-convert");
     cli::run("boft-convert", || {
-        let mut adapter = boft::formats::load(&args.input)?;
+        let source = boft::formats::Source::parse(&args.from)?;
+        let mut adapter = boft::formats::load_as(&args.input, source)?;
         if let Some(b) = &args.base {
             let base = Checkpoint::open(b)?;
             boft::merge::resolve_shapes(&base, &mut adapter)?;

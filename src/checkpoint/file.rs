@@ -370,6 +370,36 @@ fn parse_tensor(name: &str, v: &Value) -> Result<TensorInfo> {
     })
 }
 
+/// A tensor to write: safetensors dtype, shape and little-endian bytes.
+pub struct OwnedTensor {
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Serialise tensors and file metadata to safetensors bytes (adapter files: canonical and
+/// exported ones; checkpoints are never rewritten this way).
+pub fn serialize<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a OwnedTensor)>,
+    meta: std::collections::HashMap<String, String>,
+) -> crate::error::Result<Vec<u8>> {
+    let bad = |e: safetensors::SafeTensorError| {
+        crate::error::Error::bare(
+            crate::error::Class::BadAdapter,
+            format!("cannot serialise adapter: {e}"),
+        )
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .into_iter()
+        .map(|(k, o)| {
+            safetensors::tensor::TensorView::new(o.dtype, o.shape.clone(), &o.data)
+                .map(|v| (k.clone(), v))
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(bad)?;
+    safetensors::tensor::serialize(views, Some(meta)).map_err(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

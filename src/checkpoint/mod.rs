@@ -11,7 +11,7 @@ use std::path::{Component, Path, PathBuf};
 use serde_json::Value;
 
 pub use dtype::Dtype;
-pub use file::{SafeFile, TensorInfo};
+pub use file::{serialize, OwnedTensor, SafeFile, TensorInfo};
 
 use crate::error::{err, Class, Error, Result};
 

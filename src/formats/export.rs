@@ -168,11 +168,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-struct Tensor {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
+use crate::checkpoint::OwnedTensor as Tensor;
 
 fn f32_tensor(shape: Vec<usize>, v: &[f32]) -> Tensor {
     Tensor {
@@ -186,16 +182,7 @@ fn serialize(
     tensors: &BTreeMap<String, Tensor>,
     meta: BTreeMap<String, String>,
 ) -> Result<Vec<u8>> {
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(k, o)| {
-            safetensors::tensor::TensorView::new(o.dtype, o.shape.clone(), &o.data)
-                .map(|v| (k.clone(), v))
-        })
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::bare(Class::BadAdapter, format!("cannot serialise adapter: {e}")))?;
-    safetensors::tensor::serialize(views, Some(meta.into_iter().collect()))
-        .map_err(|e| Error::bare(Class::BadAdapter, format!("cannot serialise adapter: {e}")))
+    crate::checkpoint::serialize(tensors, meta.into_iter().collect())
 }
 
 /// The module path of a target named `<module>.weight`.
@@ -477,27 +464,43 @@ fn peft_boft(a: &Adapter, embeddings: &BTreeSet<String>) -> Result<(Value, Vec<u
         tensors.insert(format!("{key}.boft_s"), f32_tensor(shape, &scale));
     }
     let (bias, save) = peft_replacements(a, &mut tensors)?;
-    let config = json!({
-        "peft_type": "BOFT",
+    let config = peft_config(
+        a,
+        if bias { "boft_only" } else { "none" },
+        &save,
+        json!({
+            "peft_type": "BOFT",
+            "boft_block_size": bs,
+            "boft_block_num": bn,
+            "boft_n_butterfly_factor": nf,
+            "boft_dropout": 0.0,
+        }),
+    );
+    let bytes = serialize(&tensors, peft_meta())?;
+    Ok((config, bytes, "PEFT BOFT".into()))
+}
+
+/// An `adapter_config.json`: the fields PEFT's BOFT and OFT configs share, plus `method`'s.
+fn peft_config(a: &Adapter, bias: &str, save: &[String], method: Value) -> Value {
+    let mut c = json!({
         "task_type": null,
         "base_model_name_or_path": null,
         "revision": null,
         "inference_mode": true,
         "target_modules": target_regex(a),
         "exclude_modules": null,
-        "boft_block_size": bs,
-        "boft_block_num": bn,
-        "boft_n_butterfly_factor": nf,
-        "boft_dropout": 0.0,
         "fan_in_fan_out": false,
-        "bias": if bias { "boft_only" } else { "none" },
+        "bias": bias,
         "modules_to_save": if save.is_empty() { Value::Null } else { json!(save) },
         "init_weights": true,
         "layers_to_transform": null,
         "layers_pattern": null,
     });
-    let bytes = serialize(&tensors, peft_meta())?;
-    Ok((config, bytes, "PEFT BOFT".into()))
+    let (Value::Object(c_map), Value::Object(m)) = (&mut c, method) else {
+        unreachable!("both are JSON objects")
+    };
+    c_map.extend(m);
+    c
 }
 
 fn peft_meta() -> BTreeMap<String, String> {
@@ -540,42 +543,25 @@ fn peft_oft(a: &Adapter, embeddings: &BTreeSet<String>) -> Result<(Value, Vec<u8
         );
     }
     let (bias, save) = peft_replacements(a, &mut tensors)?;
-    let config = json!({
-        "peft_type": "OFT",
-        "task_type": null,
-        "base_model_name_or_path": null,
-        "revision": null,
-        "inference_mode": true,
-        "target_modules": target_regex(a),
-        "exclude_modules": null,
-        "r": bn,
-        "oft_block_size": bs,
-        "module_dropout": 0.0,
-        "fan_in_fan_out": false,
-        "bias": if bias { "oft_only" } else { "none" },
-        "modules_to_save": if save.is_empty() { Value::Null } else { json!(save) },
-        "init_weights": true,
-        "layers_to_transform": null,
-        "layers_pattern": null,
-        "coft": false,
-        "eps": 6e-05,
-        "block_share": false,
-        "use_cayley_neumann": false,
-        "num_cayley_neumann_terms": 5,
-    });
+    let config = peft_config(
+        a,
+        if bias { "oft_only" } else { "none" },
+        &save,
+        json!({
+            "peft_type": "OFT",
+            "r": bn,
+            "oft_block_size": bs,
+            "module_dropout": 0.0,
+            "coft": false,
+            "eps": 6e-05,
+            "block_share": false,
+            "use_cayley_neumann": false,
+            "num_cayley_neumann_terms": 5,
+        }),
+    );
     let bytes = serialize(&tensors, peft_meta())?;
     Ok((config, bytes, "PEFT OFT".into()))
 }
-
-/// Prefixes of flattened module names (kohya, LyCORIS, A1111) that LyCORIS names `lycoris_`.
-const FLAT_PREFIXES: &[&str] = &[
-    "lycoris_",
-    "lora_unet_",
-    "lora_te1_",
-    "lora_te2_",
-    "lora_te_",
-    "oft_unet_",
-];
 
 /// LyCORIS's name for a target: `lycoris_<module path with '.' → '_'>`.
 fn lycoris_name(t: &Target) -> Result<String> {
@@ -583,7 +569,7 @@ fn lycoris_name(t: &Target) -> Result<String> {
         return Ok(format!("lycoris_{}", m.replace('.', "_")));
     }
     if !t.name.contains('.') {
-        if let Some(rest) = FLAT_PREFIXES.iter().find_map(|p| t.name.strip_prefix(p)) {
+        if let Some(rest) = crate::names::strip_flat_prefix(&t.name) {
             return Ok(format!("lycoris_{rest}"));
         }
     }

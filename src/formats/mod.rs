@@ -73,14 +73,9 @@ pub fn load_as(path: &Path, source: Source) -> Result<Adapter> {
     Ok(a)
 }
 
-/// Load for merging: blocks are computed when the merge reaches their tensor (so memory does not
-/// grow with the adapter) and source files are not hashed. Values are still checked for NaN/Inf
-/// and geometry up front.
-pub fn load_deferred(path: &Path) -> Result<Adapter> {
-    open(path, false, Source::Auto)
-}
-
-/// `load_deferred` with the reader forced by `--from`.
+/// Load for merging, with the reader `--from` chose: blocks are computed when the merge reaches
+/// their tensor (so memory does not grow with the adapter) and source files are not hashed.
+/// Values are still checked for NaN/Inf and geometry up front.
 pub fn load_deferred_as(path: &Path, source: Source) -> Result<Adapter> {
     open(path, false, source)
 }

@@ -212,12 +212,9 @@ fn module_target(
         } else {
             Side::Input
         },
-        shape: None,
-        rows: None,
         factors: nf,
         blocks: d,
         block_size: h,
-        data: Vec::new(),
         deferred: Some(deferred),
         perms,
         scale: Some(scale).filter(|_| rows > 0),

@@ -310,12 +310,9 @@ fn module_target(
         } else {
             Side::Input
         },
-        shape: None,
-        rows: None,
         factors: 1,
         blocks,
         block_size: h,
-        data: Vec::new(),
         deferred: Some(deferred),
         perms: vec![None],
         scale,
@@ -325,9 +322,8 @@ fn module_target(
             BlockKind::Cayley
         },
         share,
-        crop: None,
         croppable: gen == Gen::V0,
-        view: None,
+        ..Default::default()
     })
 }
 
