@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod error;
 pub mod formats;
+pub mod hub;
 pub mod math;
 pub mod merge;
 pub mod names;

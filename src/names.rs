@@ -15,7 +15,10 @@ use crate::error::{err, Class, Result};
 /// with the containers their modules live in within single-file and diffusers checkpoints (used
 /// only to choose between several matches: SDXL's two text encoders share HF module names).
 const PREFIXES: &[(&str, &[&str])] = &[
-    ("lora_unet_", &["model.diffusion_model.", "unet."]),
+    (
+        "lora_unet_",
+        &["model.diffusion_model.", "unet.", "transformer."],
+    ),
     ("lora_te1_", &["conditioner.embedders.0.", "text_encoder."]),
     (
         "lora_te2_",
@@ -29,8 +32,24 @@ const PREFIXES: &[(&str, &[&str])] = &[
             "text_encoder.",
         ],
     ),
-    ("lycoris_", &[]),
-    ("oft_unet_", &["model.diffusion_model.", "unet."]),
+    // LyCORIS builds its networks on a U-Net/transformer or a text encoder, never on the VAE
+    // (whose encoder and decoder have a `conv_in` too).
+    (
+        "lycoris_",
+        &[
+            "model.diffusion_model.",
+            "unet.",
+            "transformer.",
+            "cond_stage_model.",
+            "conditioner.embedders.",
+            "text_encoder.",
+            "text_encoder_2.",
+        ],
+    ),
+    (
+        "oft_unet_",
+        &["model.diffusion_model.", "unet.", "transformer."],
+    ),
 ];
 
 /// A flattened module name without its kohya/LyCORIS/A1111 prefix, if it has one.
@@ -51,6 +70,62 @@ struct Hit<'a> {
 /// none or to several is an error; otherwise it is left as it is (for `boft-verify`, which
 /// reports it as a failed check).
 pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result<()> {
+    resolve_in(base, adapter, strict, None)
+}
+
+/// Where a component's tensors live: in a pipeline, its folder (`<component>.`); in a
+/// single-file checkpoint, the containers the original (LDM / SGM) layouts use for it.
+pub fn component_prefixes(base: &Checkpoint, component: &str) -> Vec<String> {
+    let own = format!("{component}.");
+    if matches!(base.layout, crate::checkpoint::Layout::Pipeline(_)) {
+        return vec![own];
+    }
+    let known: &[&str] = match component {
+        "unet" => &["model.diffusion_model.", "unet."],
+        "transformer" => &["model.diffusion_model.", "transformer."],
+        "text_encoder" => &[
+            "cond_stage_model.",
+            "conditioner.embedders.0.",
+            "text_encoder.",
+        ],
+        "text_encoder_2" => &["conditioner.embedders.1.", "text_encoder_2."],
+        "vae" => &["first_stage_model.", "vae."],
+        _ => &[],
+    };
+    let mut out: Vec<String> = known.iter().map(|p| p.to_string()).collect();
+    if !out.contains(&own) {
+        out.push(own);
+    }
+    out
+}
+
+/// `resolve`, with names that do not match a base tensor exactly looked up only among the
+/// tensors of `component` (`--component`), for names that several components share.
+pub fn resolve_in(
+    base: &Checkpoint,
+    adapter: &mut Adapter,
+    strict: bool,
+    component: Option<&str>,
+) -> Result<()> {
+    let scope: Option<Vec<String>> = component.map(|c| component_prefixes(base, c));
+    let in_scope = |name: &str| {
+        scope
+            .as_ref()
+            .is_none_or(|s| s.iter().any(|p| name.starts_with(p.as_str())))
+    };
+    if let Some(c) = component {
+        if !base.tensor_names().any(in_scope) {
+            return Err(err(
+                Class::Usage,
+                &base.root,
+                format!(
+                    "--component {c}: no tensor of the base lies in it (looked for names starting \
+                     with {})",
+                    scope.as_deref().unwrap_or_default().join(", ")
+                ),
+            ));
+        }
+    }
     if adapter.targets.iter().all(|t| base.get(&t.name).is_some()) {
         return Ok(());
     }
@@ -126,7 +201,15 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
                 .filter_map(|(p, hint)| flat.strip_prefix(p).map(|rest| (rest, *hint))),
         );
         let hits: Option<Vec<Hit>> = candidates.iter().find_map(|(c, hint)| {
-            let set = index.get(*c)?;
+            let set: Vec<Hit> = index
+                .get(*c)?
+                .iter()
+                .copied()
+                .filter(|h| in_scope(h.name))
+                .collect();
+            if set.is_empty() {
+                return None;
+            }
             let within: Vec<Hit> = set
                 .iter()
                 .copied()
@@ -135,7 +218,7 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
             Some(if set.len() > 1 && within.len() == 1 {
                 within
             } else {
-                set.iter().copied().collect()
+                set
             })
         });
         match hits.as_deref() {
@@ -168,7 +251,7 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
                     &base.root,
                     format!(
                         "adapter module {:?} matches {} base tensors ({}{}); it cannot be resolved \
-                         unambiguously",
+                         unambiguously (--component names the model it belongs to)",
                         t.module,
                         set.len(),
                         names.join(", "),

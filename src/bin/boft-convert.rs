@@ -5,6 +5,7 @@ use boft::adapter::canonical;
 use boft::checkpoint::Checkpoint;
 use boft::cli;
 use boft::formats::export;
+use boft::hub::{locate, Role};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,9 +43,14 @@ struct Args {
     /// Reader for the input: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
     #[arg(long, default_value = "auto")]
     from: String,
-    /// Base checkpoint to resolve and check targets against.
+    /// Base checkpoint to resolve and check targets against (a path, or a hub id
+    /// org/name[@revision] in the local Hugging Face cache).
     #[arg(long)]
     base: Option<PathBuf>,
+    /// With --base: resolve adapter module names only among this component's tensors (see
+    /// boft-merge --help).
+    #[arg(long, requires = "base")]
+    component: Option<String>,
     /// --to peft: a module (e.g. model.embed_tokens) that is an nn.Embedding, which PEFT OFT
     /// stores as oft_embedding_R (found by itself when the input is a PEFT OFT folder).
     #[arg(long = "embedding", value_name = "MODULE")]
@@ -58,12 +64,13 @@ fn main() {
     let args: Args = cli::parse_args("boft-convert");
     cli::run("boft-convert", || {
         let source = boft::formats::Source::parse(&args.from)?;
-        let mut adapter = boft::formats::load_as(&args.input, source)?;
+        let input = locate(&args.input, Role::Adapter)?;
+        let mut adapter = boft::formats::load_as(&input, source)?;
         if let Some(b) = &args.base {
-            let base = Checkpoint::open(b)?;
-            boft::merge::resolve_shapes(&base, &mut adapter)?;
+            let base = Checkpoint::open(&locate(b, Role::Checkpoint)?)?;
+            boft::merge::resolve_shapes(&base, &mut adapter, args.component.as_deref())?;
         }
-        boft::output::check_destination(&args.output, &[&args.input], args.force)?;
+        boft::output::check_destination(&args.output, &[&input], args.force)?;
         let done = match args.to {
             To::Canonical => {
                 canonical::write(&adapter, &args.output)?;
@@ -71,7 +78,7 @@ fn main() {
                 return Ok(0);
             }
             To::Peft => {
-                let mut emb: BTreeSet<String> = export::peft_embedding_modules(&args.input);
+                let mut emb: BTreeSet<String> = export::peft_embedding_modules(&input);
                 emb.extend(args.embeddings.iter().cloned());
                 export::write_peft(&adapter, &args.output, &emb)?
             }

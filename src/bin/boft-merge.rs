@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use boft::adapter::{Strength, StrengthMode};
 use boft::checkpoint::Checkpoint;
 use boft::cli;
+use boft::hub::{locate, Role};
 use boft::merge::{self, Direction, Options};
 use clap::Parser;
 
@@ -17,14 +18,21 @@ does not touch are copied byte for byte. It is written under a temporary name an
 place only when complete. Exit status: 0 success, 2 error (one line on stderr)."
 )]
 struct Args {
-    /// Base checkpoint: a .safetensors file, or a folder with model.safetensors or
-    /// model.safetensors.index.json and its shards.
+    /// Base checkpoint: a .safetensors file; a folder with model.safetensors or
+    /// model.safetensors.index.json and its shards; a diffusers pipeline folder (model_index.json;
+    /// every component the adapter targets is merged); or a hub id org/name[@revision][/subfolder]
+    /// found in the local Hugging Face cache.
     #[arg(long)]
     base: PathBuf,
-    /// Adapter: a canonical .safetensors file, a PEFT adapter folder, or a LyCORIS/kohya OFT
-    /// .safetensors file.
+    /// Adapter: a canonical .safetensors file, a PEFT adapter folder, a LyCORIS/kohya OFT
+    /// .safetensors file, or a hub id org/name[@revision][/file] in the local Hugging Face cache.
     #[arg(long)]
     adapter: PathBuf,
+    /// Resolve adapter module names only among this component's tensors (unet, transformer,
+    /// text_encoder, text_encoder_2, vae, or a pipeline's component folder), for names that
+    /// several components share.
+    #[arg(long)]
+    component: Option<String>,
     /// Reader for the adapter: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
     #[arg(long, default_value = "auto")]
     from: String,
@@ -72,10 +80,12 @@ fn main() {
     let args: Args = cli::parse_args("boft-merge");
     cli::run("boft-merge", || {
         let backend = cli::backend(&args.device)?;
-        let base = Checkpoint::open(&args.base)?;
+        let base_path = locate(&args.base, Role::Checkpoint)?;
+        let adapter_path = locate(&args.adapter, Role::Adapter)?;
+        let base = Checkpoint::open(&base_path)?;
         let source = boft::formats::Source::parse(&args.from)?;
-        let mut adapter = boft::formats::load_deferred_as(&args.adapter, source)?;
-        merge::fit(&base, &mut adapter)?;
+        let mut adapter = boft::formats::load_deferred_as(&adapter_path, source)?;
+        merge::fit_in(&base, &mut adapter, true, args.component.as_deref())?;
         let opts = Options {
             direction: match (args.unmerge, args.keep_replaced) {
                 (false, _) => Direction::Merge,
@@ -103,7 +113,7 @@ fn main() {
                 &base,
                 &adapter,
                 &args.output,
-                &[&args.base, &args.adapter],
+                &[&base_path, &adapter_path],
                 args.force,
                 backend.as_ref(),
                 &opts,

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use boft::checkpoint::Checkpoint;
 use boft::cli;
 use boft::error::{Class, Error};
+use boft::hub::{locate, Role};
 use boft::verify::{self, Settings};
 use clap::Parser;
 
@@ -27,9 +28,13 @@ struct Args {
     /// Reader for the adapters: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
     #[arg(long, default_value = "auto")]
     from: String,
-    /// Base checkpoint to check targets against.
+    /// Base checkpoint to check targets against (a path, or a hub id org/name[@revision] in the
+    /// local Hugging Face cache).
     #[arg(long)]
     base: Option<PathBuf>,
+    /// Resolve adapter module names only among this component's tensors (see boft-merge --help).
+    #[arg(long)]
+    component: Option<String>,
     /// Merged checkpoint to prove equal to base ⊕ adapter (needs --base and one adapter).
     #[arg(long)]
     merged: Option<PathBuf>,
@@ -64,16 +69,18 @@ fn main() {
                 "--merged needs --base and exactly one adapter",
             ));
         }
-        let base = args.base.as_deref().map(Checkpoint::open).transpose()?;
-        let merged = args.merged.as_deref().map(Checkpoint::open).transpose()?;
+        let open = |p: &PathBuf| Checkpoint::open(&locate(p, Role::Checkpoint)?);
+        let base = args.base.as_ref().map(open).transpose()?;
+        let merged = args.merged.as_ref().map(open).transpose()?;
         let mut adapters = Vec::new();
         for a in &args.adapters {
+            let path = locate(a, Role::Adapter)?;
             let mut adapter =
-                boft::formats::load_deferred_as(a, boft::formats::Source::parse(&args.from)?)?;
+                boft::formats::load_deferred_as(&path, boft::formats::Source::parse(&args.from)?)?;
             if let Some(b) = &base {
                 // Names, shared and cropped blocks and some sources' arithmetic follow the base.
                 // Unresolvable names are reported by the target-present check.
-                boft::merge::fit_with(b, &mut adapter, false)?;
+                boft::merge::fit_in(b, &mut adapter, false, args.component.as_deref())?;
             }
             adapter.materialise()?;
             adapters.push((a.display().to_string(), adapter));

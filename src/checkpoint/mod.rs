@@ -35,6 +35,9 @@ pub enum Layout {
     Folder,
     /// A folder holding an index and its shards.
     Sharded,
+    /// A diffusers pipeline folder (`model_index.json`): each named component folder holds a
+    /// single file or an index and shards; tensors are known as `<component>.<name>`.
+    Pipeline(Vec<String>),
 }
 
 pub struct Checkpoint {
@@ -57,67 +60,99 @@ impl Checkpoint {
             return Checkpoint::assemble(root, Layout::File, vec![(name, f)], vec![]);
         }
         let canon_root = root.canonicalize().map_err(|e| Error::io(root, e))?;
-        let (index_name, single_name) = FOLDER_NAMES
-            .iter()
-            .copied()
-            .find(|(i, s)| root.join(i).exists() || root.join(s).exists())
-            .unwrap_or(FOLDER_NAMES[0]);
-        let index_path = root.join(index_name);
-        let (layout, shard_names) = if index_path.exists() {
-            confine(&canon_root, &index_path)?;
-            (Layout::Sharded, read_index(&index_path)?)
-        } else if root.join(single_name).exists() {
-            (Layout::Folder, vec![(PathBuf::from(single_name), vec![])])
+        let confined = Confinement::new(canon_root.clone());
+        let at_root = weights_names(root);
+        let pipeline = at_root.is_none() && root.join(PIPELINE_INDEX).is_file();
+        let components: Vec<String> = if pipeline {
+            pipeline_components(root)?
         } else {
-            let components: Vec<&str> = ["unet", "transformer", "text_encoder", "text_encoder_2"]
-                .into_iter()
-                .filter(|c| {
-                    FOLDER_NAMES.iter().any(|(i, s)| {
-                        root.join(c).join(i).exists() || root.join(c).join(s).exists()
-                    })
-                })
-                .collect();
+            vec![String::new()]
+        };
+        if pipeline && components.is_empty() {
             return Err(err(
                 Class::NotFound,
                 root,
-                if components.is_empty() {
-                    format!("folder holds neither {SINGLE_NAME} nor {INDEX_NAME}")
-                } else {
-                    format!(
-                        "a diffusers pipeline folder: pass one component folder ({})",
-                        components.join(", ")
-                    )
-                },
+                format!(
+                    "a diffusers pipeline folder ({PIPELINE_INDEX}) with no component holding \
+                     safetensors weights"
+                ),
             ));
-        };
+        }
+        // Every shard with the tensors its index says it holds (none for a single file), the
+        // component it belongs to, and the index that says so.
+        let mut shard_names: Vec<(PathBuf, Vec<String>, usize)> = Vec::new();
+        let mut indices: Vec<PathBuf> = Vec::new();
+        let mut layout = Layout::Folder;
+        for comp in &components {
+            let dir = root.join(comp);
+            let Some((index_name, single_name)) = weights_names(&dir) else {
+                return Err(no_weights(root));
+            };
+            let index_path = dir.join(index_name);
+            if index_path.exists() {
+                confined.check(&index_path)?;
+                layout = Layout::Sharded;
+                for (rel, names) in read_index(&index_path)? {
+                    let names = names.into_iter().map(|n| qualify(comp, &n)).collect();
+                    shard_names.push((Path::new(comp).join(rel), names, indices.len()));
+                }
+                indices.push(index_path);
+            } else {
+                shard_names.push((Path::new(comp).join(single_name), vec![], usize::MAX));
+            }
+        }
+        if pipeline {
+            layout = Layout::Pipeline(components.clone());
+        }
         let mut files = Vec::new();
-        for (rel, _) in &shard_names {
+        for (rel, _, ix) in &shard_names {
             let p = root.join(rel);
             if !p.exists() {
+                let from = indices.get(*ix).map_or(Path::new(""), |p| p.as_path());
                 return Err(err(
                     Class::MissingShard,
                     &p,
-                    format!("shard named in {index_name} does not exist"),
+                    format!(
+                        "shard named in {} does not exist",
+                        from.file_name().unwrap_or_default().to_string_lossy()
+                    ),
                 ));
             }
-            confine(&canon_root, &p)?;
-            files.push((rel.clone(), SafeFile::open(&p)?));
+            confined.check(&p)?;
+            let mut f = SafeFile::open(&p)?;
+            // A pipeline's components hold tensors of the same names (each text encoder has
+            // `text_model.…`): inside one checkpoint they are known by `<component>.<name>`, the
+            // way diffusers and kohya's containers name them. Headers stay as stored.
+            let comp = rel
+                .components()
+                .next()
+                .filter(|_| pipeline)
+                .map(|c| c.as_os_str().to_string_lossy().into_owned());
+            if let Some(comp) = comp {
+                for t in &mut f.tensors {
+                    t.name = qualify(&comp, &t.name);
+                }
+            }
+            files.push((rel.clone(), f));
         }
         let shard_set: std::collections::HashSet<&PathBuf> =
-            shard_names.iter().map(|(p, _)| p).collect();
+            shard_names.iter().map(|(p, _, _)| p).collect();
         let mut others = Vec::new();
-        list_others(root, &canon_root, Path::new(""), &shard_set, &mut others)?;
+        list_others(root, &confined, Path::new(""), &shard_set, &mut others)?;
         others.sort();
         let ck = Checkpoint::assemble(root, layout, files, others)?;
-        // Every tensor the index names must be in the shard it names.
-        for (rel, names) in &shard_names {
+        // Every tensor an index names must be in the shard it names.
+        for (rel, names, ix) in &shard_names {
+            let Some(index_path) = indices.get(*ix) else {
+                continue;
+            };
             for n in names {
                 match ck.by_name.get(n) {
                     Some(&(fi, _)) if &ck.files[fi].0 == rel => {}
                     Some(&(fi, _)) => {
                         return Err(err(
                             Class::BadIndex,
-                            &index_path,
+                            index_path,
                             format!(
                                 "index puts {n:?} in {} but it is stored in {}",
                                 rel.display(),
@@ -128,7 +163,7 @@ impl Checkpoint {
                     None => {
                         return Err(err(
                             Class::BadIndex,
-                            &index_path,
+                            index_path,
                             format!(
                                 "index names tensor {n:?} which {} does not hold",
                                 rel.display()
@@ -193,6 +228,65 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|(_, f)| f.len() as u64).sum()
     }
+}
+
+/// The file that makes a folder a diffusers pipeline.
+pub const PIPELINE_INDEX: &str = "model_index.json";
+
+/// The (index, single file) names of the weights a folder holds, if it holds any.
+fn weights_names(dir: &Path) -> Option<(&'static str, &'static str)> {
+    FOLDER_NAMES
+        .iter()
+        .copied()
+        .find(|(i, s)| dir.join(i).exists() || dir.join(s).exists())
+}
+
+/// `<component>.<name>` inside a pipeline, the name itself elsewhere.
+fn qualify(component: &str, name: &str) -> String {
+    if component.is_empty() {
+        name.to_string()
+    } else {
+        format!("{component}.{name}")
+    }
+}
+
+fn no_weights(root: &Path) -> Error {
+    let components: Vec<&str> = ["unet", "transformer", "text_encoder", "text_encoder_2"]
+        .into_iter()
+        .filter(|c| weights_names(&root.join(c)).is_some())
+        .collect();
+    err(
+        Class::NotFound,
+        root,
+        if components.is_empty() {
+            format!("folder holds neither {SINGLE_NAME} nor {INDEX_NAME}")
+        } else {
+            format!(
+                "a diffusers pipeline folder without {PIPELINE_INDEX}: pass one component \
+                 folder ({})",
+                components.join(", ")
+            )
+        },
+    )
+}
+
+/// The components of a pipeline folder that hold safetensors weights, in name order. Only
+/// direct subfolders count (diffusers keeps each component in one); their names must be plain
+/// names since they become tensor-name prefixes.
+fn pipeline_components(root: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root).map_err(|e| Error::io(root, e))? {
+        let e = e.map_err(|e| Error::io(root, e))?;
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let dir = root.join(&name);
+        if !name.starts_with('.') && dir.is_dir() && weights_names(&dir).is_some() {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// An index larger than this is not an index (a real one for thousands of tensors is well under 1 MB).
@@ -279,20 +373,50 @@ pub fn safe_relative(s: &str) -> Option<PathBuf> {
     }
 }
 
-/// Refuse a path whose real location (after following symlinks) leaves the folder.
-fn confine(canon_root: &Path, p: &Path) -> Result<PathBuf> {
-    let real = p.canonicalize().map_err(|e| Error::io(p, e))?;
-    if !real.starts_with(canon_root) {
-        return Err(err(
-            Class::PathEscape,
-            p,
-            format!(
-                "resolves to {} outside the checkpoint folder; symlinks are followed only inside it",
-                real.display()
-            ),
-        ));
+/// Where the files of a checkpoint folder may really live: inside the folder, and for a folder
+/// in a Hugging Face cache snapshot, also in that repository's `blobs/` (every file there is a
+/// relative symlink into it; `crate::hub`).
+struct Confinement {
+    root: PathBuf,
+    blobs: Option<PathBuf>,
+}
+
+impl Confinement {
+    fn new(canon_root: PathBuf) -> Confinement {
+        let blobs = crate::hub::blobs_of(&canon_root);
+        Confinement {
+            root: canon_root,
+            blobs,
+        }
     }
-    Ok(real)
+
+    /// Refuse a path whose real location (after following symlinks) leaves the folder (or,
+    /// in a cache snapshot, is not one of its repository's blobs).
+    fn check(&self, p: &Path) -> Result<PathBuf> {
+        let real = p.canonicalize().map_err(|e| Error::io(p, e))?;
+        let in_blobs = || {
+            self.blobs
+                .as_deref()
+                .is_some_and(|b| crate::hub::is_blob(b, &real))
+        };
+        if !real.starts_with(&self.root) && !in_blobs() {
+            return Err(err(
+                Class::PathEscape,
+                p,
+                format!(
+                    "resolves to {} outside the checkpoint folder; symlinks are followed only \
+                     inside it{}",
+                    real.display(),
+                    if self.blobs.is_some() {
+                        " and into its Hugging Face cache repository's blobs/"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        Ok(real)
+    }
 }
 
 /// Folders nested deeper than this (symlinks included) are refused rather than walked.
@@ -303,18 +427,18 @@ const MAX_DEPTH: usize = 64;
 /// forever.
 fn list_others(
     root: &Path,
-    canon_root: &Path,
+    confined: &Confinement,
     rel: &Path,
     shards: &std::collections::HashSet<&PathBuf>,
     out: &mut Vec<PathBuf>,
 ) -> Result<()> {
-    let mut ancestors = vec![canon_root.to_path_buf()];
-    walk_others(root, canon_root, rel, shards, out, &mut ancestors)
+    let mut ancestors = vec![confined.root.clone()];
+    walk_others(root, confined, rel, shards, out, &mut ancestors)
 }
 
 fn walk_others(
     root: &Path,
-    canon_root: &Path,
+    confined: &Confinement,
     rel: &Path,
     shards: &std::collections::HashSet<&PathBuf>,
     out: &mut Vec<PathBuf>,
@@ -329,7 +453,7 @@ fn walk_others(
             continue;
         }
         let p = root.join(&r);
-        let real = confine(canon_root, &p)?;
+        let real = confined.check(&p)?;
         let meta = std::fs::metadata(&real).map_err(|e| Error::io(&p, e))?;
         if meta.is_dir() {
             if ancestors.contains(&real) {
@@ -350,7 +474,7 @@ fn walk_others(
                 ));
             }
             ancestors.push(real);
-            walk_others(root, canon_root, &r, shards, out, ancestors)?;
+            walk_others(root, confined, &r, shards, out, ancestors)?;
             ancestors.pop();
         } else if meta.is_file() {
             out.push(r);

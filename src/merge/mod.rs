@@ -708,7 +708,17 @@ pub fn fit(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
 
 /// `fit`, leaving names that resolve to no tensor (or to several) as they are when not `strict`.
 pub fn fit_with(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result<()> {
-    crate::names::resolve(base, adapter, strict)?;
+    fit_in(base, adapter, strict, None)
+}
+
+/// `fit_with`, resolving names only among the tensors of one component (`--component`).
+pub fn fit_in(
+    base: &Checkpoint,
+    adapter: &mut Adapter,
+    strict: bool,
+    component: Option<&str>,
+) -> Result<()> {
+    crate::names::resolve_in(base, adapter, strict, component)?;
     for t in &mut adapter.targets {
         if let Some((_, info)) = base.get(&t.name) {
             t.fit(info.dtype, &info.shape)
@@ -719,8 +729,12 @@ pub fn fit_with(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Resul
 }
 
 /// Check every target against the base and record the base shape in it (for `boft-convert --base`).
-pub fn resolve_shapes(base: &Checkpoint, adapter: &mut Adapter) -> Result<()> {
-    fit(base, adapter)?;
+pub fn resolve_shapes(
+    base: &Checkpoint,
+    adapter: &mut Adapter,
+    component: Option<&str>,
+) -> Result<()> {
+    fit_in(base, adapter, true, component)?;
     plan(base, adapter, Direction::Merge)?;
     for t in &mut adapter.targets {
         if let Some((_, info)) = base.get(&t.name) {

@@ -340,7 +340,7 @@ impl RefCase {
     /// its single safetensors file.
     pub fn base_path(&self) -> PathBuf {
         let b = self.dir.join(&self.base);
-        if b.join("config.json").exists() || !b.is_dir() {
+        if b.join("config.json").exists() || b.join("model_index.json").exists() || !b.is_dir() {
             b
         } else {
             single_file(&b)
