@@ -93,7 +93,20 @@ fn merge_from_cache_by_path_and_by_id() {
     ));
     assert_eq!(snapshot(&by_id), snapshot(&by_path));
 
-    // verify and convert name them the same way.
+    // verify and convert take snapshot paths and hub ids alike.
+    let out = ok(&run_hub(
+        "boft-verify",
+        &c,
+        &[&adapter, &"--base", &snap, &"--merged", &by_path],
+    ));
+    assert!(out.contains("PASS"), "{out}");
+    let canon_by_path = tmp.path().join("p.safetensors");
+    let out = ok(&run_hub(
+        "boft-convert",
+        &c,
+        &[&adapter, &"-o", &canon_by_path, &"--base", &snap],
+    ));
+    assert!(out.contains("wrote"), "{out}");
     let out = ok(&run_hub(
         "boft-verify",
         &c,
@@ -119,6 +132,7 @@ fn merge_from_cache_by_path_and_by_id() {
         ],
     ));
     assert!(out.contains("wrote"), "{out}");
+
     let again = tmp.path().join("again");
     ok(&run_hub(
         "boft-merge",

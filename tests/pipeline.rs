@@ -134,3 +134,81 @@ fn component_flag_decides_shared_names() {
     );
     fails_with(&o, "usage");
 }
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Other copies of a merged model's weights (a `fp16` variant, a PyTorch pickle, Meta's
+/// `original/` files) would be stale next to merged weights: they are left out and named, while
+/// other files — and another component's only weights — are copied.
+#[test]
+fn stale_weight_copies_are_left_out() {
+    let c = &ref_cases("sdxl_pipeline")[0];
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("pipe");
+    copy_tree(&c.base_path(), &base);
+    let unet = base.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::copy(
+        &unet,
+        base.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(base.join("unet/diffusion_pytorch_model.bin"), b"pickle").unwrap();
+    std::fs::create_dir(base.join("safety_checker")).unwrap();
+    std::fs::write(base.join("safety_checker/pytorch_model.bin"), b"pickle").unwrap();
+    std::fs::write(base.join("safety_checker/config.json"), b"{}").unwrap();
+    let out = tmp.path().join("out");
+    let o = run(
+        "boft-merge",
+        &[
+            &"--base",
+            &base,
+            &"--adapter",
+            &c.adapter_path(),
+            &"-o",
+            &out,
+        ],
+    );
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("left out 2 weight file(s)"), "{err}");
+    let files = file_list(&out);
+    assert!(!files.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".into()));
+    assert!(!files.contains(&"unet/diffusion_pytorch_model.bin".into()));
+    assert!(files.contains(&"safety_checker/pytorch_model.bin".into()));
+    assert!(files.contains(&"unet/config.json".into()));
+
+    // The same for a transformers folder.
+    let llama = fixtures().join("peft_boft/bases/llama_f32");
+    let base = tmp.path().join("llama");
+    copy_tree(&llama, &base);
+    std::fs::write(base.join("pytorch_model.bin"), b"pickle").unwrap();
+    std::fs::write(base.join("training_args.bin"), b"pickle").unwrap();
+    std::fs::create_dir(base.join("original")).unwrap();
+    std::fs::write(base.join("original/consolidated.00.pth"), b"pickle").unwrap();
+    let out = tmp.path().join("llama-out");
+    let adapter = fixtures().join("peft_boft/adapters/llama_f32_f2");
+    let o = run(
+        "boft-merge",
+        &[&"--base", &base, &"--adapter", &adapter, &"-o", &out],
+    );
+    ok(&o);
+    assert!(
+        stderr(&o).contains("left out 2 weight file(s)"),
+        "{}",
+        stderr(&o)
+    );
+    let files = file_list(&out);
+    assert!(files.contains(&"training_args.bin".into()));
+    assert!(!files.contains(&"pytorch_model.bin".into()));
+    assert!(!files.iter().any(|f| f.starts_with("original")));
+}

@@ -130,6 +130,20 @@ fn main() {
                 stats.bytes,
                 backend.name()
             );
+            if !stats.left_out.is_empty() {
+                let names: Vec<String> = stats
+                    .left_out
+                    .iter()
+                    .take(3)
+                    .map(|p| p.display().to_string())
+                    .collect();
+                eprintln!(
+                    "left out {} weight file(s) that are not part of the checkpoint and would be                      stale: {}{}",
+                    stats.left_out.len(),
+                    names.join(", "),
+                    if stats.left_out.len() > 3 { ", …" } else { "" }
+                );
+            }
         }
         Ok(0)
     })

@@ -48,6 +48,10 @@ pub struct Checkpoint {
     pub files: Vec<(PathBuf, SafeFile)>,
     /// Other files of the folder to copy verbatim, relative to the folder (index.json included).
     pub others: Vec<PathBuf>,
+    /// Files of the folder that hold another copy of model weights outside this checkpoint
+    /// (`diffusion_pytorch_model.fp16.safetensors`, `pytorch_model.bin`, `original/*.pth`):
+    /// left out of a merged output, where they would be stale (`is_weight_file`).
+    pub left_out: Vec<PathBuf>,
     by_name: HashMap<String, (usize, usize)>,
 }
 
@@ -140,7 +144,21 @@ impl Checkpoint {
         let mut others = Vec::new();
         list_others(root, &confined, Path::new(""), &shard_set, &mut others)?;
         others.sort();
-        let ck = Checkpoint::assemble(root, layout, files, others)?;
+        // Stale copies are those of a model this checkpoint holds: anywhere in a plain folder,
+        // inside the merged components of a pipeline (another component's only weights, say a
+        // safety checker's pytorch_model.bin, are copied as they are).
+        let (left_out, others): (Vec<PathBuf>, Vec<PathBuf>) = others.into_iter().partition(|p| {
+            is_weight_file(p)
+                && !indices
+                    .iter()
+                    .any(|i| i.strip_prefix(root).is_ok_and(|r| r == p))
+                && (!pipeline
+                    || p.components()
+                        .next()
+                        .is_some_and(|c| components.iter().any(|n| c.as_os_str() == n.as_str())))
+        });
+        let mut ck = Checkpoint::assemble(root, layout, files, others)?;
+        ck.left_out = left_out;
         // Every tensor an index names must be in the shard it names.
         for (rel, names, ix) in &shard_names {
             let Some(index_path) = indices.get(*ix) else {
@@ -203,6 +221,7 @@ impl Checkpoint {
             layout,
             files,
             others,
+            left_out: Vec::new(),
             by_name,
         })
     }
@@ -287,6 +306,32 @@ fn pipeline_components(root: &Path) -> Result<Vec<String>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Whether a file (not part of the checkpoint) holds model weights in some format: other
+/// safetensors files and their indexes (variants such as `.fp16.safetensors`), PyTorch pickles
+/// of weights (`pytorch_model*.bin`, `diffusion_pytorch_model*.bin`, `*.pt`, `*.pth`, `*.ckpt`),
+/// TensorFlow, Flax, ONNX and GGUF weights. Copied beside merged weights they would be stale
+/// copies of the unmerged model that a loader may pick (`variant="fp16"`, `from_tf`).
+/// `training_args.bin` and tokenizer or config files are not weights.
+pub fn is_weight_file(rel: &Path) -> bool {
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let ext = |e: &str| name.ends_with(e);
+    ext(".safetensors")
+        || ext(".safetensors.index.json")
+        || ((name.starts_with("pytorch_model") || name.starts_with("diffusion_pytorch_model"))
+            && (ext(".bin") || ext(".bin.index.json")))
+        || ext(".pt")
+        || ext(".pth")
+        || ext(".ckpt")
+        || ext(".h5")
+        || ext(".msgpack")
+        || ext(".onnx")
+        || ext(".onnx_data")
+        || ext(".gguf")
 }
 
 /// An index larger than this is not an index (a real one for thousands of tensors is well under 1 MB).

@@ -56,6 +56,9 @@ pub struct Stats {
     pub replaced: usize,
     pub copied: usize,
     pub bytes: u64,
+    /// Weight files of the base folder that are not part of the checkpoint and were not
+    /// written (`Checkpoint::left_out`).
+    pub left_out: Vec<PathBuf>,
 }
 
 /// Which way a plan goes.
@@ -272,7 +275,10 @@ impl Plan<'_> {
         // Every file is written front to back in one stream (untouched runs copied, targeted
         // tensors transformed, in offset order) so that writeback stays sequential.
         let mut steps: Vec<Step> = Vec::new();
-        let mut stats = Stats::default();
+        let mut stats = Stats {
+            left_out: base.left_out.clone(),
+            ..Stats::default()
+        };
         for (fi, o) in outs.iter().enumerate() {
             for t in &o.src.tensors {
                 stats.bytes += (t.end - t.start) as u64;
