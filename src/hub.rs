@@ -124,8 +124,8 @@ pub fn locate(arg: &Path, role: Role) -> Result<PathBuf> {
             e.class,
             arg,
             format!(
-                "{} (Hugging Face cache {}, chosen by {how}; nothing is downloaded: fetch it \
-                 first, e.g. `huggingface-cli download {}`)",
+                "no such file or folder, and as a hub id: {} (Hugging Face cache {}, chosen by \
+                 {how}; nothing is downloaded: fetch it first, e.g. `huggingface-cli download {}`)",
                 e.message,
                 cache.display(),
                 id.repo

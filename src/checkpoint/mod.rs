@@ -300,7 +300,9 @@ fn pipeline_components(root: &Path) -> Result<Vec<String>> {
             continue;
         };
         let dir = root.join(&name);
-        if !name.starts_with('.') && dir.is_dir() && weights_names(&dir).is_some() {
+        // A dotted name (`.cache`, `unet.bak`) is no diffusers component and would make
+        // ambiguous tensor-name prefixes.
+        if !name.contains('.') && dir.is_dir() && weights_names(&dir).is_some() {
             out.push(name);
         }
     }
