@@ -96,7 +96,7 @@ pub struct Settings {
     pub checks: Option<BTreeSet<String>>,
     pub probes: usize,
     /// `--same-layout`: the merged (or restored) checkpoint must have the base's files and
-    /// byte-identical headers (boft-merge's outputs do); otherwise the layout is only reported.
+    /// the same headers (boft-merge's outputs do); otherwise the layout is only reported.
     pub same_layout: bool,
 }
 
@@ -291,7 +291,7 @@ pub struct MergedReport {
     pub path: String,
     /// `merged` (`--merged`) or `restored` (`--restored`).
     pub proof: &'static str,
-    /// Same files and byte-identical headers as the base.
+    /// Same files and headers (tensors, offsets, __metadata__) as the base.
     pub same_layout: bool,
     /// Tensors compared (by name), and their elements.
     pub tensors: usize,
@@ -1083,7 +1083,7 @@ impl Proof {
     }
 }
 
-/// Whether two checkpoints have the same files with byte-identical headers (what boft-merge
+/// Whether two checkpoints have the same files with the same headers (what boft-merge
 /// writes), or the first difference.
 fn layout_difference(base: &Checkpoint, other: &Checkpoint) -> Option<String> {
     if base.is_folder() != other.is_folder() {
@@ -1107,11 +1107,21 @@ fn layout_difference(base: &Checkpoint, other: &Checkpoint) -> Option<String> {
         ));
     }
     for ((rel, b), (_, o)) in base.files.iter().zip(&other.files) {
-        if b.header_bytes() != o.header_bytes() {
+        // The same header: tensors (names, dtypes, shapes, offsets) and __metadata__; the
+        // JSON's spelling (key order, padding) is the writer's and not compared.
+        let same_tensors = b.tensors.len() == o.tensors.len()
+            && b.tensors.iter().zip(&o.tensors).all(|(x, y)| {
+                (&x.name, x.dtype, &x.shape, x.start, x.end)
+                    == (&y.name, y.dtype, &y.shape, y.start, y.end)
+            });
+        if !same_tensors {
             return Some(format!(
-                "the header of {} differs (tensor order, offsets or __metadata__)",
+                "{} holds other tensors or the same at other offsets",
                 rel.display()
             ));
+        }
+        if b.metadata != o.metadata {
+            return Some(format!("the __metadata__ of {} differs", rel.display()));
         }
     }
     None
@@ -1176,7 +1186,9 @@ fn check_second(
         None,
         None,
         match &difference {
-            None => "same files and byte-identical headers as the base".to_string(),
+            None => {
+                "same files and headers (tensors, offsets, __metadata__) as the base".to_string()
+            }
             Some(d) => format!("layout differs from the base: {d}"),
         },
     );

@@ -39,7 +39,7 @@ struct Args {
     /// within the rounding of the merged tensors (needs --base and one adapter).
     #[arg(long, conflicts_with = "merged")]
     restored: Option<PathBuf>,
-    /// Fail unless the merged/restored checkpoint has the base's files and byte-identical
+    /// Fail unless the merged/restored checkpoint has the base's files and the same
     /// headers (as boft-merge writes); otherwise the layout is only reported.
     #[arg(long)]
     same_layout: bool,
