@@ -856,3 +856,36 @@ fn unmerge_is_proven_against_the_base_within_its_rounding_and_a_tampered_one_fai
         assert_eq!(bad["element"]["coords"], serde_json::json!([1, 36]));
     }
 }
+
+#[test]
+fn summaries_say_only_what_is_true() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A LyCORIS file carries no version: no empty "()".
+    let ly = ref_cases("lycoris").into_iter().next().unwrap();
+    let out = ok(&run(
+        "boft-convert",
+        &[&ly.adapter_path(), &"-o", &tmp.path().join("c.safetensors")],
+    ));
+    assert!(!out.contains("()"), "{out}");
+    // The byte count is every tensor byte written, not just the copied ones.
+    let fx = fixtures().join("peft_boft");
+    let base = fx.join("bases/llama_f32");
+    let o = run(
+        "boft-merge",
+        &[
+            &"--base",
+            &base,
+            &"--adapter",
+            &fx.join("adapters/llama_f32_f1"),
+            &"-o",
+            &tmp.path().join("m"),
+        ],
+    );
+    ok(&o);
+    let bytes: usize = tensors(&base).values().map(|(_, t)| t.bytes.len()).sum();
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!("copied; {bytes} bytes of tensor data written")),
+        "{err}"
+    );
+}

@@ -111,7 +111,7 @@ fn main() {
         })?;
         if !args.quiet {
             eprintln!(
-                "{} {}: {} tensors transformed, {} replaced, {} copied ({} bytes) on {}",
+                "{} {}: {} tensors transformed, {} replaced, {} copied; {} bytes of tensor data written on {}",
                 if args.unmerge { "unmerged" } else { "merged" },
                 args.output.display(),
                 stats.transformed,
