@@ -114,12 +114,17 @@ pub fn summary(adapter: &crate::adapter::Adapter, path: &std::path::Path) -> Str
             format!("{lo}–{hi}")
         }
     };
+    // A source without a version (LyCORIS files carry none) gets no empty "()".
+    let version = if adapter.source_version.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", adapter.source_version)
+    };
     format!(
-        "wrote {}: {} targets from {} ({}), factors {}, block size {}, {} parameters, {} replaced tensors",
+        "wrote {}: {} targets from {}{version}, factors {}, block size {}, {} parameters, {} replaced tensors",
         path.display(),
         t.len(),
         adapter.source_format,
-        adapter.source_version,
         range(|x| x.factors),
         range(|x| x.block_size),
         adapter.parameter_count(),

@@ -13,7 +13,7 @@ use crate::checkpoint::{dtype, Checkpoint, Dtype};
 use crate::error::{Class, Error, Result};
 use crate::math::blocks;
 use crate::math::kernel::{Chain, Scratch};
-use crate::merge::{self, Action, CpuBackend};
+use crate::merge::{self, Action, Backend, CpuBackend};
 
 /// Every check id, in report order. `--checks` selects among these.
 pub const CHECKS: &[&str] = &[
@@ -30,9 +30,57 @@ pub const CHECKS: &[&str] = &[
     "base-compatible",
     "hyperspherical-energy",
     "merged-layout",
+    "merged-tensors",
     "merged-untouched",
     "merged-values",
+    "restored-values",
 ];
+
+/// What a check examines besides the adapter; a check is applicable when these inputs are given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    Adapter,
+    Base,
+    /// `--merged` or `--restored` (with `--base`).
+    Second,
+    Merged,
+    Restored,
+}
+
+pub fn needs(check: &str) -> Needs {
+    match check {
+        "target-present" | "base-compatible" | "hyperspherical-energy" => Needs::Base,
+        "merged-layout" | "merged-tensors" | "merged-untouched" => Needs::Second,
+        "merged-values" => Needs::Merged,
+        "restored-values" => Needs::Restored,
+        _ => Needs::Adapter,
+    }
+}
+
+/// Checks that may have nothing to examine on honest inputs (no target has a scale, no target
+/// is input-side, every tensor is targeted). Selected by default they are then left out of the
+/// report; selected by name (`--checks`) they fail like every other check with nothing to examine.
+pub const CONDITIONAL: &[&str] = &["scale-range", "hyperspherical-energy", "merged-untouched"];
+
+/// Which inputs a run was given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inputs {
+    pub base: bool,
+    pub merged: bool,
+    pub restored: bool,
+}
+
+impl Inputs {
+    fn has(&self, n: Needs) -> bool {
+        match n {
+            Needs::Adapter => true,
+            Needs::Base => self.base,
+            Needs::Second => self.base && (self.merged || self.restored),
+            Needs::Merged => self.base && self.merged,
+            Needs::Restored => self.base && self.restored,
+        }
+    }
+}
 
 /// Transforms up to this size are measured exactly on the dense matrix; larger ones on probes.
 pub const DENSE_MAX: usize = 512;
@@ -47,6 +95,9 @@ pub struct Settings {
     pub merged_tolerance: f64,
     pub checks: Option<BTreeSet<String>>,
     pub probes: usize,
+    /// `--same-layout`: the merged (or restored) checkpoint must have the base's files and
+    /// the same headers (boft-merge's outputs do); otherwise the layout is only reported.
+    pub same_layout: bool,
 }
 
 impl Default for Settings {
@@ -57,6 +108,7 @@ impl Default for Settings {
             merged_tolerance: 1e-5,
             checks: None,
             probes: 8,
+            same_layout: false,
         }
     }
 }
@@ -73,7 +125,56 @@ impl Settings {
             }
             set.insert(c.to_string());
         }
+        if set.is_empty() {
+            return Err(Error::bare(
+                Class::Usage,
+                format!(
+                    "--checks {list:?} selects no check; known: {}",
+                    CHECKS.join(", ")
+                ),
+            ));
+        }
         Ok(set)
+    }
+
+    /// The checks this run must report on, in report order. A check named in `--checks` whose
+    /// input is missing is a usage error (it could examine nothing); by default every check
+    /// applicable to the given inputs is selected.
+    pub fn selected(&self, inputs: Inputs) -> Result<Vec<&'static str>> {
+        let mut out = Vec::new();
+        for &c in CHECKS {
+            let applicable = inputs.has(needs(c));
+            match &self.checks {
+                Some(set) if set.contains(c) => {
+                    if !applicable {
+                        let what = match needs(c) {
+                            Needs::Adapter => unreachable!(),
+                            Needs::Base => "--base",
+                            Needs::Second => "--base and --merged or --restored",
+                            Needs::Merged => "--base and --merged",
+                            Needs::Restored => "--base and --restored",
+                        };
+                        return Err(Error::bare(
+                            Class::Usage,
+                            format!(
+                                "check {c} needs {what}: without it there is nothing to examine"
+                            ),
+                        ));
+                    }
+                    out.push(c);
+                }
+                Some(_) => {}
+                None if applicable => out.push(c),
+                None => {}
+            }
+        }
+        if self.same_layout && !(inputs.merged || inputs.restored) {
+            return Err(Error::bare(
+                Class::Usage,
+                "--same-layout needs --merged or --restored",
+            ));
+        }
+        Ok(out)
     }
 
     fn wants(&self, check: &str) -> bool {
@@ -99,6 +200,23 @@ pub struct Check {
     pub value: Option<f64>,
     pub threshold: Option<f64>,
     pub message: String,
+    /// A failing `merged-values`/`restored-values`: its worst element.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub element: Option<Element>,
+}
+
+/// The worst element of a failed value comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Element {
+    /// Row-major index into the flattened tensor.
+    pub index: usize,
+    /// The same index per dimension.
+    pub coords: Vec<usize>,
+    /// The value recomputed here (f32, before rounding to the tensor's dtype).
+    pub expected: f64,
+    pub found: f64,
+    /// |found − expected| in ulps of the tensor's dtype.
+    pub ulps: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -171,10 +289,19 @@ pub struct AdapterReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct MergedReport {
     pub path: String,
+    /// `merged` (`--merged`) or `restored` (`--restored`).
+    pub proof: &'static str,
+    /// Same files and headers (tensors, offsets, __metadata__) as the base.
+    pub same_layout: bool,
+    /// Tensors compared (by name), and their elements.
     pub tensors: usize,
+    pub elements: u64,
     pub transformed: usize,
     pub replaced: usize,
     pub untouched: usize,
+    /// Base tensors absent (or with another dtype or shape), and tensors the base lacks.
+    pub missing: usize,
+    pub extra: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -214,7 +341,26 @@ impl Ctx<'_> {
                 value,
                 threshold,
                 message: message.into(),
+                element: None,
             });
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_element(
+        &mut self,
+        check: &'static str,
+        subject: &str,
+        value: Option<f64>,
+        threshold: Option<f64>,
+        message: String,
+        element: Element,
+    ) {
+        self.push(check, subject, Status::Fail, value, threshold, message);
+        if let Some(c) = self.checks.last_mut() {
+            if c.check == check && c.subject == subject {
+                c.element = Some(element);
+            }
         }
     }
 
@@ -242,13 +388,21 @@ impl Ctx<'_> {
     }
 }
 
-/// Verify adapters (each with its display path), optionally against a base and a merged checkpoint.
+/// Verify adapters (each with its display path), optionally against a base and a merged (or
+/// restored) checkpoint. Every selected check must examine at least one subject per adapter:
+/// one with nothing to examine is reported as a failure saying so.
 pub fn verify(
     adapters: &[(String, Adapter)],
     base: Option<&Checkpoint>,
-    merged: Option<&Checkpoint>,
+    second: Option<(&Checkpoint, Proof)>,
     settings: &Settings,
 ) -> Result<Report> {
+    let inputs = Inputs {
+        base: base.is_some(),
+        merged: matches!(second, Some((_, Proof::Merged))),
+        restored: matches!(second, Some((_, Proof::Restored))),
+    };
+    let selected = settings.selected(inputs)?;
     let mut checks = Vec::new();
     let mut reports = Vec::new();
     let mut merged_report = None;
@@ -307,8 +461,34 @@ pub fn verify(
                 }
             }
         }
-        if let (Some(base), Some(m)) = (base, merged) {
-            merged_report = Some(check_merged(&mut ctx, base, m, adapter)?);
+        if let (Some(base), Some((m, proof))) = (base, second) {
+            merged_report = Some(check_second(&mut ctx, base, m, adapter, proof)?);
+        }
+        // No check passes on nothing.
+        for &id in &selected {
+            if ctx.checks.iter().any(|c| c.check == id) {
+                continue;
+            }
+            if settings.checks.is_none() && CONDITIONAL.contains(&id) {
+                continue;
+            }
+            let why = match id {
+                "scale-range" => "no target has a per-row scale",
+                "hyperspherical-energy" => "no input-side target found in the base",
+                "target-present" | "base-compatible" => "the adapter has no targets or replaced tensors to look up",
+                "merged-tensors" => "neither checkpoint holds a tensor",
+                "merged-untouched" => "no tensor outside the adapter's targets is in both checkpoints with the same dtype and shape",
+                "merged-values" | "restored-values" => "no tensor the adapter targets or replaces is in both checkpoints with the same dtype and shape",
+                _ => "the adapter has no targets",
+            };
+            ctx.push(
+                id,
+                "(nothing)",
+                Status::Fail,
+                Some(0.0),
+                None,
+                format!("nothing to examine: {why}"),
+            );
         }
         checks.extend(ctx.checks);
         reports.push(AdapterReport {
@@ -836,238 +1016,484 @@ fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[u8]) -> Ene
     }
 }
 
-/// Per-element tolerance for a merged value: f32 relative to the tensor's largest magnitude;
-/// 16-bit types one ulp of the element (or the f32 summation noise for elements near zero).
-fn element_ok(dt: Dtype, got: f32, want: f32, scale: f32, f32_tol: f64) -> bool {
-    let diff = (got - want).abs() as f64;
+/// One unit in the last place of `dt` at magnitude `mag` (the spacing just above it).
+pub fn ulp(dt: Dtype, mag: f32) -> f64 {
+    let mag = mag.abs();
     match dt {
-        Dtype::F32 => diff <= f32_tol * scale as f64,
-        Dtype::BF16 | Dtype::F16 => {
-            let mag = got.abs().max(want.abs());
-            let ulp = match dt {
-                Dtype::BF16 => {
-                    let b = half::bf16::from_f32(mag).to_bits();
-                    half::bf16::from_bits(b.saturating_add(1)).to_f32()
-                        - half::bf16::from_bits(b).to_f32()
-                }
-                _ => {
-                    let b = half::f16::from_f32(mag).to_bits();
-                    half::f16::from_bits(b.saturating_add(1)).to_f32()
-                        - half::f16::from_bits(b).to_f32()
-                }
-            } as f64;
-            diff <= ulp * 1.0001 || diff <= 2e-6 * scale as f64
+        Dtype::BF16 => {
+            let b = half::bf16::from_f32(mag).to_bits();
+            (half::bf16::from_bits(b.saturating_add(1)).to_f32()
+                - half::bf16::from_bits(b).to_f32()) as f64
         }
-        _ => got.to_bits() == want.to_bits(),
+        Dtype::F16 => {
+            let b = half::f16::from_f32(mag).to_bits();
+            (half::f16::from_bits(b.saturating_add(1)).to_f32() - half::f16::from_bits(b).to_f32())
+                as f64
+        }
+        _ if mag.is_finite() => (f32::from_bits(mag.to_bits() + 1) - mag) as f64,
+        _ => f64::INFINITY,
     }
 }
 
-fn check_merged(
-    ctx: &mut Ctx,
-    base: &Checkpoint,
-    merged: &Checkpoint,
-    adapter: &Adapter,
-) -> Result<MergedReport> {
-    let plan = merge::plan(base, adapter, merge::Direction::Merge)?;
-    let subject = merged.root.display().to_string();
-    // Layout: same files, each tensor in the same file with the same dtype and shape.
-    let base_files: Vec<_> = base.files.iter().map(|(r, _)| r.clone()).collect();
-    let merged_files: Vec<_> = merged.files.iter().map(|(r, _)| r.clone()).collect();
-    let mut layout_problem = None;
-    if base.is_folder() && base_files != merged_files {
-        layout_problem = Some(format!(
-            "files {merged_files:?} differ from the base's {base_files:?}"
+/// Distance between two values in ulps of `dt` at the larger magnitude.
+pub fn ulps(dt: Dtype, a: f32, b: f32) -> f64 {
+    let d = (a as f64 - b as f64).abs();
+    if d == 0.0 {
+        return 0.0;
+    }
+    d / ulp(dt, a.abs().max(b.abs())).max(f64::MIN_POSITIVE)
+}
+
+/// Largest difference allowed between a found value and the f32 value recomputed here: f32
+/// relative to the tensor's largest magnitude; 16-bit types one ulp of the element, or the f32
+/// summation noise (2e-6 of the largest magnitude) for elements that cancel to near zero.
+fn allowed(dt: Dtype, got: f32, want: f32, scale: f32, f32_tol: f64) -> f64 {
+    match dt {
+        Dtype::F32 => f32_tol * scale as f64,
+        Dtype::BF16 | Dtype::F16 => {
+            (ulp(dt, got.abs().max(want.abs())) * 1.0001).max(2e-6 * scale as f64)
+        }
+        _ => 0.0,
+    }
+}
+
+/// Which second checkpoint is being proven against base ⊕ adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// `--merged`: base ⊕ adapter.
+    Merged,
+    /// `--restored`: an un-merge of base ⊕ adapter, i.e. the base back, up to what rounding the
+    /// merged tensor to the base's dtype allows.
+    Restored,
+}
+
+impl Proof {
+    fn values_check(self) -> &'static str {
+        match self {
+            Proof::Merged => "merged-values",
+            Proof::Restored => "restored-values",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Proof::Merged => "merged",
+            Proof::Restored => "restored",
+        }
+    }
+}
+
+/// Whether two checkpoints have the same files with the same headers (what boft-merge
+/// writes), or the first difference.
+fn layout_difference(base: &Checkpoint, other: &Checkpoint) -> Option<String> {
+    if base.is_folder() != other.is_folder() {
+        return Some(format!(
+            "one is a {} and the other a {}",
+            if base.is_folder() { "folder" } else { "file" },
+            if other.is_folder() { "folder" } else { "file" }
         ));
     }
-    for (rel, f) in &base.files {
+    let names = |c: &Checkpoint| -> Vec<String> {
+        c.files
+            .iter()
+            .map(|(r, _)| r.display().to_string())
+            .collect()
+    };
+    if base.is_folder() && names(base) != names(other) {
+        return Some(format!(
+            "files {:?}, the base's {:?}",
+            names(other),
+            names(base)
+        ));
+    }
+    for ((rel, b), (_, o)) in base.files.iter().zip(&other.files) {
+        // The same header: tensors (names, dtypes, shapes, offsets) and __metadata__; the
+        // JSON's spelling (key order, padding) is the writer's and not compared.
+        let same_tensors = b.tensors.len() == o.tensors.len()
+            && b.tensors.iter().zip(&o.tensors).all(|(x, y)| {
+                (&x.name, x.dtype, &x.shape, x.start, x.end)
+                    == (&y.name, y.dtype, &y.shape, y.start, y.end)
+            });
+        if !same_tensors {
+            return Some(format!(
+                "{} holds other tensors or the same at other offsets",
+                rel.display()
+            ));
+        }
+        if b.metadata != o.metadata {
+            return Some(format!("the __metadata__ of {} differs", rel.display()));
+        }
+    }
+    None
+}
+
+/// Flat index → index per dimension.
+fn coords(shape: &[usize], mut flat: usize) -> Vec<usize> {
+    let mut c = vec![0; shape.len()];
+    for (i, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            c[i] = flat % d;
+            flat /= d;
+        }
+    }
+    c
+}
+
+/// Worst element of a comparison: the largest deviation relative to what is allowed.
+#[derive(Default)]
+struct Worst {
+    /// (ratio to the allowed deviation, flat index, found, expected)
+    element: Option<(f64, usize, f32, f32)>,
+    /// Largest |found − expected| relative to the tensor's largest magnitude.
+    dev: f64,
+    /// Largest distance in ulps of the tensor's dtype.
+    ulps: f64,
+}
+
+/// Prove `other` (a merged or restored checkpoint) against base ⊕ adapter, tensor by tensor and
+/// by name: whatever the sharding, tensor order or header metadata.
+fn check_second(
+    ctx: &mut Ctx,
+    base: &Checkpoint,
+    other: &Checkpoint,
+    adapter: &Adapter,
+    proof: Proof,
+) -> Result<MergedReport> {
+    let plan = merge::plan(base, adapter, merge::Direction::Merge)?;
+    let inverse = match proof {
+        Proof::Merged => None,
+        Proof::Restored => Some(merge::plan(
+            base,
+            adapter,
+            merge::Direction::UnmergeKeepReplaced,
+        )?),
+    };
+    let subject = other.root.display().to_string();
+    let values = proof.values_check();
+    let noun = proof.noun();
+
+    // Layout: reported; a failure only when --same-layout asks for it.
+    let difference = layout_difference(base, other);
+    let same_layout = difference.is_none();
+    ctx.push(
+        "merged-layout",
+        &subject,
+        match (ctx.settings.same_layout, same_layout) {
+            (false, _) => Status::Info,
+            (true, true) => Status::Pass,
+            (true, false) => Status::Fail,
+        },
+        None,
+        None,
+        match &difference {
+            None => {
+                "same files and headers (tensors, offsets, __metadata__) as the base".to_string()
+            }
+            Some(d) => format!("layout differs from the base: {d}"),
+        },
+    );
+
+    let mut report = MergedReport {
+        path: subject.clone(),
+        proof: noun,
+        same_layout,
+        tensors: 0,
+        elements: 0,
+        transformed: 0,
+        replaced: 0,
+        untouched: 0,
+        missing: 0,
+        extra: 0,
+    };
+
+    // Names: every base tensor present with its dtype and shape, nothing extra.
+    let mut names = 0usize;
+    let mut comparable = Vec::new();
+    for (_, f) in &base.files {
         for t in &f.tensors {
-            let problem = match merged.get(&t.name) {
-                None => Some(format!("tensor {} is missing", t.name)),
-                Some((mf, mt)) => {
-                    let mrel = merged
-                        .files
-                        .iter()
-                        .find(|(_, x)| std::ptr::eq(x, mf))
-                        .map(|(r, _)| r);
-                    if base.is_folder() && mrel != Some(rel) {
-                        Some(format!("tensor {} moved to another file", t.name))
-                    } else if mt.dtype != t.dtype || mt.shape != t.shape {
-                        Some(format!(
-                            "tensor {} is {} {:?}, base {} {:?}",
-                            t.name,
+            names += 1;
+            match other.get(&t.name) {
+                None => {
+                    report.missing += 1;
+                    ctx.push(
+                        "merged-tensors",
+                        &t.name,
+                        Status::Fail,
+                        None,
+                        None,
+                        format!("in the base but missing from the {noun} checkpoint"),
+                    );
+                }
+                Some((_, mt)) if mt.dtype != t.dtype || mt.shape != t.shape => {
+                    report.missing += 1;
+                    ctx.push(
+                        "merged-tensors",
+                        &t.name,
+                        Status::Fail,
+                        None,
+                        None,
+                        format!(
+                            "{noun} tensor is {} {:?}, the base's {} {:?}",
                             mt.dtype.name(),
                             mt.shape,
                             t.dtype.name(),
                             t.shape
-                        ))
-                    } else {
-                        None
-                    }
-                }
-            };
-            if layout_problem.is_none() {
-                layout_problem = problem;
-            }
-        }
-    }
-    let extra = merged
-        .tensor_names()
-        .filter(|n| base.get(n).is_none())
-        .count();
-    if layout_problem.is_none() && extra > 0 {
-        layout_problem = Some(format!("{extra} tensors not in the base"));
-    }
-    if let Some(p) = layout_problem {
-        ctx.push("merged-layout", &subject, Status::Fail, None, None, p);
-        return Ok(MergedReport {
-            path: subject,
-            tensors: 0,
-            transformed: 0,
-            replaced: 0,
-            untouched: 0,
-        });
-    }
-    ctx.push(
-        "merged-layout",
-        &subject,
-        Status::Pass,
-        None,
-        None,
-        "same files, tensors, dtypes and shapes",
-    );
-
-    let mut report = MergedReport {
-        path: subject,
-        tensors: 0,
-        transformed: 0,
-        replaced: 0,
-        untouched: 0,
-    };
-    let never = || false;
-    let mut untouched_bad = 0usize;
-    for (_, f) in &base.files {
-        for t in &f.tensors {
-            report.tensors += 1;
-            let (mf, mt) = merged.get(&t.name).expect("layout checked");
-            let got = mf.data(mt);
-            let src = f.data(t);
-            match plan.action(&t.name) {
-                None => {
-                    report.untouched += 1;
-                    if got != src {
-                        untouched_bad += 1;
-                        let at = got.iter().zip(src).position(|(a, b)| a != b).unwrap_or(0);
-                        ctx.push(
-                            "merged-untouched",
-                            &t.name,
-                            Status::Fail,
-                            None,
-                            None,
-                            format!(
-                                "not targeted by the adapter but differs from the base (byte {at})"
-                            ),
-                        );
-                    }
-                }
-                Some(Action::Replace(r)) => {
-                    report.replaced += 1;
-                    let want = dtype::decode_any_f32(r.dtype, &r.data).expect("float");
-                    let mut bytes = vec![0u8; want.len() * t.dtype.float_size().unwrap_or(4)];
-                    dtype::encode_f32(t.dtype, &want, &mut bytes);
-                    let same = if r.dtype == t.dtype {
-                        got == r.data.as_slice()
-                    } else {
-                        got == bytes.as_slice()
-                    };
-                    ctx.push(
-                        "merged-values",
-                        &t.name,
-                        if same { Status::Pass } else { Status::Fail },
-                        None,
-                        None,
-                        if same {
-                            "equals the adapter's replacement"
-                        } else {
-                            "differs from the adapter's replacement"
-                        },
+                        ),
                     );
                 }
-                Some(action) => {
-                    report.transformed += 1;
-                    let dt = t.dtype;
-                    let got_f = dtype::decode_any_f32(dt, got).expect("float");
-                    let scale = got_f.iter().fold(0f32, |m, x| m.max(x.abs()));
-                    let tol = ctx.settings.merged_tolerance;
-                    // (element index, worst deviation relative to the tensor's scale)
-                    let worst = std::sync::Mutex::new((None::<usize>, 0f64));
-                    let compare = |offset: usize, want: &[f32]| {
-                        let mut w = worst.lock().unwrap();
-                        for (i, &v) in want.iter().enumerate() {
-                            let g = got_f[offset + i];
-                            let dev = (g - v).abs() as f64 / scale.max(1e-30) as f64;
-                            if dev > w.1 {
-                                w.1 = dev;
-                            }
-                            if w.0.is_none() && !element_ok(dt, g, v, scale, tol) {
-                                w.0 = Some(offset + i);
-                            }
-                        }
-                    };
-                    match plan.build(action)? {
-                        merge::Built::Rows(chain) => {
-                            let n = chain.n;
-                            merge::rows_chunked(
-                                t,
-                                src,
-                                &chain,
-                                &CpuBackend,
-                                &never,
-                                |r0, x, _| {
-                                    compare(r0 * n, x);
-                                    Ok(())
-                                },
-                            )?;
-                        }
-                        merge::Built::Columns(slices, cols) => {
-                            let w = merge::columns_f32(t, src, &slices, cols, &CpuBackend)?;
-                            compare(0, &w);
-                        }
-                        merge::Built::Replace(_) => unreachable!(),
-                    }
-                    let (bad, dev) = worst.into_inner().unwrap();
-                    match bad {
-                        None => ctx.push(
-                            "merged-values",
-                            &t.name,
-                            Status::Pass,
-                            Some(dev),
-                            (dt == Dtype::F32).then_some(tol),
-                            format!(
-                                "equals base ⊕ adapter within {} (worst deviation {dev:.2e} of the largest magnitude)",
-                                if dt == Dtype::F32 { "the relative tolerance".to_string() } else { format!("one {} ulp", dt.name()) }
-                            ),
+                Some((mf, mt)) => comparable.push((f, t, mf, mt)),
+            }
+        }
+    }
+    for name in other.tensor_names() {
+        if base.get(name).is_none() {
+            names += 1;
+            report.extra += 1;
+            ctx.push(
+                "merged-tensors",
+                name,
+                Status::Fail,
+                None,
+                None,
+                format!("in the {noun} checkpoint but not in the base"),
+            );
+        }
+    }
+    if names > 0 && report.missing == 0 && report.extra == 0 {
+        ctx.push(
+            "merged-tensors",
+            &subject,
+            Status::Pass,
+            Some(names as f64),
+            None,
+            format!("all {names} tensors of the base present by name with their dtype and shape, none extra"),
+        );
+    }
+
+    let never = || false;
+    let mut untouched_bad = 0usize;
+    for (f, t, mf, mt) in comparable {
+        let got = mf.data(mt);
+        let src = f.data(t);
+        match plan.action(&t.name) {
+            None => {
+                if !ctx.settings.wants("merged-untouched") {
+                    continue;
+                }
+                report.tensors += 1;
+                report.untouched += 1;
+                report.elements += t.numel() as u64;
+                if got != src {
+                    untouched_bad += 1;
+                    let at = got.iter().zip(src).position(|(a, b)| a != b).unwrap_or(0);
+                    ctx.push(
+                        "merged-untouched",
+                        &t.name,
+                        Status::Fail,
+                        None,
+                        None,
+                        format!(
+                            "not targeted by the adapter but differs from the base (byte {at})"
                         ),
-                        Some(i) => ctx.push(
-                            "merged-values",
+                    );
+                }
+            }
+            Some(Action::Replace(r)) => {
+                if !ctx.settings.wants(values) {
+                    continue;
+                }
+                report.tensors += 1;
+                report.replaced += 1;
+                report.elements += t.numel() as u64;
+                let want = if r.dtype == t.dtype {
+                    r.data.clone()
+                } else {
+                    let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float");
+                    let mut bytes = vec![0u8; v.len() * t.dtype.float_size().unwrap_or(4)];
+                    dtype::encode_f32(t.dtype, &v, &mut bytes);
+                    bytes
+                };
+                let (status, message) = match proof {
+                    Proof::Merged if got == want.as_slice() => {
+                        (Status::Pass, "equals the adapter's replacement")
+                    }
+                    Proof::Merged => (Status::Fail, "differs from the adapter's replacement"),
+                    Proof::Restored if got == src => (Status::Pass, "byte-identical to the base"),
+                    Proof::Restored if got == want.as_slice() => (
+                        Status::Pass,
+                        "kept as merged (--keep-replaced): equals the adapter's replacement; the \
+                         original is not in the adapter",
+                    ),
+                    Proof::Restored => (
+                        Status::Fail,
+                        "neither the base's tensor nor the adapter's replacement",
+                    ),
+                };
+                ctx.push(values, &t.name, status, None, None, message);
+            }
+            Some(action) => {
+                if !ctx.settings.wants(values) {
+                    continue;
+                }
+                report.tensors += 1;
+                report.transformed += 1;
+                report.elements += t.numel() as u64;
+                let dt = t.dtype;
+                let got_f = dtype::decode_any_f32(dt, got).expect("float");
+                let scale = got_f.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let tol = ctx.settings.merged_tolerance;
+                let worst = std::sync::Mutex::new(Worst::default());
+                let compare = |offset: usize, want: &[f32]| {
+                    let mut local = Worst::default();
+                    for (i, &v) in want.iter().enumerate() {
+                        let g = got_f[offset + i];
+                        let d = (g as f64 - v as f64).abs();
+                        local.dev = local.dev.max(d / scale.max(1e-30) as f64);
+                        local.ulps = local.ulps.max(ulps(dt, g, v));
+                        let a = allowed(dt, g, v, scale, tol);
+                        let ratio = if d == 0.0 {
+                            0.0
+                        } else if a > 0.0 {
+                            d / a
+                        } else {
+                            f64::INFINITY
+                        };
+                        // NaN never compares greater: count it as the worst.
+                        let ratio = if ratio.is_nan() { f64::INFINITY } else { ratio };
+                        if local.element.is_none_or(|e| ratio > e.0) {
+                            local.element = Some((ratio, offset + i, g, v));
+                        }
+                    }
+                    let mut w = worst.lock().unwrap();
+                    w.dev = w.dev.max(local.dev);
+                    w.ulps = w.ulps.max(local.ulps);
+                    if let Some(e) = local.element {
+                        if w.element
+                            .is_none_or(|x| e.0 > x.0 || (e.0 == x.0 && e.1 < x.1))
+                        {
+                            w.element = Some(e);
+                        }
+                    }
+                };
+                let inv = inverse
+                    .as_ref()
+                    .map(|p| p.build(p.action(&t.name).expect("same targets")));
+                match (plan.build(action)?, inv.transpose()?) {
+                    (merge::Built::Rows(chain), None) => {
+                        let n = chain.n;
+                        merge::rows_chunked(t, src, &chain, &CpuBackend, &never, |r0, x, _| {
+                            compare(r0 * n, x);
+                            Ok(())
+                        })?;
+                    }
+                    (merge::Built::Rows(chain), Some(merge::Built::Rows(back))) => {
+                        // The un-merge of the merged tensor as stored: round F(W) to the dtype,
+                        // then apply F⁻¹, as boft-merge --unmerge does.
+                        let n = chain.n;
+                        merge::rows_chunked(t, src, &chain, &CpuBackend, &never, |r0, x, _| {
+                            let mut y: Vec<f32> =
+                                x.iter().map(|&v| dtype::round_f32(dt, v)).collect();
+                            let rows = y.len() / n;
+                            CpuBackend.apply(&back, &mut y, r0, rows, &mut Scratch::default())?;
+                            compare(r0 * n, &y);
+                            Ok(())
+                        })?;
+                    }
+                    (merge::Built::Columns(slices, cols), None) => {
+                        let w = merge::columns_f32(t, src, &slices, cols, &CpuBackend)?;
+                        compare(0, &w);
+                    }
+                    (
+                        merge::Built::Columns(slices, cols),
+                        Some(merge::Built::Columns(back, bcols)),
+                    ) => {
+                        let w = merge::columns_f32(t, src, &slices, cols, &CpuBackend)?;
+                        let mut bytes = vec![0u8; got.len()];
+                        dtype::encode_f32(dt, &w, &mut bytes);
+                        let y = merge::columns_f32(t, &bytes, &back, bcols, &CpuBackend)?;
+                        compare(0, &y);
+                    }
+                    _ => unreachable!("merge and un-merge plans build the same kinds"),
+                }
+                let w = worst.into_inner().unwrap();
+                // How far the restored tensor is from the base itself (the rounding of the
+                // merged tensor, carried back).
+                let from_base = (proof == Proof::Restored).then(|| {
+                    let base_f = dtype::decode_any_f32(dt, src).expect("float");
+                    let (mut differ, mut one_ulp, mut max_dev) = (0usize, 0usize, 0f64);
+                    for (&a, &b) in got_f.iter().zip(&base_f) {
+                        if a.to_bits() != b.to_bits() {
+                            differ += 1;
+                            if ulps(dt, a, b) <= 1.0 {
+                                one_ulp += 1;
+                            }
+                            max_dev = max_dev.max((a as f64 - b as f64).abs());
+                        }
+                    }
+                    format!(
+                        "; {differ} of {} elements differ from the base ({one_ulp} by one ulp; largest difference {:.2e} of the largest magnitude): the rounding of the merged tensor, carried back",
+                        got_f.len(),
+                        max_dev / scale.max(1e-30) as f64
+                    )
+                });
+                let from_base = from_base.unwrap_or_default();
+                let expected = match proof {
+                    Proof::Merged => "base ⊕ adapter",
+                    Proof::Restored => "the un-merge of round(base ⊕ adapter)",
+                };
+                let within = if dt == Dtype::F32 {
+                    format!("{tol:.0e} of the largest magnitude")
+                } else {
+                    format!(
+                        "one {} ulp (or 2e-6 of the largest magnitude near zero)",
+                        dt.name()
+                    )
+                };
+                match w.element {
+                    Some((ratio, i, g, v)) if ratio > 1.0 => {
+                        let c = coords(&t.shape, i);
+                        let u = ulps(dt, g, v);
+                        let rv = dtype::round_f32(dt, v);
+                        ctx.push_element(
+                            values,
                             &t.name,
-                            Status::Fail,
-                            Some(dev),
+                            Some(w.dev),
                             (dt == Dtype::F32).then_some(tol),
                             format!(
-                                "element {i} is {} but base ⊕ adapter gives a value more than {} rounding away",
-                                got_f[i],
+                                "element {i} {c:?}: found {g:e}, {expected} gives {v:e}{}: {u:.1} {} ulp apart (allowed: {within}){from_base}",
+                                if rv != v { format!(" (rounds to {rv:e})") } else { String::new() },
                                 dt.name()
                             ),
-                        ),
+                            Element {
+                                index: i,
+                                coords: c,
+                                expected: v as f64,
+                                found: g as f64,
+                                ulps: u,
+                            },
+                        );
                     }
+                    _ => ctx.push(
+                        values,
+                        &t.name,
+                        Status::Pass,
+                        Some(w.dev),
+                        (dt == Dtype::F32).then_some(tol),
+                        format!(
+                            "{} elements equal {expected} within {within} (worst {:.2e} of the largest magnitude, {:.2} ulp){from_base}",
+                            got_f.len(),
+                            w.dev,
+                            w.ulps
+                        ),
+                    ),
                 }
             }
         }
     }
-    if untouched_bad == 0 {
+    if untouched_bad == 0 && report.untouched > 0 {
         ctx.push(
             "merged-untouched",
-            &report.path.clone(),
+            &subject,
             Status::Pass,
             Some(report.untouched as f64),
             None,
@@ -1140,8 +1566,17 @@ pub fn render(report: &Report) -> String {
     if let Some(m) = &report.merged {
         let _ = writeln!(
             s,
-            "merged {}: {} tensors ({} transformed, {} replaced, {} untouched)",
-            m.path, m.tensors, m.transformed, m.replaced, m.untouched
+            "{} {}: compared by name {} tensors, {} elements ({} transformed, {} replaced, {} untouched); {} missing, {} extra; {} layout as the base",
+            m.proof,
+            m.path,
+            m.tensors,
+            m.elements,
+            m.transformed,
+            m.replaced,
+            m.untouched,
+            m.missing,
+            m.extra,
+            if m.same_layout { "same" } else { "not the same" }
         );
     }
     let _ = writeln!(s, "checks:");
@@ -1176,17 +1611,36 @@ pub fn render(report: &Report) -> String {
             let _ = writeln!(s, "    FAIL {} {}: {}", c.check, c.subject, c.message);
         }
     }
-    let _ = writeln!(
+    let mut ids: Vec<&str> = report.checks.iter().map(|c| c.check).collect();
+    ids.dedup();
+    ids.sort();
+    ids.dedup();
+    let _ = write!(
         s,
-        "{}: {} checks, {} failed",
+        "{}: {} checks on {} results ({} pass, {} info, {} failed)",
         if report.passed { "PASS" } else { "FAIL" },
+        ids.len(),
+        report.checks.len(),
         report
             .checks
             .iter()
-            .filter(|c| c.status != Status::Info)
+            .filter(|c| c.status == Status::Pass)
+            .count(),
+        report
+            .checks
+            .iter()
+            .filter(|c| c.status == Status::Info)
             .count(),
         report.failed.len()
     );
+    if let Some(m) = &report.merged {
+        let _ = write!(
+            s,
+            "; {} tensors and {} elements compared",
+            m.tensors, m.elements
+        );
+    }
+    let _ = writeln!(s);
     s
 }
 

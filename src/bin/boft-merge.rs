@@ -121,7 +121,7 @@ fn main() {
         })?;
         if !args.quiet {
             eprintln!(
-                "{} {}: {} tensors transformed, {} replaced, {} copied ({} bytes) on {}",
+                "{} {}: {} tensors transformed, {} replaced, {} copied; {} bytes of tensor data written on {}",
                 if args.unmerge { "unmerged" } else { "merged" },
                 args.output.display(),
                 stats.transformed,
@@ -138,10 +138,15 @@ fn main() {
                     .map(|p| p.display().to_string())
                     .collect();
                 eprintln!(
-                    "left out {} weight file(s) that are not part of the checkpoint and would be                      stale: {}{}",
+                    "left out {} weight file(s) that are not part of the checkpoint and would be \
+                     stale: {}{}",
                     stats.left_out.len(),
                     names.join(", "),
-                    if stats.left_out.len() > 3 { ", …" } else { "" }
+                    if stats.left_out.len() > 3 {
+                        ", …"
+                    } else {
+                        ""
+                    }
                 );
             }
         }

@@ -17,7 +17,8 @@ use clap::Parser;
 boft-verify adapter.safetensors --base base/ --merged merged/ --json\n\n\
 Checks: finite, geometry, block-orthogonality, determinant, transform-orthogonality,\n\
 connectivity, degrees-of-freedom, distance-from-identity, scale-range, target-present,\n\
-base-compatible, hyperspherical-energy, merged-layout, merged-untouched, merged-values.\n\
+base-compatible, hyperspherical-energy, merged-layout, merged-tensors, merged-untouched,\n\
+merged-values, restored-values. A selected check with nothing to examine fails.\n\
 Exit status: 0 all checks pass, 1 a check failed (named in the report), 2 unreadable input or\n\
 usage error. The JSON schema is docs/verify-schema.json."
 )]
@@ -35,9 +36,18 @@ struct Args {
     /// Resolve adapter module names only among this component's tensors (see boft-merge --help).
     #[arg(long)]
     component: Option<String>,
-    /// Merged checkpoint to prove equal to base ⊕ adapter (needs --base and one adapter).
+    /// Merged checkpoint to prove equal to base ⊕ adapter, by tensor name, whatever its
+    /// sharding (needs --base and one adapter).
     #[arg(long)]
     merged: Option<PathBuf>,
+    /// Un-merged checkpoint (boft-merge --unmerge of a merge) to prove equal to the --base
+    /// within the rounding of the merged tensors (needs --base and one adapter).
+    #[arg(long, conflicts_with = "merged")]
+    restored: Option<PathBuf>,
+    /// Fail unless the merged/restored checkpoint has the base's files and the same
+    /// headers (as boft-merge writes); otherwise the layout is only reported.
+    #[arg(long)]
+    same_layout: bool,
     /// Print one JSON document on stdout instead of the table.
     #[arg(long)]
     json: bool,
@@ -58,20 +68,27 @@ fn main() {
         let mut settings = Settings {
             tolerance: args.tolerance,
             merged_tolerance: args.merged_tolerance,
+            same_layout: args.same_layout,
             ..Settings::default()
         };
         if let Some(c) = &args.checks {
             settings.checks = Some(Settings::parse_checks(c)?);
         }
-        if args.merged.is_some() && (args.base.is_none() || args.adapters.len() != 1) {
+        if (args.merged.is_some() || args.restored.is_some())
+            && (args.base.is_none() || args.adapters.len() != 1)
+        {
             return Err(Error::bare(
                 Class::Usage,
-                "--merged needs --base and exactly one adapter",
+                "--merged/--restored need --base and exactly one adapter",
             ));
         }
         let open = |p: &PathBuf| Checkpoint::open(&locate(p, Role::Checkpoint)?);
         let base = args.base.as_ref().map(open).transpose()?;
-        let merged = args.merged.as_ref().map(open).transpose()?;
+        let second = match (&args.merged, &args.restored) {
+            (Some(m), _) => Some((open(m)?, verify::Proof::Merged)),
+            (_, Some(r)) => Some((open(r)?, verify::Proof::Restored)),
+            _ => None,
+        };
         let mut adapters = Vec::new();
         for a in &args.adapters {
             let path = locate(a, Role::Adapter)?;
@@ -85,7 +102,12 @@ fn main() {
             adapter.materialise()?;
             adapters.push((a.display().to_string(), adapter));
         }
-        let report = verify::verify(&adapters, base.as_ref(), merged.as_ref(), &settings)?;
+        let report = verify::verify(
+            &adapters,
+            base.as_ref(),
+            second.as_ref().map(|(c, p)| (c, *p)),
+            &settings,
+        )?;
         if args.json {
             println!(
                 "{}",
