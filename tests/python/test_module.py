@@ -60,19 +60,26 @@ def test_checks_and_from_options(llama):
     assert same["checks"] == report["checks"]
 
 
-def test_strength_options(llama, tmp_path):
-    # Per-factor strength 0 makes every block the identity: the base comes back.
-    base, adapter, _ = llama
-    out = tmp_path / "zero"
-    boft.merge(base, adapter, out, strength=0.0, strength_mode="per-factor")
-    orig = tensors(base)
-    for name, (_, t) in tensors(out).items():
-        b = orig[name][1]
-        scale = max(float(abs(b).max()), 1e-30)
-        assert float(abs(t.astype("float64") - b).max()) / scale <= 2e-5, name
-    # A negative value travels as --strength=-1 and is taken as a number, not a flag.
+def test_strength_options_mean_the_flags(llama, tmp_path):
+    base, adapter, expected = llama
+    out = tmp_path / "half"
+    boft.merge(base, adapter, out, strength=0.5, strength_mode="per-factor")
+    o = subprocess.run(
+        [BIN / "boft-merge", "--base", base, "--adapter", adapter, "-o", tmp_path / "cli",
+         "--strength", "0.5", "--strength-mode", "per-factor"],
+        capture_output=True,
+        text=True,
+    )
+    assert o.returncode == 0, o.stderr
+    half, cli, full = tensors(out), tensors(tmp_path / "cli"), tensors(expected)
+    assert {n: t.tobytes() for n, (_, t) in half.items()} == {
+        n: t.tobytes() for n, (_, t) in cli.items()
+    }
+    assert any(half[n][1].tobytes() != full[n][1].tobytes() for n in half), "strength ignored"
+    # A negative value travels as --strength=-1 and is taken as a number, not as a flag.
     boft.merge(base, adapter, tmp_path / "neg", strength=-1.0)
-    assert (tmp_path / "neg" / "model.safetensors").exists()
+    neg = tensors(tmp_path / "neg")
+    assert any(neg[n][1].tobytes() != half[n][1].tobytes() for n in neg)
 
 
 def test_unmerge_restores_the_base(llama, tmp_path):
