@@ -1,4 +1,6 @@
-//! What the three binaries share: error reporting, exit codes, progress bars, thread pools.
+//! The three commands, one submodule each (its clap `Args`, `main` and a typed `run`), and what
+//! they share: error reporting, exit codes, progress bars, thread pools. The binaries and the
+//! Python module are thin callers, so both keep one command-line contract.
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write};
