@@ -11,6 +11,8 @@ pub mod math;
 pub mod merge;
 pub mod names;
 pub mod output;
+#[cfg(feature = "python")]
+mod python;
 pub mod verify;
 
 pub use error::{Class, Error, Result};

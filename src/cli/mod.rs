@@ -1,6 +1,9 @@
-//! What the three binaries share: error reporting, exit codes, progress bars, thread pools.
+//! The three commands, one submodule each (its clap `Args`, `main` and a typed `run`), and what
+//! they share: error reporting, exit codes, progress bars, thread pools. The binaries and the
+//! Python module are thin callers, so both keep one command-line contract.
 
-use std::io::IsTerminal;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -9,43 +12,81 @@ use crate::error::Error;
 /// Exit code for unreadable input, usage errors and refused operations.
 pub const EXIT_ERROR: i32 = 2;
 
-/// Run a binary's body: print any error as one line on stderr and exit 2.
-pub fn run(program: &str, body: impl FnOnce() -> Result<i32, Error>) -> ! {
+pub mod convert;
+pub mod docs;
+pub mod merge;
+pub mod verify;
+
+/// A binary's whole `main`: SIGINT/SIGTERM become a clean `[interrupted]` error (the staged
+/// output is removed), then the process exits with the command's code. Only processes that are
+/// the command install the handler: a host program such as Python keeps its own.
+pub fn run(command: impl FnOnce() -> i32) -> ! {
     crate::output::install_signal_handler();
-    let code = match body() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("{program}: error{e}");
-            EXIT_ERROR
-        }
-    };
-    std::process::exit(code)
+    std::process::exit(command())
 }
 
-/// Parse the command line. `--help` and `--version` print as usual (exit 0); a usage error is
-/// reported like every other error: one `[usage]` line on stderr, exit 2.
-pub fn parse_args<T: clap::Parser>(program: &str) -> T {
+/// Parse a command line (program name first) without printing or exiting.
+pub fn parse_from<A, I, T>(argv: I) -> Result<A, clap::Error>
+where
+    A: clap::Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    A::try_parse_from(argv)
+}
+
+/// A clap error as the one-line `[usage]` error every command reports.
+pub fn usage_error(program: &str, e: &clap::Error) -> Error {
+    let text = e.render().to_string();
+    let text = text.split("Usage:").next().unwrap_or_default();
+    let text = text.trim().trim_start_matches("error:");
+    let words: Vec<&str> = text.split_whitespace().collect();
+    Error::bare(
+        crate::error::Class::Usage,
+        format!("{} (see {program} --help)", words.join(" ")),
+    )
+}
+
+/// The command-line contract shared by the three commands, minus the process: `--help` and
+/// `--version` print as usual (code 0); a usage error and every error from `body` are one line
+/// on stderr (code 2); otherwise `body`'s code. Returns the exit code instead of exiting so that
+/// a host process (the Python console scripts) can run it too.
+pub(crate) fn main_with<A, I, T>(
+    program: &str,
+    argv: I,
+    body: impl FnOnce(&A) -> Result<i32, Error>,
+) -> i32
+where
+    A: clap::Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
     use clap::error::ErrorKind;
-    match T::try_parse() {
-        Ok(args) => args,
+    let code = match parse_from::<A, _, _>(argv) {
+        Ok(args) => match body(&args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("{program}: error{e}");
+                EXIT_ERROR
+            }
+        },
         Err(e) => match e.kind() {
             ErrorKind::DisplayHelp
             | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                e.exit_code()
+            }
             _ => {
-                let text = e.render().to_string();
-                let text = text.split("Usage:").next().unwrap_or_default();
-                let text = text.trim().trim_start_matches("error:");
-                let words: Vec<&str> = text.split_whitespace().collect();
-                let err = Error::bare(
-                    crate::error::Class::Usage,
-                    format!("{} (see {program} --help)", words.join(" ")),
-                );
-                eprintln!("{program}: error{err}");
-                std::process::exit(EXIT_ERROR)
+                eprintln!("{program}: error{}", usage_error(program, &e));
+                EXIT_ERROR
             }
         },
-    }
+    };
+    // A host process that outlives the command would otherwise keep a partial last line
+    // (the verify table ends without one) in Rust's stdout buffer.
+    let _ = std::io::stdout().flush();
+    code
 }
 
 /// A byte progress bar on a terminal; hidden when stderr is not one or when disabled.

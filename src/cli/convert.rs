@@ -1,0 +1,143 @@
+//! `boft-convert`: an adapter to the canonical format, or exported to PEFT or LyCORIS.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::adapter::canonical;
+use crate::checkpoint::Checkpoint;
+use crate::error::Error;
+use crate::formats::export;
+use crate::hub::{locate, Role};
+
+pub const PROGRAM: &str = "boft-convert";
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum To {
+    /// The canonical file (docs/FORMAT.md).
+    Canonical,
+    /// A PEFT adapter folder: BOFT, or OFT (exact Cayley); input-side targets only.
+    Peft,
+    /// A LyCORIS diag-oft/boft .safetensors file; output-side targets only.
+    Lycoris,
+}
+
+/// Convert a BOFT/OFT adapter to the canonical format (docs/FORMAT.md), or export it exactly to
+/// PEFT or LyCORIS (docs/EXPORT.md).
+#[derive(Parser)]
+#[command(
+    name = "boft-convert",
+    version,
+    after_help = "Examples:\n  boft-convert fixtures/peft_boft/adapters/llama_f32_f2 -o llama_f2.safetensors\n  \
+boft-convert adapter.safetensors --to peft -o my-peft-adapter/ --base model/\n  \
+boft-convert lycoris.safetensors --to lycoris -o out.safetensors --base unet/\n\n\
+With --base, every target is checked against the base checkpoint and its shape recorded (an\n\
+export needs it for Conv2d layers and shared blocks). An export is exact or refused.\n\
+Exit status: 0 success, 2 error (one line on stderr)."
+)]
+pub struct Args {
+    /// Adapter to read: a PEFT adapter folder, a LyCORIS/kohya file or a canonical file.
+    pub input: PathBuf,
+    /// File (canonical, lycoris) or folder (peft) to write.
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "canonical")]
+    pub to: To,
+    /// Reader for the input: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
+    #[arg(long, default_value = "auto")]
+    pub from: String,
+    /// Base checkpoint to resolve and check targets against (a path, or a hub id
+    /// org/name[@revision] in the local Hugging Face cache).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// With --base: resolve adapter module names only among this component's tensors (see
+    /// boft-merge --help).
+    #[arg(long, requires = "base")]
+    pub component: Option<String>,
+    /// --to peft: a module (e.g. model.embed_tokens) that is an nn.Embedding, which PEFT OFT
+    /// stores as oft_embedding_R (found by itself when the input is a PEFT OFT folder).
+    #[arg(long = "embedding", value_name = "MODULE")]
+    pub embeddings: Vec<String>,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// What a conversion wrote.
+pub struct Converted {
+    /// `canonical`, or the export's kind (`PEFT BOFT`, `LyCORIS diag-oft`, ...).
+    pub kind: String,
+    pub source_format: String,
+    pub source_version: String,
+    pub targets: usize,
+    pub replaced: usize,
+    /// The line the command prints on stdout.
+    pub message: String,
+}
+
+/// The command: parse `argv` (program name first), run, report; returns the exit code.
+pub fn main<I, T>(argv: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    super::main_with(PROGRAM, argv, |args: &Args| {
+        println!("{}", run(args)?.message);
+        Ok(0)
+    })
+}
+
+/// The conversion itself: no printing, no exit.
+pub fn run(args: &Args) -> Result<Converted, Error> {
+    let source = crate::formats::Source::parse(&args.from)?;
+    let input = locate(&args.input, Role::Adapter)?;
+    let mut adapter = crate::formats::load_as(&input, source)?;
+    if let Some(b) = &args.base {
+        let base = Checkpoint::open(&locate(b, Role::Checkpoint)?)?;
+        crate::merge::resolve_shapes(&base, &mut adapter, args.component.as_deref())?;
+    }
+    crate::output::check_destination(&args.output, &[&input], args.force)?;
+    let done = match args.to {
+        To::Canonical => {
+            canonical::write(&adapter, &args.output)?;
+            return Ok(Converted {
+                kind: "canonical".into(),
+                source_format: adapter.source_format.clone(),
+                source_version: adapter.source_version.clone(),
+                targets: adapter.targets.len(),
+                replaced: adapter.replacements.len(),
+                message: super::summary(&adapter, &args.output),
+            });
+        }
+        To::Peft => {
+            let mut emb: BTreeSet<String> = export::peft_embedding_modules(&input);
+            emb.extend(args.embeddings.iter().cloned());
+            export::write_peft(&adapter, &args.output, &emb)?
+        }
+        To::Lycoris => export::write_lycoris(&adapter, &args.output)?,
+    };
+    let version = if adapter.source_version.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", adapter.source_version)
+    };
+    let message = format!(
+        "wrote {}: {} targets from {}{version} as {}, {} replaced tensors",
+        args.output.display(),
+        done.targets,
+        adapter.source_format,
+        done.kind,
+        done.replaced
+    );
+    Ok(Converted {
+        kind: done.kind,
+        source_format: adapter.source_format.clone(),
+        source_version: adapter.source_version.clone(),
+        targets: done.targets,
+        replaced: done.replaced,
+        message,
+    })
+}
