@@ -1163,6 +1163,119 @@ fn o09_disk_full_after_the_tensors() {
 }
 
 #[test]
+fn o10_force_does_not_replace_a_fifo() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    mkfifo(&out);
+    let o = sc.merge(&base, &adapter, &out, &["--force"]);
+    sc.assert_refused_keep(&o, "output-exists", &out, true);
+    let ft = std::fs::symlink_metadata(&out).unwrap().file_type();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(&ft),
+        "FIFO replaced"
+    );
+}
+
+#[test]
+fn o11_convert_output_is_the_config_beside_the_adapter_file() {
+    let mut sc = Scene::new();
+    let adapter = sc.copy("adapters/conv_f1", "in/adapter");
+    // The reader opens adapter_config.json beside the file it was given.
+    let out = adapter.join(CONV_CFG);
+    sc.freeze(&[&adapter], &out);
+    let o = run_limited(
+        "boft-convert",
+        &[
+            adapter.join(CONV_W).as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--force".as_ref(),
+        ],
+    );
+    sc.assert_refused_keep(&o, "output-is-input", &out, true);
+}
+
+#[test]
+fn o12_output_is_a_blob_behind_the_base_in_a_hub_cache() {
+    let mut sc = Scene::new();
+    let repo = sc.path("hub/models--org--tiny");
+    let snap = repo.join("snapshots").join("0".repeat(40));
+    let blob = repo.join("blobs").join("b".repeat(64));
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    std::fs::copy(fx("bases/conv/model.safetensors"), &blob).unwrap();
+    let link = Path::new("../../blobs").join(blob.file_name().unwrap());
+    std::os::unix::fs::symlink(&link, snap.join("model.safetensors")).unwrap();
+    let adapter = sc.copy("adapters/conv_f1", "in/adapter");
+    // The base folder is the snapshot; the file it really reads is the blob.
+    let o = sc.merge(&snap, &adapter, &blob, &["--force"]);
+    sc.assert_refused_keep(&o, "output-is-input", &blob, true);
+    assert_eq!(tree(&repo.join("blobs")).len(), 2);
+}
+
+/// Run `program args…` from a shell that first plants a symlink to `target` at the name the
+/// binary will stage `out` under (the shell `exec`s it, so its pid is the binary's).
+fn run_with_planted_link(program: &str, args: &[&OsStr], out: &Path, target: &Path) -> Output {
+    let name = out.file_name().unwrap().to_str().unwrap();
+    let staged = format!(
+        "{}/.{name}.boft-partial-$$",
+        out.parent().unwrap().display()
+    );
+    let script = format!("ln -s \"$1\" \"{staged}\" || exit 99; shift; exec \"$@\"");
+    let exe = bin(program).get_program().to_owned();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .arg(target)
+        .arg(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_limited(child, Duration::from_secs(120))
+}
+
+#[test]
+fn o13_symlink_planted_at_the_staged_name() {
+    let sc = Scene::new();
+    let peft = sc.copy("adapters/conv_f1", "in/adapter");
+    let (_, lyco, _) = lycoris(&sc);
+    let victim = sc.path("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let out_dir = sc.out_dir();
+    for (adapter, to) in [(&peft, "canonical"), (&lyco, "lycoris")] {
+        let before = tree(adapter);
+        for e in dir_entries(&out_dir) {
+            std::fs::remove_file(out_dir.join(e)).unwrap();
+        }
+        let out = out_dir.join(format!("{to}.safetensors"));
+        let args = [
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--to".as_ref(),
+            to.as_ref(),
+        ];
+        let o = run_with_planted_link("boft-convert", &args, &out, &victim);
+        let err = fails_with(&o, "io");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(std::fs::symlink_metadata(&out).is_err(), "output written");
+        // The planted link is neither followed nor removed.
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let entries = dir_entries(&out_dir);
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert!(std::fs::symlink_metadata(out_dir.join(&entries[0]))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(tree(adapter), before, "input changed");
+    }
+}
+
+#[test]
 fn u01_unknown_flag() {
     let mut sc = Scene::new();
     let (base, adapter, out) = conv(&sc);

@@ -66,11 +66,14 @@ fn main() {
         let source = boft::formats::Source::parse(&args.from)?;
         let input = locate(&args.input, Role::Adapter)?;
         let mut adapter = boft::formats::load_as(&input, source)?;
+        let mut inputs = vec![input.clone()];
         if let Some(b) = &args.base {
             let base = Checkpoint::open(&locate(b, Role::Checkpoint)?)?;
             boft::merge::resolve_shapes(&base, &mut adapter, args.component.as_deref())?;
+            inputs.extend(base.input_paths());
         }
-        boft::output::check_destination(&args.output, &[&input], args.force)?;
+        let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+        boft::output::check_destination(&args.output, &inputs, args.force)?;
         let done = match args.to {
             To::Canonical => {
                 canonical::write(&adapter, &args.output)?;

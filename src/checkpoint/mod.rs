@@ -243,6 +243,18 @@ impl Checkpoint {
         self.layout != Layout::File
     }
 
+    /// Every file a merge reads: the root (a file, or the folder) and, for a folder, each
+    /// safetensors file and each file copied verbatim, by the path it is opened through (which
+    /// may be a symlink to somewhere else, as in a Hugging Face cache snapshot).
+    pub fn input_paths(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.root.clone()];
+        if self.is_folder() {
+            let rels = self.files.iter().map(|(r, _)| r).chain(&self.others);
+            out.extend(rels.map(|r| self.root.join(r)));
+        }
+        out
+    }
+
     /// Total bytes of all safetensors files.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|(_, f)| f.len() as u64).sum()

@@ -231,20 +231,18 @@ impl Plan<'_> {
         let base = self.base;
         let mut outs = Vec::with_capacity(base.files.len());
         for (rel, f) in &base.files {
-            let path = if base.is_folder() {
-                staged.path().join(rel)
+            // Created once, exclusively and not through a symlink, and written only through
+            // this handle (`Staged`).
+            let (path, dst) = if base.is_folder() {
+                (staged.path().join(rel), staged.create(rel)?)
             } else {
-                staged.path().to_path_buf()
+                let path = staged.path().to_path_buf();
+                let dst = staged
+                    .file_handle()
+                    .try_clone()
+                    .map_err(|e| Error::io(&path, e))?;
+                (path, dst)
             };
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-            }
-            let dst = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| Error::io(&path, e))?;
             reserve(&dst, f.len() as u64).map_err(|e| Error::io(&path, e))?;
             dst.write_all_at(f.header_bytes(), 0)
                 .map_err(|e| Error::io(&path, e))?;
@@ -258,10 +256,9 @@ impl Plan<'_> {
             for rel in &base.others {
                 let from = base.root.join(rel);
                 let to = staged.path().join(rel);
-                if let Some(parent) = to.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-                }
-                std::fs::copy(&from, &to).map_err(|e| {
+                let mut src = File::open(&from).map_err(|e| Error::io(&from, e))?;
+                let mut dst = staged.create(rel)?;
+                std::io::copy(&mut src, &mut dst).map_err(|e| {
                     // A full or read-only disk is the destination's fault, not the input's.
                     let dst_fault = matches!(
                         e.raw_os_error(),
@@ -776,7 +773,14 @@ pub fn merge_to(
     backend: &dyn Backend,
     opts: &Options,
 ) -> Result<Stats> {
-    output::check_destination(dest, inputs, force)?;
+    // The base's own files count as inputs too: some may be symlinks to elsewhere.
+    let base_files = base.input_paths();
+    let all: Vec<&Path> = inputs
+        .iter()
+        .copied()
+        .chain(base_files.iter().map(PathBuf::as_path))
+        .collect();
+    output::check_destination(dest, &all, force)?;
     let mut plan = plan(base, adapter, opts.direction)?;
     plan.strength = opts.strength;
     let staged = if base.is_folder() {
