@@ -1033,6 +1033,35 @@ fn a21_from_does_not_fit_the_files() {
 // Outputs
 // ---------------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------------
+// Numbers: a finite adapter and a finite strength whose merge overflows (safe merge)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn n01_strength_overflows_f32() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // Finite as f64, not as f32.
+    let o = sc.merge(&base, &adapter, &out, &["--strength", "1e39"]);
+    sc.assert_refused(&o, "non-finite", &out);
+}
+
+#[test]
+fn n02_unmerge_by_a_denormal_scale() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut st = St::read(&adapter.join(CONV_W));
+    let s = &mut st.tensor_mut("base_model.model.fc.boft_s").3;
+    for c in s.chunks_exact_mut(4) {
+        c.copy_from_slice(&1e-40f32.to_le_bytes());
+    }
+    st.write(&adapter.join(CONV_W));
+    let o = sc.merge(&base, &adapter, &out, &["--unmerge"]);
+    let err = stderr(&o);
+    assert!(err.contains("fc.weight"), "names the tensor: {err}");
+    sc.assert_refused(&o, "non-finite", &out);
+}
+
 #[test]
 fn o01_output_is_the_base_folder() {
     let mut sc = Scene::new();

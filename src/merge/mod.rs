@@ -542,11 +542,12 @@ fn tensor_bytes(
 ) -> Result<()> {
     let src = o.src.data(t);
     match b {
-        Built::Rows(chain) => rows_into(t, src, chain, backend, stop, out),
+        // Checked chunk by chunk, while each is in cache.
+        Built::Rows(chain) => rows_into(o, t, src, chain, backend, stop, out),
         Built::Columns(slices, cols) => {
             let w = columns_f32(t, src, slices, *cols, backend)?;
             dtype::encode_f32(t.dtype, &w, out);
-            Ok(())
+            safe_merge(o, t, 0, src, out)
         }
         Built::Replace(r) => {
             if r.dtype == t.dtype {
@@ -555,13 +556,36 @@ fn tensor_bytes(
                 let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
                 dtype::encode_f32(t.dtype, &v, out);
             }
-            Ok(())
+            safe_merge(o, t, 0, src, out)
         }
+    }
+}
+
+/// PEFT's `safe_merge`, element by element: refuse an output tensor that holds NaN or ±Inf where
+/// the base held a finite value (a huge `--strength`, an `--unmerge` by a scale near zero, or a
+/// value past the dtype's range once rounded). `base` and `out` are the encoded bytes of the same
+/// elements, the first of which is element `first` of the tensor.
+fn safe_merge(o: &OutFile, t: &TensorInfo, first: usize, base: &[u8], out: &[u8]) -> Result<()> {
+    match dtype::first_new_non_finite(t.dtype, base, out) {
+        None => Ok(()),
+        Some((i, b, v)) => Err(err(
+            Class::NonFinite,
+            &o.src.path,
+            format!(
+                "{}: the merged value of element {} is {v} where the base holds {b}: it does not \
+                 fit {} (too large a --strength, or an --unmerge by a scale near zero?); nothing \
+                 was written",
+                t.name,
+                first + i,
+                t.dtype.name()
+            ),
+        )),
     }
 }
 
 /// `rows_chunked`, encoding each chunk into its place in `out` (the tensor's bytes).
 fn rows_into(
+    o: &OutFile,
     t: &TensorInfo,
     src: &[u8],
     chain: &Chain,
@@ -588,7 +612,8 @@ fn rows_into(
                 r0 + dst.len() / row_bytes,
                 |x, _| {
                     dtype::encode_f32(t.dtype, x, dst);
-                    Ok(())
+                    let base = &src[r0 * row_bytes..r0 * row_bytes + dst.len()];
+                    safe_merge(o, t, r0 * chain.n, base, dst)
                 },
             )
         })
