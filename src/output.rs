@@ -33,16 +33,150 @@ pub fn check_interrupted() -> Result<()> {
     }
 }
 
+/// Longest file name Linux filesystems take (bytes).
+const NAME_MAX: usize = 255;
+/// Longest `-<pid>` suffix a staged name can get (pids fit in 10 digits).
+const PID_MAX_DIGITS: usize = 10;
+
+/// The part of a staged name before the pid: `.<name>.boft-<tag>-`. A name too long to leave room
+/// for the rest within NAME_MAX is cut (at a character boundary) and followed by `~` and 16 hex
+/// digits of its SHA-256, so every valid output name has a valid staged name, still recognisable
+/// and still distinct for distinct names. Depends only on the name and the tag, so a later run
+/// finds the staged names an earlier one left (`reclaim`).
+fn staged_prefix(dest: &Path, tag: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::ffi::OsStrExt;
+    let name: &[u8] = dest.file_name().map(|n| n.as_bytes()).unwrap_or(b"output");
+    let fixed = 1 + ".boft-".len() + tag.len() + 1 + PID_MAX_DIGITS;
+    let mut out = vec![b'.'];
+    if fixed + name.len() <= NAME_MAX {
+        out.extend_from_slice(name);
+    } else {
+        let hash = Sha256::digest(name);
+        let keep = NAME_MAX - fixed - 1 - 16;
+        let mut cut = keep.min(name.len());
+        // Do not split a UTF-8 character: back up over continuation bytes.
+        while cut > 0 && cut < name.len() && name[cut] & 0xc0 == 0x80 {
+            cut -= 1;
+        }
+        out.extend_from_slice(&name[..cut]);
+        out.push(b'~');
+        out.extend(
+            hash[..8]
+                .iter()
+                .flat_map(|b| format!("{b:02x}").into_bytes()),
+        );
+    }
+    out.extend_from_slice(format!(".boft-{tag}-").as_bytes());
+    out
+}
+
+fn parent_of(dest: &Path) -> &Path {
+    dest.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 fn sibling(dest: &Path, tag: &str) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".into());
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty());
-    let leaf = format!(".{name}.boft-{tag}-{}", std::process::id());
-    match parent {
+    use std::os::unix::ffi::OsStringExt;
+    let mut leaf = staged_prefix(dest, tag);
+    leaf.extend_from_slice(std::process::id().to_string().as_bytes());
+    let leaf = PathBuf::from(std::ffi::OsString::from_vec(leaf));
+    match dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(p) => p.join(leaf),
-        None => PathBuf::from(leaf),
+        None => leaf,
+    }
+}
+
+/// Take an exclusive `flock` on a staged file or folder without waiting. A staging run holds it
+/// on its staged output for as long as the process lives (the kernel drops it when the process
+/// dies, however it dies), so a lock that can be taken means its owner is gone. `false` when the
+/// lock is held elsewhere or the filesystem has no locks.
+fn try_lock(f: &File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor we own.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Whether no process has this pid (`kill(pid, 0)` fails with ESRCH).
+fn process_gone(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists; nothing is delivered.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Remove what earlier runs staged for `dest` and left behind when killed outright (SIGKILL, the
+/// OOM killer, a power cut): entries `<prefix><pid>` beside it whose owner process is gone — no
+/// process here has that pid (or it is ours), and the `flock` the owner held for its lifetime can
+/// be taken (which also holds across pid namespaces sharing the folder, and between two stagings
+/// of one destination inside one process). A live run's staged output (lock held), anything that is not a regular
+/// file or folder (a symlink) and the `.boft-old-` copy of a replaced output are left alone.
+/// Best effort: whatever cannot be examined or removed is left as it is.
+fn reclaim(dest: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let prefix = staged_prefix(dest, "partial");
+    let parent = parent_of(dest);
+    let Ok(rd) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.as_bytes().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        if pid.is_empty() || pid.len() > PID_MAX_DIGITS || !pid.iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        // The owner must be gone: no process has its pid (or the pid is ours, and this run has
+        // not staged yet), which also covers the moment between a live run creating its staged
+        // output and locking it. A pid reused by an unrelated live process keeps the leftover
+        // until that process ends; the lock below covers the opposite case.
+        let pid: u32 = std::str::from_utf8(pid)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if pid != std::process::id() && !process_gone(pid) {
+            continue;
+        }
+        let path = parent.join(&name);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let is_dir = meta.is_dir();
+        if !is_dir && !meta.is_file() {
+            continue;
+        }
+        let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
+        if is_dir {
+            flags |= libc::O_DIRECTORY;
+        }
+        let Ok(f) = OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(&path)
+        else {
+            continue;
+        };
+        if !try_lock(&f) {
+            continue;
+        }
+        // Still the entry that was locked (not replaced since it was listed)?
+        let same = f.metadata().ok().zip(fs::symlink_metadata(&path).ok());
+        if !same.is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino()) {
+            continue;
+        }
+        let _ = if is_dir {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
     }
 }
 
@@ -231,8 +365,10 @@ impl Staged {
     /// Stage a file: it is created (exclusively, never through a symlink) before this returns;
     /// write it through `file`.
     pub fn file(dest: &Path) -> Result<Staged> {
+        reclaim(dest);
         let temp = sibling(dest, "partial");
         let handle = create_new_file(&temp).map_err(|e| staging_failed(dest, &temp, e))?;
+        try_lock(&handle);
         Ok(Staged {
             dest: dest.to_path_buf(),
             temp,
@@ -245,6 +381,7 @@ impl Staged {
     /// Stage a folder: created with `mkdir` (which fails if anything has that name); fill it with
     /// `create`.
     pub fn dir(dest: &Path) -> Result<Staged> {
+        reclaim(dest);
         let temp = sibling(dest, "partial");
         fs::create_dir(&temp).map_err(|e| staging_failed(dest, &temp, e))?;
         let handle = OpenOptions::new()
@@ -252,7 +389,10 @@ impl Staged {
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&temp);
         let handle = match handle {
-            Ok(h) => h,
+            Ok(h) => {
+                try_lock(&h);
+                h
+            }
             Err(e) => {
                 let _ = fs::remove_dir(&temp);
                 return Err(Error::io(dest, e));
@@ -333,6 +473,18 @@ impl Staged {
         // Checked again here: the destination may have changed since `check_destination`.
         refuse_special(&self.dest)?;
         if self.is_dir && fs::symlink_metadata(&self.dest).is_ok() {
+            // Swap the two atomically where the filesystem can: the destination is never missing,
+            // and the old output, now under the staged name, is removed (a kill during that
+            // leaves it for `reclaim`).
+            if exchange(&self.temp, &self.dest) {
+                self.committed = true;
+                let _ = if fs::symlink_metadata(&self.temp).is_ok_and(|m| m.is_dir()) {
+                    fs::remove_dir_all(&self.temp)
+                } else {
+                    fs::remove_file(&self.temp)
+                };
+                return Ok(());
+            }
             let old = sibling(&self.dest, "old");
             fs::rename(&self.dest, &old).map_err(|e| Error::io(&self.dest, e))?;
             if let Err(e) = fs::rename(&self.temp, &self.dest) {
@@ -359,6 +511,28 @@ impl Staged {
     }
 }
 
+/// `renameat2(RENAME_EXCHANGE)`: swap two existing entries atomically. `false` when it fails (a
+/// filesystem or kernel without it), with nothing changed.
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(ca), Ok(cb)) = (
+        std::ffi::CString::new(a.as_os_str().as_bytes()),
+        std::ffi::CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: plain syscall with NUL-terminated paths that outlive it.
+    unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        ) == 0
+    }
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
@@ -379,4 +553,110 @@ pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::io(dest, e))?;
     staged.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn leaf(p: &Path) -> Vec<u8> {
+        p.file_name().unwrap().as_bytes().to_vec()
+    }
+
+    #[test]
+    fn staged_names_fit_name_max() {
+        let pid = std::process::id().to_string();
+        let short = sibling(Path::new("d/merged.safetensors"), "partial");
+        assert_eq!(
+            short,
+            PathBuf::from(format!("d/.merged.safetensors.boft-partial-{pid}"))
+        );
+        for len in [200, 229, 230, 252, 255] {
+            let name = "é".repeat(len / 2) + &"m".repeat(len % 2);
+            let s = sibling(&Path::new("d").join(&name), "partial");
+            let l = leaf(&s);
+            assert!(l.len() <= NAME_MAX, "{len}: {} bytes", l.len());
+            assert!(std::str::from_utf8(&l).is_ok(), "{len}: split a character");
+            assert!(l.ends_with(format!(".boft-partial-{pid}").as_bytes()));
+            assert!(l.starts_with(".é".as_bytes()));
+        }
+        // Long names that share their first 200 bytes still get distinct staged names.
+        let a = "x".repeat(250) + "a";
+        let b = "x".repeat(250) + "b";
+        assert_ne!(
+            sibling(Path::new(&a), "partial"),
+            sibling(Path::new(&b), "partial")
+        );
+    }
+
+    /// A pid that no process has (a child that has exited and been reaped).
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn reclaims_only_what_dead_runs_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("out");
+        let name = |pid: u32| tmp.path().join(format!(".out.boft-partial-{pid}"));
+        let dead = dead_pid();
+        // A dead run's folder, with a symlink inside (removed, not followed).
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        fs::create_dir(name(dead)).unwrap();
+        std::os::unix::fs::symlink(&victim, name(dead).join("link")).unwrap();
+        // A live process's staged file.
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        fs::write(name(live.id()), b"live").unwrap();
+        // A dead pid whose lock is held (by this process: another namespace's run, say).
+        let dead2 = dead_pid();
+        fs::write(name(dead2), b"locked").unwrap();
+        let held = File::open(name(dead2)).unwrap();
+        assert!(try_lock(&held));
+        // A symlink at a staged name, a staged-looking name with junk after the pid, another
+        // destination's leftover: none of them touched.
+        let dead3 = dead_pid();
+        std::os::unix::fs::symlink(&victim, name(dead3)).unwrap();
+        let junk = tmp.path().join(format!(".out.boft-partial-{dead}x"));
+        fs::write(&junk, b"").unwrap();
+        let other = tmp.path().join(format!(".other.boft-partial-{dead}"));
+        fs::write(&other, b"").unwrap();
+
+        reclaim(&dest);
+        let _ = live.kill();
+        let _ = live.wait();
+        assert!(
+            fs::symlink_metadata(name(dead)).is_err(),
+            "dead run's folder kept"
+        );
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert!(name(live.id()).exists(), "live run's file removed");
+        assert!(name(dead2).exists(), "locked file removed");
+        assert!(fs::symlink_metadata(name(dead3)).is_ok(), "symlink removed");
+        assert!(junk.exists() && other.exists());
+        drop(held);
+        reclaim(&dest);
+        assert!(!name(dead2).exists(), "unlocked dead file kept");
+    }
+
+    #[test]
+    fn staging_reclaims_a_dead_run_with_our_own_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("out.safetensors");
+        // Left by an earlier process that had this pid (a container restarted, say).
+        let mine = sibling(&dest, "partial");
+        fs::write(&mine, b"stale").unwrap();
+        let staged = Staged::file(&dest).unwrap();
+        (&*staged.file_handle()).write_all(b"new").unwrap();
+        staged.commit().unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
 }

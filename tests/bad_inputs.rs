@@ -1304,6 +1304,40 @@ fn o13_symlink_planted_at_the_staged_name() {
     }
 }
 
+/// Not an error: the longest output names (252 bytes here) work, though the staged name adds to
+/// them (it is shortened with a hash to fit NAME_MAX), for a file and for a folder.
+#[test]
+fn o14_longest_output_names_are_accepted() {
+    let sc = Scene::new();
+    let (base, adapter, _) = conv(&sc);
+    let sbase = sc.copy("bases/llama_bf16_sharded", "in2/base");
+    let sadapter = sc.copy("adapters/llama_bf16_f2", "in2/adapter");
+    let out_dir = sc.out_dir();
+    let file = out_dir.join("m".repeat(240) + ".safetensors");
+    let folder = out_dir.join("f".repeat(255));
+    for (b, a, out) in [(&base, &adapter, &file), (&sbase, &sadapter, &folder)] {
+        let o = run_limited(
+            "boft-merge",
+            &[
+                "--base".as_ref(),
+                b.as_os_str(),
+                "--adapter".as_ref(),
+                a.as_os_str(),
+                "-o".as_ref(),
+                out.as_os_str(),
+            ],
+        );
+        ok(&o);
+        assert!(out.exists());
+    }
+    let mut want = vec![
+        file.file_name().unwrap().to_str().unwrap().to_string(),
+        folder.file_name().unwrap().to_str().unwrap().to_string(),
+    ];
+    want.sort();
+    assert_eq!(dir_entries(&out_dir), want);
+}
+
 #[test]
 fn u01_unknown_flag() {
     let mut sc = Scene::new();
@@ -1442,4 +1476,51 @@ fn i01_sigint_mid_write() {
 #[test]
 fn i02_sigterm_mid_write() {
     interrupt_mid_write(libc::SIGTERM);
+}
+
+/// SIGKILL (or the OOM killer) gives no chance to clean up: the staged file stays. The next run
+/// for the same destination reclaims it, since its owner is gone (docs/ERRORS.md, "Hard kills").
+#[test]
+fn i03_sigkill_leftover_is_reclaimed_by_the_next_run() {
+    let sc = Scene::new();
+    let out_dir = sc.out_dir();
+    let out = out_dir.join("merged.safetensors");
+    let (base, adapter) = slow_case(sc.tmp.path(), 32768);
+    let args = [
+        "--base".as_ref(),
+        base.as_os_str(),
+        "--adapter".as_ref(),
+        adapter.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        "--threads".as_ref(),
+        OsStr::new("1"),
+    ];
+    let mut child = bin("boft-merge")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let temp = out_dir.join(format!(".merged.safetensors.boft-partial-{}", child.id()));
+    let start = Instant::now();
+    while !temp.exists() && start.elapsed() < Duration::from_secs(60) {
+        assert!(child.try_wait().unwrap().is_none(), "merge ended early");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if out.exists() {
+        eprintln!("skipped: the merge finished before SIGKILL landed");
+        return;
+    }
+    assert!(temp.exists(), "a hard kill leaves the staged file");
+    let o = run_limited("boft-merge", &args);
+    ok(&o);
+    assert_eq!(
+        dir_entries(&out_dir),
+        vec!["merged.safetensors".to_string()],
+        "leftover not reclaimed"
+    );
 }
