@@ -654,7 +654,7 @@ mod tests {
         let mine = sibling(&dest, "partial");
         fs::write(&mine, b"stale").unwrap();
         let staged = Staged::file(&dest).unwrap();
-        (&*staged.file_handle()).write_all(b"new").unwrap();
+        staged.file_handle().write_all(b"new").unwrap();
         staged.commit().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"new");
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
