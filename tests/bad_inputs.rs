@@ -596,6 +596,18 @@ fn s03_index_shard_absolute_path() {
 }
 
 #[test]
+fn s13_index_names_the_folder_itself() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    edit_json(&base.join(INDEX), |v| {
+        v["weight_map"]["lm_head.weight"] = json!(".");
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    // Inside the folder, so not a path escape: an index entry naming no file.
+    sc.assert_refused(&o, "bad-index", &out);
+}
+
+#[test]
 fn s04_index_not_json() {
     let mut sc = Scene::new();
     let (base, adapter, out) = sharded(&sc);
@@ -1027,6 +1039,54 @@ fn a21_from_does_not_fit_the_files() {
     let (base, adapter, out) = lycoris(&sc);
     let o = sc.merge(&base, &adapter, &out, &["--from", "peft"]);
     sc.assert_refused(&o, "unknown-format", &out);
+}
+
+#[test]
+fn a22_peft_weights_symlinked_outside_the_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let elsewhere = sc.path("in").join("elsewhere.safetensors");
+    std::fs::rename(adapter.join(CONV_W), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, adapter.join(CONV_W)).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+    assert!(
+        stderr(&o).contains("outside the adapter folder"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a23_peft_config_symlinked_outside_the_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let elsewhere = sc.path("in").join("elsewhere.json");
+    std::fs::rename(adapter.join(CONV_CFG), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, adapter.join(CONV_CFG)).unwrap();
+    // Given as the weights file, the folder's config is still confined.
+    let o = sc.merge(&base, &adapter.join(CONV_W), &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+}
+
+#[test]
+fn a24_verify_shared_blocks_of_a_target_not_in_the_base() {
+    let mut sc = Scene::new();
+    let adapter = sc.path("in/adapter");
+    copy_tree(
+        &fixtures().join("peft_oft/adapters/llama_f32_block_share"),
+        &adapter,
+    );
+    let base = sc.copy("bases/conv/model.safetensors", "in/model.safetensors");
+    let out = sc.out_dir().join("none");
+    sc.freeze(&[&base, &adapter], &out);
+    let o = run_limited(
+        "boft-verify",
+        &[adapter.as_os_str(), "--base".as_ref(), base.as_os_str()],
+    );
+    sc.assert_refused(&o, "missing-target", &out);
+    // --base was given: the line must not ask for it.
+    assert!(!stderr(&o).contains("pass --base"), "{}", stderr(&o));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -391,10 +391,22 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
             )
         })?;
         let rel = safe_relative(shard).ok_or_else(|| {
-            bare(
-                Class::PathEscape,
-                format!("shard {shard:?} points outside the checkpoint folder"),
-            )
+            let escapes = Path::new(shard).is_absolute()
+                || Path::new(shard)
+                    .components()
+                    .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+            if escapes {
+                bare(
+                    Class::PathEscape,
+                    format!("shard {shard:?} points outside the checkpoint folder"),
+                )
+            } else {
+                // "", "." or "./": inside the folder, but no file.
+                bare(
+                    Class::BadIndex,
+                    format!("shard {shard:?} names no file (the folder itself at most)"),
+                )
+            }
         })?;
         // `a.safetensors` and `./a.safetensors` are one shard.
         let i = *pos.entry(rel.clone()).or_insert_with(|| {
@@ -433,9 +445,12 @@ pub fn safe_relative(s: &str) -> Option<PathBuf> {
 /// Where the files of a checkpoint folder may really live: inside the folder, and for a folder
 /// in a Hugging Face cache snapshot, also in that repository's `blobs/` (every file there is a
 /// relative symlink into it; `crate::hub`).
-struct Confinement {
+/// PEFT adapter folders are confined the same way (`Confinement::adapter`).
+pub(crate) struct Confinement {
     root: PathBuf,
     blobs: Option<PathBuf>,
+    /// What the folder is, for messages: "checkpoint folder", "adapter folder".
+    what: &'static str,
 }
 
 impl Confinement {
@@ -444,12 +459,22 @@ impl Confinement {
         Confinement {
             root: canon_root,
             blobs,
+            what: "checkpoint folder",
         }
+    }
+
+    /// The confinement of a PEFT adapter folder (the folder as given; it is canonicalised here).
+    pub(crate) fn adapter(dir: &Path) -> Result<Confinement> {
+        let canon = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        Ok(Confinement {
+            what: "adapter folder",
+            ..Confinement::new(canon)
+        })
     }
 
     /// Refuse a path whose real location (after following symlinks) leaves the folder (or,
     /// in a cache snapshot, is not one of its repository's blobs).
-    fn check(&self, p: &Path) -> Result<PathBuf> {
+    pub(crate) fn check(&self, p: &Path) -> Result<PathBuf> {
         let real = p.canonicalize().map_err(|e| Error::io(p, e))?;
         let in_blobs = || {
             self.blobs
@@ -461,9 +486,9 @@ impl Confinement {
                 Class::PathEscape,
                 p,
                 format!(
-                    "resolves to {} outside the checkpoint folder; symlinks are followed only \
-                     inside it{}",
+                    "resolves to {} outside the {}; symlinks are followed only inside it{}",
                     real.display(),
+                    self.what,
                     if self.blobs.is_some() {
                         " and into its Hugging Face cache repository's blobs/"
                     } else {

@@ -751,6 +751,18 @@ pub fn fit_in(
         if let Some((_, info)) = base.get(&t.name) {
             t.fit(info.dtype, &info.shape)
                 .map_err(|e| e.at(&base.root))?;
+        } else if t.share && t.blocks == 0 {
+            // Not resolved (allowed when not strict), yet the blocks cannot be counted without
+            // it: say so, rather than later asking for the --base that was given.
+            return Err(err(
+                Class::MissingTarget,
+                &base.root,
+                format!(
+                    "{}: not in the base checkpoint, and its shared blocks (block_share) take \
+                     their count from that tensor",
+                    t.name
+                ),
+            ));
         }
     }
     Ok(())
