@@ -2,7 +2,9 @@
 //! and is renamed into place only once complete, so an error, a full disk or a signal never
 //! leaves a partial output behind, and an existing output survives until its replacement is whole.
 
-use std::fs;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -31,16 +33,150 @@ pub fn check_interrupted() -> Result<()> {
     }
 }
 
+/// Longest file name Linux filesystems take (bytes).
+const NAME_MAX: usize = 255;
+/// Longest `-<pid>` suffix a staged name can get (pids fit in 10 digits).
+const PID_MAX_DIGITS: usize = 10;
+
+/// The part of a staged name before the pid: `.<name>.boft-<tag>-`. A name too long to leave room
+/// for the rest within NAME_MAX is cut (at a character boundary) and followed by `~` and 16 hex
+/// digits of its SHA-256, so every valid output name has a valid staged name, still recognisable
+/// and still distinct for distinct names. Depends only on the name and the tag, so a later run
+/// finds the staged names an earlier one left (`reclaim`).
+fn staged_prefix(dest: &Path, tag: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::ffi::OsStrExt;
+    let name: &[u8] = dest.file_name().map(|n| n.as_bytes()).unwrap_or(b"output");
+    let fixed = 1 + ".boft-".len() + tag.len() + 1 + PID_MAX_DIGITS;
+    let mut out = vec![b'.'];
+    if fixed + name.len() <= NAME_MAX {
+        out.extend_from_slice(name);
+    } else {
+        let hash = Sha256::digest(name);
+        let keep = NAME_MAX - fixed - 1 - 16;
+        let mut cut = keep.min(name.len());
+        // Do not split a UTF-8 character: back up over continuation bytes.
+        while cut > 0 && cut < name.len() && name[cut] & 0xc0 == 0x80 {
+            cut -= 1;
+        }
+        out.extend_from_slice(&name[..cut]);
+        out.push(b'~');
+        out.extend(
+            hash[..8]
+                .iter()
+                .flat_map(|b| format!("{b:02x}").into_bytes()),
+        );
+    }
+    out.extend_from_slice(format!(".boft-{tag}-").as_bytes());
+    out
+}
+
+fn parent_of(dest: &Path) -> &Path {
+    dest.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 fn sibling(dest: &Path, tag: &str) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".into());
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty());
-    let leaf = format!(".{name}.boft-{tag}-{}", std::process::id());
-    match parent {
+    use std::os::unix::ffi::OsStringExt;
+    let mut leaf = staged_prefix(dest, tag);
+    leaf.extend_from_slice(std::process::id().to_string().as_bytes());
+    let leaf = PathBuf::from(std::ffi::OsString::from_vec(leaf));
+    match dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(p) => p.join(leaf),
-        None => PathBuf::from(leaf),
+        None => leaf,
+    }
+}
+
+/// Take an exclusive `flock` on a staged file or folder without waiting. A staging run holds it
+/// on its staged output for as long as the process lives (the kernel drops it when the process
+/// dies, however it dies), so a lock that can be taken means its owner is gone. `false` when the
+/// lock is held elsewhere or the filesystem has no locks.
+fn try_lock(f: &File) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor we own.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Whether no process has this pid (`kill(pid, 0)` fails with ESRCH).
+fn process_gone(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists; nothing is delivered.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Remove what earlier runs staged for `dest` and left behind when killed outright (SIGKILL, the
+/// OOM killer, a power cut): entries `<prefix><pid>` beside it whose owner process is gone — no
+/// process here has that pid (or it is ours), and the `flock` the owner held for its lifetime can
+/// be taken (which also holds across pid namespaces sharing the folder, and between two stagings
+/// of one destination inside one process). A live run's staged output (lock held), anything that is not a regular
+/// file or folder (a symlink) and the `.boft-old-` copy of a replaced output are left alone.
+/// Best effort: whatever cannot be examined or removed is left as it is.
+fn reclaim(dest: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let prefix = staged_prefix(dest, "partial");
+    let parent = parent_of(dest);
+    let Ok(rd) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.as_bytes().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        if pid.is_empty() || pid.len() > PID_MAX_DIGITS || !pid.iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        // The owner must be gone: no process has its pid (or the pid is ours, and this run has
+        // not staged yet), which also covers the moment between a live run creating its staged
+        // output and locking it. A pid reused by an unrelated live process keeps the leftover
+        // until that process ends; the lock below covers the opposite case.
+        let pid: u32 = std::str::from_utf8(pid)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if pid != std::process::id() && !process_gone(pid) {
+            continue;
+        }
+        let path = parent.join(&name);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let is_dir = meta.is_dir();
+        if !is_dir && !meta.is_file() {
+            continue;
+        }
+        let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
+        if is_dir {
+            flags |= libc::O_DIRECTORY;
+        }
+        let Ok(f) = OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(&path)
+        else {
+            continue;
+        };
+        if !try_lock(&f) {
+            continue;
+        }
+        // Still the entry that was locked (not replaced since it was listed)?
+        let same = f.metadata().ok().zip(fs::symlink_metadata(&path).ok());
+        if !same.is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino()) {
+            continue;
+        }
+        let _ = if is_dir {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
     }
 }
 
@@ -75,36 +211,101 @@ pub fn resolve(p: &Path) -> PathBuf {
     }
 }
 
-/// Refuse outputs that would overwrite or sit inside an input, or that exist without `force`.
-pub fn check_destination(dest: &Path, inputs: &[&Path], force: bool) -> Result<()> {
-    let d = resolve(dest);
-    for input in inputs {
-        let i = resolve(input);
-        if d == i {
+/// The files a reader opens beside an input it was given: for a PEFT adapter (its folder, or its
+/// `adapter_model.safetensors` given as a file) the folder's `adapter_config.json` and
+/// `adapter_model.safetensors`, which may be symlinks to elsewhere (a Hugging Face cache's blobs).
+fn read_alongside(input: &Path) -> Vec<PathBuf> {
+    use crate::formats::peft::{CONFIG, WEIGHTS};
+    let dir = if input.is_dir() {
+        Some(input)
+    } else {
+        input
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .filter(|p| fs::symlink_metadata(p.join(CONFIG)).is_ok())
+    };
+    let mut out = vec![input.to_path_buf()];
+    if let Some(d) = dir {
+        out.push(d.join(CONFIG));
+        out.push(d.join(WEIGHTS));
+    }
+    out
+}
+
+/// What an existing entry at the destination is, when `--force` may not replace it: only a
+/// regular file, a folder or a symlink (the link itself) is replaced.
+fn special_kind(ft: fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        Some("a FIFO")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else if ft.is_block_device() || ft.is_char_device() {
+        Some("a device node")
+    } else if ft.is_file() || ft.is_dir() || ft.is_symlink() {
+        None
+    } else {
+        Some("not a regular file, folder or symlink")
+    }
+}
+
+fn refuse_special(dest: &Path) -> Result<()> {
+    if let Ok(m) = fs::symlink_metadata(dest) {
+        if let Some(kind) = special_kind(m.file_type()) {
             return Err(err(
-                Class::OutputIsInput,
-                dest,
-                "output is the same path as an input",
-            ));
-        }
-        if d.starts_with(&i) {
-            return Err(err(
-                Class::OutputIsInput,
-                dest,
-                format!("output lies inside the input {}", input.display()),
-            ));
-        }
-        if i.starts_with(&d) {
-            return Err(err(
-                Class::OutputIsInput,
+                Class::OutputExists,
                 dest,
                 format!(
-                    "output would contain (and replace) the input {}",
-                    input.display()
+                    "is {kind}; only a regular file, a folder or a symlink is replaced, \
+                     even with --force"
                 ),
             ));
         }
     }
+    Ok(())
+}
+
+/// Refuse outputs that would overwrite or sit inside an input, or that exist without `force`.
+/// Each input stands for every file its reader opens (`read_alongside`); symlinks and `..` are
+/// resolved on both sides.
+pub fn check_destination(dest: &Path, inputs: &[&Path], force: bool) -> Result<()> {
+    let d = resolve(dest);
+    for given in inputs {
+        for input in read_alongside(given) {
+            let i = resolve(&input);
+            if d == i {
+                return Err(err(
+                    Class::OutputIsInput,
+                    dest,
+                    format!("output is the input {}", input.display()),
+                ));
+            }
+            if d.starts_with(&i) {
+                return Err(err(
+                    Class::OutputIsInput,
+                    dest,
+                    format!("output lies inside the input {}", input.display()),
+                ));
+            }
+            if i.starts_with(&d) {
+                return Err(err(
+                    Class::OutputIsInput,
+                    dest,
+                    format!(
+                        "output would contain (and replace) the input {}",
+                        input.display()
+                    ),
+                ));
+            }
+        }
+    }
+    refuse_special(dest)?;
     if fs::symlink_metadata(dest).is_ok() && !force {
         return Err(err(
             Class::OutputExists,
@@ -120,39 +321,133 @@ pub fn check_destination(dest: &Path, inputs: &[&Path], force: bool) -> Result<(
     Ok(())
 }
 
+/// Create a new file for writing: `O_CREAT|O_EXCL|O_NOFOLLOW`, so an existing entry of that name
+/// (a file, or a symlink planted there, dangling or not) makes it fail instead of being followed
+/// or truncated. Everything staged is written through the handle this returns, never by reopening
+/// the path.
+pub fn create_new_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// The staged name could not be created. When something already has that name it was not made
+/// by this run (a symlink planted there, say): it is left alone, neither followed nor removed.
+fn staging_failed(dest: &Path, temp: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::AlreadyExists {
+        return err(
+            Class::Io,
+            dest,
+            format!(
+                "the staged name {} is taken by something this run did not create; it was left \
+                 alone (remove it if it is yours)",
+                temp.display()
+            ),
+        );
+    }
+    Error::io(dest, e)
+}
+
 /// A file or folder being written under a temporary name. Dropped without `commit`, it is removed.
 pub struct Staged {
     dest: PathBuf,
     temp: PathBuf,
     is_dir: bool,
     committed: bool,
+    /// The staged file, or the staged folder opened read-only.
+    handle: File,
 }
 
 impl Staged {
+    /// Stage a file: it is created (exclusively, never through a symlink) before this returns;
+    /// write it through `file`.
     pub fn file(dest: &Path) -> Result<Staged> {
+        reclaim(dest);
         let temp = sibling(dest, "partial");
-        let _ = fs::remove_file(&temp);
+        let handle = create_new_file(&temp).map_err(|e| staging_failed(dest, &temp, e))?;
+        try_lock(&handle);
         Ok(Staged {
             dest: dest.to_path_buf(),
             temp,
             is_dir: false,
             committed: false,
+            handle,
         })
     }
 
+    /// Stage a folder: created with `mkdir` (which fails if anything has that name); fill it with
+    /// `create`.
     pub fn dir(dest: &Path) -> Result<Staged> {
+        reclaim(dest);
         let temp = sibling(dest, "partial");
-        let _ = fs::remove_dir_all(&temp);
-        fs::create_dir(&temp).map_err(|e| Error::io(dest, e))?;
+        fs::create_dir(&temp).map_err(|e| staging_failed(dest, &temp, e))?;
+        let handle = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temp);
+        let handle = match handle {
+            Ok(h) => {
+                try_lock(&h);
+                h
+            }
+            Err(e) => {
+                let _ = fs::remove_dir(&temp);
+                return Err(Error::io(dest, e));
+            }
+        };
         Ok(Staged {
             dest: dest.to_path_buf(),
             temp,
             is_dir: true,
             committed: false,
+            handle,
         })
     }
 
-    /// Where to write.
+    /// The staged file (for a staged folder: the folder, opened read-only).
+    pub fn file_handle(&self) -> &File {
+        &self.handle
+    }
+
+    /// Create a new file at `rel` inside a staged folder (its parent folders made as needed, each
+    /// with `mkdir`), exclusively and without following symlinks.
+    pub fn create(&self, rel: &Path) -> Result<File> {
+        debug_assert!(self.is_dir);
+        let mut dir = self.temp.clone();
+        let parts: Vec<_> = rel.components().collect();
+        let Some((last, parents)) = parts.split_last() else {
+            return Err(err(
+                Class::Io,
+                &self.dest,
+                "empty file name inside the output",
+            ));
+        };
+        for c in parents {
+            dir.push(c);
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // Made by an earlier file of ours: a real folder, never a symlink.
+                    let real_dir = fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
+                    if !real_dir {
+                        return Err(self.blame_dest(err(
+                            Class::Io,
+                            &dir,
+                            "exists in the staged output and is not a folder",
+                        )));
+                    }
+                }
+                Err(e) => return Err(self.blame_dest(Error::io(&dir, e))),
+            }
+        }
+        let path = dir.join(last);
+        create_new_file(&path).map_err(|e| self.blame_dest(Error::io(&path, e)))
+    }
+
+    /// Where the output is staged.
     pub fn path(&self) -> &Path {
         &self.temp
     }
@@ -175,20 +470,34 @@ impl Staged {
     /// Move the finished output into place, replacing an existing one.
     pub fn commit(mut self) -> Result<()> {
         check_interrupted()?;
+        // Checked again here: the destination may have changed since `check_destination`.
+        refuse_special(&self.dest)?;
         if self.is_dir && fs::symlink_metadata(&self.dest).is_ok() {
+            // Swap the two atomically where the filesystem can: the destination is never missing,
+            // and the old output, now under the staged name, is removed (a kill during that
+            // leaves it for `reclaim`).
+            if exchange(&self.temp, &self.dest) {
+                self.committed = true;
+                let _ = if fs::symlink_metadata(&self.temp).is_ok_and(|m| m.is_dir()) {
+                    fs::remove_dir_all(&self.temp)
+                } else {
+                    fs::remove_file(&self.temp)
+                };
+                return Ok(());
+            }
             let old = sibling(&self.dest, "old");
             fs::rename(&self.dest, &old).map_err(|e| Error::io(&self.dest, e))?;
             if let Err(e) = fs::rename(&self.temp, &self.dest) {
                 let _ = fs::rename(&old, &self.dest);
                 return Err(Error::io(&self.dest, e));
             }
-            let _ = if old.is_dir() {
+            let _ = if fs::symlink_metadata(&old).is_ok_and(|m| m.is_dir()) {
                 fs::remove_dir_all(&old)
             } else {
                 fs::remove_file(&old)
             };
         } else {
-            if !self.is_dir && self.dest.is_dir() {
+            if !self.is_dir && fs::symlink_metadata(&self.dest).is_ok_and(|m| m.is_dir()) {
                 return Err(err(
                     Class::OutputExists,
                     &self.dest,
@@ -199,6 +508,28 @@ impl Staged {
         }
         self.committed = true;
         Ok(())
+    }
+}
+
+/// `renameat2(RENAME_EXCHANGE)`: swap two existing entries atomically. `false` when it fails (a
+/// filesystem or kernel without it), with nothing changed.
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(ca), Ok(cb)) = (
+        std::ffi::CString::new(a.as_os_str().as_bytes()),
+        std::ffi::CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: plain syscall with NUL-terminated paths that outlive it.
+    unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        ) == 0
     }
 }
 
@@ -214,9 +545,118 @@ impl Drop for Staged {
     }
 }
 
-/// Write a small file (an adapter) atomically.
+/// Write a small file (an adapter) atomically, through the staged file's handle.
 pub fn write_file_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let staged = Staged::file(dest)?;
-    fs::write(staged.path(), bytes).map_err(|e| Error::io(dest, e))?;
+    let mut f = staged.file_handle();
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(dest, e))?;
     staged.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn leaf(p: &Path) -> Vec<u8> {
+        p.file_name().unwrap().as_bytes().to_vec()
+    }
+
+    #[test]
+    fn staged_names_fit_name_max() {
+        let pid = std::process::id().to_string();
+        let short = sibling(Path::new("d/merged.safetensors"), "partial");
+        assert_eq!(
+            short,
+            PathBuf::from(format!("d/.merged.safetensors.boft-partial-{pid}"))
+        );
+        for len in [200, 229, 230, 252, 255] {
+            let name = "é".repeat(len / 2) + &"m".repeat(len % 2);
+            let s = sibling(&Path::new("d").join(&name), "partial");
+            let l = leaf(&s);
+            assert!(l.len() <= NAME_MAX, "{len}: {} bytes", l.len());
+            assert!(std::str::from_utf8(&l).is_ok(), "{len}: split a character");
+            assert!(l.ends_with(format!(".boft-partial-{pid}").as_bytes()));
+            assert!(l.starts_with(".é".as_bytes()));
+        }
+        // Long names that share their first 200 bytes still get distinct staged names.
+        let a = "x".repeat(250) + "a";
+        let b = "x".repeat(250) + "b";
+        assert_ne!(
+            sibling(Path::new(&a), "partial"),
+            sibling(Path::new(&b), "partial")
+        );
+    }
+
+    /// A pid that no process has (a child that has exited and been reaped).
+    fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn reclaims_only_what_dead_runs_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("out");
+        let name = |pid: u32| tmp.path().join(format!(".out.boft-partial-{pid}"));
+        let dead = dead_pid();
+        // A dead run's folder, with a symlink inside (removed, not followed).
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        fs::create_dir(name(dead)).unwrap();
+        std::os::unix::fs::symlink(&victim, name(dead).join("link")).unwrap();
+        // A live process's staged file.
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        fs::write(name(live.id()), b"live").unwrap();
+        // A dead pid whose lock is held (by this process: another namespace's run, say).
+        let dead2 = dead_pid();
+        fs::write(name(dead2), b"locked").unwrap();
+        let held = File::open(name(dead2)).unwrap();
+        assert!(try_lock(&held));
+        // A symlink at a staged name, a staged-looking name with junk after the pid, another
+        // destination's leftover: none of them touched.
+        let dead3 = dead_pid();
+        std::os::unix::fs::symlink(&victim, name(dead3)).unwrap();
+        let junk = tmp.path().join(format!(".out.boft-partial-{dead}x"));
+        fs::write(&junk, b"").unwrap();
+        let other = tmp.path().join(format!(".other.boft-partial-{dead}"));
+        fs::write(&other, b"").unwrap();
+
+        reclaim(&dest);
+        let _ = live.kill();
+        let _ = live.wait();
+        assert!(
+            fs::symlink_metadata(name(dead)).is_err(),
+            "dead run's folder kept"
+        );
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert!(name(live.id()).exists(), "live run's file removed");
+        assert!(name(dead2).exists(), "locked file removed");
+        assert!(fs::symlink_metadata(name(dead3)).is_ok(), "symlink removed");
+        assert!(junk.exists() && other.exists());
+        drop(held);
+        reclaim(&dest);
+        assert!(!name(dead2).exists(), "unlocked dead file kept");
+    }
+
+    #[test]
+    fn staging_reclaims_a_dead_run_with_our_own_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("out.safetensors");
+        // Left by an earlier process that had this pid (a container restarted, say).
+        let mine = sibling(&dest, "partial");
+        fs::write(&mine, b"stale").unwrap();
+        let staged = Staged::file(&dest).unwrap();
+        staged.file_handle().write_all(b"new").unwrap();
+        staged.commit().unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
 }

@@ -596,6 +596,18 @@ fn s03_index_shard_absolute_path() {
 }
 
 #[test]
+fn s13_index_names_the_folder_itself() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    edit_json(&base.join(INDEX), |v| {
+        v["weight_map"]["lm_head.weight"] = json!(".");
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    // Inside the folder, so not a path escape: an index entry naming no file.
+    sc.assert_refused(&o, "bad-index", &out);
+}
+
+#[test]
 fn s04_index_not_json() {
     let mut sc = Scene::new();
     let (base, adapter, out) = sharded(&sc);
@@ -1029,9 +1041,86 @@ fn a21_from_does_not_fit_the_files() {
     sc.assert_refused(&o, "unknown-format", &out);
 }
 
+#[test]
+fn a22_peft_weights_symlinked_outside_the_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let elsewhere = sc.path("in").join("elsewhere.safetensors");
+    std::fs::rename(adapter.join(CONV_W), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, adapter.join(CONV_W)).unwrap();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+    assert!(
+        stderr(&o).contains("outside the adapter folder"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a23_peft_config_symlinked_outside_the_folder() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let elsewhere = sc.path("in").join("elsewhere.json");
+    std::fs::rename(adapter.join(CONV_CFG), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, adapter.join(CONV_CFG)).unwrap();
+    // Given as the weights file, the folder's config is still confined.
+    let o = sc.merge(&base, &adapter.join(CONV_W), &out, &[]);
+    sc.assert_refused(&o, "path-escape", &out);
+}
+
+#[test]
+fn a24_verify_shared_blocks_of_a_target_not_in_the_base() {
+    let mut sc = Scene::new();
+    let adapter = sc.path("in/adapter");
+    copy_tree(
+        &fixtures().join("peft_oft/adapters/llama_f32_block_share"),
+        &adapter,
+    );
+    let base = sc.copy("bases/conv/model.safetensors", "in/model.safetensors");
+    let out = sc.out_dir().join("none");
+    sc.freeze(&[&base, &adapter], &out);
+    let o = run_limited(
+        "boft-verify",
+        &[adapter.as_os_str(), "--base".as_ref(), base.as_os_str()],
+    );
+    sc.assert_refused(&o, "missing-target", &out);
+    // --base was given: the line must not ask for it.
+    assert!(!stderr(&o).contains("pass --base"), "{}", stderr(&o));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outputs
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// Numbers: a finite adapter and a finite strength whose merge overflows (safe merge)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn n01_strength_overflows_f32() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    // Finite as f64, not as f32.
+    let o = sc.merge(&base, &adapter, &out, &["--strength", "1e39"]);
+    sc.assert_refused(&o, "non-finite", &out);
+}
+
+#[test]
+fn n02_unmerge_by_a_denormal_scale() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut st = St::read(&adapter.join(CONV_W));
+    let s = &mut st.tensor_mut("base_model.model.fc.boft_s").3;
+    for c in s.chunks_exact_mut(4) {
+        c.copy_from_slice(&1e-40f32.to_le_bytes());
+    }
+    st.write(&adapter.join(CONV_W));
+    let o = sc.merge(&base, &adapter, &out, &["--unmerge"]);
+    let err = stderr(&o);
+    assert!(err.contains("fc.weight"), "names the tensor: {err}");
+    sc.assert_refused(&o, "non-finite", &out);
+}
 
 #[test]
 fn o01_output_is_the_base_folder() {
@@ -1160,6 +1249,153 @@ fn o09_disk_full_after_the_tensors() {
         "blames the input: {err}"
     );
     assert!(dir_entries(&small).is_empty());
+}
+
+#[test]
+fn o10_force_does_not_replace_a_fifo() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    mkfifo(&out);
+    let o = sc.merge(&base, &adapter, &out, &["--force"]);
+    sc.assert_refused_keep(&o, "output-exists", &out, true);
+    let ft = std::fs::symlink_metadata(&out).unwrap().file_type();
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(&ft),
+        "FIFO replaced"
+    );
+}
+
+#[test]
+fn o11_convert_output_is_the_config_beside_the_adapter_file() {
+    let mut sc = Scene::new();
+    let adapter = sc.copy("adapters/conv_f1", "in/adapter");
+    // The reader opens adapter_config.json beside the file it was given.
+    let out = adapter.join(CONV_CFG);
+    sc.freeze(&[&adapter], &out);
+    let o = run_limited(
+        "boft-convert",
+        &[
+            adapter.join(CONV_W).as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--force".as_ref(),
+        ],
+    );
+    sc.assert_refused_keep(&o, "output-is-input", &out, true);
+}
+
+#[test]
+fn o12_output_is_a_blob_behind_the_base_in_a_hub_cache() {
+    let mut sc = Scene::new();
+    let repo = sc.path("hub/models--org--tiny");
+    let snap = repo.join("snapshots").join("0".repeat(40));
+    let blob = repo.join("blobs").join("b".repeat(64));
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    std::fs::copy(fx("bases/conv/model.safetensors"), &blob).unwrap();
+    let link = Path::new("../../blobs").join(blob.file_name().unwrap());
+    std::os::unix::fs::symlink(&link, snap.join("model.safetensors")).unwrap();
+    let adapter = sc.copy("adapters/conv_f1", "in/adapter");
+    // The base folder is the snapshot; the file it really reads is the blob.
+    let o = sc.merge(&snap, &adapter, &blob, &["--force"]);
+    sc.assert_refused_keep(&o, "output-is-input", &blob, true);
+    assert_eq!(tree(&repo.join("blobs")).len(), 2);
+}
+
+/// Run `program args…` from a shell that first plants a symlink to `target` at the name the
+/// binary will stage `out` under (the shell `exec`s it, so its pid is the binary's).
+fn run_with_planted_link(program: &str, args: &[&OsStr], out: &Path, target: &Path) -> Output {
+    let name = out.file_name().unwrap().to_str().unwrap();
+    let staged = format!(
+        "{}/.{name}.boft-partial-$$",
+        out.parent().unwrap().display()
+    );
+    let script = format!("ln -s \"$1\" \"{staged}\" || exit 99; shift; exec \"$@\"");
+    let exe = bin(program).get_program().to_owned();
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .arg(target)
+        .arg(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_limited(child, Duration::from_secs(120))
+}
+
+#[test]
+fn o13_symlink_planted_at_the_staged_name() {
+    let sc = Scene::new();
+    let peft = sc.copy("adapters/conv_f1", "in/adapter");
+    let (_, lyco, _) = lycoris(&sc);
+    let victim = sc.path("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let out_dir = sc.out_dir();
+    for (adapter, to) in [(&peft, "canonical"), (&lyco, "lycoris")] {
+        let before = tree(adapter);
+        for e in dir_entries(&out_dir) {
+            std::fs::remove_file(out_dir.join(e)).unwrap();
+        }
+        let out = out_dir.join(format!("{to}.safetensors"));
+        let args = [
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--to".as_ref(),
+            to.as_ref(),
+        ];
+        let o = run_with_planted_link("boft-convert", &args, &out, &victim);
+        let err = fails_with(&o, "io");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(std::fs::symlink_metadata(&out).is_err(), "output written");
+        // The planted link is neither followed nor removed.
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let entries = dir_entries(&out_dir);
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert!(std::fs::symlink_metadata(out_dir.join(&entries[0]))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(tree(adapter), before, "input changed");
+    }
+}
+
+/// Not an error: the longest output names (252 bytes here) work, though the staged name adds to
+/// them (it is shortened with a hash to fit NAME_MAX), for a file and for a folder.
+#[test]
+fn o14_longest_output_names_are_accepted() {
+    let sc = Scene::new();
+    let (base, adapter, _) = conv(&sc);
+    let sbase = sc.copy("bases/llama_bf16_sharded", "in2/base");
+    let sadapter = sc.copy("adapters/llama_bf16_f2", "in2/adapter");
+    let out_dir = sc.out_dir();
+    let file = out_dir.join("m".repeat(240) + ".safetensors");
+    let folder = out_dir.join("f".repeat(255));
+    for (b, a, out) in [(&base, &adapter, &file), (&sbase, &sadapter, &folder)] {
+        let o = run_limited(
+            "boft-merge",
+            &[
+                "--base".as_ref(),
+                b.as_os_str(),
+                "--adapter".as_ref(),
+                a.as_os_str(),
+                "-o".as_ref(),
+                out.as_os_str(),
+            ],
+        );
+        ok(&o);
+        assert!(out.exists());
+    }
+    let mut want = vec![
+        file.file_name().unwrap().to_str().unwrap().to_string(),
+        folder.file_name().unwrap().to_str().unwrap().to_string(),
+    ];
+    want.sort();
+    assert_eq!(dir_entries(&out_dir), want);
 }
 
 #[test]
@@ -1300,4 +1536,51 @@ fn i01_sigint_mid_write() {
 #[test]
 fn i02_sigterm_mid_write() {
     interrupt_mid_write(libc::SIGTERM);
+}
+
+/// SIGKILL (or the OOM killer) gives no chance to clean up: the staged file stays. The next run
+/// for the same destination reclaims it, since its owner is gone (docs/ERRORS.md, "Hard kills").
+#[test]
+fn i03_sigkill_leftover_is_reclaimed_by_the_next_run() {
+    let sc = Scene::new();
+    let out_dir = sc.out_dir();
+    let out = out_dir.join("merged.safetensors");
+    let (base, adapter) = slow_case(sc.tmp.path(), 32768);
+    let args = [
+        "--base".as_ref(),
+        base.as_os_str(),
+        "--adapter".as_ref(),
+        adapter.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        "--threads".as_ref(),
+        OsStr::new("1"),
+    ];
+    let mut child = bin("boft-merge")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let temp = out_dir.join(format!(".merged.safetensors.boft-partial-{}", child.id()));
+    let start = Instant::now();
+    while !temp.exists() && start.elapsed() < Duration::from_secs(60) {
+        assert!(child.try_wait().unwrap().is_none(), "merge ended early");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if out.exists() {
+        eprintln!("skipped: the merge finished before SIGKILL landed");
+        return;
+    }
+    assert!(temp.exists(), "a hard kill leaves the staged file");
+    let o = run_limited("boft-merge", &args);
+    ok(&o);
+    assert_eq!(
+        dir_entries(&out_dir),
+        vec!["merged.safetensors".to_string()],
+        "leftover not reclaimed"
+    );
 }

@@ -217,6 +217,51 @@ pub fn decode_any_f32(dtype: Dtype, src: &[u8]) -> Option<Vec<f32>> {
     }
 }
 
+/// Whether any element of an encoded F32/F16/BF16 tensor is NaN or infinite: the exponent bits
+/// all set. Branch-free over the raw bits, so it vectorises (a pass over a chunk still in cache).
+#[inline]
+fn any_non_finite(dtype: Dtype, bytes: &[u8]) -> bool {
+    match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).fold(false, |acc, c| {
+            let b = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            acc | (b & 0x7f80_0000 == 0x7f80_0000)
+        }),
+        Dtype::F16 | Dtype::BF16 => {
+            let m: u16 = if dtype == Dtype::F16 { 0x7c00 } else { 0x7f80 };
+            bytes.chunks_exact(2).fold(false, |acc, c| {
+                acc | (u16::from_le_bytes([c[0], c[1]]) & m == m)
+            })
+        }
+        _ => false,
+    }
+}
+
+/// The safe-merge check: the first element (index, base value, output value) of an encoded
+/// F32/F16/BF16 tensor `out` that is NaN or infinite where `base` (same dtype and length) holds a
+/// finite value. Costs one vectorised pass over `out` when every element is finite.
+pub fn first_new_non_finite(dtype: Dtype, base: &[u8], out: &[u8]) -> Option<(usize, f32, f32)> {
+    if !any_non_finite(dtype, out) {
+        return None;
+    }
+    let size = dtype.float_size()?;
+    let (mut b, mut o) = ([0f32; 1], [0f32; 1]);
+    for (i, (bc, oc)) in base
+        .chunks_exact(size)
+        .zip(out.chunks_exact(size))
+        .enumerate()
+    {
+        decode_f32(dtype, oc, &mut o);
+        if o[0].is_finite() {
+            continue;
+        }
+        decode_f32(dtype, bc, &mut b);
+        if b[0].is_finite() {
+            return Some((i, b[0], o[0]));
+        }
+    }
+    None
+}
+
 /// Index and value of the first element of a float tensor that is NaN or infinite (as f32),
 /// scanning in small pieces so a large tensor is checked without decoding it whole.
 pub fn first_non_finite(dtype: Dtype, src: &[u8]) -> Option<(usize, f32)> {
@@ -243,6 +288,32 @@ pub fn first_non_finite(dtype: Dtype, src: &[u8]) -> Option<(usize, f32)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn safe_merge_finds_new_non_finite_values_only() {
+        let enc = |dt: Dtype, v: &[f32]| {
+            let mut b = vec![0u8; v.len() * dt.float_size().unwrap()];
+            encode_f32(dt, v, &mut b);
+            b
+        };
+        for dt in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let base = enc(dt, &[1.0, f32::NAN, 2.0, 3.0]);
+            // NaN where the base already had NaN is not new.
+            let same = enc(dt, &[1.5, f32::NAN, -2.0, 0.0]);
+            assert_eq!(first_new_non_finite(dt, &base, &same), None, "{dt:?}");
+            let bad = enc(dt, &[1.5, f32::NAN, f32::INFINITY, 0.0]);
+            let (i, b, v) = first_new_non_finite(dt, &base, &bad).unwrap();
+            assert_eq!((i, b, v), (2, 2.0, f32::INFINITY), "{dt:?}");
+        }
+        // Finite in f32, infinite once rounded to F16.
+        let base = enc(Dtype::F16, &[60000.0]);
+        let out = enc(Dtype::F16, &[70000.0]);
+        assert_eq!(
+            first_new_non_finite(Dtype::F16, &base, &out),
+            Some((0, 60000.0, f32::INFINITY))
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -243,6 +243,18 @@ impl Checkpoint {
         self.layout != Layout::File
     }
 
+    /// Every file a merge reads: the root (a file, or the folder) and, for a folder, each
+    /// safetensors file and each file copied verbatim, by the path it is opened through (which
+    /// may be a symlink to somewhere else, as in a Hugging Face cache snapshot).
+    pub fn input_paths(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.root.clone()];
+        if self.is_folder() {
+            let rels = self.files.iter().map(|(r, _)| r).chain(&self.others);
+            out.extend(rels.map(|r| self.root.join(r)));
+        }
+        out
+    }
+
     /// Total bytes of all safetensors files.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().map(|(_, f)| f.len() as u64).sum()
@@ -381,10 +393,22 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
             )
         })?;
         let rel = safe_relative(shard).ok_or_else(|| {
-            bare(
-                Class::PathEscape,
-                format!("shard {shard:?} points outside the checkpoint folder"),
-            )
+            let escapes = Path::new(shard).is_absolute()
+                || Path::new(shard)
+                    .components()
+                    .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+            if escapes {
+                bare(
+                    Class::PathEscape,
+                    format!("shard {shard:?} points outside the checkpoint folder"),
+                )
+            } else {
+                // "", "." or "./": inside the folder, but no file.
+                bare(
+                    Class::BadIndex,
+                    format!("shard {shard:?} names no file (the folder itself at most)"),
+                )
+            }
         })?;
         // `a.safetensors` and `./a.safetensors` are one shard.
         let i = *pos.entry(rel.clone()).or_insert_with(|| {
@@ -423,9 +447,12 @@ pub fn safe_relative(s: &str) -> Option<PathBuf> {
 /// Where the files of a checkpoint folder may really live: inside the folder, and for a folder
 /// in a Hugging Face cache snapshot, also in that repository's `blobs/` (every file there is a
 /// relative symlink into it; `crate::hub`).
-struct Confinement {
+/// PEFT adapter folders are confined the same way (`Confinement::adapter`).
+pub(crate) struct Confinement {
     root: PathBuf,
     blobs: Option<PathBuf>,
+    /// What the folder is, for messages: "checkpoint folder", "adapter folder".
+    what: &'static str,
 }
 
 impl Confinement {
@@ -434,12 +461,22 @@ impl Confinement {
         Confinement {
             root: canon_root,
             blobs,
+            what: "checkpoint folder",
         }
+    }
+
+    /// The confinement of a PEFT adapter folder (the folder as given; it is canonicalised here).
+    pub(crate) fn adapter(dir: &Path) -> Result<Confinement> {
+        let canon = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        Ok(Confinement {
+            what: "adapter folder",
+            ..Confinement::new(canon)
+        })
     }
 
     /// Refuse a path whose real location (after following symlinks) leaves the folder (or,
     /// in a cache snapshot, is not one of its repository's blobs).
-    fn check(&self, p: &Path) -> Result<PathBuf> {
+    pub(crate) fn check(&self, p: &Path) -> Result<PathBuf> {
         let real = p.canonicalize().map_err(|e| Error::io(p, e))?;
         let in_blobs = || {
             self.blobs
@@ -451,9 +488,9 @@ impl Confinement {
                 Class::PathEscape,
                 p,
                 format!(
-                    "resolves to {} outside the checkpoint folder; symlinks are followed only \
-                     inside it{}",
+                    "resolves to {} outside the {}; symlinks are followed only inside it{}",
                     real.display(),
+                    self.what,
                     if self.blobs.is_some() {
                         " and into its Hugging Face cache repository's blobs/"
                     } else {

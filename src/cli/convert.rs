@@ -95,11 +95,14 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
     let source = crate::formats::Source::parse(&args.from)?;
     let input = locate(&args.input, Role::Adapter)?;
     let mut adapter = crate::formats::load_as(&input, source)?;
+    let mut inputs = vec![input.clone()];
     if let Some(b) = &args.base {
         let base = Checkpoint::open(&locate(b, Role::Checkpoint)?)?;
         crate::merge::resolve_shapes(&base, &mut adapter, args.component.as_deref())?;
+        inputs.extend(base.input_paths());
     }
-    crate::output::check_destination(&args.output, &[&input], args.force)?;
+    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::output::check_destination(&args.output, &inputs, args.force)?;
     let done = match args.to {
         To::Canonical => {
             canonical::write(&adapter, &args.output)?;

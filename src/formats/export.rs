@@ -249,8 +249,12 @@ pub fn write_peft(
     let (config, bytes, kind) = peft_bytes(adapter, embeddings)?;
     let staged = Staged::dir(dest)?;
     let write = |name: &str, data: &[u8]| {
+        use std::io::Write;
         let p = staged.path().join(name);
-        std::fs::write(&p, data).map_err(|e| staged.blame_dest(Error::io(&p, e)))
+        let mut f = staged.create(Path::new(name))?;
+        f.write_all(data)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| staged.blame_dest(Error::io(&p, e)))
     };
     let mut text = serde_json::to_string_pretty(&config).expect("config serialises");
     text.push('\n');
@@ -582,9 +586,7 @@ fn lycoris_name(t: &Target) -> Result<String> {
 /// Write `adapter` as one LyCORIS safetensors file at `dest` (staged, renamed when whole).
 pub fn write_lycoris(adapter: &Adapter, dest: &Path) -> Result<Exported> {
     let (bytes, kind) = lycoris_bytes(adapter)?;
-    let staged = Staged::file(dest)?;
-    std::fs::write(staged.path(), &bytes).map_err(|e| Error::io(dest, e))?;
-    staged.commit()?;
+    crate::output::write_file_atomic(dest, &bytes)?;
     Ok(Exported {
         kind,
         targets: adapter.targets.len(),

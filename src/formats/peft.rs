@@ -37,9 +37,16 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
         };
         return Err(err(Class::NotFound, dir, msg));
     }
+    // Confined like a checkpoint folder: symlinks only inside the folder (or, in a Hugging Face
+    // cache snapshot, into its repository's blobs/).
+    let confined = crate::checkpoint::Confinement::adapter(dir)?;
+    confined.check(&cfg_path)?;
     let text = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let config = parse_config(&text, &cfg_path)?;
     let weights = dir.join(WEIGHTS);
+    if weights.exists() {
+        confined.check(&weights)?;
+    }
     if !weights.is_file() {
         let msg = if dir.join("adapter_model.bin").is_file() {
             format!("only adapter_model.bin (a pickle) is present; {WEIGHTS} is required (pickles are not loaded)")

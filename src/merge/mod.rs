@@ -231,20 +231,18 @@ impl Plan<'_> {
         let base = self.base;
         let mut outs = Vec::with_capacity(base.files.len());
         for (rel, f) in &base.files {
-            let path = if base.is_folder() {
-                staged.path().join(rel)
+            // Created once, exclusively and not through a symlink, and written only through
+            // this handle (`Staged`).
+            let (path, dst) = if base.is_folder() {
+                (staged.path().join(rel), staged.create(rel)?)
             } else {
-                staged.path().to_path_buf()
+                let path = staged.path().to_path_buf();
+                let dst = staged
+                    .file_handle()
+                    .try_clone()
+                    .map_err(|e| Error::io(&path, e))?;
+                (path, dst)
             };
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-            }
-            let dst = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| Error::io(&path, e))?;
             reserve(&dst, f.len() as u64).map_err(|e| Error::io(&path, e))?;
             dst.write_all_at(f.header_bytes(), 0)
                 .map_err(|e| Error::io(&path, e))?;
@@ -258,10 +256,9 @@ impl Plan<'_> {
             for rel in &base.others {
                 let from = base.root.join(rel);
                 let to = staged.path().join(rel);
-                if let Some(parent) = to.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-                }
-                std::fs::copy(&from, &to).map_err(|e| {
+                let mut src = File::open(&from).map_err(|e| Error::io(&from, e))?;
+                let mut dst = staged.create(rel)?;
+                std::io::copy(&mut src, &mut dst).map_err(|e| {
                     // A full or read-only disk is the destination's fault, not the input's.
                     let dst_fault = matches!(
                         e.raw_os_error(),
@@ -545,11 +542,12 @@ fn tensor_bytes(
 ) -> Result<()> {
     let src = o.src.data(t);
     match b {
-        Built::Rows(chain) => rows_into(t, src, chain, backend, stop, out),
+        // Checked chunk by chunk, while each is in cache.
+        Built::Rows(chain) => rows_into(o, t, src, chain, backend, stop, out),
         Built::Columns(slices, cols) => {
             let w = columns_f32(t, src, slices, *cols, backend)?;
             dtype::encode_f32(t.dtype, &w, out);
-            Ok(())
+            safe_merge(o, t, 0, src, out)
         }
         Built::Replace(r) => {
             if r.dtype == t.dtype {
@@ -558,13 +556,36 @@ fn tensor_bytes(
                 let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
                 dtype::encode_f32(t.dtype, &v, out);
             }
-            Ok(())
+            safe_merge(o, t, 0, src, out)
         }
+    }
+}
+
+/// PEFT's `safe_merge`, element by element: refuse an output tensor that holds NaN or ±Inf where
+/// the base held a finite value (a huge `--strength`, an `--unmerge` by a scale near zero, or a
+/// value past the dtype's range once rounded). `base` and `out` are the encoded bytes of the same
+/// elements, the first of which is element `first` of the tensor.
+fn safe_merge(o: &OutFile, t: &TensorInfo, first: usize, base: &[u8], out: &[u8]) -> Result<()> {
+    match dtype::first_new_non_finite(t.dtype, base, out) {
+        None => Ok(()),
+        Some((i, b, v)) => Err(err(
+            Class::NonFinite,
+            &o.src.path,
+            format!(
+                "{}: the merged value of element {} is {v} where the base holds {b}: it does not \
+                 fit {} (too large a --strength, or an --unmerge by a scale near zero?); nothing \
+                 was written",
+                t.name,
+                first + i,
+                t.dtype.name()
+            ),
+        )),
     }
 }
 
 /// `rows_chunked`, encoding each chunk into its place in `out` (the tensor's bytes).
 fn rows_into(
+    o: &OutFile,
     t: &TensorInfo,
     src: &[u8],
     chain: &Chain,
@@ -591,7 +612,8 @@ fn rows_into(
                 r0 + dst.len() / row_bytes,
                 |x, _| {
                     dtype::encode_f32(t.dtype, x, dst);
-                    Ok(())
+                    let base = &src[r0 * row_bytes..r0 * row_bytes + dst.len()];
+                    safe_merge(o, t, r0 * chain.n, base, dst)
                 },
             )
         })
@@ -729,6 +751,18 @@ pub fn fit_in(
         if let Some((_, info)) = base.get(&t.name) {
             t.fit(info.dtype, &info.shape)
                 .map_err(|e| e.at(&base.root))?;
+        } else if t.share && t.blocks == 0 {
+            // Not resolved (allowed when not strict), yet the blocks cannot be counted without
+            // it: say so, rather than later asking for the --base that was given.
+            return Err(err(
+                Class::MissingTarget,
+                &base.root,
+                format!(
+                    "{}: not in the base checkpoint, and its shared blocks (block_share) take \
+                     their count from that tensor",
+                    t.name
+                ),
+            ));
         }
     }
     Ok(())
@@ -776,7 +810,14 @@ pub fn merge_to(
     backend: &dyn Backend,
     opts: &Options,
 ) -> Result<Stats> {
-    output::check_destination(dest, inputs, force)?;
+    // The base's own files count as inputs too: some may be symlinks to elsewhere.
+    let base_files = base.input_paths();
+    let all: Vec<&Path> = inputs
+        .iter()
+        .copied()
+        .chain(base_files.iter().map(PathBuf::as_path))
+        .collect();
+    output::check_destination(dest, &all, force)?;
     let mut plan = plan(base, adapter, opts.direction)?;
     plan.strength = opts.strength;
     let staged = if base.is_folder() {
