@@ -32,6 +32,22 @@ fn run_hub(name: &str, cache: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Ou
     c.output().expect("binary runs")
 }
 
+/// Merge the cached adapter `boft-test/tiny-llama-boft` onto `base` (a path or hub id).
+fn merge_onto(cache: &Path, base: &std::ffi::OsStr, out: &Path) -> Output {
+    run_hub(
+        "boft-merge",
+        cache,
+        &[
+            &"--base",
+            &base,
+            &"--adapter",
+            &"boft-test/tiny-llama-boft",
+            &"-o",
+            &out,
+        ],
+    )
+}
+
 fn snapshot_of(cache: &Path, repo: &str) -> PathBuf {
     let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     let commit = std::fs::read_to_string(dir.join("refs/main")).unwrap();
@@ -237,18 +253,7 @@ fn missing_repo_revision_or_file_is_one_line() {
             "no/such/dir is not in the cached snapshot",
         ),
     ] {
-        let o = run_hub(
-            "boft-merge",
-            &c,
-            &[
-                &"--base",
-                &base,
-                &"--adapter",
-                &"boft-test/tiny-llama-boft",
-                &"-o",
-                &out,
-            ],
-        );
+        let o = merge_onto(&c, base.as_ref(), &out);
         let line = fails_with(&o, "not-found");
         assert!(line.contains(what), "{line}");
         assert!(
@@ -322,18 +327,7 @@ fn escapes_from_a_snapshot_are_refused() {
         f(&snap, &c.join("models--boft-test--tiny-llama"));
         let out = tmp.path().join(format!("out{i}"));
         for base in [snap.as_os_str(), "boft-test/tiny-llama".as_ref()] {
-            let o = run_hub(
-                "boft-merge",
-                &c,
-                &[
-                    &"--base",
-                    &base,
-                    &"--adapter",
-                    &"boft-test/tiny-llama-boft",
-                    &"-o",
-                    &out,
-                ],
-            );
+            let o = merge_onto(&c, base, &out);
             let line = fails_with(&o, "path-escape");
             assert!(!out.exists(), "{what}");
             assert!(
@@ -351,18 +345,7 @@ fn escapes_from_a_snapshot_are_refused() {
         "../../../../etc",
     )
     .unwrap();
-    let o = run_hub(
-        "boft-merge",
-        &c,
-        &[
-            &"--base",
-            &"boft-test/tiny-llama",
-            &"--adapter",
-            &"boft-test/tiny-llama-boft",
-            &"-o",
-            &tmp.path().join("o"),
-        ],
-    );
+    let o = merge_onto(&c, "boft-test/tiny-llama".as_ref(), &tmp.path().join("o"));
     let line = fails_with(&o, "bad-index");
     assert!(line.contains("commit hash"), "{line}");
 }
