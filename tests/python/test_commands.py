@@ -92,9 +92,11 @@ def test_install_completions(tmp_path):
         bash = (tmp_path / "share/bash-completion/completions" / command).read_text()
         zsh = (tmp_path / "share/zsh/site-functions" / f"_{command}").read_text()
         fish = (tmp_path / "share/fish/vendor_completions.d" / f"{command}.fish").read_text()
-        # Every flag the command's --help lists appears in each file.
+        # Every option the command's --help lists (its option lines, not flags named in prose)
+        # appears in each file.
         help_text = run(BIN / command, "--help").stdout
-        flags = set(re.findall(r"--[a-z][a-z-]*[a-z]", help_text)) - {"--help", "--version"}
+        flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z-]*[a-z])", help_text, re.M))
+        flags -= {"--help", "--version"}
         assert "--from" in flags
         for flag in flags:
             assert flag in man.replace("\\-", "-"), (command, flag)

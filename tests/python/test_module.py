@@ -164,7 +164,7 @@ def test_verify_usage_error_is_raised(llama):
     with pytest.raises(boft.BoftError) as e:
         boft.verify([adapter, adapter], base=base, merged=expected)
     assert e.value.error_class == "usage"
-    assert "--merged needs --base and exactly one adapter" in str(e.value)
+    assert "--merged/--restored need --base and exactly one adapter" in str(e.value)
 
 
 @pytest.mark.parametrize(
