@@ -178,13 +178,16 @@ pub fn read(path: &Path) -> Result<Adapter> {
 
 /// Read a canonical file with every block decoded.
 pub fn from_file(f: SafeFile) -> Result<Adapter> {
+    let path = f.path.clone();
     let mut a = from_shared(&Arc::new(f))?;
+    a.validate().map_err(|e| e.at(&path))?;
     a.materialise()?;
     Ok(a)
 }
 
 /// Read a canonical file, leaving the blocks in the (mapped) file until they are needed; their
-/// values are checked for NaN/Inf here.
+/// values are checked for NaN/Inf here. Not validated (`formats::open` validates every reader's
+/// output).
 pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
     let path = f.path.as_path();
     let meta = f
@@ -302,9 +305,10 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             vec![None; nf]
         };
         let scale = if m.scaled {
-            let len = match m.rows {
-                Some((a, b)) => b.saturating_sub(a),
-                None => f
+            // A view's scale is on its columns (validate checks the length).
+            let len = match (m.rows, m.view) {
+                (Some((a, b)), None) => b.saturating_sub(a),
+                _ => f
                     .tensor(&format!("{}::scale", m.key))
                     .map(|t| t.numel())
                     .unwrap_or(0),
@@ -334,7 +338,6 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             view: m.view,
             ..Default::default()
         };
-        t.validate().map_err(|e| e.at(path))?;
         targets.push(t);
     }
     let mut replacements = Vec::new();
@@ -373,6 +376,5 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
         source_version: meta.get("source_version").cloned().unwrap_or_default(),
         source_sha256,
     };
-    adapter.validate().map_err(|e| e.at(path))?;
     Ok(adapter)
 }

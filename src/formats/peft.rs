@@ -121,7 +121,6 @@ fn import_config(
         }
     };
     adapter.source_version = version(config);
-    adapter.validate().map_err(|e| e.at(&f.path))?;
     Ok(adapter)
 }
 
