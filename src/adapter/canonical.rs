@@ -65,8 +65,17 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
     let mut metas = Vec::new();
+    let mut keys = std::collections::HashSet::new();
     for t in &adapter.targets {
         let key = t.label();
+        // Two targets with one key cannot both be stored (and the serialiser would panic).
+        // Nothing else is checked here: `Adapter::validate` judges what is read back.
+        if !keys.insert(key.clone()) {
+            return Err(Error::bare(
+                Class::BadAdapter,
+                format!("{key} is targeted twice"),
+            ));
+        }
         tensors.push((
             format!("{key}::blocks"),
             OwnedTensor {
