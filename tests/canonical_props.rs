@@ -317,11 +317,20 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Merge as `boft-merge` does: read (validating), fit, plan, execute.
 fn merge_file(base: &Path, adapter: &Path, out: &Path) -> boft::Result<Vec<f32>> {
+    merge_dir(base, adapter, out, Direction::Merge)
+}
+
+fn merge_dir(
+    base: &Path,
+    adapter: &Path,
+    out: &Path,
+    direction: Direction,
+) -> boft::Result<Vec<f32>> {
     let mut a = boft::formats::load_deferred_as(adapter, boft::formats::Source::Auto)?;
     let ck = Checkpoint::open(base)?;
     merge::fit_in(&ck, &mut a, true, None)?;
     let opts = Options {
-        direction: Direction::Merge,
+        direction,
         progress: false,
         strength: Strength::FULL,
     };
@@ -332,6 +341,29 @@ fn merge_file(base: &Path, adapter: &Path, out: &Path) -> boft::Result<Vec<f32>>
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect())
+}
+
+fn write_base(path: &Path, shape: &[usize], w: &[f32]) {
+    let tensors = [
+        (
+            "w.weight".to_string(),
+            OwnedTensor {
+                dtype: safetensors::Dtype::F32,
+                shape: shape.to_vec(),
+                data: f32_bytes(w),
+            },
+        ),
+        (
+            "w.bias".to_string(),
+            OwnedTensor {
+                dtype: safetensors::Dtype::F32,
+                shape: vec![3],
+                data: f32_bytes(&[1.0, 2.0, 3.0]),
+            },
+        ),
+    ];
+    let bytes = serialize(tensors.iter().map(|(k, t)| (k, t)), HashMap::new()).unwrap();
+    std::fs::write(path, bytes).unwrap();
 }
 
 fn one_case(seed: u64, dir: &Path) -> &'static str {
@@ -382,26 +414,7 @@ fn one_case(seed: u64, dir: &Path) -> &'static str {
         }
     }
     let base = dir.join("base.safetensors");
-    let tensors = [
-        (
-            "w.weight".to_string(),
-            OwnedTensor {
-                dtype: safetensors::Dtype::F32,
-                shape: shape.clone(),
-                data: f32_bytes(&w),
-            },
-        ),
-        (
-            "w.bias".to_string(),
-            OwnedTensor {
-                dtype: safetensors::Dtype::F32,
-                shape: vec![3],
-                data: f32_bytes(&[1.0, 2.0, 3.0]),
-            },
-        ),
-    ];
-    let bytes = serialize(tensors.iter().map(|(k, t)| (k, t)), HashMap::new()).unwrap();
-    std::fs::write(&base, bytes).unwrap();
+    write_base(&base, &shape, &w);
     let adapter_path = dir.join("adapter.safetensors");
     let adapter = Adapter {
         targets: targets.clone(),
@@ -478,4 +491,51 @@ fn random_canonical_adapters_are_refused_or_merge_exactly() {
         counts.get("refused").copied().unwrap_or(0) >= 60,
         "{counts:?}"
     );
+}
+
+/// `block_kind: cayley` is the file's word; a block that is not orthogonal is un-merged by a
+/// solve, not by its transpose (docs/FORMAT.md, "Semantics"): merging then un-merging restores
+/// the base.
+#[test]
+fn unmerge_of_blocks_labelled_cayley_that_are_not_orthogonal_restores_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = Rng::new(7);
+    for side in [Side::Input, Side::Output] {
+        let shape = [6usize, 6];
+        let w: Vec<f32> = (0..36).map(|_| r.f32()).collect();
+        let base = tmp.path().join("base.safetensors");
+        write_base(&base, &shape, &w);
+        // Blocks I + 0.3·E: well conditioned, far from orthogonal.
+        let data: Vec<f32> = (0..2 * 2 * 9)
+            .map(|i| if (i % 9) % 4 == 0 { 1.0 } else { 0.3 * r.f32() })
+            .collect();
+        let t = Target {
+            name: "w.weight".into(),
+            module: "w".into(),
+            side,
+            factors: 2,
+            blocks: 2,
+            block_size: 3,
+            data,
+            perms: vec![None, Some(vec![5, 0, 3, 1, 4, 2])],
+            kind: BlockKind::Cayley,
+            ..Default::default()
+        };
+        let adapter = tmp.path().join("adapter.safetensors");
+        let a = Adapter {
+            targets: vec![t],
+            ..Default::default()
+        };
+        canonical::write(&a, &adapter).unwrap();
+        let merged = tmp.path().join(format!("merged-{side:?}.safetensors"));
+        merge_file(&base, &adapter, &merged).unwrap();
+        let restored = tmp.path().join(format!("restored-{side:?}.safetensors"));
+        let got = merge_dir(&merged, &adapter, &restored, Direction::Unmerge).unwrap();
+        for (i, (g, x)) in got.iter().zip(&w).enumerate() {
+            assert!(
+                (g - x).abs() <= 1e-5,
+                "{side:?}: element {i}: restored {g}, base {x}"
+            );
+        }
+    }
 }
