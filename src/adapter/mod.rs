@@ -208,11 +208,12 @@ impl Target {
                 ));
             }
             // A view's scale multiplies its columns; otherwise an output-side scale multiplies
-            // the rows the transform covers. An input-side one has the base's row count.
+            // the rows the transform covers. An input-side one has the base's row count, which
+            // `check_base` checks (as it checks the recorded `shape`).
             let want = match (self.side, self.view) {
                 (_, Some((_, c))) => Some(c),
                 (Side::Output, None) => Some(self.axis()),
-                (Side::Input, None) => self.shape.as_ref().and_then(|s| s.first().copied()),
+                (Side::Input, None) => None,
             };
             if let Some(w) = want.filter(|&w| w != s.len()) {
                 return Err(bad(format!("{} scale values for {w}", s.len())));
