@@ -1089,6 +1089,121 @@ fn a24_verify_shared_blocks_of_a_target_not_in_the_base() {
     assert!(!stderr(&o).contains("pass --base"), "{}", stderr(&o));
 }
 
+/// A canonical target on a base tensor, built with the library: `blocks` blocks of `bs` per
+/// factor, each the identity plus a small off-diagonal term (finite, invertible), no permutation.
+fn canon_target(
+    name: &str,
+    side: boft::adapter::Side,
+    factors: usize,
+    blocks: usize,
+    bs: usize,
+) -> boft::adapter::Target {
+    let mut data = Vec::with_capacity(factors * blocks * bs * bs);
+    for k in 0..factors * blocks {
+        for i in 0..bs {
+            for j in 0..bs {
+                data.push(if i == j {
+                    1.0
+                } else {
+                    0.01 * ((i + 2 * j + k) % 5) as f32
+                });
+            }
+        }
+    }
+    boft::adapter::Target {
+        name: name.into(),
+        module: name.trim_end_matches(".weight").into(),
+        side,
+        factors,
+        blocks,
+        block_size: bs,
+        data,
+        perms: vec![None; factors],
+        kind: boft::adapter::BlockKind::Raw,
+        ..Default::default()
+    }
+}
+
+/// Write targets as a canonical file with the library's writer.
+fn canon_file(sc: &Scene, targets: Vec<boft::adapter::Target>) -> PathBuf {
+    let a = boft::adapter::Adapter {
+        targets,
+        source_format: "test".into(),
+        ..Default::default()
+    };
+    let p = sc.path("in/canonical.safetensors");
+    boft::adapter::canonical::write(&a, &p).unwrap();
+    p
+}
+
+#[test]
+fn a25_canonical_crop_on_an_input_side_target() {
+    use boft::adapter::{BlockKind, Side};
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    // fc.weight is (16, 48): five blocks of 12 cropped to the 48 inputs. The engine pads only
+    // columns of output-side targets; an input-side crop read whole rows of 60.
+    let mut t = canon_target("fc.weight", Side::Input, 1, 5, 12);
+    t.crop = Some(48);
+    t.kind = BlockKind::Cropped;
+    let adapter = canon_file(&sc, vec![t]);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("crop"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("fc.weight"), "{}", stderr(&o));
+}
+
+#[test]
+fn a26_canonical_row_slices_disagree_on_view() {
+    use boft::adapter::Side;
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    // Two output-side slices of fc.weight (16, 48): one reads the buffer as (32, 24), the other
+    // as the tensor's own (16, 48). The merge read both through the first one's view.
+    let mut a = canon_target("fc.weight", Side::Output, 1, 1, 8);
+    a.rows = Some((0, 8));
+    a.view = Some((32, 24));
+    let mut b = canon_target("fc.weight", Side::Output, 1, 1, 8);
+    b.rows = Some((8, 16));
+    let adapter = canon_file(&sc, vec![a, b]);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("view"), "{}", stderr(&o));
+}
+
+#[test]
+fn a27_canonical_cropped_blocks_declared_cayley() {
+    use boft::adapter::{BlockKind, Side};
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    // Output side of fc.weight (16 rows): three blocks of 6 cropped to 16. A cropped block is not
+    // orthogonal, yet `cayley` promised it was: --unmerge inverted it by its transpose.
+    let mut t = canon_target("fc.weight", Side::Output, 1, 3, 6);
+    t.crop = Some(16);
+    t.kind = BlockKind::Cayley;
+    let adapter = canon_file(&sc, vec![t]);
+    let o = sc.merge(&base, &adapter, &out, &["--unmerge"]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("cayley"), "{}", stderr(&o));
+}
+
+#[test]
+fn a28_canonical_whole_target_and_a_slice_disagree_on_view() {
+    use boft::adapter::Side;
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    // fc.weight (16, 48): a whole-tensor output-side target read through an (8, 96) view and a
+    // slice of rows 8..16 of the tensor's own (16, 48): their ranges looked disjoint, and the
+    // slice was merged through the other target's view.
+    let mut a = canon_target("fc.weight", Side::Output, 1, 1, 8);
+    a.view = Some((8, 96));
+    let mut b = canon_target("fc.weight", Side::Output, 1, 1, 8);
+    b.rows = Some((8, 16));
+    let adapter = canon_file(&sc, vec![a, b]);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outputs
 // ---------------------------------------------------------------------------------------------

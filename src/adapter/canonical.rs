@@ -65,8 +65,17 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
     let mut metas = Vec::new();
+    let mut keys = std::collections::HashSet::new();
     for t in &adapter.targets {
         let key = t.label();
+        // Two targets with one key cannot both be stored (and the serialiser would panic).
+        // Nothing else is checked here: `Adapter::validate` judges what is read back.
+        if !keys.insert(key.clone()) {
+            return Err(Error::bare(
+                Class::BadAdapter,
+                format!("{key} is targeted twice"),
+            ));
+        }
         tensors.push((
             format!("{key}::blocks"),
             OwnedTensor {
@@ -178,13 +187,16 @@ pub fn read(path: &Path) -> Result<Adapter> {
 
 /// Read a canonical file with every block decoded.
 pub fn from_file(f: SafeFile) -> Result<Adapter> {
+    let path = f.path.clone();
     let mut a = from_shared(&Arc::new(f))?;
+    a.validate().map_err(|e| e.at(&path))?;
     a.materialise()?;
     Ok(a)
 }
 
 /// Read a canonical file, leaving the blocks in the (mapped) file until they are needed; their
-/// values are checked for NaN/Inf here.
+/// values are checked for NaN/Inf here. Not validated (`formats::open` validates every reader's
+/// output).
 pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
     let path = f.path.as_path();
     let meta = f
@@ -302,9 +314,10 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             vec![None; nf]
         };
         let scale = if m.scaled {
-            let len = match m.rows {
-                Some((a, b)) => b.saturating_sub(a),
-                None => f
+            // A view's scale is on its columns (validate checks the length).
+            let len = match (m.rows, m.view) {
+                (Some((a, b)), None) => b.saturating_sub(a),
+                _ => f
                     .tensor(&format!("{}::scale", m.key))
                     .map(|t| t.numel())
                     .unwrap_or(0),
@@ -334,7 +347,6 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             view: m.view,
             ..Default::default()
         };
-        t.validate().map_err(|e| e.at(path))?;
         targets.push(t);
     }
     let mut replacements = Vec::new();
@@ -373,6 +385,5 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
         source_version: meta.get("source_version").cloned().unwrap_or_default(),
         source_sha256,
     };
-    adapter.validate().map_err(|e| e.at(path))?;
     Ok(adapter)
 }

@@ -138,7 +138,9 @@ impl Target {
         }
     }
 
-    /// Check internal consistency: sizes, permutations, finite values.
+    /// Check that the target's fields fit together (docs/FORMAT.md, "Invariants"): everything
+    /// that can be said without the base tensor. `Adapter::validate` adds the rules between the
+    /// targets of one tensor; `check_base` the facts only the base knows.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Error::bare(Class::BadAdapter, format!("{}: {m}", self.label()));
         if self.factors == 0 || (self.blocks == 0 && !self.share) || self.block_size == 0 {
@@ -146,9 +148,36 @@ impl Target {
                 "empty transform (zero factors, blocks or block size)".into()
             ));
         }
+        if self.blocks.checked_mul(self.block_size).is_none() {
+            return Err(bad("geometry overflows".into()));
+        }
         if let Some(c) = self.crop {
+            // The engine pads the columns of an output-side transform with zeros; input-side
+            // rows are read at the tensor's own length, so a crop there would misread them.
+            if self.side != Side::Output {
+                return Err(bad(format!(
+                    "crop {c} on an input-side target (only output-side transforms are cropped)"
+                )));
+            }
             if c == 0 || c > self.n() || self.perms.iter().any(Option::is_some) {
                 return Err(bad(format!("crop {c} does not fit n = {}", self.n())));
+            }
+            if c < self.n() && self.kind == BlockKind::Cayley {
+                return Err(bad(format!(
+                    "crop {c} of n = {} with block_kind cayley: cropped blocks are not \
+                     orthogonal (block_kind cropped)",
+                    self.n()
+                )));
+            }
+        }
+        if let Some((r, c)) = self.view {
+            if self.side != Side::Output {
+                return Err(bad(format!(
+                    "a ({r}, {c}) view on an input-side target (views are output-side only)"
+                )));
+            }
+            if r == 0 || c == 0 || r.checked_mul(c).is_none() {
+                return Err(bad(format!("a ({r}, {c}) view is empty or overflows")));
             }
         }
         if self.deferred.is_none() {
@@ -178,12 +207,28 @@ impl Target {
                     format!("{}: scale value #{i} is {} (NaN/Inf)", self.label(), s[i]),
                 ));
             }
+            // A view's scale multiplies its columns; otherwise an output-side scale multiplies
+            // the rows the transform covers. An input-side one has the base's row count, which
+            // `check_base` checks (as it checks the recorded `shape`).
+            let want = match (self.side, self.view) {
+                (_, Some((_, c))) => Some(c),
+                (Side::Output, None) => Some(self.axis()),
+                (Side::Input, None) => None,
+            };
+            if let Some(w) = want.filter(|&w| w != s.len()) {
+                return Err(bad(format!("{} scale values for {w}", s.len())));
+            }
         }
         if let Some((a, b)) = self.rows {
-            if self.side != Side::Output || a >= b || b - a != self.axis() {
+            if self.side != Side::Output {
+                return Err(bad(format!(
+                    "row slice {a}:{b} on an input-side target (slices are output-side only)"
+                )));
+            }
+            if a >= b || b - a != self.axis() {
                 return Err(bad(format!(
                     "row slice {a}:{b} does not fit n = {}",
-                    self.n()
+                    self.axis()
                 )));
             }
         }
@@ -347,7 +392,7 @@ impl Target {
         let (rows, cols) = match self.view {
             Some((r, c)) => {
                 let numel: usize = shape.iter().product();
-                if r.checked_mul(c) != Some(numel) || self.side != Side::Output {
+                if r.checked_mul(c) != Some(numel) {
                     return Err(mism(format!(
                         "a ({r}, {c}) view does not fit a base tensor of shape {shape:?}"
                     )));
@@ -513,7 +558,8 @@ impl Target {
                 for k in 0..d {
                     // An exact Cayley block is orthogonal: its transpose is its inverse (to the
                     // f32 rounding of the stored values), at a fraction of the cost of a solve.
-                    if orthogonal {
+                    // `block_kind` is the file's word for it; the block itself decides.
+                    if orthogonal && blocks::orth_error(h, f.block(k)) <= TRANSPOSE_ORTH_TOL {
                         inv.extend(blocks::transpose(h, f.block(k)));
                         continue;
                     }
@@ -568,6 +614,62 @@ impl Target {
     }
 }
 
+/// The rules between the targets of one base tensor: one input-side target alone, or
+/// output-side transforms of disjoint row ranges that all read the tensor through the same view
+/// (the engine transposes the tensor once, with one column count). A target without `rows`
+/// covers every row, so it stands alone too.
+pub fn check_tensor(name: &str, targets: &[&Target]) -> Result<()> {
+    let bad = |m: String| Error::bare(Class::BadAdapter, format!("{name}: {m}"));
+    if targets.len() < 2 {
+        return Ok(());
+    }
+    if let Some(t) = targets.iter().find(|t| t.side == Side::Input) {
+        return Err(bad(format!(
+            "targeted {} times, with an input-side transform ({}): an input-side target must be \
+             the tensor's only one",
+            targets.len(),
+            t.label()
+        )));
+    }
+    if let Some(t) = targets.iter().find(|t| t.rows.is_none()) {
+        return Err(bad(format!(
+            "targeted {} times, and {} (from {}) covers every row: the other row slices overlap it",
+            targets.len(),
+            t.label(),
+            t.module
+        )));
+    }
+    let v0 = targets[0].view;
+    if let Some(t) = targets.iter().find(|t| t.view != v0) {
+        let show = |v: Option<(usize, usize)>| match v {
+            Some((r, c)) => format!("a ({r}, {c}) view"),
+            None => "no view".to_string(),
+        };
+        return Err(bad(format!(
+            "row slices disagree on view: {} has {}, {} has {}",
+            targets[0].label(),
+            show(v0),
+            t.label(),
+            show(t.view)
+        )));
+    }
+    let mut ranges: Vec<(usize, usize)> = targets.iter().filter_map(|t| t.rows).collect();
+    ranges.sort();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(bad(format!(
+                "row slices {}:{} and {}:{} overlap",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A block this close to orthogonal (`max |BᵀB − I|`) is inverted by its transpose on un-merging
+/// (docs/FORMAT.md, "Semantics"); any other by an LU solve.
+const TRANSPOSE_ORTH_TOL: f64 = 1e-6;
+
 /// Blocks must be this close to orthogonal (`max |BᵀB − I|`) for a geodesic strength.
 const GEODESIC_ORTH_TOL: f64 = 1e-5;
 
@@ -597,19 +699,22 @@ impl Strength {
 }
 
 impl Adapter {
+    /// Check that the adapter's fields fit together (docs/FORMAT.md, "Invariants"): every
+    /// target (`Target::validate`), the targets of each tensor together (`check_tensor`), and
+    /// replacements against targets. Every reader's output passes here (`formats::open`), and
+    /// again once names are resolved against a base (`merge::fit_in`), where two source names may
+    /// have become one tensor.
     pub fn validate(&self) -> Result<()> {
-        let mut seen = std::collections::HashSet::new();
+        let mut by_tensor: BTreeMap<&str, Vec<&Target>> = BTreeMap::new();
         for t in &self.targets {
             t.validate()?;
-            if !seen.insert((t.name.clone(), t.rows)) {
-                return Err(Error::bare(
-                    Class::BadAdapter,
-                    format!("{} is targeted twice", t.label()),
-                ));
-            }
+            by_tensor.entry(t.name.as_str()).or_default().push(t);
+        }
+        for (name, targets) in &by_tensor {
+            check_tensor(name, targets)?;
         }
         for r in &self.replacements {
-            if self.targets.iter().any(|t| t.name == r.name) {
+            if by_tensor.contains_key(r.name.as_str()) {
                 return Err(Error::bare(
                     Class::BadAdapter,
                     format!("{} is both transformed and replaced", r.name),

@@ -80,7 +80,14 @@ pub fn load_deferred_as(path: &Path, source: Source) -> Result<Adapter> {
     open(path, false, source)
 }
 
+/// Every reader's output is validated here (`Adapter::validate`), whatever the source format.
 fn open(path: &Path, hash: bool, source: Source) -> Result<Adapter> {
+    let adapter = read(path, hash, source)?;
+    adapter.validate().map_err(|e| e.at(path))?;
+    Ok(adapter)
+}
+
+fn read(path: &Path, hash: bool, source: Source) -> Result<Adapter> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let not = |what: &str| {
         err(

@@ -74,12 +74,14 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
 }
 
 /// Import a PEFT adapter held in memory: the bytes of `adapter_config.json` and the parsed
-/// `adapter_model.safetensors` (see `SafeFile::from_bytes`). Used by the fuzz targets.
+/// `adapter_model.safetensors` (see `SafeFile::from_bytes`). Used by the fuzz targets; validated
+/// as `formats::open` validates every reader's output.
 pub fn import_bytes(config: &[u8], weights: SafeFile) -> Result<Adapter> {
     let cfg_path = Path::new(CONFIG);
     let config = parse_config(config, cfg_path)?;
     let weights = Arc::new(weights);
     let mut adapter = import_config(&config, cfg_path, &weights, None)?;
+    adapter.validate().map_err(|e| e.at(&weights.path))?;
     adapter.materialise()?;
     Ok(adapter)
 }
@@ -121,7 +123,6 @@ fn import_config(
         }
     };
     adapter.source_version = version(config);
-    adapter.validate().map_err(|e| e.at(&f.path))?;
     Ok(adapter)
 }
 

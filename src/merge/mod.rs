@@ -102,31 +102,18 @@ pub fn plan<'a>(base: &'a Checkpoint, adapter: &'a Adapter, dir: Direction) -> R
             t.check_base(info.dtype, &info.shape)
                 .map_err(|e| e.at(&base.root))?;
         }
-        let action = if targets.len() == 1 && targets[0].side == Side::Input {
+        crate::adapter::check_tensor(name, &targets).map_err(|e| e.at(&base.root))?;
+        let action = if targets[0].side == Side::Input {
             Action::Rows(targets[0])
         } else {
-            if targets.iter().any(|t| t.side == Side::Input) {
-                return Err(err(
-                    Class::BadAdapter,
-                    &base.root,
-                    format!("{name} is targeted more than once, with an input-side transform"),
-                ));
-            }
-            let mut slices = Vec::new();
-            for t in &targets {
-                let range = t.rows.unwrap_or((0, t.view.map_or(info.shape[0], |v| v.0)));
-                slices.push((range, *t));
-            }
+            let mut slices: Vec<_> = targets
+                .iter()
+                .map(|t| {
+                    let range = t.rows.unwrap_or((0, t.view.map_or(info.shape[0], |v| v.0)));
+                    (range, *t)
+                })
+                .collect();
             slices.sort_by_key(|s| s.0);
-            for w in slices.windows(2) {
-                if w[1].0 .0 < w[0].0 .1 {
-                    return Err(err(
-                        Class::BadAdapter,
-                        &base.root,
-                        format!("{name}: row slices {:?} and {:?} overlap", w[0].0, w[1].0),
-                    ));
-                }
-            }
             Action::Columns(slices)
         };
         actions.insert(name.to_string(), action);
@@ -765,7 +752,8 @@ pub fn fit_in(
             ));
         }
     }
-    Ok(())
+    // Resolving may have made two source names one tensor, and fitting sets crops and counts.
+    adapter.validate().map_err(|e| e.at(&base.root))
 }
 
 /// Check every target against the base and record the base shape in it (for `boft-convert --base`).
