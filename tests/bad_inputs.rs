@@ -538,6 +538,20 @@ fn b15_shape_overflows() {
 }
 
 #[test]
+fn b18_zero_dimension_beside_huge_ones() {
+    // Empty (0 values, 0 bytes), but its columns (2^80) overflow whatever multiplies them.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut st = St::read(&base);
+    let t = st.tensor_mut("fc.weight");
+    t.2 = vec![0, 1 << 40, 1 << 40];
+    t.3.clear();
+    st.write(&base);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-tensor-info", &out);
+}
+
+#[test]
 fn b16_duplicate_tensor_in_header() {
     let mut sc = Scene::new();
     let (base, adapter, out) = conv(&sc);

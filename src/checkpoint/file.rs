@@ -345,6 +345,15 @@ fn parse_tensor(name: &str, v: &Value) -> Result<TensorInfo> {
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .ok_or_else(|| bad("shape overflows"))?;
+    // A zero dimension makes the tensor empty whatever the others are, but code that multiplies
+    // some of the dimensions (a matrix's columns, a conv kernel's fan-in) would still overflow:
+    // the non-zero dimensions must have a product that fits too.
+    shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&p| usize::try_from(p).is_ok())
+        .ok_or_else(|| bad("shape overflows (its non-zero dimensions multiply past 64 bits)"))?;
     let nbytes = dtype
         .byte_len(numel)
         .ok_or_else(|| bad("shape × dtype is not a whole number of bytes"))?;
