@@ -1103,6 +1103,43 @@ fn a24_verify_shared_blocks_of_a_target_not_in_the_base() {
     assert!(!stderr(&o).contains("pass --base"), "{}", stderr(&o));
 }
 
+/// A PEFT adapter folder written from scratch: a config and one F32 tensor per (name, shape).
+fn tiny_peft(dir: &Path, config: Value, tensors: &[(&str, Vec<usize>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let tensors = tensors
+        .iter()
+        .map(|(n, shape)| {
+            let len: usize = shape.iter().product();
+            let bytes = (0..len).flat_map(|_| 0.0f32.to_le_bytes()).collect();
+            (n.to_string(), "F32".to_string(), shape.clone(), bytes)
+        })
+        .collect();
+    St {
+        metadata: None,
+        tensors,
+    }
+    .write(&dir.join("adapter_model.safetensors"));
+}
+
+#[test]
+fn a25_shared_block_repeated_past_any_size() {
+    // PEFT OFT ≤ 0.13 block_share: one stored 2×2 block repeated r = 2^40 times (a 100-byte
+    // file asking for 16 TiB), and r = 2^63 (r × block size overflows).
+    for r in [1u64 << 40, 1 << 63] {
+        let mut sc = Scene::new();
+        let adapter = sc.path("in/adapter");
+        tiny_peft(
+            &adapter,
+            json!({"peft_type": "OFT", "block_share": true, "r": r}),
+            &[("base_model.model.fc.oft_r", vec![1, 2, 2])],
+        );
+        let out = sc.out_dir().join("canonical.safetensors");
+        let o = sc.convert(&adapter, &out, &[]);
+        sc.assert_refused(&o, "bad-adapter", &out);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outputs
 // ---------------------------------------------------------------------------------------------
