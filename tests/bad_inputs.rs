@@ -1140,6 +1140,43 @@ fn a25_shared_block_repeated_past_any_size() {
     }
 }
 
+#[test]
+fn a26_butterfly_factor_count_past_the_word_size() {
+    // A canonical file whose only target has 100 factors of one 2×2 block: PEFT BOFT would need a
+    // block count divisible by 2^99 (a shift past 63 bits).
+    let mut sc = Scene::new();
+    let (_, adapter, _) = conv(&sc);
+    let canon = sc.path("in/conv_f1.safetensors");
+    ok(&run("boft-convert", &[&adapter, &"-o", &canon]));
+    let mut st = St::read(&canon);
+    let meta = st.metadata.as_mut().unwrap();
+    let targets: Vec<Value> = serde_json::from_str(meta["targets"].as_str().unwrap()).unwrap();
+    let mut fc = targets
+        .into_iter()
+        .find(|t| t["key"] == "fc.weight")
+        .unwrap();
+    fc["factors"] = json!(100);
+    fc["blocks"] = json!(1);
+    fc["block_size"] = json!(2);
+    fc["permuted"] = json!(false);
+    fc["scaled"] = json!(false);
+    meta["targets"] = json!(serde_json::to_string(&[fc]).unwrap());
+    let identity: Vec<u8> = [1f32, 0.0, 0.0, 1.0]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    st.tensors = vec![(
+        "fc.weight::blocks".into(),
+        "F32".into(),
+        vec![100, 1, 2, 2],
+        identity.repeat(100),
+    )];
+    st.write(&canon);
+    let out = sc.out_dir().join("peft");
+    let o = sc.convert(&canon, &out, &["--to", "peft"]);
+    sc.assert_refused(&o, "not-exportable", &out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outputs
 // ---------------------------------------------------------------------------------------------
