@@ -1177,6 +1177,22 @@ fn a26_butterfly_factor_count_past_the_word_size() {
     sc.assert_refused(&o, "not-exportable", &out);
 }
 
+#[test]
+fn a27_peft_config_larger_than_the_limit() {
+    // The config grown (sparsely) to one byte past the 16 MiB limit: refused by its size, not
+    // read whole (a gigabyte would be refused the same way; the snapshot of the inputs hashes
+    // every byte, so the test stays near the limit).
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let cfg = adapter.join("adapter_config.json");
+    let f = std::fs::OpenOptions::new().write(true).open(&cfg).unwrap();
+    f.set_len((16 << 20) + 1).unwrap();
+    drop(f);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outputs
 // ---------------------------------------------------------------------------------------------
