@@ -1518,6 +1518,19 @@ fn u02_zero_threads() {
     sc.assert_refused(&o, "usage", &out);
 }
 
+#[test]
+fn u03_too_many_threads() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let o = sc.merge(&base, &adapter, &out, &["--threads", "1000000"]);
+    sc.assert_refused(&o, "usage", &out);
+    assert!(stderr(&o).contains("limit of 1024"), "{}", stderr(&o));
+    // One past the limit (the limit itself is not run: a container's process limit may be
+    // lower).
+    let o = sc.merge(&base, &adapter, &out, &["--threads", "1025"]);
+    sc.assert_refused(&o, "usage", &out);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Signals
 // ---------------------------------------------------------------------------------------------
