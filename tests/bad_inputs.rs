@@ -720,6 +720,36 @@ fn s12_fifo_in_folder() {
 /// Not an error row: symlinks that stay inside the folder are followed, and the output holds
 /// regular files with their contents.
 #[test]
+fn s14_symlinked_folder_dag() {
+    // dag/d0 … dag/d25, each d_i holding two links `a` and `b` to d_{i+1}: walked naively that
+    // is 2^25 copies of d25's file. A folder reached a second time is refused.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    let depth = 25;
+    for i in 0..=depth {
+        std::fs::create_dir_all(base.join(format!("dag/d{i}"))).unwrap();
+    }
+    std::fs::write(base.join(format!("dag/d{depth}/leaf.txt")), b"leaf").unwrap();
+    for i in 0..depth {
+        for l in ["a", "b"] {
+            std::os::unix::fs::symlink(
+                format!("../d{}", i + 1),
+                base.join(format!("dag/d{i}/{l}")),
+            )
+            .unwrap();
+        }
+    }
+    let start = Instant::now();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "symlink-loop", &out);
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn symlinks_inside_folder_are_followed() {
     let sc = Scene::new();
     let (base, adapter, out) = sharded(&sc);
