@@ -1038,6 +1038,37 @@ fn a18_adapter_name_resolves_to_nothing() {
 }
 
 #[test]
+fn a28_name_resolution_over_a_name_with_50000_dots() {
+    // As A18, with an empty base tensor whose name has 50 000 dots (a 100 KB header entry):
+    // indexing every dotted suffix of it would take 2.5 GB.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = lycoris(&sc);
+    let mut st = St::read(&base);
+    st.tensors.push((
+        format!("{}weight", "a.".repeat(50_000)),
+        "F32".into(),
+        vec![0],
+        vec![],
+    ));
+    st.write(&base);
+    let mut st = St::read(&adapter);
+    let module = st.tensors[0].0.rsplit_once('.').unwrap().0.to_string();
+    for t in st.tensors.iter_mut().filter(|t| t.0.starts_with(&module)) {
+        t.0 = t.0.replacen("lycoris_", "lycoris_no_such_", 1);
+    }
+    st.write(&adapter);
+    let start = Instant::now();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "missing-target", &out);
+    assert!(start.elapsed() < Duration::from_secs(60), "{:?}", start.elapsed());
+    // The largest child this test process has waited for (other tests' merges are far smaller).
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) }, 0);
+    assert!(ru.ru_maxrss < 1 << 20, "peak RSS {} KiB", ru.ru_maxrss);
+}
+
+#[test]
 fn a19_adapter_name_matches_two_tensors() {
     let mut sc = Scene::new();
     let (base, adapter, out) = lycoris(&sc);
