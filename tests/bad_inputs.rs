@@ -1254,6 +1254,58 @@ fn a27_peft_config_larger_than_the_limit() {
     assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
 }
 
+#[test]
+fn a29_many_targets_are_not_looked_up_one_by_one() {
+    // A canonical file of 200 000 targets of one 2×2 block (a 60 MB header), the last given 0
+    // factors: refused after every other target was read. Looking each target's tensors up by a
+    // linear search took minutes here (2·10^10 name comparisons); by name, a few seconds.
+    let mut sc = Scene::new();
+    let (_, adapter, _) = conv(&sc);
+    let canon = sc.path("in/conv_f1.safetensors");
+    ok(&run("boft-convert", &[&adapter, &"-o", &canon]));
+    let mut st = St::read(&canon);
+    let meta = st.metadata.as_mut().unwrap();
+    let targets: Vec<Value> = serde_json::from_str(meta["targets"].as_str().unwrap()).unwrap();
+    let fc = targets
+        .into_iter()
+        .find(|t| t["key"] == "fc.weight")
+        .unwrap();
+    let identity: Vec<u8> = [1f32, 0.0, 0.0, 1.0]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let n = 200_000;
+    let mut many = Vec::new();
+    st.tensors.clear();
+    for i in 0..n {
+        let mut t = fc.clone();
+        let name = format!("l{i}.weight");
+        t["key"] = json!(name);
+        t["target"] = json!(name);
+        t["module"] = json!(format!("l{i}"));
+        t["factors"] = json!(if i == n - 1 { 0 } else { 1 });
+        t["blocks"] = json!(1);
+        t["block_size"] = json!(2);
+        t["permuted"] = json!(false);
+        t["scaled"] = json!(false);
+        many.push(t);
+        st.tensors.push((
+            format!("{name}::blocks"),
+            "F32".into(),
+            vec![1, 1, 2, 2],
+            identity.clone(),
+        ));
+    }
+    meta["targets"] = json!(serde_json::to_string(&many).unwrap());
+    st.write(&canon);
+    let out = sc.out_dir().join("again.safetensors");
+    let start = Instant::now();
+    let o = sc.convert(&canon, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("l199999"), "{}", stderr(&o));
+    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Outputs
 // ---------------------------------------------------------------------------------------------

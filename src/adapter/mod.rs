@@ -648,8 +648,10 @@ impl Adapter {
                 ));
             }
         }
+        let targeted: std::collections::HashSet<&str> =
+            self.targets.iter().map(|t| t.name.as_str()).collect();
         for r in &self.replacements {
-            if self.targets.iter().any(|t| t.name == r.name) {
+            if targeted.contains(r.name.as_str()) {
                 return Err(Error::bare(
                     Class::BadAdapter,
                     format!("{} is both transformed and replaced", r.name),
