@@ -1083,6 +1083,7 @@ fn a28_name_resolution_over_a_name_with_50000_dots() {
 
 /// Run a binary (its output must be small: it is read once the binary has ended) and return
 /// its output with its peak resident set size in KiB, from `wait4`.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's wait cannot see
 fn run_measured(name: &str, args: &[&OsStr]) -> (Output, i64) {
     use std::io::Read;
     use std::os::unix::process::ExitStatusExt;
@@ -1106,6 +1107,7 @@ fn run_measured(name: &str, args: &[&OsStr]) -> (Output, i64) {
         }
         if start.elapsed() > Duration::from_secs(120) {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("still running after 120 s (a hang?)");
         }
         std::thread::sleep(Duration::from_millis(5));
