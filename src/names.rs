@@ -52,6 +52,12 @@ const PREFIXES: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The longest dotted suffix of a base tensor's module path an adapter name is matched against
+/// (besides the whole path). Real module paths have a few dozen components at most; a name with
+/// more (a hostile header) is still matched whole and by its last 64 components, and indexing
+/// it costs at most 65 times its length.
+pub const MAX_SUFFIX_PARTS: usize = 64;
+
 /// A flattened module name without its kohya/LyCORIS/A1111 prefix, if it has one.
 pub fn strip_flat_prefix(name: &str) -> Option<&str> {
     PREFIXES.iter().find_map(|(p, _)| name.strip_prefix(p))
@@ -149,7 +155,11 @@ pub fn resolve_in(
             continue;
         };
         let parts: Vec<&str> = stem.split('.').collect();
-        for i in 0..parts.len() {
+        // The whole path and its suffixes of at most MAX_SUFFIX_PARTS components: indexing every
+        // suffix of a name with thousands of dots would cost the square of its length.
+        let tail = parts.len().saturating_sub(MAX_SUFFIX_PARTS).max(1);
+        add(parts.join("_"), name, None);
+        for i in tail..parts.len() {
             add(parts[i..].join("_"), name, None);
         }
         // Original (LDM) U-Net names are also known by their diffusers names, which kohya and

@@ -538,6 +538,20 @@ fn b15_shape_overflows() {
 }
 
 #[test]
+fn b18_zero_dimension_beside_huge_ones() {
+    // Empty (0 values, 0 bytes), but its columns (2^80) overflow whatever multiplies them.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let mut st = St::read(&base);
+    let t = st.tensor_mut("fc.weight");
+    t.2 = vec![0, 1 << 40, 1 << 40];
+    t.3.clear();
+    st.write(&base);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-tensor-info", &out);
+}
+
+#[test]
 fn b16_duplicate_tensor_in_header() {
     let mut sc = Scene::new();
     let (base, adapter, out) = conv(&sc);
@@ -705,6 +719,36 @@ fn s12_fifo_in_folder() {
 
 /// Not an error row: symlinks that stay inside the folder are followed, and the output holds
 /// regular files with their contents.
+#[test]
+fn s14_symlinked_folder_dag() {
+    // dag/d0 … dag/d25, each d_i holding two links `a` and `b` to d_{i+1}: walked naively that
+    // is 2^25 copies of d25's file. A folder reached a second time is refused.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    let depth = 25;
+    for i in 0..=depth {
+        std::fs::create_dir_all(base.join(format!("dag/d{i}"))).unwrap();
+    }
+    std::fs::write(base.join(format!("dag/d{depth}/leaf.txt")), b"leaf").unwrap();
+    for i in 0..depth {
+        for l in ["a", "b"] {
+            std::os::unix::fs::symlink(
+                format!("../d{}", i + 1),
+                base.join(format!("dag/d{i}/{l}")),
+            )
+            .unwrap();
+        }
+    }
+    let start = Instant::now();
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "symlink-loop", &out);
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
 #[test]
 fn symlinks_inside_folder_are_followed() {
     let sc = Scene::new();
@@ -994,6 +1038,105 @@ fn a18_adapter_name_resolves_to_nothing() {
 }
 
 #[test]
+fn a32_name_resolution_over_a_name_with_50000_dots() {
+    // As A18, with an empty base tensor whose name has 50 000 dots (a 100 KB header entry):
+    // indexing every dotted suffix of it would take 2.5 GB.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = lycoris(&sc);
+    let mut st = St::read(&base);
+    st.tensors.push((
+        format!("{}weight", "a.".repeat(50_000)),
+        "F32".into(),
+        vec![0],
+        vec![],
+    ));
+    st.write(&base);
+    let mut st = St::read(&adapter);
+    let module = st.tensors[0].0.rsplit_once('.').unwrap().0.to_string();
+    for t in st.tensors.iter_mut().filter(|t| t.0.starts_with(&module)) {
+        t.0 = t.0.replacen("lycoris_", "lycoris_no_such_", 1);
+    }
+    st.write(&adapter);
+    sc.freeze(&[&base, &adapter], &out);
+    let start = Instant::now();
+    let (o, peak_kib) = run_measured(
+        "boft-merge",
+        &[
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--threads".as_ref(),
+            "1".as_ref(),
+        ],
+    );
+    sc.assert_refused(&o, "missing-target", &out);
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(peak_kib < 1 << 20, "peak RSS {peak_kib} KiB");
+}
+
+/// Run a binary (its output must be small: it is read once the binary has ended) and return
+/// its output with its peak resident set size in KiB, from `wait4`.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's wait cannot see
+fn run_measured(name: &str, args: &[&OsStr]) -> (Output, i64) {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = bin(name)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let pid = child.id() as libc::pid_t;
+    let start = Instant::now();
+    let (status, peak) = loop {
+        let mut status = 0;
+        // SAFETY: wait4 on our own child, with valid out-pointers.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        assert!(r >= 0, "wait4 failed");
+        if r == pid {
+            break (status, ru.ru_maxrss);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after 120 s (a hang?)");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    let status = std::process::ExitStatus::from_raw(status);
+    (
+        Output {
+            status,
+            stdout,
+            stderr,
+        },
+        peak,
+    )
+}
+
+#[test]
 fn a19_adapter_name_matches_two_tensors() {
     let mut sc = Scene::new();
     let (base, adapter, out) = lycoris(&sc);
@@ -1202,6 +1345,152 @@ fn a28_canonical_whole_target_and_a_slice_disagree_on_view() {
     let adapter = canon_file(&sc, vec![a, b]);
     let o = sc.merge(&base, &adapter, &out, &[]);
     sc.assert_refused(&o, "bad-adapter", &out);
+}
+
+/// A PEFT adapter folder written from scratch: a config and one F32 tensor per (name, shape).
+fn tiny_peft(dir: &Path, config: Value, tensors: &[(&str, Vec<usize>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let tensors = tensors
+        .iter()
+        .map(|(n, shape)| {
+            let len: usize = shape.iter().product();
+            let bytes = (0..len).flat_map(|_| 0.0f32.to_le_bytes()).collect();
+            (n.to_string(), "F32".to_string(), shape.clone(), bytes)
+        })
+        .collect();
+    St {
+        metadata: None,
+        tensors,
+    }
+    .write(&dir.join("adapter_model.safetensors"));
+}
+
+#[test]
+fn a29_shared_block_repeated_past_any_size() {
+    // PEFT OFT ≤ 0.13 block_share: one stored 2×2 block repeated r = 2^40 times (a 100-byte
+    // file asking for 16 TiB), and r = 2^63 (r × block size overflows).
+    for r in [1u64 << 40, 1 << 63] {
+        let mut sc = Scene::new();
+        let adapter = sc.path("in/adapter");
+        tiny_peft(
+            &adapter,
+            json!({"peft_type": "OFT", "block_share": true, "r": r}),
+            &[("base_model.model.fc.oft_r", vec![1, 2, 2])],
+        );
+        let out = sc.out_dir().join("canonical.safetensors");
+        let o = sc.convert(&adapter, &out, &[]);
+        sc.assert_refused(&o, "bad-adapter", &out);
+    }
+}
+
+#[test]
+fn a30_butterfly_factor_count_past_the_word_size() {
+    // A canonical file whose only target has 100 factors of one 2×2 block: PEFT BOFT would need a
+    // block count divisible by 2^99 (a shift past 63 bits).
+    let mut sc = Scene::new();
+    let (_, adapter, _) = conv(&sc);
+    let canon = sc.path("in/conv_f1.safetensors");
+    ok(&run("boft-convert", &[&adapter, &"-o", &canon]));
+    let mut st = St::read(&canon);
+    let meta = st.metadata.as_mut().unwrap();
+    let targets: Vec<Value> = serde_json::from_str(meta["targets"].as_str().unwrap()).unwrap();
+    let mut fc = targets
+        .into_iter()
+        .find(|t| t["key"] == "fc.weight")
+        .unwrap();
+    fc["factors"] = json!(100);
+    fc["blocks"] = json!(1);
+    fc["block_size"] = json!(2);
+    fc["permuted"] = json!(false);
+    fc["scaled"] = json!(false);
+    meta["targets"] = json!(serde_json::to_string(&[fc]).unwrap());
+    let identity: Vec<u8> = [1f32, 0.0, 0.0, 1.0]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    st.tensors = vec![(
+        "fc.weight::blocks".into(),
+        "F32".into(),
+        vec![100, 1, 2, 2],
+        identity.repeat(100),
+    )];
+    st.write(&canon);
+    let out = sc.out_dir().join("peft");
+    let o = sc.convert(&canon, &out, &["--to", "peft"]);
+    sc.assert_refused(&o, "not-exportable", &out);
+}
+
+#[test]
+fn a31_peft_config_larger_than_the_limit() {
+    // The config grown (sparsely) to one byte past the 16 MiB limit: refused by its size, not
+    // read whole (a gigabyte would be refused the same way; the snapshot of the inputs hashes
+    // every byte, so the test stays near the limit).
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let cfg = adapter.join("adapter_config.json");
+    let f = std::fs::OpenOptions::new().write(true).open(&cfg).unwrap();
+    f.set_len((16 << 20) + 1).unwrap();
+    drop(f);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
+}
+
+#[test]
+fn a33_many_targets_are_not_looked_up_one_by_one() {
+    // A canonical file of 200 000 targets of one 2×2 block (a 60 MB header), the last given 0
+    // factors: refused after every other target was read. Looking each target's tensors up by a
+    // linear search took minutes here (2·10^10 name comparisons); by name, a few seconds.
+    let mut sc = Scene::new();
+    let (_, adapter, _) = conv(&sc);
+    let canon = sc.path("in/conv_f1.safetensors");
+    ok(&run("boft-convert", &[&adapter, &"-o", &canon]));
+    let mut st = St::read(&canon);
+    let meta = st.metadata.as_mut().unwrap();
+    let targets: Vec<Value> = serde_json::from_str(meta["targets"].as_str().unwrap()).unwrap();
+    let fc = targets
+        .into_iter()
+        .find(|t| t["key"] == "fc.weight")
+        .unwrap();
+    let identity: Vec<u8> = [1f32, 0.0, 0.0, 1.0]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let n = 200_000;
+    let mut many = Vec::new();
+    st.tensors.clear();
+    for i in 0..n {
+        let mut t = fc.clone();
+        let name = format!("l{i}.weight");
+        t["key"] = json!(name);
+        t["target"] = json!(name);
+        t["module"] = json!(format!("l{i}"));
+        t["factors"] = json!(if i == n - 1 { 0 } else { 1 });
+        t["blocks"] = json!(1);
+        t["block_size"] = json!(2);
+        t["permuted"] = json!(false);
+        t["scaled"] = json!(false);
+        many.push(t);
+        st.tensors.push((
+            format!("{name}::blocks"),
+            "F32".into(),
+            vec![1, 1, 2, 2],
+            identity.clone(),
+        ));
+    }
+    meta["targets"] = json!(serde_json::to_string(&many).unwrap());
+    st.write(&canon);
+    let out = sc.out_dir().join("again.safetensors");
+    let start = Instant::now();
+    let o = sc.convert(&canon, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("l199999"), "{}", stderr(&o));
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1526,6 +1815,19 @@ fn u02_zero_threads() {
     let mut sc = Scene::new();
     let (base, adapter, out) = conv(&sc);
     let o = sc.merge(&base, &adapter, &out, &["--threads", "0"]);
+    sc.assert_refused(&o, "usage", &out);
+}
+
+#[test]
+fn u03_too_many_threads() {
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let o = sc.merge(&base, &adapter, &out, &["--threads", "1000000"]);
+    sc.assert_refused(&o, "usage", &out);
+    assert!(stderr(&o).contains("limit of 1024"), "{}", stderr(&o));
+    // One past the limit (the limit itself is not run: a container's process limit may be
+    // lower).
+    let o = sc.merge(&base, &adapter, &out, &["--threads", "1025"]);
     sc.assert_refused(&o, "usage", &out);
 }
 

@@ -148,8 +148,21 @@ impl Target {
                 "empty transform (zero factors, blocks or block size)".into()
             ));
         }
-        if self.blocks.checked_mul(self.block_size).is_none() {
-            return Err(bad("geometry overflows".into()));
+        // Sizes come from files: every product used later must fit, and blocks repeated from a
+        // stored one (PEFT OFT ≤ 0.13 `block_share` repeats one block `r` times, `r` from the
+        // config) must not grow past what can be held.
+        let hh = self.block_size.checked_mul(self.block_size);
+        let n = self.blocks.checked_mul(self.block_size);
+        let stored = if self.share { 1 } else { self.blocks };
+        let len = hh.and_then(|hh| hh.checked_mul(stored)?.checked_mul(self.factors));
+        if n.is_none() || len.is_none() {
+            return Err(bad(format!(
+                "geometry overflows ({} factors × {} blocks of {})",
+                self.factors, self.blocks, self.block_size
+            )));
+        }
+        if self.share && self.blocks > 0 {
+            self.expanded_len()?;
         }
         if let Some(c) = self.crop {
             // The engine pads the columns of an output-side transform with zeros; input-side
@@ -233,6 +246,26 @@ impl Target {
             }
         }
         Ok(())
+    }
+
+    /// The number of values the repeated shared blocks take once expanded over the diagonal,
+    /// refused past `MAX_SHARED_VALUES`.
+    fn expanded_len(&self) -> Result<usize> {
+        self.block_size
+            .checked_mul(self.block_size)
+            .and_then(|hh| hh.checked_mul(self.blocks)?.checked_mul(self.factors))
+            .filter(|&len| len <= MAX_SHARED_VALUES)
+            .ok_or_else(|| {
+                Error::bare(
+                    Class::BadAdapter,
+                    format!(
+                        "{}: {} shared blocks of {} would expand past {MAX_SHARED_VALUES} values",
+                        self.label(),
+                        self.blocks,
+                        self.block_size
+                    ),
+                )
+            })
     }
 
     fn param_len(&self) -> usize {
@@ -332,7 +365,7 @@ impl Target {
             ));
         }
         let hh = self.block_size * self.block_size;
-        let mut v = Vec::with_capacity(self.factors * self.blocks * hh);
+        let mut v = Vec::with_capacity(self.expanded_len()?);
         for f in 0..self.factors {
             for _ in 0..self.blocks {
                 v.extend_from_slice(&stored[f * hh..(f + 1) * hh]);
@@ -669,6 +702,10 @@ pub fn check_tensor(name: &str, targets: &[&Target]) -> Result<()> {
 /// A block this close to orthogonal (`max |BᵀB − I|`) is inverted by its transpose on un-merging
 /// (docs/FORMAT.md, "Semantics"); any other by an LU solve.
 const TRANSPOSE_ORTH_TOL: f64 = 1e-6;
+
+/// Shared blocks (`block_share`) expand to at most this many values per target (1 GiB of f32):
+/// one stored block repeated `r` times, `r` from a config, is not bounded by the file's bytes.
+pub const MAX_SHARED_VALUES: usize = 1 << 28;
 
 /// Blocks must be this close to orthogonal (`max |BᵀB − I|`) for a geodesic strength.
 const GEODESIC_ORTH_TOL: f64 = 1e-5;

@@ -60,6 +60,8 @@ pub struct SafeFile {
     /// Tensors sorted by their start offset.
     pub tensors: Vec<TensorInfo>,
     pub metadata: Option<BTreeMap<String, String>>,
+    /// Name → position in `tensors`, so that looking up every tensor of a file is not quadratic.
+    by_name: std::collections::HashMap<String, usize>,
 }
 
 /// JSON object entries in file order, keeping duplicates so they can be reported.
@@ -134,12 +136,18 @@ impl SafeFile {
 
     fn from_mmap(path: &Path, mmap: Bytes) -> Result<SafeFile> {
         let (data_offset, tensors, metadata) = parse_header(&mmap).map_err(|e| e.at(path))?;
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(SafeFile {
             path: path.to_path_buf(),
             mmap,
             data_offset,
             tensors,
             metadata,
+            by_name,
         })
     }
 
@@ -165,7 +173,11 @@ impl SafeFile {
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
+        match self.by_name.get(name).and_then(|&i| self.tensors.get(i)) {
+            Some(t) if t.name == name => Some(t),
+            // `tensors` is public: should a caller have reordered it, search it.
+            _ => self.tensors.iter().find(|t| t.name == name),
+        }
     }
 }
 
@@ -345,6 +357,15 @@ fn parse_tensor(name: &str, v: &Value) -> Result<TensorInfo> {
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .ok_or_else(|| bad("shape overflows"))?;
+    // A zero dimension makes the tensor empty whatever the others are, but code that multiplies
+    // some of the dimensions (a matrix's columns, a conv kernel's fan-in) would still overflow:
+    // the non-zero dimensions must have a product that fits too.
+    shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&p| usize::try_from(p).is_ok())
+        .ok_or_else(|| bad("shape overflows (its non-zero dimensions multiply past 64 bits)"))?;
     let nbytes = dtype
         .byte_len(numel)
         .ok_or_else(|| bad("shape × dtype is not a whole number of bytes"))?;

@@ -508,7 +508,7 @@ const MAX_DEPTH: usize = 64;
 
 /// Collect the folder's other files. `ancestors` holds the real paths of the folders being
 /// walked, so a symlink leading back to one of them (a cycle) is refused instead of followed
-/// forever.
+/// forever; `seen` every real folder walked, so none is walked twice.
 fn list_others(
     root: &Path,
     confined: &Confinement,
@@ -517,7 +517,8 @@ fn list_others(
     out: &mut Vec<PathBuf>,
 ) -> Result<()> {
     let mut ancestors = vec![confined.root.clone()];
-    walk_others(root, confined, rel, shards, out, &mut ancestors)
+    let mut seen = std::collections::HashSet::from([confined.root.clone()]);
+    walk_others(root, confined, rel, shards, out, &mut ancestors, &mut seen)
 }
 
 fn walk_others(
@@ -527,6 +528,7 @@ fn walk_others(
     shards: &std::collections::HashSet<&PathBuf>,
     out: &mut Vec<PathBuf>,
     ancestors: &mut Vec<PathBuf>,
+    seen: &mut std::collections::HashSet<PathBuf>,
 ) -> Result<()> {
     let dir = root.join(rel);
     let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -557,8 +559,21 @@ fn walk_others(
                     format!("nested more than {MAX_DEPTH} folders deep"),
                 ));
             }
+            // Two symlinks to one folder would copy it twice, and links to links (a DAG of
+            // depth d) 2^d times: every real folder is walked once, a second way in is refused.
+            if !seen.insert(real.clone()) {
+                return Err(err(
+                    Class::SymlinkLoop,
+                    &p,
+                    format!(
+                        "leads to {}, which this folder already reaches another way (folders are \
+                         copied once; symlinks to one folder are refused)",
+                        real.display()
+                    ),
+                ));
+            }
             ancestors.push(real);
-            walk_others(root, confined, &r, shards, out, ancestors)?;
+            walk_others(root, confined, &r, shards, out, ancestors, seen)?;
             ancestors.pop();
         } else if meta.is_file() {
             out.push(r);

@@ -104,6 +104,10 @@ pub fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
     bar
 }
 
+/// The most worker threads `--threads` may ask for: each reserves a stack, and a million of them
+/// exhaust memory or the process limit long before they help.
+pub const MAX_THREADS: usize = 1024;
+
 /// Run `f` on a rayon pool of `threads` threads (all cores when None).
 pub fn with_threads<T: Send>(
     threads: Option<usize>,
@@ -113,6 +117,10 @@ pub fn with_threads<T: Send>(
         Some(0) => Err(Error::bare(
             crate::error::Class::Usage,
             "--threads must be at least 1",
+        )),
+        Some(n) if n > MAX_THREADS => Err(Error::bare(
+            crate::error::Class::Usage,
+            format!("--threads {n} is more than the limit of {MAX_THREADS}"),
         )),
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)

@@ -414,13 +414,13 @@ fn peft_boft(a: &Adapter, embeddings: &BTreeSet<String>) -> Result<(Value, Vec<u
             ));
         }
         let (d, h, n) = (t.blocks, t.block_size, t.n());
-        if nf > 1 && (h % 2 != 0 || d % (1usize << (nf - 1)) != 0) {
+        if nf > 1 && (h % 2 != 0 || !perm::multiple_of_pow2(d, nf - 1)) {
             return Err(refuse(
                 t,
                 format!(
                     "PEFT BOFT with {nf} butterfly factors needs an even block size and a block count \
                      divisible by {}; this target has {d} blocks of {h}",
-                    1usize << (nf - 1)
+                    perm::pow2_text(nf - 1)
                 ),
             ));
         }

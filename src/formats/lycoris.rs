@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
-use crate::math::cayley;
+use crate::math::{cayley, perm};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Flavour {
@@ -263,11 +263,11 @@ fn module_target(
     }
     if flavour == Flavour::Boft {
         // Stage i pairs half-blocks across 2^i blocks.
-        if h % 2 != 0 || nf > 1 && (d % (1usize << (nf - 1).min(63)) != 0) {
+        if h % 2 != 0 || nf > 1 && !perm::multiple_of_pow2(d, nf - 1) {
             return Err(bad(format!(
                 "{nf} butterfly stages need an even block size and a block count divisible by {}; \
                  oft_blocks holds {d} blocks of {h}",
-                1u64 << (nf - 1).min(63)
+                perm::pow2_text(nf - 1)
             )));
         }
     }

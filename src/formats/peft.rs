@@ -41,7 +41,7 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
     // cache snapshot, into its repository's blobs/).
     let confined = crate::checkpoint::Confinement::adapter(dir)?;
     confined.check(&cfg_path)?;
-    let text = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = read_config(&cfg_path)?;
     let config = parse_config(&text, &cfg_path)?;
     let weights = dir.join(WEIGHTS);
     if weights.exists() {
@@ -71,6 +71,35 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
             .insert(WEIGHTS.into(), sha256_file(&weights)?);
     }
     Ok(adapter)
+}
+
+/// The most bytes an `adapter_config.json` may hold. PEFT writes a few kilobytes (a long
+/// `target_modules` list or `rank_pattern` some hundreds); a larger file (a sparse gigabyte) is
+/// refused before it is read.
+pub const MAX_CONFIG: u64 = 16 << 20;
+
+/// Read a config, refusing one larger than `MAX_CONFIG` without reading past the limit.
+fn read_config(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let too_large = || {
+        err(
+            Class::BadAdapter,
+            path,
+            format!("larger than the {MAX_CONFIG}-byte limit for an adapter config"),
+        )
+    };
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    if f.metadata().map_err(|e| Error::io(path, e))?.len() > MAX_CONFIG {
+        return Err(too_large());
+    }
+    let mut text = Vec::new();
+    f.take(MAX_CONFIG + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > MAX_CONFIG {
+        return Err(too_large());
+    }
+    Ok(text)
 }
 
 /// Import a PEFT adapter held in memory: the bytes of `adapter_config.json` and the parsed

@@ -143,11 +143,11 @@ fn module_target(
     let n = d * h;
     if nf > 1 {
         // Every butterfly factor after the first pairs half-blocks across 2^i blocks.
-        if h % 2 != 0 || d % (1usize << (nf - 1).min(63)) != 0 {
+        if h % 2 != 0 || !perm::multiple_of_pow2(d, nf - 1) {
             return Err(bad(format!(
                 "{nf} butterfly factors need an even block size and a block count divisible by {}; \
                  boft_R has {d} blocks of {h}",
-                1u64 << (nf - 1).min(63)
+                perm::pow2_text(nf - 1)
             )));
         }
     }

@@ -14,6 +14,20 @@ pub fn is_permutation(p: &[u32]) -> bool {
     true
 }
 
+/// True when `d` is a multiple of `2^k`, for any `k` (no shift that could pass the word size:
+/// a factor count read from a file can be anything).
+pub fn multiple_of_pow2(d: usize, k: usize) -> bool {
+    d == 0 || d.trailing_zeros() as usize >= k
+}
+
+/// `2^k` as text, exact for any `k`, for messages.
+pub fn pow2_text(k: usize) -> String {
+    match u32::try_from(k).ok().and_then(|k| 1u64.checked_shl(k)) {
+        Some(v) if k < 64 => v.to_string(),
+        _ => format!("2^{k}"),
+    }
+}
+
 pub fn invert(p: &[u32]) -> Vec<u32> {
     let mut inv = vec![0u32; p.len()];
     for (j, &x) in p.iter().enumerate() {
@@ -94,5 +108,13 @@ mod tests {
         assert!(is_identity(&comp));
         assert!(!is_permutation(&[0, 0, 1]));
         assert!(!is_permutation(&[0, 3, 1]));
+    }
+
+    #[test]
+    fn powers_of_two_past_the_word_size() {
+        assert!(multiple_of_pow2(8, 3) && !multiple_of_pow2(8, 4));
+        assert!(!multiple_of_pow2(1 << 40, 99) && !multiple_of_pow2(usize::MAX, 1));
+        assert_eq!(pow2_text(3), "8");
+        assert_eq!(pow2_text(99), "2^99");
     }
 }
