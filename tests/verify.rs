@@ -747,22 +747,7 @@ fn unmerge_is_proven_against_the_base_within_its_rounding_and_a_tampered_one_fai
         let (base, adapter) = (c.base_path(), fx.join(&c.adapter));
         let merged = tmp.path().join(format!("{case}-merged"));
         let restored = tmp.path().join(format!("{case}-restored"));
-        ok(&run(
-            "boft-merge",
-            &[&"--base", &base, &"--adapter", &adapter, &"-o", &merged],
-        ));
-        ok(&run(
-            "boft-merge",
-            &[
-                &"--base",
-                &merged,
-                &"--adapter",
-                &adapter,
-                &"-o",
-                &restored,
-                &"--unmerge",
-            ],
-        ));
+        merge_then_unmerge(&base, &adapter, &merged, &restored);
         // boft-merge's own outputs keep the layout: --same-layout holds for both.
         ok(&run(
             "boft-verify",

@@ -403,15 +403,8 @@ pub fn merge_and_compare(c: &RefCase, m: &RefMerged, extra: &[&str]) {
     assert_merge_matches(&out, &c.expected(m), &base);
 }
 
-/// Merge `c` and un-merge the result: every tensor comes back within 1e-5 relative (f32 bases).
-pub fn assert_unmerge_restores(c: &RefCase) {
-    let tmp = tempfile::tempdir().unwrap();
-    let base = c.base_path();
-    let merged = out_path(&tmp.path().join("m"), &base);
-    let back = out_path(&tmp.path().join("b"), &base);
-    std::fs::create_dir_all(tmp.path().join("m")).unwrap();
-    std::fs::create_dir_all(tmp.path().join("b")).unwrap();
-    let adapter = c.adapter_path();
+/// Merge `adapter` into `base` as `merged` and un-merge that as `restored`, with the binary.
+pub fn merge_then_unmerge(base: &Path, adapter: &Path, merged: &Path, restored: &Path) {
     ok(&run(
         "boft-merge",
         &[&"--base", &base, &"--adapter", &adapter, &"-o", &merged],
@@ -424,10 +417,21 @@ pub fn assert_unmerge_restores(c: &RefCase) {
             &"--adapter",
             &adapter,
             &"-o",
-            &back,
+            &restored,
             &"--unmerge",
         ],
     ));
+}
+
+/// Merge `c` and un-merge the result: every tensor comes back within 1e-5 relative (f32 bases).
+pub fn assert_unmerge_restores(c: &RefCase) {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = c.base_path();
+    let merged = out_path(&tmp.path().join("m"), &base);
+    let back = out_path(&tmp.path().join("b"), &base);
+    std::fs::create_dir_all(tmp.path().join("m")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("b")).unwrap();
+    merge_then_unmerge(&base, &c.adapter_path(), &merged, &back);
     let (orig, restored) = (tensors(&base), tensors(&back));
     for (name, (_, t)) in &orig {
         let e = rel_err(&restored[name].1.f32(), &t.f32());
