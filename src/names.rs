@@ -83,7 +83,7 @@ pub fn resolve(base: &Checkpoint, adapter: &mut Adapter, strict: bool) -> Result
 /// single-file checkpoint, the containers the original (LDM / SGM) layouts use for it.
 pub fn component_prefixes(base: &Checkpoint, component: &str) -> Vec<String> {
     let own = format!("{component}.");
-    if matches!(base.layout, crate::checkpoint::Layout::Pipeline(_)) {
+    if matches!(base.layout, crate::checkpoint::Layout::Pipeline) {
         return vec![own];
     }
     let known: &[&str] = match component {

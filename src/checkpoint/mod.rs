@@ -37,7 +37,7 @@ pub enum Layout {
     Sharded,
     /// A diffusers pipeline folder (`model_index.json`): each named component folder holds a
     /// single file or an index and shards; tensors are known as `<component>.<name>`.
-    Pipeline(Vec<String>),
+    Pipeline,
 }
 
 pub struct Checkpoint {
@@ -83,8 +83,9 @@ impl Checkpoint {
             ));
         }
         // Every shard with the tensors its index says it holds (none for a single file), the
-        // component it belongs to, and the index that says so.
-        let mut shard_names: Vec<(PathBuf, Vec<String>, usize)> = Vec::new();
+        // component it belongs to ("" outside a pipeline), and the index (relative to the root)
+        // that says so.
+        let mut shard_names: Vec<(PathBuf, Vec<String>, &str, usize)> = Vec::new();
         let mut indices: Vec<PathBuf> = Vec::new();
         let mut layout = Layout::Folder;
         for comp in &components {
@@ -98,18 +99,19 @@ impl Checkpoint {
                 layout = Layout::Sharded;
                 for (rel, names) in read_index(&index_path)? {
                     let names = names.into_iter().map(|n| qualify(comp, &n)).collect();
-                    shard_names.push((Path::new(comp).join(rel), names, indices.len()));
+                    shard_names.push((Path::new(comp).join(rel), names, comp, indices.len()));
                 }
-                indices.push(index_path);
+                indices.push(Path::new(comp).join(index_name));
             } else {
-                shard_names.push((Path::new(comp).join(single_name), vec![], usize::MAX));
+                let rel = Path::new(comp).join(single_name);
+                shard_names.push((rel, vec![], comp, usize::MAX));
             }
         }
         if pipeline {
-            layout = Layout::Pipeline(components.clone());
+            layout = Layout::Pipeline;
         }
         let mut files = Vec::new();
-        for (rel, _, ix) in &shard_names {
+        for (rel, _, comp, ix) in &shard_names {
             let p = root.join(rel);
             if !p.exists() {
                 let from = indices.get(*ix).map_or(Path::new(""), |p| p.as_path());
@@ -127,20 +129,15 @@ impl Checkpoint {
             // A pipeline's components hold tensors of the same names (each text encoder has
             // `text_model.…`): inside one checkpoint they are known by `<component>.<name>`, the
             // way diffusers and kohya's containers name them. Headers stay as stored.
-            let comp = rel
-                .components()
-                .next()
-                .filter(|_| pipeline)
-                .map(|c| c.as_os_str().to_string_lossy().into_owned());
-            if let Some(comp) = comp {
+            if !comp.is_empty() {
                 for t in &mut f.tensors {
-                    t.name = qualify(&comp, &t.name);
+                    t.name = qualify(comp, &t.name);
                 }
             }
             files.push((rel.clone(), f));
         }
         let shard_set: std::collections::HashSet<&PathBuf> =
-            shard_names.iter().map(|(p, _, _)| p).collect();
+            shard_names.iter().map(|(p, _, _, _)| p).collect();
         let mut others = Vec::new();
         list_others(root, &confined, Path::new(""), &shard_set, &mut others)?;
         others.sort();
@@ -149,9 +146,7 @@ impl Checkpoint {
         // safety checker's pytorch_model.bin, are copied as they are).
         let (left_out, others): (Vec<PathBuf>, Vec<PathBuf>) = others.into_iter().partition(|p| {
             is_weight_file(p)
-                && !indices
-                    .iter()
-                    .any(|i| i.strip_prefix(root).is_ok_and(|r| r == p))
+                && !indices.contains(p)
                 && (!pipeline
                     || p.components()
                         .next()
@@ -160,8 +155,8 @@ impl Checkpoint {
         let mut ck = Checkpoint::assemble(root, layout, files, others)?;
         ck.left_out = left_out;
         // Every tensor an index names must be in the shard it names.
-        for (rel, names, ix) in &shard_names {
-            let Some(index_path) = indices.get(*ix) else {
+        for (rel, names, _, ix) in &shard_names {
+            let Some(index_path) = indices.get(*ix).map(|i| root.join(i)) else {
                 continue;
             };
             for n in names {
@@ -170,7 +165,7 @@ impl Checkpoint {
                     Some(&(fi, _)) => {
                         return Err(err(
                             Class::BadIndex,
-                            index_path,
+                            &index_path,
                             format!(
                                 "index puts {n:?} in {} but it is stored in {}",
                                 rel.display(),
@@ -181,7 +176,7 @@ impl Checkpoint {
                     None => {
                         return Err(err(
                             Class::BadIndex,
-                            index_path,
+                            &index_path,
                             format!(
                                 "index names tensor {n:?} which {} does not hold",
                                 rel.display()
