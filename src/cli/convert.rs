@@ -122,11 +122,7 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
         }
         To::Lycoris => export::write_lycoris(&adapter, &args.output)?,
     };
-    let version = if adapter.source_version.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", adapter.source_version)
-    };
+    let version = super::version_suffix(&adapter);
     let message = format!(
         "wrote {}: {} targets from {}{version} as {}, {} replaced tensors",
         args.output.display(),

@@ -163,12 +163,7 @@ pub fn summary(adapter: &crate::adapter::Adapter, path: &std::path::Path) -> Str
             format!("{lo}–{hi}")
         }
     };
-    // A source without a version (LyCORIS files carry none) gets no empty "()".
-    let version = if adapter.source_version.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", adapter.source_version)
-    };
+    let version = version_suffix(adapter);
     format!(
         "wrote {}: {} targets from {}{version}, factors {}, block size {}, {} parameters, {} replaced tensors",
         path.display(),
@@ -179,4 +174,14 @@ pub fn summary(adapter: &crate::adapter::Adapter, path: &std::path::Path) -> Str
         adapter.parameter_count(),
         adapter.replacements.len()
     )
+}
+
+/// ` (<version>)` after a source format's name, or nothing for a source without a version
+/// (LyCORIS files carry none), never an empty "()".
+pub(crate) fn version_suffix(adapter: &crate::adapter::Adapter) -> String {
+    if adapter.source_version.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", adapter.source_version)
+    }
 }
