@@ -221,7 +221,8 @@ fn only_safetensors(dir: &Path) -> Result<Option<PathBuf>> {
 
 fn read_small(p: &Path) -> Result<String> {
     use std::io::Read;
-    let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    // Not blocking on a FIFO planted as a ref, not reading a device.
+    let f = crate::checkpoint::file::open_regular(p, "a ref file")?;
     let mut s = String::new();
     // A ref holds 40 characters; reading more would only let a hostile file cost memory.
     f.take(256)

@@ -2001,3 +2001,26 @@ fn i03_sigkill_leftover_is_reclaimed_by_the_next_run() {
         "leftover not reclaimed"
     );
 }
+
+#[test]
+fn a34_block_size_past_the_limit() {
+    use boft::adapter::{Side, MAX_BLOCK_SIZE};
+    let mut sc = Scene::new();
+    let (_, _, out) = conv(&sc);
+    // One block of 4097×4097 (67 MB): checking its orthogonality costs 4097³ operations
+    // (about a minute here); every block-wise computation is cubic in the block size, so the size
+    // is capped and the file refused before any of it.
+    let bs = MAX_BLOCK_SIZE + 1;
+    let t = canon_target("fc.weight", Side::Input, 1, 1, bs);
+    let adapter = canon_file(&sc, vec![t]);
+    sc.freeze(&[&adapter], &out);
+    let start = Instant::now();
+    let o = run_limited("boft-verify", &[adapter.as_os_str()]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "refused after {:?}",
+        start.elapsed()
+    );
+}

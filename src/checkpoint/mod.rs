@@ -6,6 +6,7 @@ pub mod dtype;
 pub mod file;
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
 use serde_json::Value;
@@ -53,6 +54,8 @@ pub struct Checkpoint {
     /// left out of a merged output, where they would be stale (`is_weight_file`).
     pub left_out: Vec<PathBuf>,
     by_name: HashMap<String, (usize, usize)>,
+    /// Where a folder's files may lie, kept for opening its other files when they are copied.
+    confined: Option<Confinement>,
 }
 
 impl Checkpoint {
@@ -97,7 +100,7 @@ impl Checkpoint {
             if index_path.exists() {
                 confined.check(&index_path)?;
                 layout = Layout::Sharded;
-                for (rel, names) in read_index(&index_path)? {
+                for (rel, names) in read_index(&index_path, &confined)? {
                     let names = names.into_iter().map(|n| qualify(comp, &n)).collect();
                     shard_names.push((Path::new(comp).join(rel), names, comp, indices.len()));
                 }
@@ -125,7 +128,7 @@ impl Checkpoint {
                 ));
             }
             confined.check(&p)?;
-            let mut f = SafeFile::open(&p)?;
+            let mut f = SafeFile::from_file(&p, confined.open(&p, file::SAFETENSORS)?)?;
             // A pipeline's components hold tensors of the same names (each text encoder has
             // `text_model.…`): inside one checkpoint they are known by `<component>.<name>`, the
             // way diffusers and kohya's containers name them. Headers stay as stored.
@@ -154,6 +157,7 @@ impl Checkpoint {
         });
         let mut ck = Checkpoint::assemble(root, layout, files, others)?;
         ck.left_out = left_out;
+        ck.confined = Some(confined);
         // Every tensor an index names must be in the shard it names.
         for (rel, names, _, ix) in &shard_names {
             let Some(index_path) = indices.get(*ix).map(|i| root.join(i)) else {
@@ -218,7 +222,26 @@ impl Checkpoint {
             others,
             left_out: Vec::new(),
             by_name,
+            confined: None,
         })
+    }
+
+    /// A single-file checkpoint already in memory (`SafeFile::from_bytes`), for callers that
+    /// hold their bytes themselves (the fuzz targets); it names no folder and copies nothing.
+    pub fn from_file(f: SafeFile) -> Result<Checkpoint> {
+        let root = f.path.clone();
+        let name = PathBuf::from(root.file_name().unwrap_or_default());
+        Checkpoint::assemble(&root, Layout::File, vec![(name, f)], vec![])
+    }
+
+    /// Open one of the folder's other files (`others`) to copy it: the file checked when the
+    /// folder was opened, or an error if the path now leads elsewhere (see `Confinement::open`).
+    pub fn open_other(&self, rel: &Path) -> Result<File> {
+        let p = self.root.join(rel);
+        match &self.confined {
+            Some(c) => c.open(&p, "a regular file"),
+            None => file::open_regular(&p, "a regular file"),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<(&SafeFile, &TensorInfo)> {
@@ -347,22 +370,32 @@ pub fn is_weight_file(rel: &Path) -> bool {
 pub const MAX_INDEX: u64 = 100_000_000;
 
 /// Read and parse an index file.
-fn read_index(path: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
+fn read_index(path: &Path, confined: &Confinement) -> Result<Vec<(PathBuf, Vec<String>)>> {
+    use std::io::Read;
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(err(Class::BadIndex, path, "is not a regular file"));
     }
-    if meta.len() > MAX_INDEX {
-        return Err(err(
+    let f = confined.open(path, "an index file")?;
+    let too_large = |len: u64| {
+        err(
             Class::BadIndex,
             path,
-            format!(
-                "{} bytes exceeds the {MAX_INDEX}-byte limit for an index",
-                meta.len()
-            ),
-        ));
+            format!("{len} bytes exceeds the {MAX_INDEX}-byte limit for an index"),
+        )
+    };
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > MAX_INDEX {
+        return Err(too_large(len));
     }
-    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // Read through the handle checked above, no further than the limit even if the file grows.
+    let mut text = Vec::new();
+    f.take(MAX_INDEX + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > MAX_INDEX {
+        return Err(too_large(text.len() as u64));
+    }
     parse_index(&text).map_err(|e| e.at(path))
 }
 
@@ -495,6 +528,26 @@ impl Confinement {
             ));
         }
         Ok(real)
+    }
+
+    /// Open a file of the folder for reading: a regular file (`what` names the expected kind)
+    /// lying inside the confinement. The file opened is the file checked: its identity (device
+    /// and inode) must be that of the path's resolution, so a path swapped for a symlink to
+    /// elsewhere between the check and the open is refused instead of read.
+    pub(crate) fn open(&self, p: &Path, what: &str) -> Result<File> {
+        use std::os::unix::fs::MetadataExt;
+        let file = file::open_regular(p, what)?;
+        let real = self.check(p)?;
+        let opened = file.metadata().map_err(|e| Error::io(p, e))?;
+        let checked = std::fs::metadata(&real).map_err(|e| Error::io(p, e))?;
+        if (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
+            return Err(err(
+                Class::Io,
+                p,
+                "was replaced by another process while being opened",
+            ));
+        }
+        Ok(file)
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{peft_boft, peft_oft, sha256_file};
+use super::{peft_boft, peft_oft, sha256_hex};
 use crate::adapter::{Adapter, Replacement};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
@@ -41,7 +41,7 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
     // cache snapshot, into its repository's blobs/).
     let confined = crate::checkpoint::Confinement::adapter(dir)?;
     confined.check(&cfg_path)?;
-    let text = read_config(&cfg_path)?;
+    let text = read_config(&cfg_path, confined.open(&cfg_path, "a JSON file")?)?;
     let config = parse_config(&text, &cfg_path)?;
     let weights = dir.join(WEIGHTS);
     if weights.exists() {
@@ -55,7 +55,10 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
         };
         return Err(err(Class::NotFound, &weights, msg));
     }
-    let f = Arc::new(SafeFile::open(&weights)?);
+    let f = Arc::new(SafeFile::from_file(
+        &weights,
+        confined.open(&weights, crate::checkpoint::file::SAFETENSORS)?,
+    )?);
     let legacy = match source {
         super::Source::Peft => Some(false),
         super::Source::PeftLegacyConv => Some(true),
@@ -65,10 +68,10 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
     if hash {
         adapter
             .source_sha256
-            .insert(CONFIG.into(), sha256_file(&cfg_path)?);
+            .insert(CONFIG.into(), sha256_hex(&text));
         adapter
             .source_sha256
-            .insert(WEIGHTS.into(), sha256_file(&weights)?);
+            .insert(WEIGHTS.into(), sha256_hex(f.bytes()));
     }
     Ok(adapter)
 }
@@ -79,7 +82,7 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
 pub const MAX_CONFIG: u64 = 16 << 20;
 
 /// Read a config, refusing one larger than `MAX_CONFIG` without reading past the limit.
-fn read_config(path: &Path) -> Result<Vec<u8>> {
+fn read_config(path: &Path, f: std::fs::File) -> Result<Vec<u8>> {
     use std::io::Read;
     let too_large = || {
         err(
@@ -88,7 +91,6 @@ fn read_config(path: &Path) -> Result<Vec<u8>> {
             format!("larger than the {MAX_CONFIG}-byte limit for an adapter config"),
         )
     };
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     if f.metadata().map_err(|e| Error::io(path, e))?.len() > MAX_CONFIG {
         return Err(too_large());
     }
