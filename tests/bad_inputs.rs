@@ -1955,6 +1955,73 @@ fn i02_sigterm_mid_write() {
     interrupt_mid_write(libc::SIGTERM);
 }
 
+/// Another process truncates the base while the merge reads it through its map: the next read
+/// past the new end faults (SIGBUS). The binaries turn that into one `[io]` line naming the
+/// file, remove the staged output and exit 2 (docs/ERRORS.md, "Inputs changed during a run").
+#[test]
+fn i04_base_truncated_mid_merge() {
+    let sc = Scene::new();
+    let out_dir = sc.out_dir();
+    let out = out_dir.join("merged.safetensors");
+    for rows in [8192usize, 32768, 131072] {
+        let (base, adapter) = slow_case(sc.tmp.path(), rows);
+        let child = bin("boft-merge")
+            .args([
+                "--base".as_ref(),
+                base.as_os_str(),
+                "--adapter".as_ref(),
+                adapter.as_os_str(),
+                "-o".as_ref(),
+                out.as_os_str(),
+                "--threads".as_ref(),
+                OsStr::new("1"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let temp = out_dir.join(format!(".merged.safetensors.boft-partial-{}", child.id()));
+        let mut child = child;
+        let start = Instant::now();
+        let mut seen = false;
+        while start.elapsed() < Duration::from_secs(60) {
+            if temp.exists() {
+                seen = true;
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if seen {
+            let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+            f.set_len(std::fs::metadata(&base).unwrap().len() / 8)
+                .unwrap();
+        }
+        let o = wait_limited(child, Duration::from_secs(120));
+        if o.status.success() {
+            eprintln!("merge of {rows} rows finished before the truncation; retrying larger");
+            std::fs::remove_file(&out).unwrap();
+            std::fs::remove_file(&base).unwrap();
+            continue;
+        }
+        let err = fails_with(&o, "io");
+        eprint!("{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains(&*base.to_string_lossy()), "{err}");
+        assert!(!out.exists(), "output written from a truncated base");
+        assert!(
+            dir_entries(&out_dir).is_empty(),
+            "leftovers: {:?}",
+            dir_entries(&out_dir)
+        );
+        return;
+    }
+    panic!("every merge finished before the truncation");
+}
+
 /// SIGKILL (or the OOM killer) gives no chance to clean up: the staged file stays. The next run
 /// for the same destination reclaims it, since its owner is gone (docs/ERRORS.md, "Hard kills").
 #[test]

@@ -57,6 +57,8 @@ pub struct SafeFile {
     /// The file the bytes were mapped from, kept open so that later reads (the merge's
     /// copy_file_range) go to the same file, never to whatever the path names by then.
     file: Option<File>,
+    /// Declared before `mmap` so that the range is unregistered before it is unmapped.
+    fault: Option<crate::fault::MapGuard>,
     mmap: Bytes,
     /// 8 + header length: where the data section begins in the file.
     pub data_offset: usize,
@@ -154,14 +156,18 @@ impl SafeFile {
                 "file is empty, not a safetensors file",
             ));
         }
-        // SAFETY: the map is read-only; a file truncated by another process while we run can
-        // still fault, which is the accepted limit of every mmap-based loader.
+        // SAFETY: the map is read-only; a file truncated by another process while we run faults
+        // on the next read past its new end, which the binaries' SIGBUS handler turns into one
+        // `[io]` line with the staged output removed (`fault`).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         // Merges read each file front to back once: ask for aggressive readahead. Advice is a
         // hint; failing to give it changes nothing.
         let _ = mmap.advise(memmap2::Advice::Sequential);
+        // Registered before the first read: parsing the header can fault too.
+        let fault = crate::fault::register_map(mmap.as_ptr(), mmap.len(), path);
         let mut f = Self::from_mmap(path, Bytes::Mapped(mmap))?;
         f.file = Some(file);
+        f.fault = Some(fault);
         Ok(f)
     }
 
@@ -185,6 +191,7 @@ impl SafeFile {
         Ok(SafeFile {
             path: path.to_path_buf(),
             file: None,
+            fault: None,
             mmap,
             data_offset,
             tensors,
