@@ -217,16 +217,19 @@ pub fn random_peft(d: &mut impl Draw) -> Peft {
             cfg.insert("peft_type".into(), odd_value(d, json!("OFT")));
             cfg.insert("r".into(), odd_value(d, json!(0)));
             cfg.insert("oft_block_size".into(), odd_value(d, json!(b)));
-            cfg.insert(
-                "use_cayley_neumann".into(),
-                odd_value(d, json!(d.chance(0.5))),
-            );
+            cfg.insert("use_cayley_neumann".into(), {
+                let v = d.chance(0.5);
+                odd_value(d, json!(v))
+            });
             let terms = d.range(1, 7);
             cfg.insert(
                 "num_cayley_neumann_terms".into(),
                 odd_value(d, json!(terms)),
             );
-            cfg.insert("coft".into(), odd_value(d, json!(d.chance(0.3))));
+            cfg.insert("coft".into(), {
+                let v = d.chance(0.3);
+                odd_value(d, json!(v))
+            });
             cfg.insert("eps".into(), odd_value(d, json!(6e-5)));
             cfg.insert("block_share".into(), odd_value(d, json!(false)));
             cfg.insert("peft_version".into(), odd_value(d, json!("0.21.2")));
@@ -234,7 +237,10 @@ pub fn random_peft(d: &mut impl Draw) -> Peft {
         _ => {
             cfg.insert("peft_type".into(), odd_value(d, json!("OFT")));
             cfg.insert("r".into(), odd_value(d, json!(blocks)));
-            cfg.insert("coft".into(), odd_value(d, json!(d.chance(0.3))));
+            cfg.insert("coft".into(), {
+                let v = d.chance(0.3);
+                odd_value(d, json!(v))
+            });
             cfg.insert("eps".into(), odd_value(d, json!(6e-5)));
             let shared = tensors.iter().any(|(_, s, _)| s.len() == 3 && s[0] == 1);
             cfg.insert(

@@ -765,7 +765,14 @@ impl Adapter {
         for (name, targets) in &by_tensor {
             check_tensor(name, targets)?;
         }
+        let mut replaced = std::collections::BTreeSet::new();
         for r in &self.replacements {
+            if !replaced.insert(r.name.as_str()) {
+                return Err(Error::bare(
+                    Class::BadAdapter,
+                    format!("{} is replaced twice", r.name),
+                ));
+            }
             if by_tensor.contains_key(r.name.as_str()) {
                 return Err(Error::bare(
                     Class::BadAdapter,

@@ -9,8 +9,6 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
-use serde_json::Value;
-
 pub use dtype::Dtype;
 pub use file::{serialize, OwnedTensor, SafeFile, TensorInfo};
 
@@ -405,21 +403,28 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
     fn bare(class: Class, message: impl Into<String>) -> Error {
         Error::bare(class, message)
     }
-    let v: Value = serde_json::from_slice(bytes)
+    let top: IndexTop = serde_json::from_slice(bytes)
         .map_err(|e| bare(Class::BadIndex, format!("not valid JSON ({e})")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
+    let map = top
+        .weight_map
         .ok_or_else(|| bare(Class::BadIndex, "no \"weight_map\" object"))?;
     let mut shards: Vec<(PathBuf, Vec<String>)> = Vec::new();
     let mut pos: HashMap<PathBuf, usize> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     for (tensor, shard) in map {
-        let shard = shard.as_str().ok_or_else(|| {
+        if !seen.insert(tensor.clone()) {
+            return Err(bare(
+                Class::BadIndex,
+                format!("weight_map lists {tensor:?} twice"),
+            ));
+        }
+        let shard = shard.ok_or_else(|| {
             bare(
                 Class::BadIndex,
                 format!("weight_map entry for {tensor:?} is not a string"),
             )
         })?;
+        let shard = shard.as_str();
         let rel = safe_relative(shard).ok_or_else(|| {
             let escapes = Path::new(shard).is_absolute()
                 || Path::new(shard)
@@ -449,6 +454,134 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
         return Err(bare(Class::BadIndex, "weight_map is empty"));
     }
     Ok(shards)
+}
+
+/// What an index is read into: only `weight_map`'s entries (in file order, each shard if it is a
+/// string), None when it is absent or not an object. Nothing else of the file is kept (no JSON
+/// tree), so memory follows the tensors listed, not what a hostile file pads itself with.
+struct IndexTop {
+    weight_map: Option<Vec<(String, Option<String>)>>,
+}
+
+/// Skip the rest of a JSON array or object as it is read; used for values of a type other than
+/// the one a visitor keeps.
+macro_rules! skip_others {
+    ($out:ty, $none:expr) => {
+        fn visit_bool<E>(self, _: bool) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_i64<E>(self, _: i64) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_u64<E>(self, _: u64) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_f64<E>(self, _: f64) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_unit<E>(self) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> std::result::Result<$out, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok($none)
+        }
+    };
+}
+
+/// A JSON value kept only if it is a string.
+struct StrOrSkip(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for StrOrSkip {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StrOrSkip;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<StrOrSkip, E> {
+                Ok(StrOrSkip(Some(v.to_string())))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<StrOrSkip, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(StrOrSkip(None))
+            }
+            skip_others!(StrOrSkip, StrOrSkip(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A JSON object's entries with `StrOrSkip` values, or None for any other value.
+struct ShardMap(Option<Vec<(String, Option<String>)>>);
+
+impl<'de> serde::Deserialize<'de> for ShardMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ShardMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<ShardMap, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, StrOrSkip(s))) = a.next_entry::<String, StrOrSkip>()? {
+                    v.push((k, s));
+                }
+                Ok(ShardMap(Some(v)))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<ShardMap, E> {
+                Ok(ShardMap(None))
+            }
+            skip_others!(ShardMap, ShardMap(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IndexTop {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IndexTop;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<IndexTop, A::Error> {
+                let mut top = IndexTop { weight_map: None };
+                while let Some(k) = a.next_key::<String>()? {
+                    if k == "weight_map" {
+                        // A repeated key: the last one counts, as a JSON object read whole.
+                        top.weight_map = a.next_value::<ShardMap>()?.0;
+                    } else {
+                        a.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(top)
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<IndexTop, E> {
+                Ok(IndexTop { weight_map: None })
+            }
+            skip_others!(IndexTop, IndexTop { weight_map: None });
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A relative path with only normal components, or None (absolute, `..`, empty).

@@ -77,9 +77,54 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
 }
 
 /// The most bytes an `adapter_config.json` may hold. PEFT writes a few kilobytes (a long
-/// `target_modules` list or `rank_pattern` some hundreds); a larger file (a sparse gigabyte) is
-/// refused before it is read.
-pub const MAX_CONFIG: u64 = 16 << 20;
+/// `target_modules` list or `rank_pattern` some hundreds; every module of a 671B MoE model named
+/// one by one, about 2.5 MB); a larger file (a sparse gigabyte) is refused before it is read. The
+/// config is read as a JSON tree, which can take ~25 times its size in memory (a list of empty
+/// objects): 4 MiB keeps that near 100 MB.
+pub const MAX_CONFIG: u64 = 4 << 20;
+
+/// A config field PEFT declares as a bool: absent or `null` is PEFT's default. Another type is
+/// refused: Python would read `1` or `"false"` as true, where a strict reader would not, and a
+/// guess either way changes the merged weights.
+pub(crate) fn config_bool(c: &Value, key: &str, default: bool, path: &Path) -> Result<bool> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(wrong_type(key, v, "true or false", path)),
+    }
+}
+
+/// A config field PEFT declares as an int ≥ 0 (see `config_bool`).
+pub(crate) fn config_uint(c: &Value, key: &str, default: u64, path: &Path) -> Result<u64> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| wrong_type(key, v, "a non-negative integer", path)),
+    }
+}
+
+/// A config field PEFT declares as a float (see `config_bool`); integers are numbers too.
+pub(crate) fn config_f64(c: &Value, key: &str, default: f64, path: &Path) -> Result<f64> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| wrong_type(key, v, "a number", path)),
+    }
+}
+
+fn wrong_type(key: &str, v: &Value, want: &str, path: &Path) -> Error {
+    let mut shown = v.to_string();
+    if shown.len() > 40 {
+        shown = format!("{}…", shown.chars().take(40).collect::<String>());
+    }
+    err(
+        Class::BadAdapter,
+        path,
+        format!("{key} is {shown}, expected {want}"),
+    )
+}
 
 /// Read a config, refusing one larger than `MAX_CONFIG` without reading past the limit.
 fn read_config(path: &Path, f: std::fs::File) -> Result<Vec<u8>> {
