@@ -47,8 +47,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "canonical")]
     pub to: To,
     /// Reader for the input: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
-    #[arg(long, default_value = "auto")]
-    pub from: String,
+    #[arg(long, value_enum, default_value = "auto", hide_possible_values = true)]
+    pub from: super::values::From,
     /// Base checkpoint to resolve and check targets against (a path, or a hub id
     /// org/name[@revision] in the local Hugging Face cache).
     #[arg(long)]
@@ -92,7 +92,7 @@ where
 
 /// The conversion itself: no printing, no exit.
 pub fn run(args: &Args) -> Result<Converted, Error> {
-    let source = crate::formats::Source::parse(&args.from)?;
+    let source = args.from.into();
     let input = locate(&args.input, Role::Adapter)?;
     let mut adapter = crate::formats::load_as(&input, source)?;
     let mut inputs = vec![input.clone()];

@@ -33,6 +33,7 @@ pub enum Source {
 }
 
 impl Source {
+    /// Each source's `--from` name, in declaration order (for messages).
     pub const NAMES: &'static [&'static str] = &[
         "auto",
         "canonical",
@@ -41,23 +42,6 @@ impl Source {
         "lycoris",
         "kohya",
     ];
-
-    pub fn parse(s: &str) -> Result<Source> {
-        Ok(match s {
-            "auto" => Source::Auto,
-            "canonical" => Source::Canonical,
-            "peft" => Source::Peft,
-            "peft-legacy-conv" => Source::PeftLegacyConv,
-            "lycoris" => Source::Lycoris,
-            "kohya" => Source::Kohya,
-            _ => {
-                return Err(Error::bare(
-                    Class::Usage,
-                    format!("--from {s}: expected one of {}", Source::NAMES.join(", ")),
-                ))
-            }
-        })
-    }
 }
 
 /// Load any adapter we can read (a canonical file, a PEFT adapter folder, a LyCORIS or kohya

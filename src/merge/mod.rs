@@ -6,6 +6,7 @@
 pub mod backend;
 #[cfg(feature = "candle")]
 pub mod candle;
+pub mod progress;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,7 +23,8 @@ use crate::checkpoint::{dtype, Checkpoint, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
 use crate::output::{self, Staged};
-pub use backend::{Backend, CpuBackend};
+pub use backend::{cuda_backend, Backend, CpuBackend, Device};
+pub use progress::{NoProgress, Progress};
 
 /// What happens to one base tensor.
 pub(crate) enum Action<'a> {
@@ -71,9 +73,10 @@ pub enum Direction {
     UnmergeKeepReplaced,
 }
 
-pub struct Options {
+pub struct Options<'a> {
     pub direction: Direction,
-    pub progress: bool,
+    /// Told the bytes written as the output is written.
+    pub progress: &'a dyn Progress,
     pub strength: Strength,
 }
 
@@ -291,7 +294,8 @@ impl Plan<'_> {
             }
         }
 
-        let bar = crate::cli::progress_bar(stats.bytes, opts.progress);
+        let bar = opts.progress;
+        bar.start(stats.bytes);
         let abort = AtomicBool::new(false);
         let first_err: Mutex<Option<Error>> = Mutex::new(None);
         let fail = |e: Error| {
@@ -322,7 +326,7 @@ impl Plan<'_> {
                     }
                 }
             });
-            let (outs, bar, fail) = (&outs, &bar, &fail);
+            let (outs, fail) = (&outs, &fail);
             // Each file is fsynced as soon as its last byte is written, on a thread of its own,
             // so that flushing one file overlaps the work on the next.
             let (sync_tx, sync_rx) = std::sync::mpsc::channel::<usize>();
@@ -360,7 +364,7 @@ impl Plan<'_> {
                     }
                     let res = match step {
                         Step::Copy(r) => {
-                            copy_range(&outs[r.file], r.start, r.len, &stop, &|n| bar.inc(n as u64))
+                            copy_range(&outs[r.file], r.start, r.len, &stop, &|n| bar.advance(n as u64))
                         }
                         Step::Work(fi, t, _) => match done.next() {
                             Some(Ok(bytes)) => {
@@ -371,7 +375,7 @@ impl Plan<'_> {
                                     .write_all_at(&bytes, off)
                                     .map_err(|e| Error::io(&o.dst_path, e));
                                 start_writeback(&o.dst, off, bytes.len());
-                                bar.inc(bytes.len() as u64);
+                                bar.advance(bytes.len() as u64);
                                 let _ = pool_tx.send(bytes);
                                 r
                             }
@@ -413,7 +417,7 @@ impl Plan<'_> {
             }
             drop(out_tx);
         });
-        bar.finish_and_clear();
+        bar.finish();
         if let Some(e) = first_err.into_inner().unwrap() {
             return Err(e);
         }
@@ -770,22 +774,6 @@ pub fn resolve_shapes(
         }
     }
     Ok(())
-}
-
-/// The CUDA backend when built with the `cuda` feature.
-pub fn cuda_backend(device: &str) -> Result<Box<dyn Backend>> {
-    #[cfg(feature = "cuda")]
-    {
-        return Ok(Box::new(candle::CandleBackend::cuda(device)?));
-    }
-    #[cfg(not(feature = "cuda"))]
-    Err(Error::bare(
-        Class::NoDevice,
-        format!(
-            "--device {device}: this binary was built without CUDA support; rebuild with \
-             `cargo build --release --features cuda` (see README)"
-        ),
-    ))
 }
 
 /// The whole merge as the command line runs it: check destination, plan, stage, execute, commit.
