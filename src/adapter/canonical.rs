@@ -133,17 +133,12 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let mut rmetas = Vec::new();
     for r in &adapter.replacements {
         let key = format!("{}::replace", r.name);
-        let dtype = match r.dtype {
-            Dtype::F32 => safetensors::Dtype::F32,
-            Dtype::F16 => safetensors::Dtype::F16,
-            Dtype::BF16 => safetensors::Dtype::BF16,
-            other => {
-                return Err(Error::bare(
-                    Class::UnsupportedDtype,
-                    format!("replacement {} has dtype {}", r.name, other.name()),
-                ))
-            }
-        };
+        let dtype = r.dtype.to_safetensors().ok_or_else(|| {
+            Error::bare(
+                Class::UnsupportedDtype,
+                format!("replacement {} has dtype {}", r.name, r.dtype.name()),
+            )
+        })?;
         tensors.push((
             key.clone(),
             OwnedTensor {

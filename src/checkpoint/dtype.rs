@@ -58,6 +58,18 @@ impl Dtype {
         })
     }
 
+    /// The safetensors dtype a float dtype is written as: the one mapping between the two, used
+    /// wherever this crate serialises tensors (adapter files only: F32, F16 and BF16 are all it
+    /// writes). None for every other dtype.
+    pub fn to_safetensors(self) -> Option<safetensors::Dtype> {
+        Some(match self {
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::BF16 => safetensors::Dtype::BF16,
+            _ => return None,
+        })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Dtype::Bool => "BOOL",

@@ -9,7 +9,7 @@ use clap::{Parser, ValueEnum};
 use crate::adapter::canonical;
 use crate::checkpoint::Checkpoint;
 use crate::error::Error;
-use crate::formats::export;
+use crate::formats::{lycoris, peft};
 use crate::hub::{locate, Role};
 
 pub const PROGRAM: &str = "boft-convert";
@@ -116,11 +116,11 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
             });
         }
         To::Peft => {
-            let mut emb: BTreeSet<String> = export::peft_embedding_modules(&input);
+            let mut emb: BTreeSet<String> = peft::export::peft_embedding_modules(&input);
             emb.extend(args.embeddings.iter().cloned());
-            export::write_peft(&adapter, &args.output, &emb)?
+            peft::export::write_peft(&adapter, &args.output, &emb)?
         }
-        To::Lycoris => export::write_lycoris(&adapter, &args.output)?,
+        To::Lycoris => lycoris::export::write_lycoris(&adapter, &args.output)?,
     };
     let version = super::version_suffix(&adapter);
     let message = format!(

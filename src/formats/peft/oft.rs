@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::peft::{module_key, replacement};
-use super::peft_boft::{check_floats, floats};
+use super::{module_key, replacement};
+use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
@@ -336,7 +336,7 @@ fn compute_blocks(path: &Path, f: &SafeFile, t: &TensorInfo, r: &Recipe) -> Resu
     } else {
         h * h
     };
-    super::solve_blocks(path, &t.name, &raw, per, |blk| {
+    solve_blocks(path, &t.name, &raw, per, |blk| {
         let mut a = blk.to_vec();
         let q = if r.gen == Gen::V2 {
             let mut s = cayley::skew_from_triu(h, &a);

@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::peft::{module_key, replacement};
+use super::{module_key, replacement};
+use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
-use crate::checkpoint::{dtype, SafeFile, TensorInfo};
+use crate::checkpoint::{SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
 use crate::math::{cayley, perm};
 
@@ -87,33 +88,6 @@ pub fn import(
         source_version: String::new(),
         source_sha256: BTreeMap::new(),
     })
-}
-
-pub(super) fn check_floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<()> {
-    if t.dtype.float_size().is_none() {
-        return Err(err(
-            Class::UnsupportedDtype,
-            path,
-            format!(
-                "{} is {}, expected F32, F16 or BF16",
-                t.name,
-                t.dtype.name()
-            ),
-        ));
-    }
-    if let Some((i, x)) = dtype::first_non_finite(t.dtype, f.data(t)) {
-        return Err(err(
-            Class::NonFinite,
-            path,
-            format!("{} holds {x} at element {i}", t.name),
-        ));
-    }
-    Ok(())
-}
-
-pub(super) fn floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Vec<f32>> {
-    check_floats(path, f, t)?;
-    Ok(dtype::decode_any_f32(t.dtype, f.data(t)).expect("float"))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -233,7 +207,7 @@ fn cayley_blocks(
     h: usize,
 ) -> Result<Vec<f32>> {
     let raw: Vec<f64> = floats(path, f, r)?.iter().map(|&x| x as f64).collect();
-    super::solve_blocks(path, &format!("{name}.boft_R"), &raw, h * h, |a| {
+    solve_blocks(path, &format!("{name}.boft_R"), &raw, h * h, |a| {
         cayley::try_cayley_minus(h, &cayley::skew_half(h, a))
     })
 }

@@ -1,12 +1,17 @@
 //! Hugging Face PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`.
-//! Dispatches on `peft_type`; the per-method files do the maths.
+//! Dispatches on `peft_type`; the per-method files (`boft`, `oft`) do the maths, `export` writes
+//! such folders back out.
+
+pub mod boft;
+pub mod export;
+pub mod oft;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{peft_boft, peft_oft, sha256_file};
+use crate::formats::read::sha256_file;
 use crate::adapter::{Adapter, Replacement};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
@@ -18,7 +23,7 @@ pub const PREFIX: &str = "base_model.model.";
 
 /// Load a PEFT adapter folder. With `hash`, record the sha256 of its files (what a canonical
 /// file keeps as provenance); a merge skips that read of the whole adapter.
-pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adapter> {
+pub fn load_folder(dir: &Path, hash: bool, source: crate::formats::Source) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG);
     if !cfg_path.is_file() {
         let subs: Vec<String> = std::fs::read_dir(dir)
@@ -57,8 +62,8 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
     }
     let f = Arc::new(SafeFile::open(&weights)?);
     let legacy = match source {
-        super::Source::Peft => Some(false),
-        super::Source::PeftLegacyConv => Some(true),
+        crate::formats::Source::Peft => Some(false),
+        crate::formats::Source::PeftLegacyConv => Some(true),
         _ => None,
     };
     let mut adapter = import_config(&config, &cfg_path, &f, legacy)?;
@@ -141,8 +146,8 @@ fn import_config(
         .and_then(Value::as_str)
         .unwrap_or("");
     let mut adapter = match peft_type {
-        "BOFT" => peft_boft::import(config, cfg_path, f, legacy_conv)?,
-        "OFT" => peft_oft::import(config, cfg_path, f)?,
+        "BOFT" => boft::import(config, cfg_path, f, legacy_conv)?,
+        "OFT" => oft::import(config, cfg_path, f)?,
         other => {
             return Err(err(
                 Class::UnknownFormat,
