@@ -122,6 +122,41 @@ impl Chain {
             }
         }
     }
+
+    /// The chain's `Mᵀ` without its scale: factors in reverse order with transposed blocks
+    /// (`(PᵀQP)ᵀ = PᵀQᵀP`). For an orthogonal chain this is its inverse.
+    pub fn transposed(&self) -> Chain {
+        let mut t = self.clone();
+        t.factors.reverse();
+        for f in &mut t.factors {
+            let mut b = Vec::with_capacity(f.blocks.len());
+            for k in 0..f.d {
+                b.extend(super::blocks::transpose(f.h, f.block(k)));
+            }
+            f.blocks = b;
+        }
+        t.scale = None;
+        t
+    }
+
+    /// The dense n×n matrix M (row-major, f64), found by pushing the identity through the chain:
+    /// row j of the result is `M e_j`, i.e. the result is Mᵀ, transposed back. O(n²) memory:
+    /// for measuring small transforms, never for merging.
+    pub fn dense(&self) -> Vec<f64> {
+        let n = self.n;
+        let mut x = vec![0f32; n * n];
+        for j in 0..n {
+            x[j * n + j] = 1.0;
+        }
+        self.apply_rows(&mut x, 0, n, &mut Scratch::default());
+        let mut m = vec![0f64; n * n];
+        for j in 0..n {
+            for i in 0..n {
+                m[i * n + j] = x[j * n + i] as f64;
+            }
+        }
+        m
+    }
 }
 
 /// A permutation as maximal runs `(j, p[j], len)` with `p[j + k] = p[j] + k`: butterfly

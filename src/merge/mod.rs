@@ -6,6 +6,7 @@
 pub mod backend;
 #[cfg(feature = "candle")]
 pub mod candle;
+mod expect;
 pub mod progress;
 
 use std::collections::HashMap;
@@ -24,10 +25,11 @@ use crate::error::{err, Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
 use crate::output::{self, Staged};
 pub use backend::{cuda_backend, Backend, CpuBackend, Device};
+pub use expect::Fate;
 pub use progress::{NoProgress, Progress};
 
 /// What happens to one base tensor.
-pub(crate) enum Action<'a> {
+enum Action<'a> {
     /// Transform whole rows (input side, one target).
     Rows(&'a Target),
     /// Transform columns of row slices (output side; several slices for fused weights).
@@ -37,7 +39,7 @@ pub(crate) enum Action<'a> {
 
 /// An action's kernel chains, built just before its tensor is processed so that only a few
 /// targets' blocks exist at any time.
-pub(crate) enum Built<'a> {
+enum Built<'a> {
     Rows(Chain),
     /// Row slices and their chains, and the number of columns the tensor is read as.
     Columns(Vec<((usize, usize), Chain)>, Option<usize>),
@@ -196,12 +198,12 @@ struct CopyRun {
 }
 
 impl Plan<'_> {
-    pub(crate) fn action(&self, name: &str) -> Option<&Action<'_>> {
+    fn action(&self, name: &str) -> Option<&Action<'_>> {
         self.actions.get(name)
     }
 
     /// Compute an action's blocks and build its chains (the inverse ones for an unmerge).
-    pub(crate) fn build<'b>(&self, a: &Action<'b>) -> Result<Built<'b>> {
+    fn build<'b>(&self, a: &Action<'b>) -> Result<Built<'b>> {
         let at = |e: Error| e.at(&self.base.root);
         Ok(match a {
             Action::Rows(t) => Built::Rows(t.chain_at(self.inverse, self.strength).map_err(at)?),
@@ -645,7 +647,7 @@ fn with_chunk(
 /// Transform an input-side tensor in row chunks, in parallel, handing each finished chunk (its
 /// first row and its f32 values) to `sink` with a reusable byte buffer. Memory stays at a few
 /// chunks per thread whatever the tensor's size.
-pub(crate) fn rows_chunked(
+fn rows_chunked(
     t: &TensorInfo,
     src: &[u8],
     chain: &Chain,
@@ -680,7 +682,7 @@ thread_local! {
 /// Output-side transforms mix rows, so each row slice is handled as column vectors: the slice
 /// is transposed (one vector per column), transformed in parallel batches, and transposed back.
 /// Returns the whole tensor in f32; memory is bounded by the targeted tensor, not the model.
-pub(crate) fn columns_f32(
+fn columns_f32(
     t: &TensorInfo,
     src: &[u8],
     slices: &[((usize, usize), Chain)],
