@@ -56,8 +56,11 @@ fn cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> (PathBuf,
 /// A parsed hub id: `org/name`, an optional `@revision`, an optional path inside the repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubId {
+    /// `org/name`.
     pub repo: String,
+    /// The branch, tag or commit (`main` unless given).
     pub revision: String,
+    /// A path inside the repository, when given.
     pub subpath: Option<PathBuf>,
 }
 
@@ -85,7 +88,7 @@ pub fn parse_id(text: &str) -> Option<HubId> {
         return None;
     }
     let subpath = match rest {
-        Some(r) => Some(crate::checkpoint::safe_relative(r)?),
+        Some(r) => Some(crate::paths::safe_relative(r)?),
         None => None,
     };
     Some(HubId {
@@ -99,7 +102,9 @@ pub fn parse_id(text: &str) -> Option<HubId> {
 /// holds an adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// A checkpoint (file or folder).
     Checkpoint,
+    /// An adapter (folder or one file).
     Adapter,
 }
 

@@ -14,8 +14,11 @@ pub use dtype::Dtype;
 pub use file::{serialize, OwnedTensor, SafeFile, TensorInfo};
 
 use crate::error::{err, Class, Error, Result};
+use crate::paths::safe_relative;
 
+/// The index of a sharded transformers checkpoint folder.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
+/// The single weights file of a transformers checkpoint folder.
 pub const SINGLE_NAME: &str = "model.safetensors";
 /// (index, single file) names a checkpoint folder may use: Hugging Face transformers, then the
 /// component folders of a diffusers pipeline (`unet/`, `transformer/`, `text_encoder/`).
@@ -27,6 +30,7 @@ const FOLDER_NAMES: &[(&str, &str)] = &[
     ),
 ];
 
+/// How a checkpoint is laid out on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
     /// A bare `.safetensors` file.
@@ -40,9 +44,11 @@ pub enum Layout {
     Pipeline,
 }
 
+/// A base (or merged) checkpoint: its files mapped and validated, its tensors found by name.
 pub struct Checkpoint {
     /// The path the user gave (file or folder).
     pub root: PathBuf,
+    /// Which of the layouts it is.
     pub layout: Layout,
     /// Safetensors files, each with its path relative to the folder (its file name for `File`).
     pub files: Vec<(PathBuf, SafeFile)>,
@@ -56,6 +62,7 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Open a checkpoint at `root`: a file, a folder, an index and its shards, or a pipeline.
     pub fn open(root: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
         if !meta.is_dir() {
@@ -221,6 +228,7 @@ impl Checkpoint {
         })
     }
 
+    /// The file holding the tensor called `name`, and the tensor.
     pub fn get(&self, name: &str) -> Option<(&SafeFile, &TensorInfo)> {
         self.by_name.get(name).map(|&(fi, ti)| {
             let f = &self.files[fi].1;
@@ -228,12 +236,14 @@ impl Checkpoint {
         })
     }
 
+    /// Every tensor name, file by file.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.files
             .iter()
             .flat_map(|(_, f)| f.tensors.iter().map(|t| t.name.as_str()))
     }
 
+    /// Whether the checkpoint is a folder (outputs are then folders too).
     pub fn is_folder(&self) -> bool {
         self.layout != Layout::File
     }
@@ -416,27 +426,6 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
         return Err(bare(Class::BadIndex, "weight_map is empty"));
     }
     Ok(shards)
-}
-
-/// A relative path with only normal components, or None (absolute, `..`, empty).
-pub fn safe_relative(s: &str) -> Option<PathBuf> {
-    let p = Path::new(s);
-    if s.is_empty() || p.is_absolute() {
-        return None;
-    }
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(x) => out.push(x),
-            Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    if out.as_os_str().is_empty() {
-        None
-    } else {
-        Some(out)
-    }
 }
 
 /// Where the files of a checkpoint folder may really live: inside the folder, and for a folder

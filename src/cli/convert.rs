@@ -12,8 +12,10 @@ use crate::error::Error;
 use crate::formats::{lycoris, peft};
 use crate::hub::{locate, Role};
 
+/// The program name in messages.
 pub const PROGRAM: &str = "boft-convert";
 
+/// `--to`: the format to write.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum To {
     /// The canonical file (docs/FORMAT.md).
@@ -70,9 +72,13 @@ pub struct Args {
 pub struct Converted {
     /// `canonical`, or the export's kind (`PEFT BOFT`, `LyCORIS diag-oft`, ...).
     pub kind: String,
+    /// The reader that took the input.
     pub source_format: String,
+    /// The source library's version, when known.
     pub source_version: String,
+    /// Targets written.
     pub targets: usize,
+    /// Replaced tensors written.
     pub replaced: usize,
     /// The line the command prints on stdout.
     pub message: String,
@@ -101,6 +107,10 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
         crate::merge::resolve_shapes(&base, &mut adapter, args.component.as_deref())?;
         inputs.extend(base.input_paths());
     }
+    let inputs: Vec<PathBuf> = inputs
+        .iter()
+        .flat_map(|p| crate::formats::read_alongside(p))
+        .collect();
     let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
     crate::output::check_destination(&args.output, &inputs, args.force)?;
     let done = match args.to {

@@ -11,6 +11,7 @@ use crate::error::{Class, Error};
 use crate::hub::{locate, Role};
 use crate::merge::{self, Direction, Options, Stats};
 
+/// The program name in messages.
 pub const PROGRAM: &str = "boft-merge";
 
 /// Bake a BOFT/OFT adapter into a safetensors checkpoint (or take it out again with --unmerge).
@@ -77,6 +78,7 @@ pub struct Args {
 
 /// What a merge did.
 pub struct Merged {
+    /// What was written.
     pub stats: Stats,
     /// The backend's name, as the summary line prints it.
     pub backend: String,

@@ -9,6 +9,8 @@ use crate::adapter::StrengthMode;
 use crate::formats::Source;
 
 /// `--from`: which reader takes the adapter (`formats::Source`).
+// Variant doc comments would become clap help text; the flag's own help names them.
+#[allow(missing_docs)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 pub enum From {
     Auto,
@@ -33,6 +35,8 @@ impl std::convert::From<From> for Source {
 }
 
 /// `--strength-mode`: how a strength other than 1 is applied (`adapter::StrengthMode`).
+// As for `From`: the flag's help says what each mode does.
+#[allow(missing_docs)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 pub enum Mode {
     Linear,

@@ -10,6 +10,7 @@ use crate::error::{Class, Error};
 use crate::hub::{locate, Role};
 use crate::verify::{self, Report, Settings};
 
+/// The program name in messages.
 pub const PROGRAM: &str = "boft-verify";
 
 /// Check the orthogonality and expressivity of BOFT/OFT adapters, their fit to a base
@@ -118,8 +119,7 @@ pub fn run(args: &Args) -> Result<Report, Error> {
     let mut adapters = Vec::new();
     for a in &args.adapters {
         let path = locate(a, Role::Adapter)?;
-        let mut adapter =
-            crate::formats::load_deferred_as(&path, args.from.into())?;
+        let mut adapter = crate::formats::load_deferred_as(&path, args.from.into())?;
         if let Some(b) = &base {
             // Names, shared and cropped blocks and some sources' arithmetic follow the base.
             // Unresolvable names are reported by the target-present check.

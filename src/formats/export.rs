@@ -23,7 +23,9 @@ const BLOCK_TOL: f64 = 1e-5;
 pub struct Exported {
     /// `PEFT BOFT`, `PEFT OFT`, `LyCORIS diag-oft`, `LyCORIS boft`, `LyCORIS diag-oft + boft`.
     pub kind: String,
+    /// Targets written.
     pub targets: usize,
+    /// Replaced tensors written.
     pub replaced: usize,
 }
 

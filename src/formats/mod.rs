@@ -8,6 +8,7 @@ pub mod lycoris;
 pub mod peft;
 pub mod read;
 
+pub use peft::read_alongside;
 pub use read::sha256_file;
 
 use std::path::Path;
@@ -19,8 +20,10 @@ use crate::error::{err, Class, Error, Result};
 /// Which reader to use (`--from`): detected from the files, or forced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Source {
+    /// Detect the reader from the files.
     #[default]
     Auto,
+    /// A canonical file (docs/FORMAT.md).
     Canonical,
     /// A PEFT folder, with today's rules (also for Conv2d BOFT files from PEFT ≤ 0.13).
     Peft,

@@ -71,6 +71,7 @@ pub(crate) fn solve_blocks(
     Ok(data)
 }
 
+/// The hex sha256 of a file's bytes (provenance recorded in canonical files).
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut h = Sha256::new();

@@ -20,10 +20,12 @@ pub struct Factor {
 }
 
 impl Factor {
+    /// Vector length: `h × d`.
     pub fn n(&self) -> usize {
         self.h * self.d
     }
 
+    /// Block `k`, row-major.
     pub fn block(&self, k: usize) -> &[f32] {
         &self.blocks[k * self.h * self.h..(k + 1) * self.h * self.h]
     }
@@ -41,9 +43,13 @@ pub enum ScaleOn {
 /// A full transform of vectors of length n: optional scale, factors, optional scale.
 #[derive(Debug, Clone)]
 pub struct Chain {
+    /// Vector length.
     pub n: usize,
+    /// The factors, applied first to last.
     pub factors: Vec<Factor>,
+    /// Per-vector (or per-component) scale, if any.
     pub scale: Option<Vec<f32>>,
+    /// What the scale multiplies.
     pub scale_on: ScaleOn,
     /// Apply the scale before the factors (un-merge) instead of after (merge).
     pub scale_first: bool,

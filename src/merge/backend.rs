@@ -4,6 +4,7 @@
 use crate::error::{Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
 
+/// Where the arithmetic runs (`--device`).
 pub trait Backend: Sync {
     /// Transform `rows` vectors of length `chain.n`, stored row-major in `x`; `row0` is the index
     /// of the first one (for per-vector scales).
@@ -21,6 +22,7 @@ pub trait Backend: Sync {
         0
     }
 
+    /// The name the summary line prints.
     fn name(&self) -> String;
 }
 
@@ -49,9 +51,11 @@ impl Backend for CpuBackend {
 /// candle's CPU device, which runs the GPU code path in the normal test suite.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Device {
+    /// The native CPU kernel.
     Cpu,
     /// `cuda` or `cuda:N`, as given (the ordinal is read when the device is opened).
     Cuda(String),
+    /// candle's CPU device (the GPU code path, for tests).
     #[cfg(feature = "candle")]
     CandleCpu,
 }

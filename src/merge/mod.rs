@@ -46,7 +46,9 @@ enum Built<'a> {
     Replace(&'a Replacement),
 }
 
+/// A merge resolved against its base: what happens to every tensor it touches.
 pub struct Plan<'a> {
+    /// The checkpoint the plan applies to.
     pub base: &'a Checkpoint,
     actions: HashMap<String, Action<'a>>,
     inverse: bool,
@@ -54,11 +56,16 @@ pub struct Plan<'a> {
     pub strength: Strength,
 }
 
+/// What a merge wrote, for the summary line.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
+    /// Tensors transformed.
     pub transformed: usize,
+    /// Tensors replaced.
     pub replaced: usize,
+    /// Tensors copied byte for byte.
     pub copied: usize,
+    /// Bytes of tensor data written.
     pub bytes: u64,
     /// Weight files of the base folder that are not part of the checkpoint and were not
     /// written (`Checkpoint::left_out`).
@@ -68,6 +75,7 @@ pub struct Stats {
 /// Which way a plan goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
+    /// Apply the adapter.
     Merge,
     /// Undo the transforms; refuse adapters that replaced tensors outright.
     Unmerge,
@@ -75,10 +83,13 @@ pub enum Direction {
     UnmergeKeepReplaced,
 }
 
+/// How to run a merge.
 pub struct Options<'a> {
+    /// Merge or un-merge.
     pub direction: Direction,
     /// Told the bytes written as the output is written.
     pub progress: &'a dyn Progress,
+    /// Strength every chain is built at.
     pub strength: Strength,
 }
 
@@ -365,9 +376,9 @@ impl Plan<'_> {
                         return;
                     }
                     let res = match step {
-                        Step::Copy(r) => {
-                            copy_range(&outs[r.file], r.start, r.len, &stop, &|n| bar.advance(n as u64))
-                        }
+                        Step::Copy(r) => copy_range(&outs[r.file], r.start, r.len, &stop, &|n| {
+                            bar.advance(n as u64)
+                        }),
                         Step::Work(fi, t, _) => match done.next() {
                             Some(Ok(bytes)) => {
                                 let o = &outs[*fi];
@@ -790,11 +801,13 @@ pub fn merge_to(
 ) -> Result<Stats> {
     // The base's own files count as inputs too: some may be symlinks to elsewhere.
     let base_files = base.input_paths();
-    let all: Vec<&Path> = inputs
+    let all: Vec<PathBuf> = inputs
         .iter()
         .copied()
         .chain(base_files.iter().map(PathBuf::as_path))
+        .flat_map(crate::formats::read_alongside)
         .collect();
+    let all: Vec<&Path> = all.iter().map(PathBuf::as_path).collect();
     output::check_destination(dest, &all, force)?;
     let mut plan = plan(base, adapter, opts.direction)?;
     plan.strength = opts.strength;

@@ -13,13 +13,11 @@ use super::{Dof, Energy, Measure, Reach};
 /// Transforms up to this size are measured exactly on the dense matrix; larger ones on probes.
 pub const DENSE_MAX: usize = 512;
 
-
 pub(super) struct Props {
     pub orth: Measure,
     pub distance: Measure,
     pub angle: Measure,
 }
-
 
 pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usize) -> Props {
     let n = chain.n;
@@ -188,6 +186,7 @@ pub fn connectivity(chain: &Chain) -> Reach {
     }
 }
 
+/// Degrees of freedom of a target against a dense orthogonal matrix and OFT.
 pub fn degrees_of_freedom(t: &Target) -> Dof {
     let (h, d, n) = (t.block_size, t.blocks, t.n());
     let per_block = h * (h - 1) / 2;
@@ -259,7 +258,6 @@ pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[
     }
 }
 
-
 /// A small deterministic generator for probes (reproducible reports).
 struct Rng(u64);
 
@@ -277,7 +275,6 @@ impl Rng {
         ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -549,4 +546,3 @@ mod tests {
         }
     }
 }
-

@@ -50,7 +50,6 @@ fn allowed(dt: Dtype, got: f32, want: f32, scale: f32, f32_tol: f64) -> f64 {
     }
 }
 
-
 /// Which second checkpoint is being proven against base ⊕ adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proof {
@@ -76,7 +75,6 @@ impl Proof {
         }
     }
 }
-
 
 /// Whether two checkpoints have the same files with the same headers (what boft-merge
 /// writes), or the first difference.
@@ -460,4 +458,3 @@ pub(super) fn check_second(
     }
     Ok(report)
 }
-

@@ -53,14 +53,19 @@ pub const CHECKS: &[&str] = &[
 /// What a check examines besides the adapter; a check is applicable when these inputs are given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Needs {
+    /// The adapter alone.
     Adapter,
+    /// `--base`.
     Base,
     /// `--merged` or `--restored` (with `--base`).
     Second,
+    /// `--merged` (with `--base`).
     Merged,
+    /// `--restored` (with `--base`).
     Restored,
 }
 
+/// What `check` examines besides the adapter.
 pub fn needs(check: &str) -> Needs {
     match check {
         "target-present" | "base-compatible" | "hyperspherical-energy" => Needs::Base,
@@ -79,8 +84,11 @@ pub const CONDITIONAL: &[&str] = &["scale-range", "hyperspherical-energy", "merg
 /// Which inputs a run was given.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Inputs {
+    /// `--base` was given.
     pub base: bool,
+    /// `--merged` was given.
     pub merged: bool,
+    /// `--restored` was given.
     pub restored: bool,
 }
 
@@ -96,6 +104,7 @@ impl Inputs {
     }
 }
 
+/// How a run checks: tolerances, the checks selected, probes.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Orthogonality tolerance for exact (Cayley) blocks and the composed transform.
@@ -104,7 +113,9 @@ pub struct Settings {
     pub approx_tolerance: f64,
     /// Relative tolerance (of the tensor's largest magnitude) for f32 merged values.
     pub merged_tolerance: f64,
+    /// `--checks`: the checks selected by name; None for every applicable one.
     pub checks: Option<BTreeSet<String>>,
+    /// Random probes for transforms larger than `DENSE_MAX`.
     pub probes: usize,
     /// `--same-layout`: the merged (or restored) checkpoint must have the base's files and
     /// the same headers (boft-merge's outputs do); otherwise the layout is only reported.
@@ -125,6 +136,7 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// Parse `--checks` (comma-separated check ids).
     pub fn parse_checks(list: &str) -> Result<BTreeSet<String>> {
         let mut set = BTreeSet::new();
         for c in list.split(',').map(str::trim).filter(|c| !c.is_empty()) {
@@ -193,23 +205,34 @@ impl Settings {
     }
 }
 
+/// The outcome of one check on one subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Within its threshold.
     Pass,
+    /// Past its threshold, or nothing to examine.
     Fail,
     /// A measured property with no pass/fail meaning by default.
     Info,
 }
 
+/// One check on one subject (a target, a tensor, a checkpoint).
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
+    /// The check id (`CHECKS`).
     pub check: &'static str,
+    /// The adapter's display path.
     pub adapter: String,
+    /// What was examined.
     pub subject: String,
+    /// Its outcome.
     pub status: Status,
+    /// The measured value, when there is one.
     pub value: Option<f64>,
+    /// The threshold it was held to, when there is one.
     pub threshold: Option<f64>,
+    /// One line saying what was found.
     pub message: String,
     /// A failing `merged-values`/`restored-values`: its worst element.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -225,23 +248,31 @@ pub struct Element {
     pub coords: Vec<usize>,
     /// The value recomputed here (f32, before rounding to the tensor's dtype).
     pub expected: f64,
+    /// The value found in the checkpoint.
     pub found: f64,
     /// |found − expected| in ulps of the tensor's dtype.
     pub ulps: f64,
 }
 
+/// A measured property of a transform and how it was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Measure {
+    /// The measured value.
     pub value: f64,
     /// `exact` (dense, n ≤ 512) or `probe`/`estimate` (matrix-free).
     pub method: &'static str,
 }
 
+/// How many inputs each output of a transform reaches.
 #[derive(Debug, Clone, Serialize)]
 pub struct Reach {
+    /// Fewest inputs an output reaches.
     pub min: usize,
+    /// Most inputs an output reaches.
     pub max: usize,
+    /// Mean over outputs.
     pub mean: f64,
+    /// Every output reaches every input.
     pub dense: bool,
     /// What `factors` butterfly factors of this block size reach at best: min(n, b·2^(N−1)).
     pub butterfly_reach: usize,
@@ -249,56 +280,92 @@ pub struct Reach {
     pub factors_for_full_density: usize,
 }
 
+/// Degrees of freedom of a target and of its alternatives.
 #[derive(Debug, Clone, Serialize)]
 pub struct Dof {
     /// Skew-symmetric generator entries: factors · blocks · b(b−1)/2.
     pub adapter: usize,
+    /// Scale entries.
     pub scale: usize,
+    /// Generator entries of a dense orthogonal n×n matrix: n(n−1)/2.
     pub dense_orthogonal: usize,
+    /// Generator entries of one OFT factor with the same blocks.
     pub oft_same_block: usize,
 }
 
+/// Hyperspherical energy of a sample of the base's neurons, before and after the transform.
 #[derive(Debug, Clone, Serialize)]
 pub struct Energy {
+    /// Energy of the base rows.
     pub before: f64,
+    /// Energy of the transformed rows.
     pub after: f64,
+    /// |after − before| / before.
     pub rel_diff: f64,
+    /// Rows sampled.
     pub rows_sampled: usize,
 }
 
+/// The measures of one target.
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetReport {
+    /// Base tensor name.
     pub target: String,
+    /// Adapter module.
     pub module: String,
+    /// Rotated side.
     pub side: Side,
+    /// Factors.
     pub factors: usize,
+    /// Blocks per factor.
     pub blocks: usize,
+    /// Block size.
     pub block_size: usize,
+    /// Transform size.
     pub n: usize,
+    /// How the blocks were made.
     pub block_kind: BlockKind,
+    /// Worst |BᵀB − I| over blocks.
     pub block_orthogonality: f64,
+    /// Blocks with determinant −1.
     pub negative_determinants: usize,
+    /// Worst |MᵀM − I| of the composed transform.
     pub transform_orthogonality: Measure,
+    /// Structural reach.
     pub reach: Reach,
+    /// Degrees of freedom.
     pub dof: Dof,
+    /// ‖M − I‖_F.
     pub distance_from_identity: Measure,
+    /// Largest rotation angle, in degrees.
     pub max_angle_deg: Measure,
+    /// Smallest scale entry.
     pub scale_min: Option<f64>,
+    /// Largest scale entry.
     pub scale_max: Option<f64>,
+    /// Hyperspherical energy, for input-side targets found in the base.
     pub hyperspherical_energy: Option<Energy>,
 }
 
+/// The report on one adapter.
 #[derive(Debug, Clone, Serialize)]
 pub struct AdapterReport {
+    /// Its display path.
     pub path: String,
+    /// The reader that took it.
     pub source_format: String,
+    /// The source library's version, when known.
     pub source_version: String,
+    /// One report per target.
     pub targets: Vec<TargetReport>,
+    /// Replaced tensors.
     pub replacements: usize,
 }
 
+/// The report on a merged or restored checkpoint.
 #[derive(Debug, Clone, Serialize)]
 pub struct MergedReport {
+    /// Its display path.
     pub path: String,
     /// `merged` (`--merged`) or `restored` (`--restored`).
     pub proof: &'static str,
@@ -306,24 +373,36 @@ pub struct MergedReport {
     pub same_layout: bool,
     /// Tensors compared (by name), and their elements.
     pub tensors: usize,
+    /// Elements compared.
     pub elements: u64,
+    /// Tensors compared as transformed.
     pub transformed: usize,
+    /// Tensors compared as replaced.
     pub replaced: usize,
+    /// Tensors compared as untouched.
     pub untouched: usize,
     /// Base tensors absent (or with another dtype or shape), and tensors the base lacks.
     pub missing: usize,
+    /// Tensors the base lacks.
     pub extra: usize,
 }
 
+/// The whole `boft-verify` report (docs/verify-schema.json).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// `boft-verify`.
     pub tool: &'static str,
+    /// This build's version.
     pub version: &'static str,
+    /// No check failed.
     pub passed: bool,
     /// `check:subject` of every failed check.
     pub failed: Vec<String>,
+    /// One report per adapter.
     pub adapters: Vec<AdapterReport>,
+    /// The second checkpoint's report, when one was given.
     pub merged: Option<MergedReport>,
+    /// Every check, in report order.
     pub checks: Vec<Check>,
 }
 
@@ -525,4 +604,3 @@ pub fn verify(
         checks,
     })
 }
-

@@ -121,4 +121,3 @@ pub fn render(report: &Report) -> String {
     let _ = writeln!(s);
     s
 }
-

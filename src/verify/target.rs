@@ -9,7 +9,11 @@ use crate::math::blocks;
 use super::measure::{connectivity, degrees_of_freedom, hyperspherical, transform_properties};
 use super::{Ctx, Status, TargetReport, DENSE_MAX};
 
-pub(super) fn check_target(ctx: &mut Ctx, t: &Target, base: Option<&Checkpoint>) -> Result<TargetReport> {
+pub(super) fn check_target(
+    ctx: &mut Ctx,
+    t: &Target,
+    base: Option<&Checkpoint>,
+) -> Result<TargetReport> {
     let label = t.label();
     let (h, d, nf, n) = (t.block_size, t.blocks, t.factors, t.n());
     // Loading already refused non-finite values and broken geometry; record that they held.
@@ -232,4 +236,3 @@ pub(super) fn check_target(ctx: &mut Ctx, t: &Target, base: Option<&Checkpoint>)
         hyperspherical_energy: energy,
     })
 }
-

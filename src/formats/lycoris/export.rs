@@ -203,4 +203,3 @@ pub fn lycoris_bytes(adapter: &Adapter) -> Result<(Vec<u8>, String)> {
     let bytes = serialize(&tensors, meta)?;
     Ok((bytes, format!("LyCORIS {algo}")))
 }
-

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::{module_key, replacement};
-use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
+use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::math::{cayley, perm};
 
 #[derive(Default)]

@@ -392,4 +392,3 @@ fn peft_oft(a: &Adapter, embeddings: &BTreeSet<String>) -> Result<(Value, Vec<u8
     let bytes = serialize(&tensors, peft_meta())?;
     Ok((config, bytes, "PEFT OFT".into()))
 }
-

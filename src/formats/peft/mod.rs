@@ -6,17 +6,20 @@ pub mod boft;
 pub mod export;
 pub mod oft;
 
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::formats::read::sha256_file;
 use crate::adapter::{Adapter, Replacement};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
+use crate::formats::read::sha256_file;
 
+/// The config file of a PEFT adapter folder.
 pub const CONFIG: &str = "adapter_config.json";
+/// The weights file of a PEFT adapter folder.
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 /// Prefix PEFT puts in front of every module path.
 pub const PREFIX: &str = "base_model.model.";
@@ -222,4 +225,31 @@ pub fn replaced_name(key: &str) -> String {
         return format!("{m}.{rest}");
     }
     k.replace(".base_layer.", ".")
+}
+
+/// The files a reader opens beside an input it was given (the inputs an output must not
+/// overwrite, `output::check_destination`): for a PEFT adapter (its folder, or its
+/// `adapter_model.safetensors` given as a file) the folder's `adapter_config.json` and
+/// `adapter_model.safetensors`, which may be symlinks to elsewhere (a Hugging Face cache's blobs).
+pub fn read_alongside(input: &Path) -> Vec<PathBuf> {
+    let dir = if input.is_dir() {
+        Some(input)
+    } else {
+        input
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .filter(|p| fs::symlink_metadata(p.join(CONFIG)).is_ok())
+    };
+    let mut out = vec![input.to_path_buf()];
+    if let Some(d) = dir {
+        out.push(d.join(CONFIG));
+        out.push(d.join(WEIGHTS));
+    }
+    out
 }

@@ -20,10 +20,10 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::{module_key, replacement};
-use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
+use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::math::cayley;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -53,6 +53,7 @@ struct Module<'a> {
     embedding: bool,
 }
 
+/// Read a PEFT OFT adapter (any generation) from its parsed config and weights.
 pub fn import(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adapter> {
     let path = f.path.as_path();
     let mut modules: BTreeMap<String, Module> = BTreeMap::new();
