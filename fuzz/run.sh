@@ -14,7 +14,7 @@ export RUSTC_BOOTSTRAP=1
 RUNS=${RUNS:-10000000}
 MAX_TIME=${MAX_TIME:-0}
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(header index canonical peft)
+[ ${#targets[@]} -eq 0 ] && targets=(header index canonical peft canonical_structured verify)
 cargo fuzz build -a -s none
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/work/$t"

@@ -164,13 +164,33 @@ impl fmt::Display for Error {
         // Newlines inside a message would break the one-line contract.
         let msg = self.message.replace(['\n', '\r'], " ");
         match &self.path {
-            Some(p) => write!(f, "[{}] {}: {}", self.class.as_str(), p.display(), msg),
+            Some(p) => write!(
+                f,
+                "[{}] {}: {}",
+                self.class.as_str(),
+                escape_controls(&p.display().to_string()),
+                msg
+            ),
             None => write!(f, "[{}] {}", self.class.as_str(), msg),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+/// A path as it goes into the one error line: a file name may hold a newline (which would make it
+/// two lines) or terminal escape sequences; control characters are shown escaped (`\n`, `\u{1b}`).
+fn escape_controls(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
 
 /// Shorthand for building an error about a path inside `map_err`/`ok_or_else`.
 pub fn err(class: Class, path: impl AsRef<Path>, message: impl Into<String>) -> Error {

@@ -14,7 +14,7 @@
 //! Nothing here touches the network: a repository or revision that is not in the cache is an
 //! error naming the cache searched.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::error::{err, Class, Error, Result};
 
@@ -226,7 +226,8 @@ fn only_safetensors(dir: &Path) -> Result<Option<PathBuf>> {
 
 fn read_small(p: &Path) -> Result<String> {
     use std::io::Read;
-    let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    // Not blocking on a FIFO planted as a ref, not reading a device.
+    let f = crate::checkpoint::file::open_regular(p, "a ref file")?;
     let mut s = String::new();
     // A ref holds 40 characters; reading more would only let a hostile file cost memory.
     f.take(256)
@@ -241,39 +242,6 @@ fn truncate(s: &str) -> String {
 
 fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Where a folder inside a cache snapshot may also read from: the repository's `blobs/` folder,
-/// when `canon_root` (a canonical path) lies inside `…/models--<org>--<name>/snapshots/<commit>/`
-/// and `blobs/` is a real folder (not a symlink that could lead anywhere).
-pub fn blobs_of(canon_root: &Path) -> Option<PathBuf> {
-    let comps: Vec<Component> = canon_root.components().collect();
-    let i = comps
-        .iter()
-        .rposition(|c| matches!(c, Component::Normal(n) if *n == "snapshots"))?;
-    let repo_name = match comps.get(i.checked_sub(1)?)? {
-        Component::Normal(n) => n.to_str()?,
-        _ => return None,
-    };
-    let commit = match comps.get(i + 1)? {
-        Component::Normal(n) => n.to_str()?,
-        _ => return None,
-    };
-    if !(repo_name.starts_with("models--") || repo_name.starts_with("datasets--"))
-        || commit.is_empty()
-    {
-        return None;
-    }
-    let repo: PathBuf = comps[..i].iter().collect();
-    let blobs = repo.join("blobs");
-    let meta = std::fs::symlink_metadata(&blobs).ok()?;
-    meta.is_dir().then_some(blobs)
-}
-
-/// Whether `real` (a canonical path) is a blob of the cache repository `blobs`: directly inside
-/// it, as huggingface_hub stores them.
-pub fn is_blob(blobs: &Path, real: &Path) -> bool {
-    real.parent() == Some(blobs)
 }
 
 #[cfg(test)]

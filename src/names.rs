@@ -135,9 +135,23 @@ pub fn resolve_in(
     if adapter.targets.iter().all(|t| base.get(&t.name).is_some()) {
         return Ok(());
     }
+    // Only the keys the adapter looks up are indexed: indexing every dotted suffix of every base
+    // name would hold many times the header in memory (a million tensors of five components:
+    // five million keys) to answer a few hundred questions.
     let mut index: HashMap<String, BTreeSet<Hit>> = HashMap::new();
+    for t in adapter
+        .targets
+        .iter()
+        .filter(|t| base.get(&t.name).is_none())
+    {
+        for (key, _) in lookup_keys(&t.name) {
+            index.entry(key).or_default();
+        }
+    }
     let mut add = |key: String, name, part| {
-        index.entry(key).or_default().insert(Hit { name, part });
+        if let Some(hits) = index.get_mut(&key) {
+            hits.insert(Hit { name, part });
+        }
     };
     for name in base.tensor_names() {
         if let Some(stem) = name.strip_suffix(".in_proj_weight") {
@@ -199,20 +213,9 @@ pub fn resolve_in(
         if base.get(&t.name).is_some() {
             continue;
         }
-        let flat = t
-            .name
-            .strip_suffix(".weight")
-            .unwrap_or(&t.name)
-            .replace('.', "_");
-        let mut candidates: Vec<(&str, &[&str])> = vec![(flat.as_str(), &[])];
-        candidates.extend(
-            PREFIXES
-                .iter()
-                .filter_map(|(p, hint)| flat.strip_prefix(p).map(|rest| (rest, *hint))),
-        );
-        let hits: Option<Vec<Hit>> = candidates.iter().find_map(|(c, hint)| {
+        let hits: Option<Vec<Hit>> = lookup_keys(&t.name).iter().find_map(|(c, hint)| {
             let set: Vec<Hit> = index
-                .get(*c)?
+                .get(c)?
                 .iter()
                 .copied()
                 .filter(|h| in_scope(h.name))
@@ -283,6 +286,21 @@ pub fn resolve_in(
         }
     }
     Ok(())
+}
+
+/// The keys an adapter name is looked up by, in order: its flattened form, then that form
+/// without each kohya/LyCORIS/A1111 prefix it carries (with the containers the prefix hints at).
+fn lookup_keys(name: &str) -> Vec<(String, &'static [&'static str])> {
+    let flat = name
+        .strip_suffix(".weight")
+        .unwrap_or(name)
+        .replace('.', "_");
+    let mut keys: Vec<(String, &'static [&'static str])> = PREFIXES
+        .iter()
+        .filter_map(|(p, hint)| flat.strip_prefix(p).map(|rest| (rest.to_string(), *hint)))
+        .collect();
+    keys.insert(0, (flat, &[]));
+    keys
 }
 
 /// The layer number of an OpenCLIP `…transformer.resblocks.<N>` path.

@@ -332,6 +332,8 @@ pub struct Staged {
     committed: bool,
     /// The staged file, or the staged folder opened read-only.
     handle: File,
+    /// Lets the SIGBUS handler remove the staged output (`fault`).
+    _fault: crate::fault::StagedGuard,
 }
 
 impl Staged {
@@ -344,6 +346,7 @@ impl Staged {
         try_lock(&handle);
         Ok(Staged {
             dest: dest.to_path_buf(),
+            _fault: crate::fault::register_staged(&temp, false),
             temp,
             is_dir: false,
             committed: false,
@@ -373,6 +376,7 @@ impl Staged {
         };
         Ok(Staged {
             dest: dest.to_path_buf(),
+            _fault: crate::fault::register_staged(&temp, true),
             temp,
             is_dir: true,
             committed: false,

@@ -76,7 +76,7 @@ mod native {
                 )))
             }
         };
-        crate::output::install_signal_handler();
+        cli::install_handlers(program);
         Ok(py.detach(|| main(argv)))
     }
 

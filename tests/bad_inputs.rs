@@ -733,7 +733,9 @@ fn a32_name_resolution_over_a_name_with_50000_dots() {
 }
 
 /// Run a binary (its output must be small: it is read once the binary has ended) and return
-/// its output with its peak resident set size in KiB, from `wait4`.
+/// its output with its peak resident set size in KiB: the largest `VmHWM` of the running binary,
+/// sampled every millisecond. Not `wait4`'s `ru_maxrss`: a child spawned with vfork records the
+/// high-water mark of the test process (whose other tests build large inputs) when it execs.
 #[allow(clippy::zombie_processes)] // reaped by wait4, which std's wait cannot see
 fn run_measured(name: &str, args: &[&OsStr]) -> (Output, i64) {
     use std::io::Read;
@@ -747,22 +749,41 @@ fn run_measured(name: &str, args: &[&OsStr]) -> (Output, i64) {
         .expect("binary starts");
     let pid = child.id() as libc::pid_t;
     let start = Instant::now();
-    let (status, peak) = loop {
+    let status_file = format!("/proc/{pid}/status");
+    let mut peak = 0i64;
+    let status = loop {
+        // Only once the child runs the binary (its name is the program's): before exec it shares
+        // the test process's memory.
+        if let Ok(text) = std::fs::read_to_string(&status_file) {
+            let field = |k: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_string())
+            };
+            if field("Name:").is_some_and(|n| name.starts_with(&n)) {
+                if let Some(kb) = field("VmHWM:")
+                    .and_then(|v| v.trim_end_matches("kB").trim().parse::<i64>().ok())
+                {
+                    peak = peak.max(kb);
+                }
+            }
+        }
         let mut status = 0;
         // SAFETY: wait4 on our own child, with valid out-pointers.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
         assert!(r >= 0, "wait4 failed");
         if r == pid {
-            break (status, ru.ru_maxrss);
+            break status;
         }
         if start.elapsed() > Duration::from_secs(120) {
             let _ = child.kill();
             let _ = child.wait();
             panic!("still running after 120 s (a hang?)");
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     };
+    assert!(peak > 0, "no memory sample of {name}");
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     child
         .stdout
@@ -1081,7 +1102,7 @@ fn a31_peft_config_larger_than_the_limit() {
     let (base, adapter, out) = conv(&sc);
     let cfg = adapter.join("adapter_config.json");
     let f = std::fs::OpenOptions::new().write(true).open(&cfg).unwrap();
-    f.set_len((16 << 20) + 1).unwrap();
+    f.set_len(boft::formats::peft::MAX_CONFIG + 1).unwrap();
     drop(f);
     let o = sc.merge(&base, &adapter, &out, &[]);
     sc.assert_refused(&o, "bad-adapter", &out);
@@ -1606,6 +1627,73 @@ fn i02_sigterm_mid_write() {
     interrupt_mid_write(libc::SIGTERM);
 }
 
+/// Another process truncates the base while the merge reads it through its map: the next read
+/// past the new end faults (SIGBUS). The binaries turn that into one `[io]` line naming the
+/// file, remove the staged output and exit 2 (docs/ERRORS.md, "Inputs changed during a run").
+#[test]
+fn i04_base_truncated_mid_merge() {
+    let sc = Scene::new();
+    let out_dir = sc.out_dir();
+    let out = out_dir.join("merged.safetensors");
+    for rows in [8192usize, 32768, 131072] {
+        let (base, adapter) = slow_case(sc.tmp.path(), rows);
+        let child = bin("boft-merge")
+            .args([
+                "--base".as_ref(),
+                base.as_os_str(),
+                "--adapter".as_ref(),
+                adapter.as_os_str(),
+                "-o".as_ref(),
+                out.as_os_str(),
+                "--threads".as_ref(),
+                OsStr::new("1"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let temp = out_dir.join(format!(".merged.safetensors.boft-partial-{}", child.id()));
+        let mut child = child;
+        let start = Instant::now();
+        let mut seen = false;
+        while start.elapsed() < Duration::from_secs(60) {
+            if temp.exists() {
+                seen = true;
+                break;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if seen {
+            let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+            f.set_len(std::fs::metadata(&base).unwrap().len() / 8)
+                .unwrap();
+        }
+        let o = wait_limited(child, Duration::from_secs(120));
+        if o.status.success() {
+            eprintln!("merge of {rows} rows finished before the truncation; retrying larger");
+            std::fs::remove_file(&out).unwrap();
+            std::fs::remove_file(&base).unwrap();
+            continue;
+        }
+        let err = fails_with(&o, "io");
+        eprint!("{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains(&*base.to_string_lossy()), "{err}");
+        assert!(!out.exists(), "output written from a truncated base");
+        assert!(
+            dir_entries(&out_dir).is_empty(),
+            "leftovers: {:?}",
+            dir_entries(&out_dir)
+        );
+        return;
+    }
+    panic!("every merge finished before the truncation");
+}
+
 /// SIGKILL (or the OOM killer) gives no chance to clean up: the staged file stays. The next run
 /// for the same destination reclaims it, since its owner is gone (docs/ERRORS.md, "Hard kills").
 #[test]
@@ -1651,4 +1739,184 @@ fn i03_sigkill_leftover_is_reclaimed_by_the_next_run() {
         vec!["merged.safetensors".to_string()],
         "leftover not reclaimed"
     );
+}
+
+#[test]
+fn a34_block_size_past_the_limit() {
+    use boft::adapter::{Side, MAX_BLOCK_SIZE};
+    let mut sc = Scene::new();
+    let (_, _, out) = conv(&sc);
+    // One block of 4097×4097 (67 MB): checking its orthogonality costs 4097³ operations
+    // (about a minute here); every block-wise computation is cubic in the block size, so the size
+    // is capped and the file refused before any of it.
+    let bs = MAX_BLOCK_SIZE + 1;
+    let t = canon_target("fc.weight", Side::Input, 1, 1, bs);
+    let adapter = canon_file(&sc, vec![t]);
+    sc.freeze(&[&adapter], &out);
+    let start = Instant::now();
+    let o = run_limited("boft-verify", &[adapter.as_os_str()]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("limit"), "{}", stderr(&o));
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "refused after {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a35_canonical_tensor_replaced_twice() {
+    use boft::adapter::{Adapter, Replacement};
+    use boft::checkpoint::Dtype;
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    // Two replacements of fc.bias under two keys: the merge kept the last one without a word and
+    // boft-convert panicked writing the duplicate.
+    let bias = |v: f32| Replacement {
+        name: "fc.bias".into(),
+        dtype: Dtype::F32,
+        shape: vec![16],
+        data: (0..16).flat_map(|_| v.to_le_bytes()).collect(),
+    };
+    let p = sc.path("in/canonical.safetensors");
+    let a = Adapter {
+        replacements: vec![bias(1.0)],
+        source_format: "test".into(),
+        ..Default::default()
+    };
+    boft::adapter::canonical::write(&a, &p).unwrap();
+    let mut st = St::read(&p);
+    let meta = st.metadata.as_mut().unwrap();
+    let mut reps: Vec<Value> =
+        serde_json::from_str(meta["replacements"].as_str().unwrap()).unwrap();
+    let mut second = reps[0].clone();
+    second["key"] = json!("fc.bias::replace-again");
+    reps.push(second);
+    meta["replacements"] = json!(serde_json::to_string(&reps).unwrap());
+    let again = st.tensors[0].clone();
+    st.tensors.push((
+        "fc.bias::replace-again".into(),
+        again.1,
+        again.2,
+        (0..16).flat_map(|_| 2f32.to_le_bytes()).collect(),
+    ));
+    st.write(&p);
+    sc.freeze(&[&base, &p], &out);
+    let o = sc.merge(&base, &p, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("replaced twice"), "{}", stderr(&o));
+    let conv_out = sc.out_dir().join("converted.safetensors");
+    let o = sc.convert(&p, &conv_out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &conv_out);
+}
+
+#[test]
+fn a36_peft_config_values_of_another_type() {
+    // PEFT reads `coft: 1` as true (Python truthiness); a reader taking it as false merged other
+    // weights than PEFT without a word. Every typed field of another type is refused.
+    for (key, value) in [
+        ("coft", json!(1)),
+        ("use_cayley_neumann", json!("false")),
+        ("eps", json!("0.01")),
+        ("num_cayley_neumann_terms", json!(-1)),
+        ("r", json!(1.5)),
+    ] {
+        let mut sc = Scene::new();
+        let base = sc.path("in/base");
+        copy_tree(&fixtures().join("peft_oft/bases/llama_f32"), &base);
+        let adapter = sc.path("in/adapter");
+        copy_tree(
+            &fixtures().join("peft_oft/adapters/llama_f32_coft_cayley"),
+            &adapter,
+        );
+        let cfg = adapter.join("adapter_config.json");
+        let mut c: Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+        c[key] = value.clone();
+        std::fs::write(&cfg, serde_json::to_vec(&c).unwrap()).unwrap();
+        let out = sc.out_dir().join("merged");
+        let o = sc.merge(&base, &adapter, &out, &[]);
+        sc.assert_refused(&o, "bad-adapter", &out);
+        assert!(stderr(&o).contains(key), "{key}={value}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a37_index_padded_with_empty_objects() {
+    // An index whose metadata holds a list of 2.5 million empty objects (7.5 MB): read as a JSON
+    // tree that took ~24 times the file; only weight_map's strings are kept now.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    let index = base.join("model.safetensors.index.json");
+    let mut text = std::fs::read_to_string(&index).unwrap();
+    let pad = format!("\"padding\": [{}{{}}], ", "{},".repeat(2_500_000));
+    text = text.replacen('{', &format!("{{{pad}"), 1);
+    std::fs::write(&index, &text).unwrap();
+    sc.freeze(&[&base, &adapter], &out);
+    let (o, peak_kib) = run_measured(
+        "boft-merge",
+        &[
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    eprintln!("peak RSS {peak_kib} KiB");
+    // The JSON tree alone took ~180 MB; 64 MiB leaves room for the merge itself.
+    assert!(peak_kib < 64 << 10, "peak RSS {peak_kib} KiB");
+}
+
+#[test]
+fn a38_header_of_many_zero_size_tensors() {
+    // A base holding, besides its tensors, 300 000 empty ones (a 17 MB header). Each entry was
+    // kept as a JSON tree and every dotted suffix of its name indexed: ~25 times the header.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = lycoris(&sc);
+    let mut st = St::read(&base);
+    for i in 0..300_000 {
+        st.tensors.push((
+            format!("extra.layers.{i}.zz.weight"),
+            "F32".into(),
+            vec![0],
+            vec![],
+        ));
+    }
+    st.write(&base);
+    let header = std::fs::metadata(&base).unwrap().len() as i64;
+    // Names resolved through the suffix index (as in A18/A32): the flattened LyCORIS names.
+    sc.freeze(&[&base, &adapter], &out);
+    let (o, peak_kib) = run_measured(
+        "boft-merge",
+        &[
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    eprintln!("peak RSS {peak_kib} KiB for a {header}-byte base");
+    let limit = (64 << 10) + 8 * header / 1024;
+    assert!(
+        peak_kib < limit,
+        "peak RSS {peak_kib} KiB for a {header}-byte base (limit {limit} KiB)"
+    );
+}
+
+#[test]
+fn p01_newline_in_a_path_stays_on_one_line() {
+    let mut sc = Scene::new();
+    let (_, adapter, _) = conv(&sc);
+    // An empty base whose name holds a newline: the line names it with the newline escaped.
+    let odd = sc.path("in/em\npty.safetensors");
+    std::fs::write(&odd, b"").unwrap();
+    let out = sc.out_dir().join("merged.safetensors");
+    let o = sc.merge(&odd, &adapter, &out, &[]);
+    sc.assert_refused(&o, "empty-file", &out);
+    assert!(stderr(&o).contains("em\\npty"), "{}", stderr(&o));
 }

@@ -137,6 +137,12 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let mut rmetas = Vec::new();
     for r in &adapter.replacements {
         let key = format!("{}::replace", r.name);
+        if !keys.insert(key.clone()) {
+            return Err(Error::bare(
+                Class::BadAdapter,
+                format!("{} is replaced twice", r.name),
+            ));
+        }
         let dtype = r.dtype.to_safetensors().ok_or_else(|| {
             Error::bare(
                 Class::UnsupportedDtype,

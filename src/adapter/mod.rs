@@ -179,6 +179,16 @@ impl Target {
         if self.share && self.blocks > 0 {
             self.expanded_len()?;
         }
+        if self.block_size > MAX_BLOCK_SIZE {
+            // Computing, checking or inverting a block costs block_size³ operations against
+            // block_size² stored values: without a cap, time per byte of input would grow
+            // without bound.
+            return Err(bad(format!(
+                "block size {} exceeds the {MAX_BLOCK_SIZE} limit (the work per block grows \
+                 with the cube of its size)",
+                self.block_size
+            )));
+        }
         if let Some(c) = self.crop {
             // The engine pads the columns of an output-side transform with zeros; input-side
             // rows are read at the tensor's own length, so a crop there would misread them.
@@ -722,6 +732,11 @@ const TRANSPOSE_ORTH_TOL: f64 = 1e-6;
 /// one stored block repeated `r` times, `r` from a config, is not bounded by the file's bytes.
 pub const MAX_SHARED_VALUES: usize = 1 << 28;
 
+/// The largest block size an adapter may use. Real files use 2 to a few hundred (PEFT OFT ≤ 0.13
+/// with its default `r = 8` blocks reaches 3584 on a 70B model's widest layer); the cap bounds
+/// the cubic per-block work (docs/ERRORS.md, `bad-adapter`).
+pub const MAX_BLOCK_SIZE: usize = 4096;
+
 /// Blocks must be this close to orthogonal (`max |BᵀB − I|`) for a geodesic strength.
 const GEODESIC_ORTH_TOL: f64 = 1e-5;
 
@@ -769,7 +784,14 @@ impl Adapter {
         for (name, targets) in &by_tensor {
             check_tensor(name, targets)?;
         }
+        let mut replaced = std::collections::BTreeSet::new();
         for r in &self.replacements {
+            if !replaced.insert(r.name.as_str()) {
+                return Err(Error::bare(
+                    Class::BadAdapter,
+                    format!("{} is replaced twice", r.name),
+                ));
+            }
             if by_tensor.contains_key(r.name.as_str()) {
                 return Err(Error::bare(
                     Class::BadAdapter,

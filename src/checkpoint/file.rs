@@ -61,6 +61,11 @@ impl std::ops::Deref for Bytes {
 pub struct SafeFile {
     /// Where the bytes came from (for `from_bytes`, only a label used in messages).
     pub path: PathBuf,
+    /// The file the bytes were mapped from, kept open so that later reads (the merge's
+    /// copy_file_range) go to the same file, never to whatever the path names by then.
+    file: Option<File>,
+    /// Declared before `mmap` so that the range is unregistered before it is unmapped.
+    fault: Option<crate::fault::MapGuard>,
     mmap: Bytes,
     /// 8 + header length: where the data section begins in the file.
     pub data_offset: usize,
@@ -72,8 +77,15 @@ pub struct SafeFile {
     by_name: std::collections::HashMap<String, usize>,
 }
 
-/// JSON object entries in file order, keeping duplicates so they can be reported.
-struct Entries(Vec<(String, Value)>);
+/// The header's entries, each checked as it is read, so that a header of a million small
+/// entries never exists as a million JSON trees at once: the tensors, `__metadata__`, and the
+/// first problem in file order (past it the rest of the header is only read as JSON, whose
+/// syntax errors still come first).
+struct Entries {
+    tensors: Vec<TensorInfo>,
+    metadata: Option<BTreeMap<String, String>>,
+    first_error: Option<Error>,
+}
 
 impl<'de> Deserialize<'de> for Entries {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -87,41 +99,65 @@ impl<'de> Deserialize<'de> for Entries {
                 self,
                 mut m: A,
             ) -> std::result::Result<Entries, A::Error> {
-                let mut v = Vec::new();
-                while let Some((k, val)) = m.next_entry::<String, Value>()? {
-                    v.push((k, val));
+                let mut e = Entries {
+                    tensors: Vec::new(),
+                    metadata: None,
+                    first_error: None,
+                };
+                let mut seen = std::collections::HashSet::new();
+                while let Some(name) = m.next_key::<String>()? {
+                    if e.first_error.is_some() {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    }
+                    if !seen.insert(name.clone()) {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                        e.first_error = Some(Error::bare(
+                            Class::DuplicateTensor,
+                            format!("tensor {name:?} appears twice in the header"),
+                        ));
+                        continue;
+                    }
+                    let v: Value = m.next_value()?;
+                    let parsed = if name == "__metadata__" {
+                        parse_metadata(&v).map(|md| e.metadata = Some(md))
+                    } else {
+                        parse_tensor(&name, &v).map(|t| e.tensors.push(t))
+                    };
+                    e.first_error = parsed.err();
                 }
-                Ok(Entries(v))
+                Ok(e)
             }
         }
         d.deserialize_map(V)
     }
 }
 
+fn parse_metadata(v: &Value) -> Result<BTreeMap<String, String>> {
+    let bare = |m: String| Error::bare(Class::BadTensorInfo, m);
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bare("__metadata__ is not an object".into()))?;
+    let mut m = BTreeMap::new();
+    for (k, val) in obj {
+        let s = val
+            .as_str()
+            .ok_or_else(|| bare(format!("__metadata__ value for {k:?} is not a string")))?;
+        m.insert(k.clone(), s.to_string());
+    }
+    Ok(m)
+}
+
 impl SafeFile {
     /// Map and validate the file at `path`: header, offsets, dtypes and sizes.
     pub fn open(path: &Path) -> Result<SafeFile> {
-        // Look before opening: opening a FIFO blocks until a writer appears, a device can be endless.
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        if meta.is_dir() {
-            return Err(err(
-                Class::Io,
-                path,
-                "is a directory, expected a .safetensors file",
-            ));
-        }
-        if !meta.is_file() {
-            return Err(err(
-                Class::Io,
-                path,
-                "is not a regular file (a FIFO, socket or device), expected a .safetensors file",
-            ));
-        }
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        SafeFile::from_file(path, open_regular(path, SAFETENSORS)?)
+    }
+
+    /// Map a file already opened (by `open_regular`, or `Confinement::open`, which also checks
+    /// where it lies); `path` names it in messages.
+    pub fn from_file(path: &Path, file: File) -> Result<SafeFile> {
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(err(Class::Io, path, "is not a regular file"));
-        }
         if meta.len() == 0 {
             return Err(err(
                 Class::EmptyFile,
@@ -129,13 +165,24 @@ impl SafeFile {
                 "file is empty, not a safetensors file",
             ));
         }
-        // SAFETY: the map is read-only; a file truncated by another process while we run can
-        // still fault, which is the accepted limit of every mmap-based loader.
+        // SAFETY: the map is read-only; a file truncated by another process while we run faults
+        // on the next read past its new end, which the binaries' SIGBUS handler turns into one
+        // `[io]` line with the staged output removed (`fault`).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         // Merges read each file front to back once: ask for aggressive readahead. Advice is a
         // hint; failing to give it changes nothing.
         let _ = mmap.advise(memmap2::Advice::Sequential);
-        Self::from_mmap(path, Bytes::Mapped(mmap))
+        // Registered before the first read: parsing the header can fault too.
+        let fault = crate::fault::register_map(mmap.as_ptr(), mmap.len(), path);
+        let mut f = Self::from_mmap(path, Bytes::Mapped(mmap))?;
+        f.file = Some(file);
+        f.fault = Some(fault);
+        Ok(f)
+    }
+
+    /// The open file behind a mapped `SafeFile` (none for `from_bytes`).
+    pub fn handle(&self) -> Option<&File> {
+        self.file.as_ref()
     }
 
     /// Parse a safetensors file held in memory; `label` names it in error messages.
@@ -152,6 +199,8 @@ impl SafeFile {
             .collect();
         Ok(SafeFile {
             path: path.to_path_buf(),
+            file: None,
+            fault: None,
             mmap,
             data_offset,
             tensors,
@@ -197,6 +246,46 @@ impl SafeFile {
 
 /// Where the data section starts, the tensors sorted by offset, and `__metadata__`.
 pub type Header = (usize, Vec<TensorInfo>, Option<BTreeMap<String, String>>);
+
+/// What a weights file is, in messages.
+pub const SAFETENSORS: &str = "a .safetensors file";
+
+/// Open `path` for reading only if it is a regular file. The open does not block (a FIFO would
+/// wait for a writer) and the check is made on the opened file, so what was checked is what is
+/// read even if the path is replaced meanwhile.
+pub fn open_regular(path: &Path, what: &str) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Looked at before opening too, so that a socket or a device is named as such rather than
+    // by whatever opening it does.
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    regular(path, &meta, what)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    regular(path, &meta, what)?;
+    Ok(file)
+}
+
+fn regular(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<()> {
+    if meta.is_dir() {
+        return Err(err(
+            Class::Io,
+            path,
+            format!("is a directory, expected {what}"),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(err(
+            Class::Io,
+            path,
+            format!("is not a regular file (a FIFO, socket or device), expected {what}"),
+        ));
+    }
+    Ok(())
+}
 
 /// Parse and validate a safetensors header against the whole file's bytes.
 pub fn parse_header(buf: &[u8]) -> Result<Header> {
@@ -245,8 +334,8 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
     let text = std::str::from_utf8(header)
         .map_err(|_| bare(Class::HeaderNotJson, "header is not UTF-8 text".into()))?;
     let text = text.trim_end_matches(' ');
-    let Entries(entries) = serde_json::from_str(text).map_err(|e| {
-        if serde_json::from_str::<Value>(text).is_ok() {
+    let entries: Entries = serde_json::from_str(text).map_err(|e| {
+        if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
             bare(
                 Class::HeaderNotObject,
                 "header JSON is not an object".into(),
@@ -258,38 +347,12 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
             )
         }
     })?;
-
-    let data_len = buf.len() - data_offset;
-    let mut metadata = None;
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(entries.len());
-    let mut seen = std::collections::HashSet::new();
-    for (name, v) in entries {
-        if !seen.insert(name.clone()) {
-            return Err(bare(
-                Class::DuplicateTensor,
-                format!("tensor {name:?} appears twice in the header"),
-            ));
-        }
-        if name == "__metadata__" {
-            let obj = v.as_object().ok_or_else(|| {
-                bare(Class::BadTensorInfo, "__metadata__ is not an object".into())
-            })?;
-            let mut m = BTreeMap::new();
-            for (k, val) in obj {
-                let s = val.as_str().ok_or_else(|| {
-                    bare(
-                        Class::BadTensorInfo,
-                        format!("__metadata__ value for {k:?} is not a string"),
-                    )
-                })?;
-                m.insert(k.clone(), s.to_string());
-            }
-            metadata = Some(m);
-            continue;
-        }
-        tensors.push(parse_tensor(&name, &v)?);
+    if let Some(e) = entries.first_error {
+        return Err(e);
     }
-
+    let data_len = buf.len() - data_offset;
+    let metadata = entries.metadata;
+    let mut tensors = entries.tensors;
     tensors.sort_by_key(|t| (t.start, t.end));
     let mut expected = 0usize;
     for t in &tensors {

@@ -6,9 +6,8 @@ pub mod dtype;
 pub mod file;
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Component, Path, PathBuf};
-
-use serde_json::Value;
 
 pub use dtype::Dtype;
 pub use file::{serialize, OwnedTensor, SafeFile, TensorInfo};
@@ -59,6 +58,8 @@ pub struct Checkpoint {
     /// left out of a merged output, where they would be stale (`is_weight_file`).
     pub left_out: Vec<PathBuf>,
     by_name: HashMap<String, (usize, usize)>,
+    /// Where a folder's files may lie, kept for opening its other files when they are copied.
+    confined: Option<Confinement>,
 }
 
 impl Checkpoint {
@@ -104,7 +105,7 @@ impl Checkpoint {
             if index_path.exists() {
                 confined.check(&index_path)?;
                 layout = Layout::Sharded;
-                for (rel, names) in read_index(&index_path)? {
+                for (rel, names) in read_index(&index_path, &confined)? {
                     let names = names.into_iter().map(|n| qualify(comp, &n)).collect();
                     shard_names.push((Path::new(comp).join(rel), names, comp, indices.len()));
                 }
@@ -132,7 +133,7 @@ impl Checkpoint {
                 ));
             }
             confined.check(&p)?;
-            let mut f = SafeFile::open(&p)?;
+            let mut f = SafeFile::from_file(&p, confined.open(&p, file::SAFETENSORS)?)?;
             // A pipeline's components hold tensors of the same names (each text encoder has
             // `text_model.…`): inside one checkpoint they are known by `<component>.<name>`, the
             // way diffusers and kohya's containers name them. Headers stay as stored.
@@ -161,6 +162,7 @@ impl Checkpoint {
         });
         let mut ck = Checkpoint::assemble(root, layout, files, others)?;
         ck.left_out = left_out;
+        ck.confined = Some(confined);
         // Every tensor an index names must be in the shard it names.
         for (rel, names, _, ix) in &shard_names {
             let Some(index_path) = indices.get(*ix).map(|i| root.join(i)) else {
@@ -225,7 +227,26 @@ impl Checkpoint {
             others,
             left_out: Vec::new(),
             by_name,
+            confined: None,
         })
+    }
+
+    /// A single-file checkpoint already in memory (`SafeFile::from_bytes`), for callers that
+    /// hold their bytes themselves (the fuzz targets); it names no folder and copies nothing.
+    pub fn from_file(f: SafeFile) -> Result<Checkpoint> {
+        let root = f.path.clone();
+        let name = PathBuf::from(root.file_name().unwrap_or_default());
+        Checkpoint::assemble(&root, Layout::File, vec![(name, f)], vec![])
+    }
+
+    /// Open one of the folder's other files (`others`) to copy it: the file checked when the
+    /// folder was opened, or an error if the path now leads elsewhere (see `Confinement::open`).
+    pub fn open_other(&self, rel: &Path) -> Result<File> {
+        let p = self.root.join(rel);
+        match &self.confined {
+            Some(c) => c.open(&p, "a regular file"),
+            None => file::open_regular(&p, "a regular file"),
+        }
     }
 
     /// The file holding the tensor called `name`, and the tensor.
@@ -357,22 +378,32 @@ pub fn is_weight_file(rel: &Path) -> bool {
 pub const MAX_INDEX: u64 = 100_000_000;
 
 /// Read and parse an index file.
-fn read_index(path: &Path) -> Result<Vec<(PathBuf, Vec<String>)>> {
+fn read_index(path: &Path, confined: &Confinement) -> Result<Vec<(PathBuf, Vec<String>)>> {
+    use std::io::Read;
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(err(Class::BadIndex, path, "is not a regular file"));
     }
-    if meta.len() > MAX_INDEX {
-        return Err(err(
+    let f = confined.open(path, "an index file")?;
+    let too_large = |len: u64| {
+        err(
             Class::BadIndex,
             path,
-            format!(
-                "{} bytes exceeds the {MAX_INDEX}-byte limit for an index",
-                meta.len()
-            ),
-        ));
+            format!("{len} bytes exceeds the {MAX_INDEX}-byte limit for an index"),
+        )
+    };
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > MAX_INDEX {
+        return Err(too_large(len));
     }
-    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // Read through the handle checked above, no further than the limit even if the file grows.
+    let mut text = Vec::new();
+    f.take(MAX_INDEX + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > MAX_INDEX {
+        return Err(too_large(text.len() as u64));
+    }
     parse_index(&text).map_err(|e| e.at(path))
 }
 
@@ -382,21 +413,28 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
     fn bare(class: Class, message: impl Into<String>) -> Error {
         Error::bare(class, message)
     }
-    let v: Value = serde_json::from_slice(bytes)
+    let top: IndexTop = serde_json::from_slice(bytes)
         .map_err(|e| bare(Class::BadIndex, format!("not valid JSON ({e})")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
+    let map = top
+        .weight_map
         .ok_or_else(|| bare(Class::BadIndex, "no \"weight_map\" object"))?;
     let mut shards: Vec<(PathBuf, Vec<String>)> = Vec::new();
     let mut pos: HashMap<PathBuf, usize> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
     for (tensor, shard) in map {
-        let shard = shard.as_str().ok_or_else(|| {
+        if !seen.insert(tensor.clone()) {
+            return Err(bare(
+                Class::BadIndex,
+                format!("weight_map lists {tensor:?} twice"),
+            ));
+        }
+        let shard = shard.ok_or_else(|| {
             bare(
                 Class::BadIndex,
                 format!("weight_map entry for {tensor:?} is not a string"),
             )
         })?;
+        let shard = shard.as_str();
         let rel = safe_relative(shard).ok_or_else(|| {
             let escapes = Path::new(shard).is_absolute()
                 || Path::new(shard)
@@ -428,9 +466,137 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
     Ok(shards)
 }
 
+/// What an index is read into: only `weight_map`'s entries (in file order, each shard if it is a
+/// string), None when it is absent or not an object. Nothing else of the file is kept (no JSON
+/// tree), so memory follows the tensors listed, not what a hostile file pads itself with.
+struct IndexTop {
+    weight_map: Option<Vec<(String, Option<String>)>>,
+}
+
+/// Skip the rest of a JSON array or object as it is read; used for values of a type other than
+/// the one a visitor keeps.
+macro_rules! skip_others {
+    ($out:ty, $none:expr) => {
+        fn visit_bool<E>(self, _: bool) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_i64<E>(self, _: i64) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_u64<E>(self, _: u64) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_f64<E>(self, _: f64) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_unit<E>(self) -> std::result::Result<$out, E> {
+            Ok($none)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> std::result::Result<$out, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok($none)
+        }
+    };
+}
+
+/// A JSON value kept only if it is a string.
+struct StrOrSkip(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for StrOrSkip {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StrOrSkip;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<StrOrSkip, E> {
+                Ok(StrOrSkip(Some(v.to_string())))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<StrOrSkip, A::Error> {
+                while a
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(StrOrSkip(None))
+            }
+            skip_others!(StrOrSkip, StrOrSkip(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A JSON object's entries with `StrOrSkip` values, or None for any other value.
+struct ShardMap(Option<Vec<(String, Option<String>)>>);
+
+impl<'de> serde::Deserialize<'de> for ShardMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ShardMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<ShardMap, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, StrOrSkip(s))) = a.next_entry::<String, StrOrSkip>()? {
+                    v.push((k, s));
+                }
+                Ok(ShardMap(Some(v)))
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<ShardMap, E> {
+                Ok(ShardMap(None))
+            }
+            skip_others!(ShardMap, ShardMap(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IndexTop {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IndexTop;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<IndexTop, A::Error> {
+                let mut top = IndexTop { weight_map: None };
+                while let Some(k) = a.next_key::<String>()? {
+                    if k == "weight_map" {
+                        // A repeated key: the last one counts, as a JSON object read whole.
+                        top.weight_map = a.next_value::<ShardMap>()?.0;
+                    } else {
+                        a.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(top)
+            }
+            fn visit_str<E>(self, _: &str) -> std::result::Result<IndexTop, E> {
+                Ok(IndexTop { weight_map: None })
+            }
+            skip_others!(IndexTop, IndexTop { weight_map: None });
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Where the files of a checkpoint folder may really live: inside the folder, and for a folder
 /// in a Hugging Face cache snapshot, also in that repository's `blobs/` (every file there is a
-/// relative symlink into it; `crate::hub`).
+/// relative symlink into it; `crate::paths::blobs_of`).
 /// PEFT adapter folders are confined the same way (`Confinement::adapter`).
 pub(crate) struct Confinement {
     root: PathBuf,
@@ -441,7 +607,7 @@ pub(crate) struct Confinement {
 
 impl Confinement {
     fn new(canon_root: PathBuf) -> Confinement {
-        let blobs = crate::hub::blobs_of(&canon_root);
+        let blobs = crate::paths::blobs_of(&canon_root);
         Confinement {
             root: canon_root,
             blobs,
@@ -465,7 +631,7 @@ impl Confinement {
         let in_blobs = || {
             self.blobs
                 .as_deref()
-                .is_some_and(|b| crate::hub::is_blob(b, &real))
+                .is_some_and(|b| crate::paths::is_blob(b, &real))
         };
         if !real.starts_with(&self.root) && !in_blobs() {
             return Err(err(
@@ -484,6 +650,26 @@ impl Confinement {
             ));
         }
         Ok(real)
+    }
+
+    /// Open a file of the folder for reading: a regular file (`what` names the expected kind)
+    /// lying inside the confinement. The file opened is the file checked: its identity (device
+    /// and inode) must be that of the path's resolution, so a path swapped for a symlink to
+    /// elsewhere between the check and the open is refused instead of read.
+    pub(crate) fn open(&self, p: &Path, what: &str) -> Result<File> {
+        use std::os::unix::fs::MetadataExt;
+        let file = file::open_regular(p, what)?;
+        let real = self.check(p)?;
+        let opened = file.metadata().map_err(|e| Error::io(p, e))?;
+        let checked = std::fs::metadata(&real).map_err(|e| Error::io(p, e))?;
+        if (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
+            return Err(err(
+                Class::Io,
+                p,
+                "was replaced by another process while being opened",
+            ));
+        }
+        Ok(file)
     }
 }
 

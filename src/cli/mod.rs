@@ -18,11 +18,18 @@ pub mod values;
 pub mod verify;
 
 /// A binary's whole `main`: SIGINT/SIGTERM become a clean `[interrupted]` error (the staged
-/// output is removed), then the process exits with the command's code. Only processes that are
-/// the command install the handler: a host program such as Python keeps its own.
-pub fn run(command: impl FnOnce() -> i32) -> ! {
-    crate::output::install_signal_handler();
+/// output is removed), a mapped input truncated under the run one `[io]` line (`fault`), then the
+/// process exits with the command's code. Only processes that are the command install the
+/// handlers: a host program such as Python keeps its own.
+pub fn run(program: &str, command: impl FnOnce() -> i32) -> ! {
+    install_handlers(program);
     std::process::exit(command())
+}
+
+/// The signal handlers of a process that is the command `program`.
+pub fn install_handlers(program: &str) {
+    crate::output::install_signal_handler();
+    crate::fault::install(program);
 }
 
 /// Parse a command line (program name first) without printing or exiting.

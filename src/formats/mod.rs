@@ -9,7 +9,7 @@ pub mod peft;
 pub mod read;
 
 pub use peft::read_alongside;
-pub use read::sha256_file;
+pub use read::sha256_hex;
 
 use std::path::Path;
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{dtype, SafeFile, TensorInfo};
-use crate::error::{err, Class, Error, Result};
+use crate::error::{err, Class, Result};
 
 /// Refuse a tensor that is not F32, F16 or BF16, or that holds NaN or ±Inf.
 pub(crate) fn check_floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<()> {
@@ -71,10 +71,7 @@ pub(crate) fn solve_blocks(
     Ok(data)
 }
 
-/// The hex sha256 of a file's bytes (provenance recorded in canonical files).
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
-    Ok(format!("{:x}", h.finalize()))
+/// The hash of bytes already read (never of the path again: it may name another file by now).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
 }

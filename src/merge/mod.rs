@@ -259,7 +259,7 @@ impl Plan<'_> {
             for rel in &base.others {
                 let from = base.root.join(rel);
                 let to = staged.path().join(rel);
-                let mut src = File::open(&from).map_err(|e| Error::io(&from, e))?;
+                let mut src = base.open_other(rel)?;
                 let mut dst = staged.create(rel)?;
                 std::io::copy(&mut src, &mut dst).map_err(|e| {
                     // A full or read-only disk is the destination's fault, not the input's.
@@ -477,7 +477,15 @@ fn copy_range(
     progress: &dyn Fn(usize),
 ) -> Result<()> {
     let base = o.src.data_offset + start;
-    let src_file = File::open(&o.src.path).map_err(|e| Error::io(&o.src.path, e))?;
+    // The file that was mapped and checked, not whatever its path names by now.
+    let Some(src_file) = o.src.handle() else {
+        let bytes = &o.src.bytes()[base..base + len];
+        progress(len);
+        return o
+            .dst
+            .write_all_at(bytes, base as u64)
+            .map_err(|e| Error::io(&o.dst_path, e));
+    };
     let mut done = 0usize;
     while done < len {
         if stop() {

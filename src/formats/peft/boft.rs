@@ -127,8 +127,9 @@ fn module_target(
     }
     // Either the block size or the block count is fixed by the config (the other is derived per
     // layer); a file whose tensors disagree with it was not written with this config.
-    let cfg = |k: &str| config.get(k).and_then(Value::as_u64).filter(|&v| v != 0);
-    if let Some(bs) = cfg("boft_block_size") {
+    let cfg =
+        |k: &str| super::config_uint(config, k, 0, cfg_path).map(|v| Some(v).filter(|&v| v != 0));
+    if let Some(bs) = cfg("boft_block_size")? {
         if bs as usize != h {
             return Err(err(
                 Class::BadAdapter,
@@ -136,7 +137,7 @@ fn module_target(
                 format!("{name}: config says boft_block_size {bs} but boft_R holds blocks of {h}"),
             ));
         }
-    } else if let Some(bn) = cfg("boft_block_num") {
+    } else if let Some(bn) = cfg("boft_block_num")? {
         if bn as usize != d {
             return Err(err(
                 Class::BadAdapter,

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::adapter::{Adapter, Replacement};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
-use crate::formats::read::sha256_file;
+use crate::formats::read::sha256_hex;
 
 /// The config file of a PEFT adapter folder.
 pub const CONFIG: &str = "adapter_config.json";
@@ -49,7 +49,7 @@ pub fn load_folder(dir: &Path, hash: bool, source: crate::formats::Source) -> Re
     // cache snapshot, into its repository's blobs/).
     let confined = crate::checkpoint::Confinement::adapter(dir)?;
     confined.check(&cfg_path)?;
-    let text = read_config(&cfg_path)?;
+    let text = read_config(&cfg_path, confined.open(&cfg_path, "a JSON file")?)?;
     let config = parse_config(&text, &cfg_path)?;
     let weights = dir.join(WEIGHTS);
     if weights.exists() {
@@ -63,7 +63,10 @@ pub fn load_folder(dir: &Path, hash: bool, source: crate::formats::Source) -> Re
         };
         return Err(err(Class::NotFound, &weights, msg));
     }
-    let f = Arc::new(SafeFile::open(&weights)?);
+    let f = Arc::new(SafeFile::from_file(
+        &weights,
+        confined.open(&weights, crate::checkpoint::file::SAFETENSORS)?,
+    )?);
     let legacy = match source {
         crate::formats::Source::Peft => Some(false),
         crate::formats::Source::PeftLegacyConv => Some(true),
@@ -73,21 +76,66 @@ pub fn load_folder(dir: &Path, hash: bool, source: crate::formats::Source) -> Re
     if hash {
         adapter
             .source_sha256
-            .insert(CONFIG.into(), sha256_file(&cfg_path)?);
+            .insert(CONFIG.into(), sha256_hex(&text));
         adapter
             .source_sha256
-            .insert(WEIGHTS.into(), sha256_file(&weights)?);
+            .insert(WEIGHTS.into(), sha256_hex(f.bytes()));
     }
     Ok(adapter)
 }
 
 /// The most bytes an `adapter_config.json` may hold. PEFT writes a few kilobytes (a long
-/// `target_modules` list or `rank_pattern` some hundreds); a larger file (a sparse gigabyte) is
-/// refused before it is read.
-pub const MAX_CONFIG: u64 = 16 << 20;
+/// `target_modules` list or `rank_pattern` some hundreds; every module of a 671B MoE model named
+/// one by one, about 2.5 MB); a larger file (a sparse gigabyte) is refused before it is read. The
+/// config is read as a JSON tree, which can take ~25 times its size in memory (a list of empty
+/// objects): 4 MiB keeps that near 100 MB.
+pub const MAX_CONFIG: u64 = 4 << 20;
+
+/// A config field PEFT declares as a bool: absent or `null` is PEFT's default. Another type is
+/// refused: Python would read `1` or `"false"` as true, where a strict reader would not, and a
+/// guess either way changes the merged weights.
+pub(crate) fn config_bool(c: &Value, key: &str, default: bool, path: &Path) -> Result<bool> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(wrong_type(key, v, "true or false", path)),
+    }
+}
+
+/// A config field PEFT declares as an int ≥ 0 (see `config_bool`).
+pub(crate) fn config_uint(c: &Value, key: &str, default: u64, path: &Path) -> Result<u64> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| wrong_type(key, v, "a non-negative integer", path)),
+    }
+}
+
+/// A config field PEFT declares as a float (see `config_bool`); integers are numbers too.
+pub(crate) fn config_f64(c: &Value, key: &str, default: f64, path: &Path) -> Result<f64> {
+    match c.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| wrong_type(key, v, "a number", path)),
+    }
+}
+
+fn wrong_type(key: &str, v: &Value, want: &str, path: &Path) -> Error {
+    let mut shown = v.to_string();
+    if shown.len() > 40 {
+        shown = format!("{}…", shown.chars().take(40).collect::<String>());
+    }
+    err(
+        Class::BadAdapter,
+        path,
+        format!("{key} is {shown}, expected {want}"),
+    )
+}
 
 /// Read a config, refusing one larger than `MAX_CONFIG` without reading past the limit.
-fn read_config(path: &Path) -> Result<Vec<u8>> {
+fn read_config(path: &Path, f: std::fs::File) -> Result<Vec<u8>> {
     use std::io::Read;
     let too_large = || {
         err(
@@ -96,7 +144,6 @@ fn read_config(path: &Path) -> Result<Vec<u8>> {
             format!("larger than the {MAX_CONFIG}-byte limit for an adapter config"),
         )
     };
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     if f.metadata().map_err(|e| Error::io(path, e))?.len() > MAX_CONFIG {
         return Err(too_large());
     }

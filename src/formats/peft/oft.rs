@@ -145,11 +145,8 @@ struct Config {
 
 impl Config {
     fn read(c: &Value, path: &Path) -> Result<Config> {
-        let b = |k: &str, d: bool| c.get(k).and_then(Value::as_bool).unwrap_or(d);
-        let terms = c
-            .get("num_cayley_neumann_terms")
-            .and_then(Value::as_u64)
-            .unwrap_or(5) as usize;
+        use super::{config_bool, config_f64, config_uint};
+        let terms = config_uint(c, "num_cayley_neumann_terms", 5, path)?;
         if !(1..=64).contains(&terms) {
             return Err(err(
                 Class::BadAdapter,
@@ -157,7 +154,7 @@ impl Config {
                 format!("num_cayley_neumann_terms {terms} is outside 1..=64"),
             ));
         }
-        let eps = c.get("eps").and_then(Value::as_f64).unwrap_or(6e-5);
+        let eps = config_f64(c, "eps", 6e-5, path)?;
         if !eps.is_finite() || eps < 0.0 {
             return Err(err(
                 Class::BadAdapter,
@@ -165,10 +162,11 @@ impl Config {
                 format!("eps {eps} is not a finite non-negative number"),
             ));
         }
+        let block_share = config_bool(c, "block_share", false, path)?;
         if c.get("rank_pattern")
             .and_then(Value::as_object)
             .is_some_and(|m| !m.is_empty())
-            && b("block_share", false)
+            && block_share
         {
             return Err(err(
                 Class::UnknownFormat,
@@ -176,14 +174,15 @@ impl Config {
                 "block_share together with rank_pattern is not supported",
             ));
         }
+        let r = config_uint(c, "r", 0, path)?;
         Ok(Config {
             path: path.to_path_buf(),
-            r: c.get("r").and_then(Value::as_u64).unwrap_or(0) as usize,
-            coft: b("coft", false),
+            r: usize::try_from(r).unwrap_or(usize::MAX),
+            coft: config_bool(c, "coft", false, path)?,
             eps,
-            block_share: b("block_share", false),
-            neumann: b("use_cayley_neumann", true),
-            terms,
+            block_share,
+            neumann: config_bool(c, "use_cayley_neumann", true, path)?,
+            terms: terms as usize,
             legacy_series: c.get("peft_version").is_none(),
         })
     }
