@@ -2,8 +2,10 @@
 //! and is renamed into place only once complete, so an error, a full disk or a signal never
 //! leaves a partial output behind, and an existing output survives until its replacement is whole.
 
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,7 +97,6 @@ fn sibling(dest: &Path, tag: &str) -> PathBuf {
 /// dies, however it dies), so a lock that can be taken means its owner is gone. `false` when the
 /// lock is held elsewhere or the filesystem has no locks.
 fn try_lock(f: &File) -> bool {
-    use std::os::unix::io::AsRawFd;
     // SAFETY: plain syscall on an open descriptor we own.
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
@@ -389,39 +390,97 @@ impl Staged {
         &self.handle
     }
 
-    /// Create a new file at `rel` inside a staged folder (its parent folders made as needed, each
-    /// with `mkdir`), exclusively and without following symlinks.
-    pub fn create(&self, rel: &Path) -> Result<File> {
+    /// The folder that holds `rel` inside a staged folder, opened, and `rel`'s last name in it;
+    /// missing folders on the way are made when `make`. Everything is reached from the handle
+    /// taken when the staged folder was made, one name at a time and never through a symlink: the
+    /// staged name (or a folder inside) swapped for a symlink by another process leads nowhere
+    /// else, and writes still land in the folder this run made.
+    fn parent_at(&self, rel: &Path, make: bool) -> Result<(OwnedFd, CString, PathBuf)> {
+        use std::path::Component;
         debug_assert!(self.is_dir);
-        let mut dir = self.temp.clone();
-        let parts: Vec<_> = rel.components().collect();
-        let Some((last, parents)) = parts.split_last() else {
+        let mut names = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(n) => names.push(n),
+                Component::CurDir => {}
+                _ => {
+                    return Err(err(
+                        Class::Io,
+                        self.dest.join(rel),
+                        "is not a plain relative name inside the output",
+                    ))
+                }
+            }
+        }
+        let Some((last, parents)) = names.split_last() else {
             return Err(err(
                 Class::Io,
                 &self.dest,
                 "empty file name inside the output",
             ));
         };
-        for c in parents {
-            dir.push(c);
-            match fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    // Made by an earlier file of ours: a real folder, never a symlink.
-                    let real_dir = fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir());
-                    if !real_dir {
-                        return Err(self.blame_dest(err(
-                            Class::Io,
-                            &dir,
-                            "exists in the staged output and is not a folder",
-                        )));
-                    }
+        let mut path = self.temp.clone();
+        let mut dir = OwnedFd::from(
+            self.handle
+                .try_clone()
+                .map_err(|e| self.blame_dest(Error::io(&path, e)))?,
+        );
+        for name in parents {
+            path.push(name);
+            let c = c_name(name).map_err(|e| self.blame_dest(Error::io(&path, e)))?;
+            if make {
+                match mkdir_at(dir.as_fd(), &c) {
+                    Ok(()) => {}
+                    // Made for an earlier file of ours; opened below without following a link.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(self.blame_dest(Error::io(&path, e))),
                 }
-                Err(e) => return Err(self.blame_dest(Error::io(&dir, e))),
             }
+            dir = open_dir_at(dir.as_fd(), &c).map_err(|e| {
+                self.blame_dest(match e.raw_os_error() {
+                    Some(libc::ELOOP | libc::ENOTDIR) => err(
+                        Class::Io,
+                        &path,
+                        "exists in the staged output and is not a folder",
+                    ),
+                    _ => Error::io(&path, e),
+                })
+            })?;
         }
-        let path = dir.join(last);
-        create_new_file(&path).map_err(|e| self.blame_dest(Error::io(&path, e)))
+        path.push(last);
+        let c = c_name(last).map_err(|e| self.blame_dest(Error::io(&path, e)))?;
+        Ok((dir, c, path))
+    }
+
+    /// Create a new file at `rel` inside a staged folder (its parent folders made as needed),
+    /// exclusively and without following symlinks, inside the folder this run made.
+    pub fn create(&self, rel: &Path) -> Result<File> {
+        let (dir, name, path) = self.parent_at(rel, true)?;
+        create_new_at(dir.as_fd(), &name).map_err(|e| self.blame_dest(Error::io(&path, e)))
+    }
+
+    /// Give the file already written at `existing` inside a staged folder a second name `rel`
+    /// (a hard link), so that one file reached by several names is stored once. `false` when
+    /// that cannot be done (a filesystem without hard links, a link count at its limit, …): the
+    /// caller writes `rel` as a file of its own, and `create` reports whatever is really wrong.
+    pub fn link(&self, existing: &Path, rel: &Path) -> bool {
+        let Ok((from_dir, from, _)) = self.parent_at(existing, false) else {
+            return false;
+        };
+        let Ok((to_dir, to, _)) = self.parent_at(rel, true) else {
+            return false;
+        };
+        // SAFETY: plain syscall on open descriptors and NUL-terminated names that outlive it.
+        // Flags 0: a symlink at `existing` would be linked itself, never followed.
+        unsafe {
+            libc::linkat(
+                from_dir.as_raw_fd(),
+                from.as_ptr(),
+                to_dir.as_raw_fd(),
+                to.as_ptr(),
+                0,
+            ) == 0
+        }
     }
 
     /// Where the output is staged.
@@ -444,16 +503,49 @@ impl Staged {
         e
     }
 
-    /// Move the finished output into place, replacing an existing one.
+    /// Whether `path` is (not through a symlink) the file or folder this run staged.
+    fn is_ours(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.handle.metadata(), fs::symlink_metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
+    fn replaced(&self) -> Error {
+        err(
+            Class::Io,
+            &self.dest,
+            format!(
+                "the staged output {} was replaced by another process; nothing was moved into \
+                 place",
+                self.temp.display()
+            ),
+        )
+    }
+
+    /// Move the finished output into place, replacing an existing one. Only what this run staged
+    /// is moved: renames go by name, so the staged name is checked to still be the file or
+    /// folder made (a symlink or another folder put there by another process is refused), and the
+    /// destination checked again once renamed.
     pub fn commit(mut self) -> Result<()> {
         check_interrupted()?;
         // Checked again here: the destination may have changed since `check_destination`.
         refuse_special(&self.dest)?;
+        if !self.is_ours(&self.temp) {
+            return Err(self.replaced());
+        }
         if self.is_dir && fs::symlink_metadata(&self.dest).is_ok() {
             // Swap the two atomically where the filesystem can: the destination is never missing,
             // and the old output, now under the staged name, is removed (a kill during that
             // leaves it for `reclaim`).
             if exchange(&self.temp, &self.dest) {
+                if !self.is_ours(&self.dest) {
+                    // Swapped in between the check and the exchange: swap back, which puts the
+                    // old output where it was.
+                    exchange(&self.temp, &self.dest);
+                    return Err(self.replaced());
+                }
                 self.committed = true;
                 let _ = if fs::symlink_metadata(&self.temp).is_ok_and(|m| m.is_dir()) {
                     fs::remove_dir_all(&self.temp)
@@ -467,6 +559,11 @@ impl Staged {
             if let Err(e) = fs::rename(&self.temp, &self.dest) {
                 let _ = fs::rename(&old, &self.dest);
                 return Err(Error::io(&self.dest, e));
+            }
+            if !self.is_ours(&self.dest) {
+                let _ = rename_noreplace(&self.dest, &self.temp);
+                let _ = rename_noreplace(&old, &self.dest);
+                return Err(self.replaced());
             }
             let _ = if fs::symlink_metadata(&old).is_ok_and(|m| m.is_dir()) {
                 fs::remove_dir_all(&old)
@@ -482,10 +579,90 @@ impl Staged {
                 ));
             }
             fs::rename(&self.temp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+            if !self.is_ours(&self.dest) {
+                // Swapped in between the check and the rename: put it back under the staged name
+                // (where it was left alone), unless that name is taken again.
+                let _ = rename_noreplace(&self.dest, &self.temp);
+                return Err(self.replaced());
+            }
         }
         self.committed = true;
         Ok(())
     }
+}
+
+/// `renameat2(RENAME_NOREPLACE)`: move `a` to `b` only if nothing is at `b`.
+fn rename_noreplace(a: &Path, b: &Path) -> std::io::Result<()> {
+    let (ca, cb) = (c_name(a.as_os_str())?, c_name(b.as_os_str())?);
+    // SAFETY: plain syscall with NUL-terminated paths that outlive it.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn c_name(name: &OsStr) -> std::io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(name.as_bytes()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a NUL byte in a file name",
+        )
+    })
+}
+
+fn fd_result(fd: libc::c_int) -> std::io::Result<OwnedFd> {
+    if fd < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        // SAFETY: a descriptor the kernel just returned, owned by nothing else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// Open the folder `name` in `dir`, refusing a symlink there.
+fn open_dir_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall on an open descriptor and a NUL-terminated name that outlive it.
+    fd_result(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })
+}
+
+fn mkdir_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<()> {
+    // SAFETY: plain syscall on an open descriptor and a NUL-terminated name that outlive it.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o777) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `create_new_file` relative to an open folder.
+fn create_new_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<File> {
+    // SAFETY: plain syscall on an open descriptor and a NUL-terminated name that outlive it.
+    let fd = fd_result(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o666 as libc::c_uint,
+        )
+    })?;
+    Ok(File::from(fd))
 }
 
 /// `renameat2(RENAME_EXCHANGE)`: swap two existing entries atomically. `false` when it fails (a
@@ -512,7 +689,8 @@ fn exchange(a: &Path, b: &Path) -> bool {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        if !self.committed {
+        // Whatever another process put at the staged name is not ours to remove.
+        if !self.committed && self.is_ours(&self.temp) {
             let _ = if self.is_dir {
                 fs::remove_dir_all(&self.temp)
             } else {
@@ -635,5 +813,109 @@ mod tests {
         staged.commit().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"new");
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    /// The staged folder renamed away and a symlink to `victim` put at its name.
+    fn swap_staged(staged: &Staged, victim: &Path) -> PathBuf {
+        let moved = staged.path().with_file_name("moved-away");
+        fs::rename(staged.path(), &moved).unwrap();
+        std::os::unix::fs::symlink(victim, staged.path()).unwrap();
+        moved
+    }
+
+    #[test]
+    fn files_are_created_in_the_held_folder_not_through_its_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let staged = Staged::dir(&tmp.path().join("out")).unwrap();
+        let name = staged.path().to_path_buf();
+        let moved = swap_staged(&staged, &victim);
+        staged
+            .create(Path::new("a/b/c.txt"))
+            .unwrap()
+            .write_all(b"c")
+            .unwrap();
+        staged.create(Path::new("top.txt")).unwrap();
+        assert_eq!(fs::read(moved.join("a/b/c.txt")).unwrap(), b"c");
+        assert!(moved.join("top.txt").is_file());
+        assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
+        let e = staged.commit().unwrap_err();
+        assert_eq!(e.class, Class::Io);
+        assert!(e.message.contains("replaced"), "{}", e.message);
+        // The planted symlink is left alone, and so is what it points to.
+        assert!(fs::symlink_metadata(&name)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(fs::symlink_metadata(tmp.path().join("out")).is_err());
+    }
+
+    #[test]
+    fn a_symlinked_subfolder_inside_the_staged_folder_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        let staged = Staged::dir(&tmp.path().join("out")).unwrap();
+        staged.create(Path::new("a/x")).unwrap();
+        fs::remove_file(staged.path().join("a/x")).unwrap();
+        fs::remove_dir(staged.path().join("a")).unwrap();
+        std::os::unix::fs::symlink(&victim, staged.path().join("a")).unwrap();
+        let e = staged.create(Path::new("a/y")).unwrap_err();
+        assert_eq!(e.class, Class::Io);
+        assert_eq!(e.path.as_deref(), Some(tmp.path().join("out/a").as_path()));
+        assert_eq!(fs::read_dir(&victim).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn names_leaving_the_staged_folder_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let staged = Staged::dir(&tmp.path().join("out")).unwrap();
+        for rel in ["../escape.txt", "a/../../escape.txt", "/tmp/escape.txt", ""] {
+            let e = staged.create(Path::new(rel)).unwrap_err();
+            assert_eq!(e.class, Class::Io, "{rel}");
+        }
+        assert!(!tmp.path().join("escape.txt").exists());
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_second_name_for_one_file_is_a_hard_link() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("out");
+        let staged = Staged::dir(&dest).unwrap();
+        staged
+            .create(Path::new("blob.json"))
+            .unwrap()
+            .write_all(b"blob")
+            .unwrap();
+        assert!(staged.link(Path::new("blob.json"), Path::new("deep/er/name.json")));
+        // An existing name is not replaced, and a missing first copy links nothing.
+        assert!(!staged.link(Path::new("blob.json"), Path::new("deep/er/name.json")));
+        assert!(!staged.link(Path::new("missing"), Path::new("other.json")));
+        staged.commit().unwrap();
+        let a = fs::metadata(dest.join("blob.json")).unwrap();
+        let b = fs::symlink_metadata(dest.join("deep/er/name.json")).unwrap();
+        assert!(b.is_file());
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+        assert!(!dest.join("other.json").exists());
+    }
+
+    #[test]
+    fn dropping_leaves_a_symlink_planted_at_the_staged_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        fs::create_dir(&victim).unwrap();
+        fs::write(victim.join("keep"), b"keep").unwrap();
+        let staged = Staged::dir(&tmp.path().join("out")).unwrap();
+        let name = staged.path().to_path_buf();
+        swap_staged(&staged, &victim);
+        drop(staged);
+        assert!(fs::symlink_metadata(&name)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read(victim.join("keep")).unwrap(), b"keep");
     }
 }

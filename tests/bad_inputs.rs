@@ -434,6 +434,67 @@ fn symlinks_inside_folder_are_followed() {
         .is_file());
 }
 
+#[test]
+fn symlinks_to_one_file_are_written_once() {
+    // A Hugging Face snapshot may hold several names linking to one blob; 200 links to a 1 MB
+    // file copied one by one made a 1 MB folder into a 200 MB output (issue 11, d07). Every name
+    // is kept, each distinct file's bytes are written once (hard links inside the output).
+    let sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    let blob: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(base.join("tokenizer.json"), &blob).unwrap();
+    std::fs::create_dir(base.join("sub")).unwrap();
+    for i in 0..200 {
+        let (dir, target) = if i % 2 == 0 {
+            ("", "tokenizer.json")
+        } else {
+            ("sub/", "../tokenizer.json")
+        };
+        std::os::unix::fs::symlink(target, base.join(format!("{dir}tok{i}.json"))).unwrap();
+    }
+    let before = tree(&base);
+    let o = run_limited(
+        "boft-merge",
+        &[
+            "--threads".as_ref(),
+            "1".as_ref(),
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    );
+    ok(&o);
+    assert_eq!(tree(&base), before);
+    // Allocated size of the output, each inode counted once.
+    fn walk(p: &Path, seen: &mut std::collections::HashSet<(u64, u64)>, total: &mut u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(p).unwrap();
+        assert!(!m.file_type().is_symlink(), "{p:?} is a symlink");
+        if m.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                walk(&e.unwrap().path(), seen, total);
+            }
+        } else if seen.insert((m.dev(), m.ino())) {
+            *total += m.blocks() * 512;
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    walk(&out, &mut seen, &mut total);
+    assert!(total < 3_000_000, "output allocates {total} bytes");
+    for i in 0..200 {
+        let dir = if i % 2 == 0 { "" } else { "sub/" };
+        let p = out.join(format!("{dir}tok{i}.json"));
+        assert!(std::fs::read(&p).unwrap() == blob, "{p:?} differs");
+    }
+    assert!(std::fs::read(out.join("tokenizer.json")).unwrap() == blob);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Adapters
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ use std::path::Path;
 use boft::adapter::Strength;
 use boft::checkpoint::Checkpoint;
 use boft::merge::{self, CpuBackend, Direction, Options};
+use boft::output::Staged;
 use boft::Class;
 
 mod common;
@@ -143,4 +144,136 @@ fn another_file_swapped_for_a_fifo_is_refused_without_blocking() {
     assert_eq!(e.class, Class::Io, "{}", e.message);
     assert!(e.message.contains("not a regular file"), "{}", e.message);
     assert!(!out.exists());
+}
+
+/// Merge `base` into the folder `out` by the library's steps, letting `before_files` act on the
+/// staged folder once it is made and `before_commit` once it is written.
+fn merge_staged(
+    base: &Path,
+    out: &Path,
+    before_files: impl FnOnce(&Path),
+    before_commit: impl FnOnce(&Path),
+) -> boft::Result<()> {
+    let adapter_dir = fixtures().join("peft_boft/adapters/llama_bf16_f2");
+    let mut a = boft::formats::load_deferred_as(&adapter_dir, boft::formats::Source::Auto).unwrap();
+    let ck = Checkpoint::open(base)?;
+    merge::fit_in(&ck, &mut a, true, None)?;
+    let plan = merge::plan(&ck, &a, Direction::Merge)?;
+    let staged = Staged::dir(out)?;
+    before_files(staged.path());
+    plan.execute(&staged, &CpuBackend, &OPTS)
+        .map_err(|e| staged.blame_dest(e))?;
+    before_commit(staged.path());
+    staged.commit()
+}
+
+/// Another process that can write the output's parent renames the staged folder away and puts a
+/// symlink to a folder of its choice at the staged name (issue 11, d09).
+fn swap_for_symlink(staged: &Path, moved: &Path, victim: &Path) {
+    std::fs::rename(staged, moved).unwrap();
+    std::os::unix::fs::symlink(victim, staged).unwrap();
+}
+
+fn swap_scene() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    copy_dir(
+        &fixtures().join("peft_boft/bases/llama_bf16_sharded"),
+        &base,
+    );
+    let victim = tmp.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    (tmp, base, victim)
+}
+
+#[test]
+fn a_staged_folder_swapped_for_a_symlink_before_its_files_is_refused() {
+    let (tmp, base, victim) = swap_scene();
+    let out = tmp.path().join("out");
+    let moved = tmp.path().join("moved-away");
+    let e = merge_staged(
+        &base,
+        &out,
+        |s| swap_for_symlink(s, &moved, &victim),
+        |_| {},
+    )
+    .unwrap_err();
+    assert_eq!(e.class, Class::Io, "{}", e.message);
+    assert!(e.message.contains("replaced"), "{}", e.message);
+    assert_eq!(e.path.as_deref(), Some(out.as_path()));
+    let written: Vec<_> = std::fs::read_dir(&victim).unwrap().collect();
+    assert!(
+        written.is_empty(),
+        "written outside the output: {written:?}"
+    );
+    assert!(std::fs::symlink_metadata(&out).is_err(), "{out:?} exists");
+}
+
+#[test]
+fn a_staged_folder_swapped_for_a_symlink_before_commit_is_refused() {
+    let (tmp, base, victim) = swap_scene();
+    let out = tmp.path().join("out");
+    let moved = tmp.path().join("moved-away");
+    let e = merge_staged(
+        &base,
+        &out,
+        |_| {},
+        |s| swap_for_symlink(s, &moved, &victim),
+    )
+    .unwrap_err();
+    assert_eq!(e.class, Class::Io, "{}", e.message);
+    assert!(e.message.contains("replaced"), "{}", e.message);
+    assert!(std::fs::symlink_metadata(&out).is_err(), "{out:?} exists");
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+    // The planted symlink is not ours to remove.
+    let staged: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("boft-partial"))
+        .collect();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    assert!(std::fs::symlink_metadata(&staged[0])
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn an_existing_output_is_kept_when_the_staged_folder_is_swapped() {
+    let (tmp, base, victim) = swap_scene();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("old.txt"), b"old").unwrap();
+    let moved = tmp.path().join("moved-away");
+    let adapter_dir = fixtures().join("peft_boft/adapters/llama_bf16_f2");
+    let mut a = boft::formats::load_deferred_as(&adapter_dir, boft::formats::Source::Auto).unwrap();
+    let ck = Checkpoint::open(&base).unwrap();
+    merge::fit_in(&ck, &mut a, true, None).unwrap();
+    let plan = merge::plan(&ck, &a, Direction::Merge).unwrap();
+    let staged = Staged::dir(&out).unwrap();
+    plan.execute(&staged, &CpuBackend, &OPTS).unwrap();
+    swap_for_symlink(staged.path(), &moved, &victim);
+    let e = staged.commit().unwrap_err();
+    assert_eq!(e.class, Class::Io, "{}", e.message);
+    assert!(std::fs::symlink_metadata(&out).unwrap().is_dir());
+    assert_eq!(std::fs::read(out.join("old.txt")).unwrap(), b"old");
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+}
+
+#[test]
+fn a_staged_file_swapped_before_commit_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, b"victim").unwrap();
+    let staged = Staged::file(&out).unwrap();
+    use std::io::Write;
+    staged.file_handle().write_all(b"ours").unwrap();
+    std::fs::rename(staged.path(), tmp.path().join("moved-away")).unwrap();
+    std::os::unix::fs::symlink(&victim, staged.path()).unwrap();
+    let e = staged.commit().unwrap_err();
+    assert_eq!(e.class, Class::Io, "{}", e.message);
+    assert!(e.message.contains("replaced"), "{}", e.message);
+    assert!(std::fs::symlink_metadata(&out).is_err(), "{out:?} exists");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"victim");
 }

@@ -628,10 +628,16 @@ impl Confinement {
     /// in a cache snapshot, is not one of its repository's blobs).
     pub(crate) fn check(&self, p: &Path) -> Result<PathBuf> {
         let real = p.canonicalize().map_err(|e| Error::io(p, e))?;
+        self.allow(p, &real)?;
+        Ok(real)
+    }
+
+    /// Whether `real`, where `p` resolves to, lies inside the confinement.
+    fn allow(&self, p: &Path, real: &Path) -> Result<()> {
         let in_blobs = || {
             self.blobs
                 .as_deref()
-                .is_some_and(|b| crate::paths::is_blob(b, &real))
+                .is_some_and(|b| crate::paths::is_blob(b, real))
         };
         if !real.starts_with(&self.root) && !in_blobs() {
             return Err(err(
@@ -649,19 +655,28 @@ impl Confinement {
                 ),
             ));
         }
-        Ok(real)
+        Ok(())
     }
 
     /// Open a file of the folder for reading: a regular file (`what` names the expected kind)
-    /// lying inside the confinement. The file opened is the file checked: its identity (device
-    /// and inode) must be that of the path's resolution, so a path swapped for a symlink to
-    /// elsewhere between the check and the open is refused instead of read.
+    /// lying inside the confinement. What is checked is where the opened file lies, as the
+    /// kernel resolved it at the open (`/proc/self/fd`): resolving the path a second time would
+    /// leave a moment in which another process swaps it for a symlink to elsewhere.
     pub(crate) fn open(&self, p: &Path, what: &str) -> Result<File> {
+        use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
         let file = file::open_regular(p, what)?;
+        if let Ok(real) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+            if real.is_absolute() {
+                self.allow(p, &real)?;
+                return Ok(file);
+            }
+        }
+        // Without /proc: resolve the path again and require that it still leads to the file
+        // opened, without following a link planted at the resolved path meanwhile.
         let real = self.check(p)?;
         let opened = file.metadata().map_err(|e| Error::io(p, e))?;
-        let checked = std::fs::metadata(&real).map_err(|e| Error::io(p, e))?;
+        let checked = std::fs::symlink_metadata(&real).map_err(|e| Error::io(p, e))?;
         if (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
             return Err(err(
                 Class::Io,

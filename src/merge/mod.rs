@@ -256,10 +256,26 @@ impl Plan<'_> {
             });
         }
         if base.is_folder() {
+            // Several names for one file (a Hugging Face snapshot's links to one blob) keep every
+            // name in the output but its bytes once: later names become hard links to the first
+            // copy. Same file = same device and inode of the handle opened to copy it.
+            let mut first_copy: HashMap<(u64, u64), &Path> = HashMap::new();
             for rel in &base.others {
                 let from = base.root.join(rel);
                 let to = staged.path().join(rel);
                 let mut src = base.open_other(rel)?;
+                let id = src.metadata().ok().map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.dev(), m.ino())
+                });
+                if let Some(first) = id.and_then(|id| first_copy.get(&id)) {
+                    if staged.link(first, rel) {
+                        continue;
+                    }
+                }
+                if let Some(id) = id {
+                    first_copy.entry(id).or_insert(rel.as_path());
+                }
                 let mut dst = staged.create(rel)?;
                 std::io::copy(&mut src, &mut dst).map_err(|e| {
                     // A full or read-only disk is the destination's fault, not the input's.
