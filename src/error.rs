@@ -9,37 +9,67 @@ use std::path::{Path, PathBuf};
 /// brackets on every error line and is part of the command-line contract (docs/ERRORS.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
+    /// Reading or writing failed at the operating system.
     Io,
+    /// A path that does not exist.
     NotFound,
+    /// A zero-byte file where a safetensors file was expected.
     EmptyFile,
+    /// Shorter than the 8-byte header length, or a header length below 2.
     HeaderTooSmall,
+    /// A header length above the reference loader's limit.
     HeaderTooLarge,
+    /// The header length runs past the end of the file.
     HeaderPastEnd,
+    /// The header is not UTF-8 or not valid JSON.
     HeaderNotJson,
+    /// The header is valid JSON but not an object.
     HeaderNotObject,
+    /// A tensor entry without a valid dtype, shape or offsets.
     BadTensorInfo,
+    /// A dtype the safetensors format does not name.
     UnknownDtype,
+    /// Tensor byte ranges that run backwards, overlap, leave gaps or trailing bytes, or disagree
+    /// with shape and dtype.
     BadOffsets,
+    /// A tensor name given twice.
     DuplicateTensor,
+    /// A checkpoint index that cannot be used.
     BadIndex,
+    /// A shard the index names that is not there.
     MissingShard,
+    /// A path (index entry or symlink) that leads outside the folder it must stay in.
     PathEscape,
+    /// Symlinked folders that lead back into the walk (a cycle, or a folder reached twice).
     SymlinkLoop,
+    /// Not an adapter this tool reads, or not the one `--from` names.
     UnknownFormat,
+    /// An adapter that contradicts itself.
     BadAdapter,
+    /// NaN or ±Inf where values must be finite.
     NonFinite,
+    /// An adapter target the base does not hold.
     MissingTarget,
+    /// An adapter and a base tensor whose shapes do not fit.
     ShapeMismatch,
+    /// A tensor to transform or replace that is not F32, F16 or BF16.
     UnsupportedDtype,
+    /// The output exists (and `--force` was not given, or may not replace it).
     OutputExists,
+    /// The output is, holds or lies inside an input.
     OutputIsInput,
+    /// A command-line error.
     Usage,
+    /// A signal arrived while working; the staged output was removed.
     Interrupted,
+    /// The `--device` asked for is not available.
     NoDevice,
+    /// An export that could not be exact.
     NotExportable,
 }
 
 impl Class {
+    /// The class's stable name, printed as `[name]` (docs/ERRORS.md).
     pub fn as_str(self) -> &'static str {
         match self {
             Class::Io => "io",
@@ -77,14 +107,19 @@ impl Class {
 /// An error about one file (or none, for usage errors), rendered on a single line.
 #[derive(Debug)]
 pub struct Error {
+    /// Which kind of failure.
     pub class: Class,
+    /// The file or folder it concerns, when there is one.
     pub path: Option<PathBuf>,
+    /// What went wrong, in one line.
     pub message: String,
 }
 
+/// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An error about `path`.
     pub fn new(class: Class, path: impl AsRef<Path>, message: impl Into<String>) -> Self {
         Error {
             class,
@@ -93,6 +128,7 @@ impl Error {
         }
     }
 
+    /// An error about no path in particular.
     pub fn bare(class: Class, message: impl Into<String>) -> Self {
         Error {
             class,
@@ -101,6 +137,7 @@ impl Error {
         }
     }
 
+    /// An I/O error at `path`, classed by its kind (`NotFound`, else `Io`).
     pub fn io(path: impl AsRef<Path>, err: std::io::Error) -> Self {
         let class = match err.kind() {
             std::io::ErrorKind::NotFound => Class::NotFound,

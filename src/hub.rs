@@ -14,7 +14,7 @@
 //! Nothing here touches the network: a repository or revision that is not in the cache is an
 //! error naming the cache searched.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::error::{err, Class, Error, Result};
 
@@ -56,8 +56,11 @@ fn cache_dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> (PathBuf,
 /// A parsed hub id: `org/name`, an optional `@revision`, an optional path inside the repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubId {
+    /// `org/name`.
     pub repo: String,
+    /// The branch, tag or commit (`main` unless given).
     pub revision: String,
+    /// A path inside the repository, when given.
     pub subpath: Option<PathBuf>,
 }
 
@@ -85,7 +88,7 @@ pub fn parse_id(text: &str) -> Option<HubId> {
         return None;
     }
     let subpath = match rest {
-        Some(r) => Some(crate::checkpoint::safe_relative(r)?),
+        Some(r) => Some(crate::paths::safe_relative(r)?),
         None => None,
     };
     Some(HubId {
@@ -99,7 +102,9 @@ pub fn parse_id(text: &str) -> Option<HubId> {
 /// holds an adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// A checkpoint (file or folder).
     Checkpoint,
+    /// An adapter (folder or one file).
     Adapter,
 }
 
@@ -237,39 +242,6 @@ fn truncate(s: &str) -> String {
 
 fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Where a folder inside a cache snapshot may also read from: the repository's `blobs/` folder,
-/// when `canon_root` (a canonical path) lies inside `…/models--<org>--<name>/snapshots/<commit>/`
-/// and `blobs/` is a real folder (not a symlink that could lead anywhere).
-pub fn blobs_of(canon_root: &Path) -> Option<PathBuf> {
-    let comps: Vec<Component> = canon_root.components().collect();
-    let i = comps
-        .iter()
-        .rposition(|c| matches!(c, Component::Normal(n) if *n == "snapshots"))?;
-    let repo_name = match comps.get(i.checked_sub(1)?)? {
-        Component::Normal(n) => n.to_str()?,
-        _ => return None,
-    };
-    let commit = match comps.get(i + 1)? {
-        Component::Normal(n) => n.to_str()?,
-        _ => return None,
-    };
-    if !(repo_name.starts_with("models--") || repo_name.starts_with("datasets--"))
-        || commit.is_empty()
-    {
-        return None;
-    }
-    let repo: PathBuf = comps[..i].iter().collect();
-    let blobs = repo.join("blobs");
-    let meta = std::fs::symlink_metadata(&blobs).ok()?;
-    meta.is_dir().then_some(blobs)
-}
-
-/// Whether `real` (a canonical path) is a blob of the cache repository `blobs`: directly inside
-/// it, as huggingface_hub stores them.
-pub fn is_blob(blobs: &Path, real: &Path) -> bool {
-    real.parent() == Some(blobs)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! BOFT/OFT orthogonal fine-tuning adapters: read them as other frameworks wrote them, hold them
 //! in one canonical model, merge them into (and out of) safetensors checkpoints, verify them.
+#![warn(missing_docs)]
 
 pub mod adapter;
 pub mod checkpoint;
@@ -12,6 +13,7 @@ pub mod math;
 pub mod merge;
 pub mod names;
 pub mod output;
+pub mod paths;
 #[cfg(feature = "python")]
 mod python;
 pub mod verify;

@@ -20,10 +20,12 @@ pub fn install_signal_handler() {
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
 
+/// Whether SIGINT or SIGTERM has arrived.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
+/// An `[interrupted]` error once SIGINT or SIGTERM has arrived.
 pub fn check_interrupted() -> Result<()> {
     if interrupted() {
         Err(Error::bare(
@@ -212,33 +214,6 @@ pub fn resolve(p: &Path) -> PathBuf {
     }
 }
 
-/// The files a reader opens beside an input it was given: for a PEFT adapter (its folder, or its
-/// `adapter_model.safetensors` given as a file) the folder's `adapter_config.json` and
-/// `adapter_model.safetensors`, which may be symlinks to elsewhere (a Hugging Face cache's blobs).
-fn read_alongside(input: &Path) -> Vec<PathBuf> {
-    use crate::formats::peft::{CONFIG, WEIGHTS};
-    let dir = if input.is_dir() {
-        Some(input)
-    } else {
-        input
-            .parent()
-            .map(|p| {
-                if p.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    p
-                }
-            })
-            .filter(|p| fs::symlink_metadata(p.join(CONFIG)).is_ok())
-    };
-    let mut out = vec![input.to_path_buf()];
-    if let Some(d) = dir {
-        out.push(d.join(CONFIG));
-        out.push(d.join(WEIGHTS));
-    }
-    out
-}
-
 /// What an existing entry at the destination is, when `--force` may not replace it: only a
 /// regular file, a folder or a symlink (the link itself) is replaced.
 fn special_kind(ft: fs::FileType) -> Option<&'static str> {
@@ -273,37 +248,35 @@ fn refuse_special(dest: &Path) -> Result<()> {
 }
 
 /// Refuse outputs that would overwrite or sit inside an input, or that exist without `force`.
-/// Each input stands for every file its reader opens (`read_alongside`); symlinks and `..` are
-/// resolved on both sides.
+/// `inputs` are every file a reader opens (callers expand what they were given with
+/// `formats::read_alongside`); symlinks and `..` are resolved on both sides.
 pub fn check_destination(dest: &Path, inputs: &[&Path], force: bool) -> Result<()> {
     let d = resolve(dest);
-    for given in inputs {
-        for input in read_alongside(given) {
-            let i = resolve(&input);
-            if d == i {
-                return Err(err(
-                    Class::OutputIsInput,
-                    dest,
-                    format!("output is the input {}", input.display()),
-                ));
-            }
-            if d.starts_with(&i) {
-                return Err(err(
-                    Class::OutputIsInput,
-                    dest,
-                    format!("output lies inside the input {}", input.display()),
-                ));
-            }
-            if i.starts_with(&d) {
-                return Err(err(
-                    Class::OutputIsInput,
-                    dest,
-                    format!(
-                        "output would contain (and replace) the input {}",
-                        input.display()
-                    ),
-                ));
-            }
+    for input in inputs {
+        let i = resolve(input);
+        if d == i {
+            return Err(err(
+                Class::OutputIsInput,
+                dest,
+                format!("output is the input {}", input.display()),
+            ));
+        }
+        if d.starts_with(&i) {
+            return Err(err(
+                Class::OutputIsInput,
+                dest,
+                format!("output lies inside the input {}", input.display()),
+            ));
+        }
+        if i.starts_with(&d) {
+            return Err(err(
+                Class::OutputIsInput,
+                dest,
+                format!(
+                    "output would contain (and replace) the input {}",
+                    input.display()
+                ),
+            ));
         }
     }
     refuse_special(dest)?;

@@ -38,7 +38,7 @@ fn merge_dir(
     merge::fit_in(&ck, &mut a, true, None)?;
     let opts = Options {
         direction,
-        progress: false,
+        progress: &merge::NoProgress,
         strength: Strength::FULL,
     };
     merge::merge_to(&ck, &a, out, &[base, adapter], false, &CpuBackend, &opts)?;

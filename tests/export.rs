@@ -1,6 +1,6 @@
 //! `boft-convert --to peft|lycoris`: exports read back by our importer merge like the original;
 //! the target library's merge of each export (fixtures/export, made by
-//! fixtures/generate/make_export_roundtrip.py with PEFT 0.21.2 / LyCORIS 4.1.3) equals our merge
+//! fixtures/generate/make_export.py with PEFT 0.21.2 / LyCORIS 4.1.3) equals our merge
 //! of the original; what cannot be exported exactly is refused with one line and no output.
 
 mod common;

@@ -1,5 +1,5 @@
 //! LyCORIS diag-oft/boft and kohya OFT files: our merge against the writing library's own merge,
-//! on fixtures made by fixtures/generate/make_lycoris_oft.py and make_kohya_oft.py. Module names
+//! on fixtures made by fixtures/generate/make_lycoris.py and make_kohya_oft.py. Module names
 //! are diffusers-style, flattened the way those libraries flatten them.
 
 mod common;

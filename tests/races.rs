@@ -24,7 +24,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 const OPTS: Options = Options {
     direction: Direction::Merge,
-    progress: false,
+    progress: &merge::NoProgress,
     strength: Strength::FULL,
 };
 

@@ -10,6 +10,7 @@
 
 mod gen;
 mod measure;
+mod repo;
 mod report;
 mod run;
 

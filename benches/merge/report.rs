@@ -10,7 +10,7 @@ use anyhow::Result;
 
 use crate::gen::Spec;
 use crate::measure::Sample;
-use crate::run::{repo, RunArgs};
+use crate::repo::root as repo;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -95,6 +95,14 @@ fn storage(p: &Path) -> String {
     s
 }
 
+/// What the run was asked for that the report states (from `run`'s arguments).
+pub struct Asked<'a> {
+    /// `--python`, tried first for the plot.
+    pub python: Option<&'a Path>,
+    pub repeats: usize,
+    pub sample_ms: u64,
+}
+
 impl Meta {
     pub fn collect(
         data: &Path,
@@ -102,7 +110,7 @@ impl Meta {
         argv: &[String],
         cold: bool,
         python: &str,
-        a: &RunArgs,
+        a: &Asked,
     ) -> Meta {
         let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
@@ -139,7 +147,7 @@ impl Meta {
         {
             commit.push_str(" + uncommitted changes");
         }
-        let mut plot_pythons: Vec<PathBuf> = a.python.iter().cloned().collect();
+        let mut plot_pythons: Vec<PathBuf> = a.python.iter().map(|p| p.to_path_buf()).collect();
         plot_pythons.push("/work/venv-fixtures/bin/python".into());
         plot_pythons.push("python3".into());
         Meta {

@@ -12,7 +12,8 @@ use clap::{Args, ValueEnum};
 
 use crate::gen::{self, Generated, ShapeArgs, Spec};
 use crate::measure::{self, Sample};
-use crate::report::{self, Meta, Row, SizeInfo};
+use crate::repo::root as repo;
+use crate::report::{self, Asked, Meta, Row, SizeInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Cold {
@@ -70,10 +71,6 @@ pub struct RunArgs {
     /// Memory sampling interval in milliseconds.
     #[arg(long, default_value_t = 5)]
     pub sample_ms: u64,
-}
-
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// Which of the measured commands a row belongs to.
@@ -318,7 +315,12 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             ),
         }
     };
-    let mut meta = Meta::collect(&data, &bin, argv, cold, &python_note, &a);
+    let asked = Asked {
+        python: a.python.as_deref(),
+        repeats: a.repeats,
+        sample_ms: a.sample_ms,
+    };
+    let mut meta = Meta::collect(&data, &bin, argv, cold, &python_note, &asked);
     let ctx = Ctx {
         a: &a,
         bin,

@@ -13,7 +13,9 @@ use crate::checkpoint::file::SafeFile;
 use crate::checkpoint::{dtype, Dtype, OwnedTensor};
 use crate::error::{err, Class, Error, Result};
 
+/// The `format` metadata value that marks a canonical file.
 pub const FORMAT_NAME: &str = "boft-canonical";
+/// The canonical format version this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
@@ -56,11 +58,13 @@ pub fn is_canonical(f: &SafeFile) -> bool {
         .is_some_and(|v| v == FORMAT_NAME)
 }
 
+/// Write `adapter` as a canonical file at `path` (staged, renamed into place when whole).
 pub fn write(adapter: &Adapter, path: &Path) -> Result<()> {
     let bytes = to_bytes(adapter)?;
     crate::output::write_file_atomic(path, &bytes)
 }
 
+/// The bytes of the canonical file for `adapter`.
 pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
@@ -139,17 +143,12 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
                 format!("{} is replaced twice", r.name),
             ));
         }
-        let dtype = match r.dtype {
-            Dtype::F32 => safetensors::Dtype::F32,
-            Dtype::F16 => safetensors::Dtype::F16,
-            Dtype::BF16 => safetensors::Dtype::BF16,
-            other => {
-                return Err(Error::bare(
-                    Class::UnsupportedDtype,
-                    format!("replacement {} has dtype {}", r.name, other.name()),
-                ))
-            }
-        };
+        let dtype = r.dtype.to_safetensors().ok_or_else(|| {
+            Error::bare(
+                Class::UnsupportedDtype,
+                format!("replacement {} has dtype {}", r.name, r.dtype.name()),
+            )
+        })?;
         tensors.push((
             key.clone(),
             OwnedTensor {
@@ -187,6 +186,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     crate::checkpoint::serialize(tensors.iter().map(|(k, t)| (k, t)), meta)
 }
 
+/// Read a canonical file, every block checked.
 pub fn read(path: &Path) -> Result<Adapter> {
     from_file(SafeFile::open(path)?)
 }

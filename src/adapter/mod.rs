@@ -49,6 +49,7 @@ pub struct Deferred {
     pub compute: Arc<dyn Fn(Option<Dtype>) -> Result<Vec<f32>> + Send + Sync>,
     /// The file the blocks come from, for messages.
     pub path: std::path::PathBuf,
+    /// The base tensor's dtype handed to `compute`, once the target is fitted to a base.
     pub base_dtype: Option<Dtype>,
 }
 
@@ -66,13 +67,17 @@ pub struct Target {
     pub name: String,
     /// The adapter module this came from, for messages.
     pub module: String,
+    /// Which axis the transform rotates.
     pub side: Side,
     /// Expected base shape when known (always known after resolving against a base).
     pub shape: Option<Vec<usize>>,
     /// Output side only: transform rows `start..end` (a slice of a fused weight); None = all.
     pub rows: Option<(usize, usize)>,
+    /// Number of factors in the chain (butterfly depth; 1 for OFT).
     pub factors: usize,
+    /// Blocks per factor (0 until fitted, for shared blocks).
     pub blocks: usize,
+    /// Size of each square block.
     pub block_size: usize,
     /// `factors × blocks × block_size × block_size`, the materialised blocks, f32; empty while
     /// `deferred` is set.
@@ -83,6 +88,7 @@ pub struct Target {
     pub perms: Vec<Option<Vec<u32>>>,
     /// Per output row scale applied after the transform.
     pub scale: Option<Vec<f32>>,
+    /// How the blocks were made, which decides how exactly they must be orthogonal.
     pub kind: BlockKind,
     /// `data` holds one block per factor, repeated over the whole diagonal (PEFT `block_share`).
     /// `blocks` is 0 until the target is fitted to its base tensor.
@@ -101,17 +107,26 @@ pub struct Target {
 /// A tensor that replaces a base tensor outright (PEFT `modules_to_save`, trained biases).
 #[derive(Debug, Clone)]
 pub struct Replacement {
+    /// Name of the base tensor it replaces.
     pub name: String,
+    /// Dtype of `data`.
     pub dtype: Dtype,
+    /// Shape; must equal the base tensor's.
     pub shape: Vec<usize>,
+    /// Little-endian element bytes.
     pub data: Vec<u8>,
 }
 
+/// An adapter in the canonical model: what every reader produces and everything else consumes.
 #[derive(Debug, Clone, Default)]
 pub struct Adapter {
+    /// The weights it rotates.
     pub targets: Vec<Target>,
+    /// The weights it replaces outright.
     pub replacements: Vec<Replacement>,
+    /// Which reader made it (e.g. `peft-boft`, `lycoris-diag-oft`).
     pub source_format: String,
+    /// The source library's version when the files say (empty otherwise).
     pub source_version: String,
     /// File name (relative to the source) → hex sha256.
     pub source_sha256: BTreeMap<String, String>,
@@ -737,13 +752,17 @@ pub enum StrengthMode {
     Geodesic,
 }
 
+/// How strongly to apply an adapter: `--strength` and `--strength-mode`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Strength {
+    /// The strength; 1 applies the adapter as trained.
     pub t: f64,
+    /// How a strength other than 1 is applied.
     pub mode: StrengthMode,
 }
 
 impl Strength {
+    /// The adapter as trained.
     pub const FULL: Strength = Strength {
         t: 1.0,
         mode: StrengthMode::Linear,

@@ -1,32 +1,56 @@
+//! Element types: the dtypes safetensors names, their sizes, and the f32 conversions the merge
+//! and the checks use (decode, encode, rounding, finiteness).
+
 use crate::error::{Class, Error, Result};
 
 /// Every element type the safetensors format names. Only F32/F16/BF16 can be transformed; the
 /// rest pass through byte for byte, so they only need a size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dtype {
+    /// Booleans, one byte each.
     Bool,
+    /// 8-bit unsigned integers.
     U8,
+    /// 8-bit signed integers.
     I8,
+    /// 8-bit floats, 5 exponent bits.
     F8E5M2,
+    /// 8-bit floats, 4 exponent bits.
     F8E4M3,
+    /// 8-bit scale factors (exponent only).
     F8E8M0,
+    /// 4-bit floats, two per byte.
     F4,
+    /// 6-bit floats, 2 exponent bits.
     F6E2M3,
+    /// 6-bit floats, 3 exponent bits.
     F6E3M2,
+    /// 16-bit signed integers.
     I16,
+    /// 16-bit unsigned integers.
     U16,
+    /// IEEE half precision.
     F16,
+    /// bfloat16.
     BF16,
+    /// 32-bit signed integers.
     I32,
+    /// 32-bit unsigned integers.
     U32,
+    /// IEEE single precision.
     F32,
+    /// IEEE double precision.
     F64,
+    /// 64-bit signed integers.
     I64,
+    /// 64-bit unsigned integers.
     U64,
+    /// Complex numbers, two f32.
     C64,
 }
 
 impl Dtype {
+    /// The dtype a safetensors header names (`F32`, `BF16`, ...).
     pub fn parse(s: &str) -> Result<Dtype> {
         Ok(match s {
             "BOOL" => Dtype::Bool,
@@ -58,6 +82,19 @@ impl Dtype {
         })
     }
 
+    /// The safetensors dtype a float dtype is written as: the one mapping between the two, used
+    /// wherever this crate serialises tensors (adapter files only: F32, F16 and BF16 are all it
+    /// writes). None for every other dtype.
+    pub fn to_safetensors(self) -> Option<safetensors::Dtype> {
+        Some(match self {
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::BF16 => safetensors::Dtype::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The name a safetensors header uses.
     pub fn name(self) -> &'static str {
         match self {
             Dtype::Bool => "BOOL",
@@ -83,6 +120,7 @@ impl Dtype {
         }
     }
 
+    /// Bits per element.
     pub fn bits(self) -> u64 {
         match self {
             Dtype::F4 => 4,

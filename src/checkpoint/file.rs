@@ -19,17 +19,23 @@ use crate::error::{err, Class, Error, Result};
 /// The same ceiling the reference safetensors loader uses; a larger header is an attack, not a model.
 pub const MAX_HEADER: u64 = 100_000_000;
 
+/// One tensor of a safetensors file, as its header describes it.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// Its name in the header.
     pub name: String,
+    /// Its element type.
     pub dtype: Dtype,
+    /// Its dimensions.
     pub shape: Vec<usize>,
     /// Byte range inside the data section (after the header).
     pub start: usize,
+    /// End of the byte range (exclusive).
     pub end: usize,
 }
 
 impl TensorInfo {
+    /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -51,6 +57,7 @@ impl std::ops::Deref for Bytes {
     }
 }
 
+/// A validated safetensors file, memory-mapped (or owned bytes for fuzzers).
 pub struct SafeFile {
     /// Where the bytes came from (for `from_bytes`, only a label used in messages).
     pub path: PathBuf,
@@ -64,6 +71,7 @@ pub struct SafeFile {
     pub data_offset: usize,
     /// Tensors sorted by their start offset.
     pub tensors: Vec<TensorInfo>,
+    /// The header's `__metadata__`, when present.
     pub metadata: Option<BTreeMap<String, String>>,
     /// Name → position in `tensors`, so that looking up every tensor of a file is not quadratic.
     by_name: std::collections::HashMap<String, usize>,
@@ -141,6 +149,7 @@ fn parse_metadata(v: &Value) -> Result<BTreeMap<String, String>> {
 }
 
 impl SafeFile {
+    /// Map and validate the file at `path`: header, offsets, dtypes and sizes.
     pub fn open(path: &Path) -> Result<SafeFile> {
         SafeFile::from_file(path, open_regular(path, SAFETENSORS)?)
     }
@@ -200,10 +209,12 @@ impl SafeFile {
         })
     }
 
+    /// Length of the whole file in bytes.
     pub fn len(&self) -> usize {
         self.mmap.len()
     }
 
+    /// Whether the file holds no bytes (never true for a valid file).
     pub fn is_empty(&self) -> bool {
         self.mmap.is_empty()
     }
@@ -213,14 +224,17 @@ impl SafeFile {
         &self.mmap[..self.data_offset]
     }
 
+    /// The bytes of tensor `t` of this file.
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
         &self.mmap[self.data_offset + t.start..self.data_offset + t.end]
     }
 
+    /// The whole file's bytes, header included.
     pub fn bytes(&self) -> &[u8] {
         &self.mmap
     }
 
+    /// The tensor called `name`, if the file holds it.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         match self.by_name.get(name).and_then(|&i| self.tensors.get(i)) {
             Some(t) if t.name == name => Some(t),
@@ -456,8 +470,11 @@ fn parse_tensor(name: &str, v: &Value) -> Result<TensorInfo> {
 
 /// A tensor to write: safetensors dtype, shape and little-endian bytes.
 pub struct OwnedTensor {
+    /// The safetensors dtype to write it as (`Dtype::to_safetensors`).
     pub dtype: safetensors::Dtype,
+    /// Its dimensions.
     pub shape: Vec<usize>,
+    /// Its little-endian element bytes.
     pub data: Vec<u8>,
 }
 

@@ -13,8 +13,11 @@ pub use dtype::Dtype;
 pub use file::{serialize, OwnedTensor, SafeFile, TensorInfo};
 
 use crate::error::{err, Class, Error, Result};
+use crate::paths::safe_relative;
 
+/// The index of a sharded transformers checkpoint folder.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
+/// The single weights file of a transformers checkpoint folder.
 pub const SINGLE_NAME: &str = "model.safetensors";
 /// (index, single file) names a checkpoint folder may use: Hugging Face transformers, then the
 /// component folders of a diffusers pipeline (`unet/`, `transformer/`, `text_encoder/`).
@@ -26,6 +29,7 @@ const FOLDER_NAMES: &[(&str, &str)] = &[
     ),
 ];
 
+/// How a checkpoint is laid out on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
     /// A bare `.safetensors` file.
@@ -39,9 +43,11 @@ pub enum Layout {
     Pipeline,
 }
 
+/// A base (or merged) checkpoint: its files mapped and validated, its tensors found by name.
 pub struct Checkpoint {
     /// The path the user gave (file or folder).
     pub root: PathBuf,
+    /// Which of the layouts it is.
     pub layout: Layout,
     /// Safetensors files, each with its path relative to the folder (its file name for `File`).
     pub files: Vec<(PathBuf, SafeFile)>,
@@ -57,6 +63,7 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Open a checkpoint at `root`: a file, a folder, an index and its shards, or a pipeline.
     pub fn open(root: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(root).map_err(|e| Error::io(root, e))?;
         if !meta.is_dir() {
@@ -242,6 +249,7 @@ impl Checkpoint {
         }
     }
 
+    /// The file holding the tensor called `name`, and the tensor.
     pub fn get(&self, name: &str) -> Option<(&SafeFile, &TensorInfo)> {
         self.by_name.get(name).map(|&(fi, ti)| {
             let f = &self.files[fi].1;
@@ -249,12 +257,14 @@ impl Checkpoint {
         })
     }
 
+    /// Every tensor name, file by file.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.files
             .iter()
             .flat_map(|(_, f)| f.tensors.iter().map(|t| t.name.as_str()))
     }
 
+    /// Whether the checkpoint is a folder (outputs are then folders too).
     pub fn is_folder(&self) -> bool {
         self.layout != Layout::File
     }
@@ -584,30 +594,9 @@ impl<'de> serde::Deserialize<'de> for IndexTop {
     }
 }
 
-/// A relative path with only normal components, or None (absolute, `..`, empty).
-pub fn safe_relative(s: &str) -> Option<PathBuf> {
-    let p = Path::new(s);
-    if s.is_empty() || p.is_absolute() {
-        return None;
-    }
-    let mut out = PathBuf::new();
-    for c in p.components() {
-        match c {
-            Component::Normal(x) => out.push(x),
-            Component::CurDir => {}
-            _ => return None,
-        }
-    }
-    if out.as_os_str().is_empty() {
-        None
-    } else {
-        Some(out)
-    }
-}
-
 /// Where the files of a checkpoint folder may really live: inside the folder, and for a folder
 /// in a Hugging Face cache snapshot, also in that repository's `blobs/` (every file there is a
-/// relative symlink into it; `crate::hub`).
+/// relative symlink into it; `crate::paths::blobs_of`).
 /// PEFT adapter folders are confined the same way (`Confinement::adapter`).
 pub(crate) struct Confinement {
     root: PathBuf,
@@ -618,7 +607,7 @@ pub(crate) struct Confinement {
 
 impl Confinement {
     fn new(canon_root: PathBuf) -> Confinement {
-        let blobs = crate::hub::blobs_of(&canon_root);
+        let blobs = crate::paths::blobs_of(&canon_root);
         Confinement {
             root: canon_root,
             blobs,
@@ -648,7 +637,7 @@ impl Confinement {
         let in_blobs = || {
             self.blobs
                 .as_deref()
-                .is_some_and(|b| crate::hub::is_blob(b, real))
+                .is_some_and(|b| crate::paths::is_blob(b, real))
         };
         if !real.starts_with(&self.root) && !in_blobs() {
             return Err(err(

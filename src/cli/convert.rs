@@ -9,11 +9,13 @@ use clap::{Parser, ValueEnum};
 use crate::adapter::canonical;
 use crate::checkpoint::Checkpoint;
 use crate::error::Error;
-use crate::formats::export;
+use crate::formats::{lycoris, peft};
 use crate::hub::{locate, Role};
 
+/// The program name in messages.
 pub const PROGRAM: &str = "boft-convert";
 
+/// `--to`: the format to write.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum To {
     /// The canonical file (docs/FORMAT.md).
@@ -47,8 +49,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "canonical")]
     pub to: To,
     /// Reader for the input: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
-    #[arg(long, default_value = "auto")]
-    pub from: String,
+    #[arg(long, value_enum, default_value = "auto", hide_possible_values = true)]
+    pub from: super::values::From,
     /// Base checkpoint to resolve and check targets against (a path, or a hub id
     /// org/name[@revision] in the local Hugging Face cache).
     #[arg(long)]
@@ -70,9 +72,13 @@ pub struct Args {
 pub struct Converted {
     /// `canonical`, or the export's kind (`PEFT BOFT`, `LyCORIS diag-oft`, ...).
     pub kind: String,
+    /// The reader that took the input.
     pub source_format: String,
+    /// The source library's version, when known.
     pub source_version: String,
+    /// Targets written.
     pub targets: usize,
+    /// Replaced tensors written.
     pub replaced: usize,
     /// The line the command prints on stdout.
     pub message: String,
@@ -92,7 +98,7 @@ where
 
 /// The conversion itself: no printing, no exit.
 pub fn run(args: &Args) -> Result<Converted, Error> {
-    let source = crate::formats::Source::parse(&args.from)?;
+    let source = args.from.into();
     let input = locate(&args.input, Role::Adapter)?;
     let mut adapter = crate::formats::load_as(&input, source)?;
     let mut inputs = vec![input.clone()];
@@ -101,6 +107,10 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
         crate::merge::resolve_shapes(&base, &mut adapter, args.component.as_deref())?;
         inputs.extend(base.input_paths());
     }
+    let inputs: Vec<PathBuf> = inputs
+        .iter()
+        .flat_map(|p| crate::formats::read_alongside(p))
+        .collect();
     let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
     crate::output::check_destination(&args.output, &inputs, args.force)?;
     let done = match args.to {
@@ -116,11 +126,11 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
             });
         }
         To::Peft => {
-            let mut emb: BTreeSet<String> = export::peft_embedding_modules(&input);
+            let mut emb: BTreeSet<String> = peft::export::peft_embedding_modules(&input);
             emb.extend(args.embeddings.iter().cloned());
-            export::write_peft(&adapter, &args.output, &emb)?
+            peft::export::write_peft(&adapter, &args.output, &emb)?
         }
-        To::Lycoris => export::write_lycoris(&adapter, &args.output)?,
+        To::Lycoris => lycoris::export::write_lycoris(&adapter, &args.output)?,
     };
     let version = super::version_suffix(&adapter);
     let message = format!(

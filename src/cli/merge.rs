@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::adapter::{Strength, StrengthMode};
+use crate::adapter::Strength;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Class, Error};
 use crate::hub::{locate, Role};
 use crate::merge::{self, Direction, Options, Stats};
 
+/// The program name in messages.
 pub const PROGRAM: &str = "boft-merge";
 
 /// Bake a BOFT/OFT adapter into a safetensors checkpoint (or take it out again with --unmerge).
@@ -40,8 +41,8 @@ pub struct Args {
     #[arg(long)]
     pub component: Option<String>,
     /// Reader for the adapter: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
-    #[arg(long, default_value = "auto")]
-    pub from: String,
+    #[arg(long, value_enum, default_value = "auto", hide_possible_values = true)]
+    pub from: super::values::From,
     /// Output: a folder when the base is a folder, a file when the base is a file.
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
@@ -69,21 +70,15 @@ pub struct Args {
     /// power t: exactly orthogonal, two merges at t = ½ equal one at 1 for block-diagonal
     /// adapters). docs/STRENGTH.md says which tool each mode reproduces.
     #[arg(long, value_enum, default_value = "linear")]
-    pub strength_mode: Mode,
+    pub strength_mode: super::values::Mode,
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum Mode {
-    Linear,
-    PerFactor,
-    Geodesic,
-}
-
 /// What a merge did.
 pub struct Merged {
+    /// What was written.
     pub stats: Stats,
     /// The backend's name, as the summary line prints it.
     pub backend: String,
@@ -130,27 +125,24 @@ where
 
 /// The merge itself: no printing (but the progress bar, on a terminal, unless `quiet`), no exit.
 pub fn run(args: &Args) -> Result<Merged, Error> {
-    let backend = super::backend(&args.device)?;
+    let backend = merge::Device::parse(&args.device)?.backend()?;
     let base_path = locate(&args.base, Role::Checkpoint)?;
     let adapter_path = locate(&args.adapter, Role::Adapter)?;
     let base = Checkpoint::open(&base_path)?;
-    let source = crate::formats::Source::parse(&args.from)?;
+    let source = args.from.into();
     let mut adapter = crate::formats::load_deferred_as(&adapter_path, source)?;
     merge::fit_in(&base, &mut adapter, true, args.component.as_deref())?;
+    let bar = super::progress::Bar::new(!args.quiet);
     let opts = Options {
         direction: match (args.unmerge, args.keep_replaced) {
             (false, _) => Direction::Merge,
             (true, false) => Direction::Unmerge,
             (true, true) => Direction::UnmergeKeepReplaced,
         },
-        progress: !args.quiet,
+        progress: &bar,
         strength: Strength {
             t: args.strength,
-            mode: match args.strength_mode {
-                Mode::Linear => StrengthMode::Linear,
-                Mode::PerFactor => StrengthMode::PerFactor,
-                Mode::Geodesic => StrengthMode::Geodesic,
-            },
+            mode: args.strength_mode.into(),
         },
     };
     if !args.strength.is_finite() {

@@ -1,11 +1,9 @@
 //! The three commands, one submodule each (its clap `Args`, `main` and a typed `run`), and what
-//! they share: error reporting, exit codes, progress bars, thread pools. The binaries and the
+//! they share: error reporting, exit codes, thread pools (the progress bar is `progress`). The binaries and the
 //! Python module are thin callers, so both keep one command-line contract.
 
 use std::ffi::OsString;
-use std::io::{IsTerminal, Write};
-
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::Write;
 
 use crate::error::Error;
 
@@ -15,6 +13,8 @@ pub const EXIT_ERROR: i32 = 2;
 pub mod convert;
 pub mod docs;
 pub mod merge;
+pub mod progress;
+pub mod values;
 pub mod verify;
 
 /// A binary's whole `main`: SIGINT/SIGTERM become a clean `[interrupted]` error (the staged
@@ -96,21 +96,6 @@ where
     code
 }
 
-/// A byte progress bar on a terminal; hidden when stderr is not one or when disabled.
-pub fn progress_bar(total: u64, enabled: bool) -> ProgressBar {
-    if !enabled || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
-        )
-        .expect("valid template"),
-    );
-    bar
-}
-
 /// The most worker threads `--threads` may ask for: each reserves a stack, and a million of them
 /// exhaust memory or the process limit long before they help.
 pub const MAX_THREADS: usize = 1024;
@@ -140,21 +125,6 @@ pub fn with_threads<T: Send>(
             })?
             .install(f),
         None => f(),
-    }
-}
-
-/// Pick the compute backend named by `--device`.
-pub fn backend(device: &str) -> Result<Box<dyn crate::merge::Backend>, Error> {
-    use crate::error::Class;
-    match device {
-        "cpu" => Ok(Box::new(crate::merge::CpuBackend)),
-        d if d == "cuda" || d.starts_with("cuda:") => crate::merge::cuda_backend(d),
-        #[cfg(feature = "candle")]
-        "candle-cpu" => Ok(Box::new(crate::merge::candle::CandleBackend::cpu())),
-        other => Err(Error::bare(
-            Class::Usage,
-            format!("unknown --device {other:?} (expected cpu or cuda[:N])"),
-        )),
     }
 }
 

@@ -10,6 +10,7 @@ use crate::error::{Class, Error};
 use crate::hub::{locate, Role};
 use crate::verify::{self, Report, Settings};
 
+/// The program name in messages.
 pub const PROGRAM: &str = "boft-verify";
 
 /// Check the orthogonality and expressivity of BOFT/OFT adapters, their fit to a base
@@ -32,8 +33,8 @@ pub struct Args {
     #[arg(required = true)]
     pub adapters: Vec<PathBuf>,
     /// Reader for the adapters: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
-    #[arg(long, default_value = "auto")]
-    pub from: String,
+    #[arg(long, value_enum, default_value = "auto", hide_possible_values = true)]
+    pub from: super::values::From,
     /// Base checkpoint to check targets against (a path, or a hub id org/name[@revision] in the
     /// local Hugging Face cache).
     #[arg(long)]
@@ -118,8 +119,7 @@ pub fn run(args: &Args) -> Result<Report, Error> {
     let mut adapters = Vec::new();
     for a in &args.adapters {
         let path = locate(a, Role::Adapter)?;
-        let mut adapter =
-            crate::formats::load_deferred_as(&path, crate::formats::Source::parse(&args.from)?)?;
+        let mut adapter = crate::formats::load_deferred_as(&path, args.from.into())?;
         if let Some(b) = &base {
             // Names, shared and cropped blocks and some sources' arithmetic follow the base.
             // Unresolvable names are reported by the target-present check.

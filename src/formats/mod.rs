@@ -1,15 +1,17 @@
-//! Source formats. Each file here knows one framework's on-disk layout and turns it into the
-//! canonical model; nothing outside this folder knows about any of them.
+//! Source formats: which library wrote a file, and which reader takes it. Each library's folder
+//! (`peft/`, `lycoris/`) reads its files into the canonical model and writes them back out;
+//! `read` holds what the readers share, `export` the exact-or-refuse gate the writers share.
+//! Nothing outside this folder knows about any library's layout.
 
 pub mod export;
 pub mod lycoris;
 pub mod peft;
-pub mod peft_boft;
-pub mod peft_oft;
+pub mod read;
+
+pub use peft::read_alongside;
+pub use read::sha256_hex;
 
 use std::path::Path;
-
-use sha2::{Digest, Sha256};
 
 use crate::adapter::{canonical, Adapter};
 use crate::checkpoint::SafeFile;
@@ -18,8 +20,10 @@ use crate::error::{err, Class, Error, Result};
 /// Which reader to use (`--from`): detected from the files, or forced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Source {
+    /// Detect the reader from the files.
     #[default]
     Auto,
+    /// A canonical file (docs/FORMAT.md).
     Canonical,
     /// A PEFT folder, with today's rules (also for Conv2d BOFT files from PEFT ≤ 0.13).
     Peft,
@@ -33,6 +37,7 @@ pub enum Source {
 }
 
 impl Source {
+    /// Each source's `--from` name, in declaration order (for messages).
     pub const NAMES: &'static [&'static str] = &[
         "auto",
         "canonical",
@@ -41,23 +46,6 @@ impl Source {
         "lycoris",
         "kohya",
     ];
-
-    pub fn parse(s: &str) -> Result<Source> {
-        Ok(match s {
-            "auto" => Source::Auto,
-            "canonical" => Source::Canonical,
-            "peft" => Source::Peft,
-            "peft-legacy-conv" => Source::PeftLegacyConv,
-            "lycoris" => Source::Lycoris,
-            "kohya" => Source::Kohya,
-            _ => {
-                return Err(Error::bare(
-                    Class::Usage,
-                    format!("--from {s}: expected one of {}", Source::NAMES.join(", ")),
-                ))
-            }
-        })
-    }
 }
 
 /// Load any adapter we can read (a canonical file, a PEFT adapter folder, a LyCORIS or kohya
@@ -139,44 +127,4 @@ fn read(path: &Path, hash: bool, source: Source) -> Result<Adapter> {
         path,
         "not a recognised adapter (expected a canonical file, a PEFT adapter folder, or a LyCORIS/kohya OFT file)",
     ))
-}
-
-/// Compute every stored block of a tensor in parallel: `solve` maps one block's `per` source
-/// values (f64) to its h×h block in f64, or None when that cannot be done in f64 (huge values from
-/// a hostile file). Results are rounded once to f32.
-pub(crate) fn solve_blocks(
-    path: &Path,
-    tensor: &str,
-    input: &[f64],
-    per: usize,
-    solve: impl Fn(&[f64]) -> Option<Vec<f64>> + Sync,
-) -> Result<Vec<f32>> {
-    use rayon::prelude::*;
-    let solved: Vec<Option<Vec<f64>>> = input
-        .par_chunks_exact(per)
-        .map(|b| solve(b).filter(|q| q.iter().all(|x| x.is_finite())))
-        .collect();
-    let mut data = Vec::with_capacity(solved.iter().map(|q| q.as_ref().map_or(0, Vec::len)).sum());
-    for (k, q) in solved.into_iter().enumerate() {
-        let q = q.ok_or_else(|| {
-            let big = input[k * per..(k + 1) * per]
-                .iter()
-                .fold(0f64, |m, x| m.max(x.abs()));
-            err(
-                Class::BadAdapter,
-                path,
-                format!(
-                    "{tensor}: the Cayley transform of block {k} cannot be computed in f64 \
-                     (values too large; largest magnitude {big:e})"
-                ),
-            )
-        })?;
-        data.extend(q.iter().map(|&x| x as f32));
-    }
-    Ok(data)
-}
-
-/// The hash of bytes already read (never of the path again: it may name another file by now).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
 }

@@ -38,16 +38,19 @@ pub fn orth_error_f64(h: usize, b: &[f64]) -> f64 {
     worst
 }
 
+/// Largest |BᵀB − I| entry of an h×h block, in f64.
 pub fn orth_error(h: usize, b: &[f32]) -> f64 {
     let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();
     orth_error_f64(h, &b)
 }
 
+/// Determinant of an h×h block.
 pub fn determinant(h: usize, b: &[f32]) -> f64 {
     let m = DMatrix::from_row_slice(h, h, &b.iter().map(|&x| x as f64).collect::<Vec<_>>());
     m.determinant()
 }
 
+/// An h×h block transposed.
 pub fn transpose(h: usize, b: &[f32]) -> Vec<f32> {
     let mut t = vec![0f32; h * h];
     for i in 0..h {

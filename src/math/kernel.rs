@@ -20,10 +20,12 @@ pub struct Factor {
 }
 
 impl Factor {
+    /// Vector length: `h × d`.
     pub fn n(&self) -> usize {
         self.h * self.d
     }
 
+    /// Block `k`, row-major.
     pub fn block(&self, k: usize) -> &[f32] {
         &self.blocks[k * self.h * self.h..(k + 1) * self.h * self.h]
     }
@@ -41,9 +43,13 @@ pub enum ScaleOn {
 /// A full transform of vectors of length n: optional scale, factors, optional scale.
 #[derive(Debug, Clone)]
 pub struct Chain {
+    /// Vector length.
     pub n: usize,
+    /// The factors, applied first to last.
     pub factors: Vec<Factor>,
+    /// Per-vector (or per-component) scale, if any.
     pub scale: Option<Vec<f32>>,
+    /// What the scale multiplies.
     pub scale_on: ScaleOn,
     /// Apply the scale before the factors (un-merge) instead of after (merge).
     pub scale_first: bool,
@@ -121,6 +127,41 @@ impl Chain {
                 *v = o + t * (*v - o);
             }
         }
+    }
+
+    /// The chain's `Mᵀ` without its scale: factors in reverse order with transposed blocks
+    /// (`(PᵀQP)ᵀ = PᵀQᵀP`). For an orthogonal chain this is its inverse.
+    pub fn transposed(&self) -> Chain {
+        let mut t = self.clone();
+        t.factors.reverse();
+        for f in &mut t.factors {
+            let mut b = Vec::with_capacity(f.blocks.len());
+            for k in 0..f.d {
+                b.extend(super::blocks::transpose(f.h, f.block(k)));
+            }
+            f.blocks = b;
+        }
+        t.scale = None;
+        t
+    }
+
+    /// The dense n×n matrix M (row-major, f64), found by pushing the identity through the chain:
+    /// row j of the result is `M e_j`, i.e. the result is Mᵀ, transposed back. O(n²) memory:
+    /// for measuring small transforms, never for merging.
+    pub fn dense(&self) -> Vec<f64> {
+        let n = self.n;
+        let mut x = vec![0f32; n * n];
+        for j in 0..n {
+            x[j * n + j] = 1.0;
+        }
+        self.apply_rows(&mut x, 0, n, &mut Scratch::default());
+        let mut m = vec![0f64; n * n];
+        for j in 0..n {
+            for i in 0..n {
+                m[i * n + j] = x[j * n + i] as f64;
+            }
+        }
+        m
     }
 }
 

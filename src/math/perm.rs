@@ -28,6 +28,7 @@ pub fn pow2_text(k: usize) -> String {
     }
 }
 
+/// The inverse permutation.
 pub fn invert(p: &[u32]) -> Vec<u32> {
     let mut inv = vec![0u32; p.len()];
     for (j, &x) in p.iter().enumerate() {
@@ -36,6 +37,7 @@ pub fn invert(p: &[u32]) -> Vec<u32> {
     inv
 }
 
+/// Whether `p` leaves every index in place.
 pub fn is_identity(p: &[u32]) -> bool {
     p.iter().enumerate().all(|(j, &x)| j as u32 == x)
 }
@@ -59,6 +61,7 @@ pub fn lycoris_boft(n: usize, h: usize, i: usize) -> Vec<u32> {
     p
 }
 
+/// PEFT BOFT's butterfly permutation of factor `i` for `n` elements in blocks of `h` (PEFT's `p_i`).
 pub fn peft_boft(n: usize, h: usize, i: usize) -> Vec<u32> {
     let mut p: Vec<u32> = (0..n as u32).collect();
     if i == 0 {

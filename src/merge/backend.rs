@@ -1,9 +1,10 @@
 //! Where the arithmetic runs. The planner and the streaming writer are shared; a backend only
 //! transforms a batch of f32 vectors in place.
 
-use crate::error::Result;
+use crate::error::{Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
 
+/// Where the arithmetic runs (`--device`).
 pub trait Backend: Sync {
     /// Transform `rows` vectors of length `chain.n`, stored row-major in `x`; `row0` is the index
     /// of the first one (for per-vector scales).
@@ -21,6 +22,7 @@ pub trait Backend: Sync {
         0
     }
 
+    /// The name the summary line prints.
     fn name(&self) -> String;
 }
 
@@ -43,4 +45,59 @@ impl Backend for CpuBackend {
     fn name(&self) -> String {
         "cpu".into()
     }
+}
+
+/// Where `--device` says to compute: `cpu`, `cuda[:N]`, or (feature `candle`) `candle-cpu`,
+/// candle's CPU device, which runs the GPU code path in the normal test suite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Device {
+    /// The native CPU kernel.
+    Cpu,
+    /// `cuda` or `cuda:N`, as given (the ordinal is read when the device is opened).
+    Cuda(String),
+    /// candle's CPU device (the GPU code path, for tests).
+    #[cfg(feature = "candle")]
+    CandleCpu,
+}
+
+impl Device {
+    /// The device a `--device` value names.
+    pub fn parse(device: &str) -> Result<Device> {
+        match device {
+            "cpu" => Ok(Device::Cpu),
+            d if d == "cuda" || d.starts_with("cuda:") => Ok(Device::Cuda(d.to_string())),
+            #[cfg(feature = "candle")]
+            "candle-cpu" => Ok(Device::CandleCpu),
+            other => Err(Error::bare(
+                Class::Usage,
+                format!("unknown --device {other:?} (expected cpu or cuda[:N])"),
+            )),
+        }
+    }
+
+    /// Open the device: its backend.
+    pub fn backend(&self) -> Result<Box<dyn Backend>> {
+        match self {
+            Device::Cpu => Ok(Box::new(CpuBackend)),
+            Device::Cuda(d) => cuda_backend(d),
+            #[cfg(feature = "candle")]
+            Device::CandleCpu => Ok(Box::new(super::candle::CandleBackend::cpu())),
+        }
+    }
+}
+
+/// The CUDA backend when built with the `cuda` feature.
+pub fn cuda_backend(device: &str) -> Result<Box<dyn Backend>> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(Box::new(super::candle::CandleBackend::cuda(device)?));
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(Error::bare(
+        Class::NoDevice,
+        format!(
+            "--device {device}: this binary was built without CUDA support; rebuild with \
+             `cargo build --release --features cuda` (see README)"
+        ),
+    ))
 }

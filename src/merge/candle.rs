@@ -29,6 +29,7 @@ struct Stats {
     download_s: f64,
 }
 
+/// The candle backend: the kernel's factors as candle tensors on one device.
 pub struct CandleBackend {
     device: Device,
     label: String,
@@ -70,6 +71,7 @@ fn ce(e: candle_core::Error) -> Error {
 }
 
 impl CandleBackend {
+    /// candle's CPU device.
     pub fn cpu() -> Self {
         CandleBackend {
             device: Device::Cpu,

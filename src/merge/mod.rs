@@ -6,6 +6,8 @@
 pub mod backend;
 #[cfg(feature = "candle")]
 pub mod candle;
+mod expect;
+pub mod progress;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,10 +24,12 @@ use crate::checkpoint::{dtype, Checkpoint, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
 use crate::output::{self, Staged};
-pub use backend::{Backend, CpuBackend};
+pub use backend::{cuda_backend, Backend, CpuBackend, Device};
+pub use expect::Fate;
+pub use progress::{NoProgress, Progress};
 
 /// What happens to one base tensor.
-pub(crate) enum Action<'a> {
+enum Action<'a> {
     /// Transform whole rows (input side, one target).
     Rows(&'a Target),
     /// Transform columns of row slices (output side; several slices for fused weights).
@@ -35,14 +39,16 @@ pub(crate) enum Action<'a> {
 
 /// An action's kernel chains, built just before its tensor is processed so that only a few
 /// targets' blocks exist at any time.
-pub(crate) enum Built<'a> {
+enum Built<'a> {
     Rows(Chain),
     /// Row slices and their chains, and the number of columns the tensor is read as.
     Columns(Vec<((usize, usize), Chain)>, Option<usize>),
     Replace(&'a Replacement),
 }
 
+/// A merge resolved against its base: what happens to every tensor it touches.
 pub struct Plan<'a> {
+    /// The checkpoint the plan applies to.
     pub base: &'a Checkpoint,
     actions: HashMap<String, Action<'a>>,
     inverse: bool,
@@ -50,11 +56,16 @@ pub struct Plan<'a> {
     pub strength: Strength,
 }
 
+/// What a merge wrote, for the summary line.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
+    /// Tensors transformed.
     pub transformed: usize,
+    /// Tensors replaced.
     pub replaced: usize,
+    /// Tensors copied byte for byte.
     pub copied: usize,
+    /// Bytes of tensor data written.
     pub bytes: u64,
     /// Weight files of the base folder that are not part of the checkpoint and were not
     /// written (`Checkpoint::left_out`).
@@ -64,6 +75,7 @@ pub struct Stats {
 /// Which way a plan goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
+    /// Apply the adapter.
     Merge,
     /// Undo the transforms; refuse adapters that replaced tensors outright.
     Unmerge,
@@ -71,9 +83,13 @@ pub enum Direction {
     UnmergeKeepReplaced,
 }
 
-pub struct Options {
+/// How to run a merge.
+pub struct Options<'a> {
+    /// Merge or un-merge.
     pub direction: Direction,
-    pub progress: bool,
+    /// Told the bytes written as the output is written.
+    pub progress: &'a dyn Progress,
+    /// Strength every chain is built at.
     pub strength: Strength,
 }
 
@@ -193,12 +209,12 @@ struct CopyRun {
 }
 
 impl Plan<'_> {
-    pub(crate) fn action(&self, name: &str) -> Option<&Action<'_>> {
+    fn action(&self, name: &str) -> Option<&Action<'_>> {
         self.actions.get(name)
     }
 
     /// Compute an action's blocks and build its chains (the inverse ones for an unmerge).
-    pub(crate) fn build<'b>(&self, a: &Action<'b>) -> Result<Built<'b>> {
+    fn build<'b>(&self, a: &Action<'b>) -> Result<Built<'b>> {
         let at = |e: Error| e.at(&self.base.root);
         Ok(match a {
             Action::Rows(t) => Built::Rows(t.chain_at(self.inverse, self.strength).map_err(at)?),
@@ -307,7 +323,8 @@ impl Plan<'_> {
             }
         }
 
-        let bar = crate::cli::progress_bar(stats.bytes, opts.progress);
+        let bar = opts.progress;
+        bar.start(stats.bytes);
         let abort = AtomicBool::new(false);
         let first_err: Mutex<Option<Error>> = Mutex::new(None);
         let fail = |e: Error| {
@@ -338,7 +355,7 @@ impl Plan<'_> {
                     }
                 }
             });
-            let (outs, bar, fail) = (&outs, &bar, &fail);
+            let (outs, fail) = (&outs, &fail);
             // Each file is fsynced as soon as its last byte is written, on a thread of its own,
             // so that flushing one file overlaps the work on the next.
             let (sync_tx, sync_rx) = std::sync::mpsc::channel::<usize>();
@@ -375,9 +392,9 @@ impl Plan<'_> {
                         return;
                     }
                     let res = match step {
-                        Step::Copy(r) => {
-                            copy_range(&outs[r.file], r.start, r.len, &stop, &|n| bar.inc(n as u64))
-                        }
+                        Step::Copy(r) => copy_range(&outs[r.file], r.start, r.len, &stop, &|n| {
+                            bar.advance(n as u64)
+                        }),
                         Step::Work(fi, t, _) => match done.next() {
                             Some(Ok(bytes)) => {
                                 let o = &outs[*fi];
@@ -387,7 +404,7 @@ impl Plan<'_> {
                                     .write_all_at(&bytes, off)
                                     .map_err(|e| Error::io(&o.dst_path, e));
                                 start_writeback(&o.dst, off, bytes.len());
-                                bar.inc(bytes.len() as u64);
+                                bar.advance(bytes.len() as u64);
                                 let _ = pool_tx.send(bytes);
                                 r
                             }
@@ -429,7 +446,7 @@ impl Plan<'_> {
             }
             drop(out_tx);
         });
-        bar.finish_and_clear();
+        bar.finish();
         if let Some(e) = first_err.into_inner().unwrap() {
             return Err(e);
         }
@@ -665,7 +682,7 @@ fn with_chunk(
 /// Transform an input-side tensor in row chunks, in parallel, handing each finished chunk (its
 /// first row and its f32 values) to `sink` with a reusable byte buffer. Memory stays at a few
 /// chunks per thread whatever the tensor's size.
-pub(crate) fn rows_chunked(
+fn rows_chunked(
     t: &TensorInfo,
     src: &[u8],
     chain: &Chain,
@@ -700,7 +717,7 @@ thread_local! {
 /// Output-side transforms mix rows, so each row slice is handled as column vectors: the slice
 /// is transposed (one vector per column), transformed in parallel batches, and transposed back.
 /// Returns the whole tensor in f32; memory is bounded by the targeted tensor, not the model.
-pub(crate) fn columns_f32(
+fn columns_f32(
     t: &TensorInfo,
     src: &[u8],
     slices: &[((usize, usize), Chain)],
@@ -796,22 +813,6 @@ pub fn resolve_shapes(
     Ok(())
 }
 
-/// The CUDA backend when built with the `cuda` feature.
-pub fn cuda_backend(device: &str) -> Result<Box<dyn Backend>> {
-    #[cfg(feature = "cuda")]
-    {
-        return Ok(Box::new(candle::CandleBackend::cuda(device)?));
-    }
-    #[cfg(not(feature = "cuda"))]
-    Err(Error::bare(
-        Class::NoDevice,
-        format!(
-            "--device {device}: this binary was built without CUDA support; rebuild with \
-             `cargo build --release --features cuda` (see README)"
-        ),
-    ))
-}
-
 /// The whole merge as the command line runs it: check destination, plan, stage, execute, commit.
 pub fn merge_to(
     base: &Checkpoint,
@@ -824,11 +825,13 @@ pub fn merge_to(
 ) -> Result<Stats> {
     // The base's own files count as inputs too: some may be symlinks to elsewhere.
     let base_files = base.input_paths();
-    let all: Vec<&Path> = inputs
+    let all: Vec<PathBuf> = inputs
         .iter()
         .copied()
         .chain(base_files.iter().map(PathBuf::as_path))
+        .flat_map(crate::formats::read_alongside)
         .collect();
+    let all: Vec<&Path> = all.iter().map(PathBuf::as_path).collect();
     output::check_destination(dest, &all, force)?;
     let mut plan = plan(base, adapter, opts.direction)?;
     plan.strength = opts.strength;

@@ -2,6 +2,8 @@
 //! compare tensors against the reference libraries' outputs.
 #![allow(dead_code)]
 
+pub mod scene;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::peft::{module_key, replacement};
+use super::{module_key, replacement};
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
-use crate::checkpoint::{dtype, SafeFile, TensorInfo};
+use crate::checkpoint::{SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
+use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::math::{cayley, perm};
 
 #[derive(Default)]
@@ -89,33 +90,6 @@ pub fn import(
     })
 }
 
-pub(super) fn check_floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<()> {
-    if t.dtype.float_size().is_none() {
-        return Err(err(
-            Class::UnsupportedDtype,
-            path,
-            format!(
-                "{} is {}, expected F32, F16 or BF16",
-                t.name,
-                t.dtype.name()
-            ),
-        ));
-    }
-    if let Some((i, x)) = dtype::first_non_finite(t.dtype, f.data(t)) {
-        return Err(err(
-            Class::NonFinite,
-            path,
-            format!("{} holds {x} at element {i}", t.name),
-        ));
-    }
-    Ok(())
-}
-
-pub(super) fn floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<Vec<f32>> {
-    check_floats(path, f, t)?;
-    Ok(dtype::decode_any_f32(t.dtype, f.data(t)).expect("float"))
-}
-
 #[allow(clippy::too_many_arguments)]
 fn module_target(
     path: &Path,
@@ -153,9 +127,8 @@ fn module_target(
     }
     // Either the block size or the block count is fixed by the config (the other is derived per
     // layer); a file whose tensors disagree with it was not written with this config.
-    let cfg = |k: &str| {
-        super::peft::config_uint(config, k, 0, cfg_path).map(|v| Some(v).filter(|&v| v != 0))
-    };
+    let cfg =
+        |k: &str| super::config_uint(config, k, 0, cfg_path).map(|v| Some(v).filter(|&v| v != 0));
     if let Some(bs) = cfg("boft_block_size")? {
         if bs as usize != h {
             return Err(err(
@@ -235,7 +208,7 @@ fn cayley_blocks(
     h: usize,
 ) -> Result<Vec<f32>> {
     let raw: Vec<f64> = floats(path, f, r)?.iter().map(|&x| x as f64).collect();
-    super::solve_blocks(path, &format!("{name}.boft_R"), &raw, h * h, |a| {
+    solve_blocks(path, &format!("{name}.boft_R"), &raw, h * h, |a| {
         cayley::try_cayley_minus(h, &cayley::skew_half(h, a))
     })
 }

@@ -12,8 +12,12 @@
 //! * kohya `networks.oft` (`oft_unet_*`): diag-oft maths with the clamp always applied,
 //!   `Q·(min(‖Q‖, c) + 1e-8)/(‖Q‖ + 1e-8)`, no rescale.
 //!
+//! `export` writes such files back out.
+//!
 //! Module names are left as the file spells them (`lycoris_down_blocks_0_…`); `crate::names`
 //! resolves them against the base checkpoint.
+
+pub mod export;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,6 +26,7 @@ use std::sync::Arc;
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
+use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::math::{cayley, perm};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -271,11 +276,11 @@ fn module_target(
             )));
         }
     }
-    super::peft_boft::check_floats(path, f, blocks)?;
+    check_floats(path, f, blocks)?;
     let out = d * h;
     let alpha = match m.alpha {
         Some(a) => {
-            let v = super::peft_boft::floats(path, f, a)?;
+            let v = floats(path, f, a)?;
             if v.len() != 1 {
                 return Err(bad(format!(
                     "alpha has shape {:?}, expected a scalar",
@@ -291,7 +296,7 @@ fn module_target(
     };
     let scale = match m.rescale {
         Some(r) => {
-            let v = super::peft_boft::floats(path, f, r)?;
+            let v = floats(path, f, r)?;
             if r.shape.first() != Some(&out) || v.len() != out {
                 return Err(bad(format!(
                     "rescale has shape {:?}, expected ({out}, 1, …)",
@@ -350,14 +355,14 @@ fn finished_target(path: &Path, f: &Arc<SafeFile>, name: &str, t: &TensorInfo) -
             ))
         }
     };
-    super::peft_boft::check_floats(path, f, t)?;
+    check_floats(path, f, t)?;
     let deferred = {
         let (f, t, path) = (f.clone(), t.clone(), path.to_path_buf());
         Deferred {
             path: path.clone(),
             base_dtype: None,
             compute: Arc::new(move |_| {
-                let v = super::peft_boft::floats(&path, &f, &t)?;
+                let v = floats(&path, &f, &t)?;
                 let hh = h * h;
                 Ok(v.chunks_exact(hh)
                     .flat_map(|b| (0..hh).map(move |i| b[(i % h) * h + i / h]))
@@ -391,7 +396,7 @@ fn compute_blocks(
     r: &Recipe,
     dt: Option<Dtype>,
 ) -> Result<Vec<f32>> {
-    let raw = super::peft_boft::floats(path, f, t)?;
+    let raw = floats(path, f, t)?;
     let h = r.h;
     let hh = h * h;
     let low = dt.filter(|d| r.flavour != Flavour::Kohya && matches!(d, Dtype::BF16 | Dtype::F16));
@@ -434,7 +439,7 @@ fn compute_blocks(
     }
     // The canonical block of diag-oft/kohya is Rᵀ = C+(Q)ᵀ = C−(Q); boft multiplies by
     // R = C+(Q) itself.
-    super::solve_blocks(path, &t.name, &q, hh, |s| match r.flavour {
+    solve_blocks(path, &t.name, &q, hh, |s| match r.flavour {
         Flavour::Boft => cayley::try_cayley_minus(h, &s.iter().map(|x| -x).collect::<Vec<_>>()),
         _ => cayley::try_cayley_minus(h, s),
     })

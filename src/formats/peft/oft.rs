@@ -19,11 +19,11 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::peft::{module_key, replacement};
-use super::peft_boft::{check_floats, floats};
+use super::{module_key, replacement};
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
+use crate::formats::read::{check_floats, floats, solve_blocks};
 use crate::math::cayley;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -53,6 +53,7 @@ struct Module<'a> {
     embedding: bool,
 }
 
+/// Read a PEFT OFT adapter (any generation) from its parsed config and weights.
 pub fn import(config: &Value, cfg_path: &Path, f: &Arc<SafeFile>) -> Result<Adapter> {
     let path = f.path.as_path();
     let mut modules: BTreeMap<String, Module> = BTreeMap::new();
@@ -144,7 +145,7 @@ struct Config {
 
 impl Config {
     fn read(c: &Value, path: &Path) -> Result<Config> {
-        use super::peft::{config_bool, config_f64, config_uint};
+        use super::{config_bool, config_f64, config_uint};
         let terms = config_uint(c, "num_cayley_neumann_terms", 5, path)?;
         if !(1..=64).contains(&terms) {
             return Err(err(
@@ -335,7 +336,7 @@ fn compute_blocks(path: &Path, f: &SafeFile, t: &TensorInfo, r: &Recipe) -> Resu
     } else {
         h * h
     };
-    super::solve_blocks(path, &t.name, &raw, per, |blk| {
+    solve_blocks(path, &t.name, &raw, per, |blk| {
         let mut a = blk.to_vec();
         let q = if r.gen == Gen::V2 {
             let mut s = cayley::skew_from_triu(h, &a);

@@ -1,24 +1,32 @@
 //! Hugging Face PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`.
-//! Dispatches on `peft_type`; the per-method files do the maths.
+//! Dispatches on `peft_type`; the per-method files (`boft`, `oft`) do the maths, `export` writes
+//! such folders back out.
 
-use std::path::Path;
+pub mod boft;
+pub mod export;
+pub mod oft;
+
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{peft_boft, peft_oft, sha256_hex};
 use crate::adapter::{Adapter, Replacement};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
+use crate::formats::read::sha256_hex;
 
+/// The config file of a PEFT adapter folder.
 pub const CONFIG: &str = "adapter_config.json";
+/// The weights file of a PEFT adapter folder.
 pub const WEIGHTS: &str = "adapter_model.safetensors";
 /// Prefix PEFT puts in front of every module path.
 pub const PREFIX: &str = "base_model.model.";
 
 /// Load a PEFT adapter folder. With `hash`, record the sha256 of its files (what a canonical
 /// file keeps as provenance); a merge skips that read of the whole adapter.
-pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adapter> {
+pub fn load_folder(dir: &Path, hash: bool, source: crate::formats::Source) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG);
     if !cfg_path.is_file() {
         let subs: Vec<String> = std::fs::read_dir(dir)
@@ -60,8 +68,8 @@ pub fn load_folder(dir: &Path, hash: bool, source: super::Source) -> Result<Adap
         confined.open(&weights, crate::checkpoint::file::SAFETENSORS)?,
     )?);
     let legacy = match source {
-        super::Source::Peft => Some(false),
-        super::Source::PeftLegacyConv => Some(true),
+        crate::formats::Source::Peft => Some(false),
+        crate::formats::Source::PeftLegacyConv => Some(true),
         _ => None,
     };
     let mut adapter = import_config(&config, &cfg_path, &f, legacy)?;
@@ -188,8 +196,8 @@ fn import_config(
         .and_then(Value::as_str)
         .unwrap_or("");
     let mut adapter = match peft_type {
-        "BOFT" => peft_boft::import(config, cfg_path, f, legacy_conv)?,
-        "OFT" => peft_oft::import(config, cfg_path, f)?,
+        "BOFT" => boft::import(config, cfg_path, f, legacy_conv)?,
+        "OFT" => oft::import(config, cfg_path, f)?,
         other => {
             return Err(err(
                 Class::UnknownFormat,
@@ -264,4 +272,31 @@ pub fn replaced_name(key: &str) -> String {
         return format!("{m}.{rest}");
     }
     k.replace(".base_layer.", ".")
+}
+
+/// The files a reader opens beside an input it was given (the inputs an output must not
+/// overwrite, `output::check_destination`): for a PEFT adapter (its folder, or its
+/// `adapter_model.safetensors` given as a file) the folder's `adapter_config.json` and
+/// `adapter_model.safetensors`, which may be symlinks to elsewhere (a Hugging Face cache's blobs).
+pub fn read_alongside(input: &Path) -> Vec<PathBuf> {
+    let dir = if input.is_dir() {
+        Some(input)
+    } else {
+        input
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .filter(|p| fs::symlink_metadata(p.join(CONFIG)).is_ok())
+    };
+    let mut out = vec![input.to_path_buf()];
+    if let Some(d) = dir {
+        out.push(d.join(CONFIG));
+        out.push(d.join(WEIGHTS));
+    }
+    out
 }

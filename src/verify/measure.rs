@@ -1,0 +1,548 @@
+//! What is measured on a transform: orthogonality, distance from the identity and the largest
+//! rotation angle (exactly on the dense matrix up to `DENSE_MAX`, on probes above), structural
+//! reach, degrees of freedom, hyperspherical energy.
+
+use nalgebra::DMatrix;
+
+use crate::adapter::Target;
+use crate::checkpoint::{dtype, Dtype};
+use crate::math::kernel::{Chain, Scratch};
+
+use super::{Dof, Energy, Measure, Reach};
+
+/// Transforms up to this size are measured exactly on the dense matrix; larger ones on probes.
+pub const DENSE_MAX: usize = 512;
+
+pub(super) struct Props {
+    pub orth: Measure,
+    pub distance: Measure,
+    pub angle: Measure,
+}
+
+pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usize) -> Props {
+    let n = chain.n;
+    if n <= dense_max {
+        let m = chain.dense();
+        let mm = DMatrix::from_row_slice(n, n, &m);
+        let gram = mm.transpose() * &mm;
+        let mut orth = 0f64;
+        let mut dist = 0f64;
+        for i in 0..n {
+            for j in 0..n {
+                let id = if i == j { 1.0 } else { 0.0 };
+                orth = orth.max((gram[(i, j)] - id).abs());
+                dist += (mm[(i, j)] - id).powi(2);
+            }
+        }
+        let sym = (&mm + mm.transpose()) * 0.5;
+        let lmin = sym
+            .symmetric_eigenvalues()
+            .iter()
+            .fold(f64::INFINITY, |a, &b| a.min(b));
+        return Props {
+            orth: Measure {
+                value: orth,
+                method: "exact",
+            },
+            distance: Measure {
+                value: dist.sqrt(),
+                method: "exact",
+            },
+            angle: Measure {
+                value: lmin.clamp(-1.0, 1.0).acos().to_degrees(),
+                method: "exact",
+            },
+        };
+    }
+    // Matrix-free: Gaussian probes for orthogonality and a Hutchinson estimate of ‖M − I‖_F².
+    let mut rng = Rng(0x5eed);
+    let k = probes.max(2);
+    let mut v: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
+    let orig = v.clone();
+    chain.apply_rows(&mut v, 0, k, &mut Scratch::default());
+    let dot = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(&x, &y)| x as f64 * y as f64)
+            .sum::<f64>()
+    };
+    let mut orth = 0f64;
+    let mut dist2 = 0f64;
+    for a in 0..k {
+        let (va, oa) = (&v[a * n..(a + 1) * n], &orig[a * n..(a + 1) * n]);
+        dist2 += va
+            .iter()
+            .zip(oa)
+            .map(|(&x, &y)| ((x - y) as f64).powi(2))
+            .sum::<f64>();
+        for b in a..k {
+            let (vb, ob) = (&v[b * n..(b + 1) * n], &orig[b * n..(b + 1) * n]);
+            let norm = (dot(oa, oa) * dot(ob, ob)).sqrt();
+            orth = orth.max((dot(va, vb) - dot(oa, ob)).abs() / norm);
+        }
+    }
+    // Largest rotation angle: power iteration on I − ½(M + Mᵀ), whose top eigenvalue is 1 − cos θ.
+    let mt = chain.transposed();
+    let mut x: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+    let mut lambda = 0f64;
+    let mut s = Scratch::default();
+    for _ in 0..100 {
+        let norm = dot(&x, &x).sqrt().max(1e-30);
+        x.iter_mut().for_each(|e| *e /= norm as f32);
+        let mut a = x.clone();
+        chain.apply_rows(&mut a, 0, 1, &mut s);
+        let mut b = x.clone();
+        mt.apply_rows(&mut b, 0, 1, &mut s);
+        let y: Vec<f32> = (0..n).map(|i| x[i] - 0.5 * (a[i] + b[i])).collect();
+        lambda = dot(&x, &y);
+        x = y;
+    }
+    Props {
+        orth: Measure {
+            value: orth,
+            method: "probe",
+        },
+        distance: Measure {
+            value: (dist2 / k as f64).sqrt(),
+            method: "estimate",
+        },
+        angle: Measure {
+            value: (1.0 - lambda).clamp(-1.0, 1.0).acos().to_degrees(),
+            method: "estimate",
+        },
+    }
+}
+
+/// Structural reach of every output through the factor chain, assuming dense blocks: output i
+/// of a factor depends on the inputs gathered into the same block.
+pub fn connectivity(chain: &Chain) -> Reach {
+    let n = chain.n;
+    let nf = chain.factors.len();
+    // group[f][i]: the block of factor f that input/output index i belongs to.
+    let groups: Vec<Vec<u32>> = chain
+        .factors
+        .iter()
+        .map(|f| {
+            let mut g = vec![0u32; n];
+            for j in 0..n {
+                let idx = f.perm.as_ref().map_or(j, |p| p[j] as usize);
+                g[idx] = (j / f.h) as u32;
+            }
+            g
+        })
+        .collect();
+    let members: Vec<Vec<Vec<u32>>> = chain
+        .factors
+        .iter()
+        .zip(&groups)
+        .map(|(f, g)| {
+            let mut m = vec![Vec::with_capacity(f.h); f.d];
+            for (i, &k) in g.iter().enumerate() {
+                m[k as usize].push(i as u32);
+            }
+            m
+        })
+        .collect();
+    let (mut lo, mut hi, mut total) = (usize::MAX, 0usize, 0usize);
+    let last = nf - 1;
+    let mut seen = vec![false; n];
+    let mut touched = vec![false; n];
+    for group in &members[last] {
+        seen.iter_mut().for_each(|s| *s = false);
+        for &i in group {
+            seen[i as usize] = true;
+        }
+        for f in (0..last).rev() {
+            touched.iter_mut().for_each(|s| *s = false);
+            let mut marks = vec![false; chain.factors[f].d];
+            for i in 0..n {
+                if seen[i] {
+                    marks[groups[f][i] as usize] = true;
+                }
+            }
+            for (k, m) in marks.iter().enumerate() {
+                if *m {
+                    for &i in &members[f][k] {
+                        touched[i as usize] = true;
+                    }
+                }
+            }
+            std::mem::swap(&mut seen, &mut touched);
+        }
+        let count = seen.iter().filter(|&&s| s).count();
+        lo = lo.min(count);
+        hi = hi.max(count);
+        total += count * group.len();
+    }
+    let h = chain.factors[0].h;
+    let ratio = (n / h).max(1);
+    Reach {
+        min: lo,
+        max: hi,
+        mean: total as f64 / n as f64,
+        dense: lo == n,
+        butterfly_reach: n.min(h.saturating_mul(1usize << (nf - 1).min(40))),
+        factors_for_full_density: (usize::BITS - (ratio - 1).leading_zeros()) as usize + 1,
+    }
+}
+
+/// Degrees of freedom of a target against a dense orthogonal matrix and OFT.
+pub fn degrees_of_freedom(t: &Target) -> Dof {
+    let (h, d, n) = (t.block_size, t.blocks, t.n());
+    let per_block = h * (h - 1) / 2;
+    Dof {
+        adapter: t.factors * d * per_block,
+        scale: t.scale.as_ref().map_or(0, Vec::len),
+        dense_orthogonal: n * (n - 1) / 2,
+        oft_same_block: d * per_block,
+    }
+}
+
+/// Hyperspherical energy Σ_{i<j} 1/‖ŵ_i − ŵ_j‖ of a sample of neurons (rows), before and after.
+pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[u8]) -> Energy {
+    let rows = shape[0];
+    let n = chain.n;
+    let esize = dt.float_size().expect("float");
+    let take = rows.min(256);
+    let picks: Vec<usize> = (0..take).map(|i| i * rows / take).collect();
+    let mut before = vec![0f32; take * n];
+    for (k, &r) in picks.iter().enumerate() {
+        dtype::decode_f32(
+            dt,
+            &data[r * n * esize..(r + 1) * n * esize],
+            &mut before[k * n..(k + 1) * n],
+        );
+    }
+    let mut after = Vec::with_capacity(take * n);
+    let mut s = Scratch::default();
+    for (k, &r) in picks.iter().enumerate() {
+        let mut x = before[k * n..(k + 1) * n].to_vec();
+        chain.apply_rows(&mut x, r, 1, &mut s);
+        after.extend(x);
+    }
+    let energy = |w: &[f32]| -> f64 {
+        let unit: Vec<Vec<f64>> = w
+            .chunks(n)
+            .map(|r| {
+                let norm = r
+                    .iter()
+                    .map(|&x| (x as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+                    .max(1e-30);
+                r.iter().map(|&x| x as f64 / norm).collect()
+            })
+            .collect();
+        let mut e = 0.0;
+        for i in 0..unit.len() {
+            for j in i + 1..unit.len() {
+                let d: f64 = unit[i]
+                    .iter()
+                    .zip(&unit[j])
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                if d > 1e-12 {
+                    e += 1.0 / d;
+                }
+            }
+        }
+        e
+    };
+    let (b, a) = (energy(&before), energy(&after));
+    Energy {
+        before: b,
+        after: a,
+        rel_diff: (a - b).abs() / b.abs().max(1e-30),
+        rows_sampled: take,
+    }
+}
+
+/// A small deterministic generator for probes (reproducible reports).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.next(), self.next());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{BlockKind, Side};
+    use crate::math::kernel::{Factor, ScaleOn};
+    use crate::math::{cayley, perm};
+
+    fn chain(
+        n: usize,
+        h: usize,
+        nf: usize,
+        mut perms: impl FnMut(usize) -> Option<Vec<u32>>,
+        seed: u64,
+    ) -> Chain {
+        let mut rng = Rng(seed);
+        let d = n / h;
+        Chain {
+            n,
+            factors: (0..nf)
+                .map(|i| {
+                    let mut blocks = Vec::new();
+                    for _ in 0..d {
+                        let a: Vec<f64> = (0..h * h).map(|_| rng.normal() as f64).collect();
+                        let q = cayley::cayley_minus(h, &cayley::skew_half(h, &a));
+                        blocks.extend(q.iter().map(|&x| x as f32));
+                    }
+                    Factor {
+                        h,
+                        d,
+                        blocks,
+                        perm: perms(i),
+                    }
+                })
+                .collect(),
+            scale: None,
+            scale_on: ScaleOn::Vector,
+            scale_first: false,
+            blend: 1.0,
+        }
+    }
+
+    /// Brute force: count the non-zero entries of each row of the dense M.
+    fn brute_reach(c: &Chain) -> (usize, usize, f64) {
+        let n = c.n;
+        let m = c.dense();
+        let counts: Vec<usize> = (0..n)
+            .map(|i| (0..n).filter(|&j| m[i * n + j].abs() > 1e-9).count())
+            .collect();
+        (
+            *counts.iter().min().unwrap(),
+            *counts.iter().max().unwrap(),
+            counts.iter().sum::<usize>() as f64 / n as f64,
+        )
+    }
+
+    #[test]
+    fn connectivity_matches_brute_force() {
+        let mut cases = Vec::new();
+        for (n, h) in [(16usize, 2usize), (32, 4), (64, 8), (48, 6), (24, 6)] {
+            let d = n / h;
+            for nf in 1..=4usize {
+                if nf > 1 && d % (1 << (nf - 1)) != 0 {
+                    continue;
+                }
+                cases.push((n, h, nf));
+            }
+        }
+        for (seed, (n, h, nf)) in cases.into_iter().enumerate() {
+            // PEFT's butterfly permutations, stored inverted as the importer does.
+            let c = chain(
+                n,
+                h,
+                nf,
+                |i| Some(perm::invert(&perm::peft_boft(n, h, i))),
+                seed as u64,
+            );
+            let r = connectivity(&c);
+            assert_eq!(
+                (r.min, r.max, r.mean),
+                brute_reach(&c),
+                "n={n} h={h} N={nf}"
+            );
+            assert_eq!(
+                r.min,
+                n.min(h << (nf - 1)),
+                "butterfly reach n={n} h={h} N={nf}"
+            );
+            assert_eq!(r.butterfly_reach, r.min);
+            assert_eq!(r.dense, r.min == n);
+            // Random permutations break the butterfly pattern but the count still matches.
+            let mut rng = Rng(seed as u64 + 99);
+            let c = chain(
+                n,
+                h,
+                nf,
+                |_| {
+                    let mut p: Vec<u32> = (0..n as u32).collect();
+                    for k in (1..n).rev() {
+                        let j = (rng.next() * (k + 1) as f64) as usize;
+                        p.swap(k, j.min(k));
+                    }
+                    Some(p)
+                },
+                seed as u64,
+            );
+            let r = connectivity(&c);
+            assert_eq!(
+                (r.min, r.max, r.mean),
+                brute_reach(&c),
+                "random perms n={n} h={h} N={nf}"
+            );
+        }
+        // The paper's depth for full density: log2(n/b) + 1.
+        let c = chain(
+            64,
+            8,
+            4,
+            |i| Some(perm::invert(&perm::peft_boft(64, 8, i))),
+            5,
+        );
+        let r = connectivity(&c);
+        assert!(r.dense);
+        assert_eq!(r.factors_for_full_density, 4);
+    }
+
+    /// Rank of the Jacobian (central differences, f64) of raw parameters → materialised
+    /// matrices: the number of independent directions the parametrisation really has.
+    fn jacobian_rank(params: usize, f: impl Fn(&[f64]) -> Vec<f64>) -> usize {
+        let mut rng = Rng(7);
+        let x0: Vec<f64> = (0..params).map(|_| rng.normal() as f64 * 0.3).collect();
+        let eps = 1e-6;
+        let rows = f(&x0).len();
+        let mut j = DMatrix::<f64>::zeros(rows, params);
+        for p in 0..params {
+            let (mut a, mut b) = (x0.clone(), x0.clone());
+            a[p] += eps;
+            b[p] -= eps;
+            let (fa, fb) = (f(&a), f(&b));
+            for r in 0..rows {
+                j[(r, p)] = (fa[r] - fb[r]) / (2.0 * eps);
+            }
+        }
+        j.svd(false, false)
+            .singular_values
+            .iter()
+            .filter(|&&s| s > 1e-6)
+            .count()
+    }
+
+    #[test]
+    fn degrees_of_freedom_match_brute_force_rank() {
+        // A PEFT-style target: raw blocks A → C−(½(A − Aᵀ)) per block, per factor.
+        for (h, d, nf) in [(2usize, 4usize, 1usize), (4, 2, 2), (3, 3, 1), (4, 4, 3)] {
+            let t = Target {
+                name: "w".into(),
+                module: "m".into(),
+                side: Side::Input,
+                shape: None,
+                rows: None,
+                factors: nf,
+                blocks: d,
+                block_size: h,
+                data: vec![0.0; nf * d * h * h],
+                deferred: None,
+                perms: vec![None; nf],
+                scale: None,
+                kind: BlockKind::Cayley,
+                ..Default::default()
+            };
+            let dof = degrees_of_freedom(&t);
+            let raw = nf * d * h * h;
+            let rank = jacobian_rank(raw, |x| {
+                x.chunks(h * h)
+                    .flat_map(|a| cayley::cayley_minus(h, &cayley::skew_half(h, a)))
+                    .collect()
+            });
+            assert_eq!(dof.adapter, rank, "h={h} d={d} N={nf}");
+            assert_eq!(dof.oft_same_block * nf, rank);
+            // A dense orthogonal matrix of the same n: rank of the Cayley map on n×n.
+            let n = h * d;
+            if n <= 8 {
+                let dense_rank =
+                    jacobian_rank(n * n, |a| cayley::cayley_minus(n, &cayley::skew_half(n, a)));
+                assert_eq!(dof.dense_orthogonal, dense_rank, "n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn probe_measures_agree_with_exact_ones() {
+        let n = 64;
+        let c = chain(
+            n,
+            8,
+            3,
+            |i| Some(perm::invert(&perm::peft_boft(n, 8, i))),
+            11,
+        );
+        let exact = transform_properties(&c, 8, DENSE_MAX);
+        assert_eq!(exact.orth.method, "exact");
+        assert!(exact.orth.value < 1e-5);
+        let probe = transform_properties(&c, 64, 0);
+        assert_eq!(probe.orth.method, "probe");
+        assert!(probe.orth.value < 1e-5);
+        // Hutchinson's estimate of ‖M − I‖_F with 64 probes: within 20%.
+        let rel = (probe.distance.value - exact.distance.value).abs() / exact.distance.value;
+        assert!(
+            rel < 0.2,
+            "{} vs {}",
+            probe.distance.value,
+            exact.distance.value
+        );
+        // Power iteration finds the largest rotation angle.
+        assert!(
+            (probe.angle.value - exact.angle.value).abs() < 2.0,
+            "{} vs {}",
+            probe.angle.value,
+            exact.angle.value
+        );
+        // A non-orthogonal chain is caught by the probes too.
+        let mut bad = c.clone();
+        bad.factors[1].blocks[0] += 0.1;
+        assert!(transform_properties(&bad, 8, 0).orth.value > 1e-3);
+        // A single 2×2 rotation by θ: the largest rotation angle is θ.
+        let theta = 0.3f64;
+        let rot = Chain {
+            n: 2,
+            factors: vec![Factor {
+                h: 2,
+                d: 1,
+                blocks: vec![
+                    theta.cos() as f32,
+                    -theta.sin() as f32,
+                    theta.sin() as f32,
+                    theta.cos() as f32,
+                ],
+                perm: None,
+            }],
+            scale: None,
+            scale_on: ScaleOn::Vector,
+            scale_first: false,
+            blend: 1.0,
+        };
+        let p = transform_properties(&rot, 4, DENSE_MAX);
+        assert!(
+            (p.angle.value - theta.to_degrees()).abs() < 1e-3,
+            "{}",
+            p.angle.value
+        );
+        assert!((p.distance.value - (2.0 * (2.0 - 2.0 * theta.cos())).sqrt()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn transposed_chain_is_the_inverse_of_an_orthogonal_chain() {
+        let n = 32;
+        let c = chain(
+            n,
+            4,
+            3,
+            |i| Some(perm::invert(&perm::peft_boft(n, 4, i))),
+            3,
+        );
+        let t = c.transposed();
+        let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 1.0).collect();
+        let y = crate::math::kernel::apply_vec(&t, &crate::math::kernel::apply_vec(&c, &x));
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+}

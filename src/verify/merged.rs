@@ -1,0 +1,460 @@
+//! The proof of a second checkpoint: a merged one against base ⊕ adapter, or a restored one
+//! against the un-merge of the merge as stored. Tensors are compared by name, element by
+//! element, with the values the merge engine itself computes (`merge::Plan::expected_f32`).
+
+use crate::adapter::Adapter;
+use crate::checkpoint::{dtype, Checkpoint, Dtype};
+use crate::error::Result;
+use crate::merge::{self, Fate};
+
+use super::{Ctx, Element, MergedReport, Status};
+
+/// One unit in the last place of `dt` at magnitude `mag` (the spacing just above it).
+pub fn ulp(dt: Dtype, mag: f32) -> f64 {
+    let mag = mag.abs();
+    match dt {
+        Dtype::BF16 => {
+            let b = half::bf16::from_f32(mag).to_bits();
+            (half::bf16::from_bits(b.saturating_add(1)).to_f32()
+                - half::bf16::from_bits(b).to_f32()) as f64
+        }
+        Dtype::F16 => {
+            let b = half::f16::from_f32(mag).to_bits();
+            (half::f16::from_bits(b.saturating_add(1)).to_f32() - half::f16::from_bits(b).to_f32())
+                as f64
+        }
+        _ if mag.is_finite() => (f32::from_bits(mag.to_bits() + 1) - mag) as f64,
+        _ => f64::INFINITY,
+    }
+}
+
+/// Distance between two values in ulps of `dt` at the larger magnitude.
+pub fn ulps(dt: Dtype, a: f32, b: f32) -> f64 {
+    let d = (a as f64 - b as f64).abs();
+    if d == 0.0 {
+        return 0.0;
+    }
+    d / ulp(dt, a.abs().max(b.abs())).max(f64::MIN_POSITIVE)
+}
+
+/// Largest difference allowed between a found value and the f32 value recomputed here: f32
+/// relative to the tensor's largest magnitude; 16-bit types one ulp of the element, or the f32
+/// summation noise (2e-6 of the largest magnitude) for elements that cancel to near zero.
+fn allowed(dt: Dtype, got: f32, want: f32, scale: f32, f32_tol: f64) -> f64 {
+    match dt {
+        Dtype::F32 => f32_tol * scale as f64,
+        Dtype::BF16 | Dtype::F16 => {
+            (ulp(dt, got.abs().max(want.abs())) * 1.0001).max(2e-6 * scale as f64)
+        }
+        _ => 0.0,
+    }
+}
+
+/// Which second checkpoint is being proven against base ⊕ adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// `--merged`: base ⊕ adapter.
+    Merged,
+    /// `--restored`: an un-merge of base ⊕ adapter, i.e. the base back, up to what rounding the
+    /// merged tensor to the base's dtype allows.
+    Restored,
+}
+
+impl Proof {
+    fn values_check(self) -> &'static str {
+        match self {
+            Proof::Merged => "merged-values",
+            Proof::Restored => "restored-values",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Proof::Merged => "merged",
+            Proof::Restored => "restored",
+        }
+    }
+}
+
+/// Whether two checkpoints have the same files with the same headers (what boft-merge
+/// writes), or the first difference.
+fn layout_difference(base: &Checkpoint, other: &Checkpoint) -> Option<String> {
+    if base.is_folder() != other.is_folder() {
+        return Some(format!(
+            "one is a {} and the other a {}",
+            if base.is_folder() { "folder" } else { "file" },
+            if other.is_folder() { "folder" } else { "file" }
+        ));
+    }
+    let names = |c: &Checkpoint| -> Vec<String> {
+        c.files
+            .iter()
+            .map(|(r, _)| r.display().to_string())
+            .collect()
+    };
+    if base.is_folder() && names(base) != names(other) {
+        return Some(format!(
+            "files {:?}, the base's {:?}",
+            names(other),
+            names(base)
+        ));
+    }
+    for ((rel, b), (_, o)) in base.files.iter().zip(&other.files) {
+        // The same header: tensors (names, dtypes, shapes, offsets) and __metadata__; the
+        // JSON's spelling (key order, padding) is the writer's and not compared.
+        let same_tensors = b.tensors.len() == o.tensors.len()
+            && b.tensors.iter().zip(&o.tensors).all(|(x, y)| {
+                (&x.name, x.dtype, &x.shape, x.start, x.end)
+                    == (&y.name, y.dtype, &y.shape, y.start, y.end)
+            });
+        if !same_tensors {
+            return Some(format!(
+                "{} holds other tensors or the same at other offsets",
+                rel.display()
+            ));
+        }
+        if b.metadata != o.metadata {
+            return Some(format!("the __metadata__ of {} differs", rel.display()));
+        }
+    }
+    None
+}
+
+/// Flat index → index per dimension.
+fn coords(shape: &[usize], mut flat: usize) -> Vec<usize> {
+    let mut c = vec![0; shape.len()];
+    for (i, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            c[i] = flat % d;
+            flat /= d;
+        }
+    }
+    c
+}
+
+/// Worst element of a comparison: the largest deviation relative to what is allowed.
+#[derive(Default)]
+struct Worst {
+    /// (ratio to the allowed deviation, flat index, found, expected)
+    element: Option<(f64, usize, f32, f32)>,
+    /// Largest |found − expected| relative to the tensor's largest magnitude.
+    dev: f64,
+    /// Largest distance in ulps of the tensor's dtype.
+    ulps: f64,
+}
+
+/// Prove `other` (a merged or restored checkpoint) against base ⊕ adapter, tensor by tensor and
+/// by name: whatever the sharding, tensor order or header metadata.
+pub(super) fn check_second(
+    ctx: &mut Ctx,
+    base: &Checkpoint,
+    other: &Checkpoint,
+    adapter: &Adapter,
+    proof: Proof,
+) -> Result<MergedReport> {
+    let plan = merge::plan(base, adapter, merge::Direction::Merge)?;
+    let inverse = match proof {
+        Proof::Merged => None,
+        Proof::Restored => Some(merge::plan(
+            base,
+            adapter,
+            merge::Direction::UnmergeKeepReplaced,
+        )?),
+    };
+    let subject = other.root.display().to_string();
+    let values = proof.values_check();
+    let noun = proof.noun();
+
+    // Layout: reported; a failure only when --same-layout asks for it.
+    let difference = layout_difference(base, other);
+    let same_layout = difference.is_none();
+    ctx.push(
+        "merged-layout",
+        &subject,
+        match (ctx.settings.same_layout, same_layout) {
+            (false, _) => Status::Info,
+            (true, true) => Status::Pass,
+            (true, false) => Status::Fail,
+        },
+        None,
+        None,
+        match &difference {
+            None => {
+                "same files and headers (tensors, offsets, __metadata__) as the base".to_string()
+            }
+            Some(d) => format!("layout differs from the base: {d}"),
+        },
+    );
+
+    let mut report = MergedReport {
+        path: subject.clone(),
+        proof: noun,
+        same_layout,
+        tensors: 0,
+        elements: 0,
+        transformed: 0,
+        replaced: 0,
+        untouched: 0,
+        missing: 0,
+        extra: 0,
+    };
+
+    // Names: every base tensor present with its dtype and shape, nothing extra.
+    let mut names = 0usize;
+    let mut comparable = Vec::new();
+    for (_, f) in &base.files {
+        for t in &f.tensors {
+            names += 1;
+            match other.get(&t.name) {
+                None => {
+                    report.missing += 1;
+                    ctx.push(
+                        "merged-tensors",
+                        &t.name,
+                        Status::Fail,
+                        None,
+                        None,
+                        format!("in the base but missing from the {noun} checkpoint"),
+                    );
+                }
+                Some((_, mt)) if mt.dtype != t.dtype || mt.shape != t.shape => {
+                    report.missing += 1;
+                    ctx.push(
+                        "merged-tensors",
+                        &t.name,
+                        Status::Fail,
+                        None,
+                        None,
+                        format!(
+                            "{noun} tensor is {} {:?}, the base's {} {:?}",
+                            mt.dtype.name(),
+                            mt.shape,
+                            t.dtype.name(),
+                            t.shape
+                        ),
+                    );
+                }
+                Some((mf, mt)) => comparable.push((f, t, mf, mt)),
+            }
+        }
+    }
+    for name in other.tensor_names() {
+        if base.get(name).is_none() {
+            names += 1;
+            report.extra += 1;
+            ctx.push(
+                "merged-tensors",
+                name,
+                Status::Fail,
+                None,
+                None,
+                format!("in the {noun} checkpoint but not in the base"),
+            );
+        }
+    }
+    if names > 0 && report.missing == 0 && report.extra == 0 {
+        ctx.push(
+            "merged-tensors",
+            &subject,
+            Status::Pass,
+            Some(names as f64),
+            None,
+            format!("all {names} tensors of the base present by name with their dtype and shape, none extra"),
+        );
+    }
+
+    let mut untouched_bad = 0usize;
+    for (f, t, mf, mt) in comparable {
+        let got = mf.data(mt);
+        let src = f.data(t);
+        match plan.fate(&t.name) {
+            Fate::Untouched => {
+                if !ctx.settings.wants("merged-untouched") {
+                    continue;
+                }
+                report.tensors += 1;
+                report.untouched += 1;
+                report.elements += t.numel() as u64;
+                if got != src {
+                    untouched_bad += 1;
+                    let at = got.iter().zip(src).position(|(a, b)| a != b).unwrap_or(0);
+                    ctx.push(
+                        "merged-untouched",
+                        &t.name,
+                        Status::Fail,
+                        None,
+                        None,
+                        format!(
+                            "not targeted by the adapter but differs from the base (byte {at})"
+                        ),
+                    );
+                }
+            }
+            Fate::Replaced(r) => {
+                if !ctx.settings.wants(values) {
+                    continue;
+                }
+                report.tensors += 1;
+                report.replaced += 1;
+                report.elements += t.numel() as u64;
+                let want = if r.dtype == t.dtype {
+                    r.data.clone()
+                } else {
+                    let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float");
+                    let mut bytes = vec![0u8; v.len() * t.dtype.float_size().unwrap_or(4)];
+                    dtype::encode_f32(t.dtype, &v, &mut bytes);
+                    bytes
+                };
+                let (status, message) = match proof {
+                    Proof::Merged if got == want.as_slice() => {
+                        (Status::Pass, "equals the adapter's replacement")
+                    }
+                    Proof::Merged => (Status::Fail, "differs from the adapter's replacement"),
+                    Proof::Restored if got == src => (Status::Pass, "byte-identical to the base"),
+                    Proof::Restored if got == want.as_slice() => (
+                        Status::Pass,
+                        "kept as merged (--keep-replaced): equals the adapter's replacement; the \
+                         original is not in the adapter",
+                    ),
+                    Proof::Restored => (
+                        Status::Fail,
+                        "neither the base's tensor nor the adapter's replacement",
+                    ),
+                };
+                ctx.push(values, &t.name, status, None, None, message);
+            }
+            Fate::Transformed => {
+                if !ctx.settings.wants(values) {
+                    continue;
+                }
+                report.tensors += 1;
+                report.transformed += 1;
+                report.elements += t.numel() as u64;
+                let dt = t.dtype;
+                let got_f = dtype::decode_any_f32(dt, got).expect("float");
+                let scale = got_f.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let tol = ctx.settings.merged_tolerance;
+                let worst = std::sync::Mutex::new(Worst::default());
+                let compare = |offset: usize, want: &[f32]| {
+                    let mut local = Worst::default();
+                    for (i, &v) in want.iter().enumerate() {
+                        let g = got_f[offset + i];
+                        let d = (g as f64 - v as f64).abs();
+                        local.dev = local.dev.max(d / scale.max(1e-30) as f64);
+                        local.ulps = local.ulps.max(ulps(dt, g, v));
+                        let a = allowed(dt, g, v, scale, tol);
+                        let ratio = if d == 0.0 {
+                            0.0
+                        } else if a > 0.0 {
+                            d / a
+                        } else {
+                            f64::INFINITY
+                        };
+                        // NaN never compares greater: count it as the worst.
+                        let ratio = if ratio.is_nan() { f64::INFINITY } else { ratio };
+                        if local.element.is_none_or(|e| ratio > e.0) {
+                            local.element = Some((ratio, offset + i, g, v));
+                        }
+                    }
+                    let mut w = worst.lock().unwrap();
+                    w.dev = w.dev.max(local.dev);
+                    w.ulps = w.ulps.max(local.ulps);
+                    if let Some(e) = local.element {
+                        if w.element
+                            .is_none_or(|x| e.0 > x.0 || (e.0 == x.0 && e.1 < x.1))
+                        {
+                            w.element = Some(e);
+                        }
+                    }
+                };
+                plan.expected_f32(t, src, inverse.as_ref(), compare)?;
+                let w = worst.into_inner().unwrap();
+                // How far the restored tensor is from the base itself (the rounding of the
+                // merged tensor, carried back).
+                let from_base = (proof == Proof::Restored).then(|| {
+                    let base_f = dtype::decode_any_f32(dt, src).expect("float");
+                    let (mut differ, mut one_ulp, mut max_dev) = (0usize, 0usize, 0f64);
+                    for (&a, &b) in got_f.iter().zip(&base_f) {
+                        if a.to_bits() != b.to_bits() {
+                            differ += 1;
+                            if ulps(dt, a, b) <= 1.0 {
+                                one_ulp += 1;
+                            }
+                            max_dev = max_dev.max((a as f64 - b as f64).abs());
+                        }
+                    }
+                    format!(
+                        "; {differ} of {} elements differ from the base ({one_ulp} by one ulp; largest difference {:.2e} of the largest magnitude): the rounding of the merged tensor, carried back",
+                        got_f.len(),
+                        max_dev / scale.max(1e-30) as f64
+                    )
+                });
+                let from_base = from_base.unwrap_or_default();
+                let expected = match proof {
+                    Proof::Merged => "base ⊕ adapter",
+                    Proof::Restored => "the un-merge of round(base ⊕ adapter)",
+                };
+                let within = if dt == Dtype::F32 {
+                    format!("{tol:.0e} of the largest magnitude")
+                } else {
+                    format!(
+                        "one {} ulp (or 2e-6 of the largest magnitude near zero)",
+                        dt.name()
+                    )
+                };
+                match w.element {
+                    Some((ratio, i, g, v)) if ratio > 1.0 => {
+                        let c = coords(&t.shape, i);
+                        let u = ulps(dt, g, v);
+                        let rv = dtype::round_f32(dt, v);
+                        ctx.push_element(
+                            values,
+                            &t.name,
+                            Some(w.dev),
+                            (dt == Dtype::F32).then_some(tol),
+                            format!(
+                                "element {i} {c:?}: found {g:e}, {expected} gives {v:e}{}: {u:.1} {} ulp apart (allowed: {within}){from_base}",
+                                if rv != v { format!(" (rounds to {rv:e})") } else { String::new() },
+                                dt.name()
+                            ),
+                            Element {
+                                index: i,
+                                coords: c,
+                                expected: v as f64,
+                                found: g as f64,
+                                ulps: u,
+                            },
+                        );
+                    }
+                    _ => ctx.push(
+                        values,
+                        &t.name,
+                        Status::Pass,
+                        Some(w.dev),
+                        (dt == Dtype::F32).then_some(tol),
+                        format!(
+                            "{} elements equal {expected} within {within} (worst {:.2e} of the largest magnitude, {:.2} ulp){from_base}",
+                            got_f.len(),
+                            w.dev,
+                            w.ulps
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    if untouched_bad == 0 && report.untouched > 0 {
+        ctx.push(
+            "merged-untouched",
+            &subject,
+            Status::Pass,
+            Some(report.untouched as f64),
+            None,
+            format!(
+                "{} tensors not targeted are byte-identical to the base",
+                report.untouched
+            ),
+        );
+    }
+    Ok(report)
+}
