@@ -22,6 +22,6 @@ for t in "${targets[@]}"; do
     start=$(date +%s)
     cargo fuzz run -a -s none "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
         -max_len=65536 -timeout=30 -runs="$RUNS" -max_total_time="$MAX_TIME" \
-        -print_final_stats=1 2>&1 | grep -E '^(#[0-9]+ +(DONE|pulse)|Done|stat::|==|SUMMARY|.*panicked)' || true
+        -print_final_stats=1 2>&1 | grep -E '^(#[0-9]+[[:space:]]+(DONE|pulse)|Done|stat::|==|SUMMARY|.*panicked)' || true
     echo "=== $t: finished $(date -u +%FT%TZ) after $(( $(date +%s) - start )) s"
 done
