@@ -1688,6 +1688,47 @@ fn i02_sigterm_mid_write() {
     interrupt_mid_write(libc::SIGTERM);
 }
 
+/// SIGINT and SIGTERM end boft-verify as they end boft-merge: `[interrupted]`, exit 2, never a
+/// report (a check cut short must not read as a pass).
+#[test]
+fn i05_verify_interrupted() {
+    let sc = Scene::new();
+    let out_dir = sc.out_dir();
+    let merged = out_dir.join("merged.safetensors");
+    let (base, adapter) = slow_case(sc.tmp.path(), 32768);
+    ok(&run(
+        "boft-merge",
+        &[&"--base", &base, &"--adapter", &adapter, &"-o", &merged],
+    ));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let child = bin("boft-verify")
+            .args([
+                adapter.as_os_str(),
+                "--base".as_ref(),
+                base.as_os_str(),
+                "--merged".as_ref(),
+                merged.as_os_str(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: signalling our own child, which has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let o = wait_limited(child, Duration::from_secs(120));
+        if o.status.code() == Some(0) || o.status.code() == Some(1) {
+            panic!(
+                "boft-verify finished with a report despite the signal: {}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+        }
+        let err = fails_with(&o, "interrupted");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 /// Another process truncates the base while the merge reads it through its map: the next read
 /// past the new end faults (SIGBUS). The binaries turn that into one `[io]` line naming the
 /// file, remove the staged output and exit 2 (docs/ERRORS.md, "Inputs changed during a run").
@@ -1881,6 +1922,8 @@ fn a36_peft_config_values_of_another_type() {
         ("eps", json!("0.01")),
         ("num_cayley_neumann_terms", json!(-1)),
         ("r", json!(1.5)),
+        ("eps", json!(null)),
+        ("rank_pattern", json!(["q_proj"])),
     ] {
         let mut sc = Scene::new();
         let base = sc.path("in/base");
@@ -1980,4 +2023,33 @@ fn p01_newline_in_a_path_stays_on_one_line() {
     let o = sc.merge(&odd, &adapter, &out, &[]);
     sc.assert_refused(&o, "empty-file", &out);
     assert!(stderr(&o).contains("em\\npty"), "{}", stderr(&o));
+}
+
+#[test]
+fn a39_peft_config_null_boolean_is_false() {
+    // PEFT tests `if self.use_cayley_neumann:` on the config it loaded: null is false, so the
+    // exact Cayley transform is used. Read as the default (true), the Neumann series was merged.
+    let mut sc = Scene::new();
+    let base = sc.path("in/base");
+    copy_tree(&fixtures().join("peft_oft/bases/llama_f32"), &base);
+    let run_with = |sc: &mut Scene, value: Value, name: &str| {
+        let adapter = sc.path(&format!("in/{name}"));
+        copy_tree(
+            &fixtures().join("peft_oft/adapters/llama_f32_neumann5"),
+            &adapter,
+        );
+        let cfg = adapter.join("adapter_config.json");
+        let mut c: Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+        c["use_cayley_neumann"] = value;
+        std::fs::write(&cfg, serde_json::to_vec(&c).unwrap()).unwrap();
+        let out = sc.out_dir().join(name);
+        let o = sc.merge(&base, &adapter, &out, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        tree(&out)
+    };
+    let null = run_with(&mut sc, Value::Null, "null");
+    let exact = run_with(&mut sc, json!(false), "false");
+    let series = run_with(&mut sc, json!(true), "true");
+    assert_eq!(null, exact, "null merged differently from false");
+    assert_ne!(null, series, "null merged as the Neumann series");
 }

@@ -401,6 +401,8 @@ impl Target {
 
     /// Compute deferred blocks and keep them (shared blocks stay one per factor until fitted).
     pub fn materialise(&mut self) -> Result<()> {
+        // Computing blocks can take long (Cayley solves): a signal ends it between targets.
+        crate::output::check_interrupted()?;
         if self.share && self.blocks == 0 {
             if let Some(d) = self.deferred.take() {
                 let v = (d.compute)(d.base_dtype).map_err(|e| e.at(&d.path))?;

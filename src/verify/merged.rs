@@ -265,6 +265,7 @@ pub(super) fn check_second(
 
     let mut untouched_bad = 0usize;
     for (f, t, mf, mt) in comparable {
+        crate::output::check_interrupted()?;
         let got = mf.data(mt);
         let src = f.data(t);
         match plan.fate(&t.name) {

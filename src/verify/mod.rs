@@ -512,6 +512,8 @@ pub fn verify(
                     adapter: label.clone(),
                     checks: Vec::new(),
                 };
+                // SIGINT/SIGTERM end a long check between targets (the binaries set the flag).
+                crate::output::check_interrupted()?;
                 check_target(&mut c, t, base).map(|r| (r, c.checks))
             })
             .collect();
@@ -594,6 +596,9 @@ pub fn verify(
         .filter(|c| c.status == Status::Fail)
         .map(|c| format!("{}:{}", c.check, c.subject))
         .collect();
+    // A signal that arrived during the last, longest check still ends the run as interrupted:
+    // a report of checks cut short must not read as a pass.
+    crate::output::check_interrupted()?;
     Ok(Report {
         tool: "boft-verify",
         version: env!("CARGO_PKG_VERSION"),

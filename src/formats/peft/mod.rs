@@ -91,31 +91,34 @@ pub fn load_folder(dir: &Path, hash: bool, source: crate::formats::Source) -> Re
 /// objects): 4 MiB keeps that near 100 MB.
 pub const MAX_CONFIG: u64 = 4 << 20;
 
-/// A config field PEFT declares as a bool: absent or `null` is PEFT's default. Another type is
+/// A config field PEFT declares as a bool: absent is PEFT's default, `null` is false (PEFT loads
+/// the JSON into its config class and tests the field's truth: `None` is false). Another type is
 /// refused: Python would read `1` or `"false"` as true, where a strict reader would not, and a
 /// guess either way changes the merged weights.
 pub(crate) fn config_bool(c: &Value, key: &str, default: bool, path: &Path) -> Result<bool> {
     match c.get(key) {
-        None | Some(Value::Null) => Ok(default),
+        None => Ok(default),
+        Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
         Some(v) => Err(wrong_type(key, v, "true or false", path)),
     }
 }
 
-/// A config field PEFT declares as an int ≥ 0 (see `config_bool`).
+/// A config field PEFT declares as an int ≥ 0: absent is PEFT's default; `null` or another type
+/// is refused (PEFT's arithmetic on `None` raises, so no file PEFT can load holds it).
 pub(crate) fn config_uint(c: &Value, key: &str, default: u64, path: &Path) -> Result<u64> {
     match c.get(key) {
-        None | Some(Value::Null) => Ok(default),
+        None => Ok(default),
         Some(v) => v
             .as_u64()
             .ok_or_else(|| wrong_type(key, v, "a non-negative integer", path)),
     }
 }
 
-/// A config field PEFT declares as a float (see `config_bool`); integers are numbers too.
+/// A config field PEFT declares as a float (see `config_uint`); integers are numbers too.
 pub(crate) fn config_f64(c: &Value, key: &str, default: f64, path: &Path) -> Result<f64> {
     match c.get(key) {
-        None | Some(Value::Null) => Ok(default),
+        None => Ok(default),
         Some(v) => v
             .as_f64()
             .ok_or_else(|| wrong_type(key, v, "a number", path)),

@@ -163,6 +163,18 @@ impl Config {
             ));
         }
         let block_share = config_bool(c, "block_share", false, path)?;
+        // PEFT looks ranks up in it by module name: anything but an object (or null, none) is
+        // not a config PEFT loads.
+        if let Some(v) = c
+            .get("rank_pattern")
+            .filter(|v| !v.is_null() && !v.is_object())
+        {
+            return Err(err(
+                Class::BadAdapter,
+                path,
+                format!("rank_pattern is {v}, expected an object"),
+            ));
+        }
         if c.get("rank_pattern")
             .and_then(Value::as_object)
             .is_some_and(|m| !m.is_empty())
