@@ -118,7 +118,9 @@ impl<'de> Deserialize<'de> for Entries {
                         ));
                         continue;
                     }
-                    let v: Value = m.next_value()?;
+                    let v = m.next_value_seed(Shallow {
+                        all_fields: name == "__metadata__",
+                    })?;
                     let parsed = if name == "__metadata__" {
                         parse_metadata(&v).map(|md| e.metadata = Some(md))
                     } else {
@@ -130,6 +132,111 @@ impl<'de> Deserialize<'de> for Entries {
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// The longest array kept of a header field (a shape's dimensions, `data_offsets`, a metadata
+/// value); longer ones keep this many and a `null`, which the checks reject like any bad value.
+const MAX_FIELD_ITEMS: usize = 1024;
+
+/// One header entry read only as deep as `parse_tensor` and `parse_metadata` look: its fields (for
+/// a tensor only `dtype`, `shape` and `data_offsets`; for `__metadata__` every key), each a scalar
+/// or an array of at most `MAX_FIELD_ITEMS` scalars. Whatever else the entry holds is skipped as
+/// it is read, so padding inside one entry costs no memory.
+struct Shallow {
+    all_fields: bool,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Shallow {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(ShallowV {
+            all_fields: self.all_fields,
+            depth: 0,
+        })
+    }
+}
+
+/// depth 0: the entry; 1: a field's value; 2: an item of a field's array.
+struct ShallowV {
+    all_fields: bool,
+    depth: u8,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ShallowV {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ShallowV {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut a: A,
+    ) -> std::result::Result<Value, A::Error> {
+        if self.depth != 1 {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            return Ok(Value::Null);
+        }
+        let mut items = Vec::new();
+        let item = || ShallowV {
+            all_fields: false,
+            depth: 2,
+        };
+        while let Some(v) = a.next_element_seed(item())? {
+            if items.len() == MAX_FIELD_ITEMS {
+                items.push(Value::Null);
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                break;
+            }
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Value, A::Error> {
+        if self.depth != 0 {
+            while m
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            return Ok(Value::Null);
+        }
+        let mut obj = serde_json::Map::new();
+        while let Some(k) = m.next_key::<String>()? {
+            if self.all_fields || matches!(k.as_str(), "dtype" | "shape" | "data_offsets") {
+                let v = m.next_value_seed(ShallowV {
+                    all_fields: false,
+                    depth: 1,
+                })?;
+                obj.insert(k, v);
+            } else {
+                m.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Value::Object(obj))
     }
 }
 

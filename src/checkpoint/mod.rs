@@ -415,50 +415,69 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
     }
     let top: IndexTop = serde_json::from_slice(bytes)
         .map_err(|e| bare(Class::BadIndex, format!("not valid JSON ({e})")))?;
-    let map = top
+    let ShardEntries {
+        entries,
+        shard_names,
+    } = top
         .weight_map
         .ok_or_else(|| bare(Class::BadIndex, "no \"weight_map\" object"))?;
-    let mut shards: Vec<(PathBuf, Vec<String>)> = Vec::new();
-    let mut pos: HashMap<PathBuf, usize> = HashMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for (tensor, shard) in map {
-        if !seen.insert(tensor.clone()) {
+    // Duplicates first, by sorting positions (four bytes an entry, no second copy of a name).
+    {
+        let mut order: Vec<u32> = (0..entries.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| entries[a as usize].0.cmp(&entries[b as usize].0));
+        if let Some(w) = order
+            .windows(2)
+            .find(|w| entries[w[0] as usize].0 == entries[w[1] as usize].0)
+        {
             return Err(bare(
                 Class::BadIndex,
-                format!("weight_map lists {tensor:?} twice"),
+                format!("weight_map lists {:?} twice", entries[w[0] as usize].0),
             ));
         }
-        let shard = shard.ok_or_else(|| {
-            bare(
+    }
+    let mut shards: Vec<(PathBuf, Vec<String>)> = Vec::new();
+    let mut pos: HashMap<PathBuf, usize> = HashMap::new();
+    // Where each distinct shard string lands in `shards`, worked out once per string.
+    let mut slot: Vec<Option<usize>> = vec![None; shard_names.len()];
+    for (tensor, shard) in entries {
+        let Some(si) = shard else {
+            return Err(bare(
                 Class::BadIndex,
                 format!("weight_map entry for {tensor:?} is not a string"),
-            )
-        })?;
-        let shard = shard.as_str();
-        let rel = safe_relative(shard).ok_or_else(|| {
-            let escapes = Path::new(shard).is_absolute()
-                || Path::new(shard)
-                    .components()
-                    .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
-            if escapes {
-                bare(
-                    Class::PathEscape,
-                    format!("shard {shard:?} points outside the checkpoint folder"),
-                )
-            } else {
-                // "", "." or "./": inside the folder, but no file.
-                bare(
-                    Class::BadIndex,
-                    format!("shard {shard:?} names no file (the folder itself at most)"),
-                )
+            ));
+        };
+        let i = match slot[si as usize] {
+            Some(i) => i,
+            None => {
+                let shard = shard_names[si as usize].as_str();
+                let rel = safe_relative(shard).ok_or_else(|| {
+                    let escapes = Path::new(shard).is_absolute()
+                        || Path::new(shard)
+                            .components()
+                            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+                    if escapes {
+                        bare(
+                            Class::PathEscape,
+                            format!("shard {shard:?} points outside the checkpoint folder"),
+                        )
+                    } else {
+                        // "", "." or "./": inside the folder, but no file.
+                        bare(
+                            Class::BadIndex,
+                            format!("shard {shard:?} names no file (the folder itself at most)"),
+                        )
+                    }
+                })?;
+                // `a.safetensors` and `./a.safetensors` are one shard.
+                let i = *pos.entry(rel.clone()).or_insert_with(|| {
+                    shards.push((rel, Vec::new()));
+                    shards.len() - 1
+                });
+                slot[si as usize] = Some(i);
+                i
             }
-        })?;
-        // `a.safetensors` and `./a.safetensors` are one shard.
-        let i = *pos.entry(rel.clone()).or_insert_with(|| {
-            shards.push((rel, Vec::new()));
-            shards.len() - 1
-        });
-        shards[i].1.push(tensor.clone());
+        };
+        shards[i].1.push(tensor);
     }
     if shards.is_empty() {
         return Err(bare(Class::BadIndex, "weight_map is empty"));
@@ -470,7 +489,15 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
 /// string), None when it is absent or not an object. Nothing else of the file is kept (no JSON
 /// tree), so memory follows the tensors listed, not what a hostile file pads itself with.
 struct IndexTop {
-    weight_map: Option<Vec<(String, Option<String>)>>,
+    weight_map: Option<ShardEntries>,
+}
+
+/// `weight_map`'s entries in file order, each with the index of its shard string in
+/// `shard_names` (None when the value is not a string). A checkpoint has a few shards and up to
+/// millions of entries: each distinct shard string is held once.
+struct ShardEntries {
+    entries: Vec<(String, Option<u32>)>,
+    shard_names: Vec<String>,
 }
 
 /// Skip the rest of a JSON array or object as it is read; used for values of a type other than
@@ -533,7 +560,7 @@ impl<'de> serde::Deserialize<'de> for StrOrSkip {
 }
 
 /// A JSON object's entries with `StrOrSkip` values, or None for any other value.
-struct ShardMap(Option<Vec<(String, Option<String>)>>);
+struct ShardMap(Option<ShardEntries>);
 
 impl<'de> serde::Deserialize<'de> for ShardMap {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -547,11 +574,25 @@ impl<'de> serde::Deserialize<'de> for ShardMap {
                 self,
                 mut a: A,
             ) -> std::result::Result<ShardMap, A::Error> {
-                let mut v = Vec::new();
+                let mut entries = Vec::new();
+                let mut shard_names: Vec<String> = Vec::new();
+                let mut index: HashMap<String, u32> = HashMap::new();
                 while let Some((k, StrOrSkip(s))) = a.next_entry::<String, StrOrSkip>()? {
-                    v.push((k, s));
+                    let si = s.map(|s| match index.get(&s) {
+                        Some(&i) => i,
+                        None => {
+                            let i = shard_names.len() as u32;
+                            index.insert(s.clone(), i);
+                            shard_names.push(s);
+                            i
+                        }
+                    });
+                    entries.push((k, si));
                 }
-                Ok(ShardMap(Some(v)))
+                Ok(ShardMap(Some(ShardEntries {
+                    entries,
+                    shard_names,
+                })))
             }
             fn visit_str<E>(self, _: &str) -> std::result::Result<ShardMap, E> {
                 Ok(ShardMap(None))

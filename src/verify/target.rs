@@ -38,6 +38,7 @@ pub(super) fn check_target(
     let mut negative = 0usize;
     for f in 0..nf {
         for k in 0..d {
+            crate::output::check_interrupted()?;
             let b = t.block(f, k);
             worst = worst.max(blocks::orth_error(h, b));
             if blocks::determinant(h, b) < 0.0 {
@@ -87,6 +88,7 @@ pub(super) fn check_target(
         c.scale = None;
         c
     };
+    crate::output::check_interrupted()?;
     let props = transform_properties(&m_chain, ctx.settings.probes, DENSE_MAX);
     ctx.bound(
         "transform-orthogonality",
@@ -96,6 +98,7 @@ pub(super) fn check_target(
         &format!("composed M: max |MᵀM − I| ({})", props.orth.method),
     );
 
+    crate::output::check_interrupted()?;
     let reach = connectivity(&m_chain);
     ctx.push(
         "connectivity",
