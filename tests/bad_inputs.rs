@@ -844,7 +844,9 @@ fn run_measured(name: &str, args: &[&OsStr]) -> (Output, i64) {
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    assert!(peak > 0, "no memory sample of {name}");
+    // No sample means the binary ended within about a millisecond of starting: too soon to have
+    // touched more than a few megabytes (faulting in memory runs at a few GB/s at best), so 0
+    // stands for "small", not for "unknown".
     let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
     child
         .stdout
