@@ -1615,6 +1615,40 @@ fn slow_case(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
     (base, apath)
 }
 
+/// Start `boft-merge` of a slow case into `out` (a file in its own folder) with one thread, and
+/// wait until its staged file appears (true) or it ends first (false).
+fn merge_until_staged(base: &Path, adapter: &Path, out: &Path) -> (std::process::Child, bool) {
+    let mut child = bin("boft-merge")
+        .args([
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--threads".as_ref(),
+            OsStr::new("1"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let name = out.file_name().unwrap().to_string_lossy();
+    let temp = out.with_file_name(format!(".{name}.boft-partial-{}", child.id()));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if temp.exists() {
+            return (child, true);
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (child, false)
+}
+
 /// Start a merge, wait for its temporary output to appear, signal it, and check it stops with
 /// [interrupted], leaving no output and no temporary file. When the merge is so fast that it
 /// finishes before the signal lands, retry with a larger base.
@@ -1625,36 +1659,7 @@ fn interrupt_mid_write(signal: libc::c_int) {
     for rows in [8192usize, 32768, 131072] {
         let (base, adapter) = slow_case(sc.tmp.path(), rows);
         let before = (tree(&base), tree(&adapter));
-        let child = bin("boft-merge")
-            .args([
-                "--base".as_ref(),
-                base.as_os_str(),
-                "--adapter".as_ref(),
-                adapter.as_os_str(),
-                "-o".as_ref(),
-                out.as_os_str(),
-                "--threads".as_ref(),
-                OsStr::new("1"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let temp = out_dir.join(format!(".merged.safetensors.boft-partial-{}", child.id()));
-        let mut child = child;
-        let start = Instant::now();
-        let mut seen = false;
-        while start.elapsed() < Duration::from_secs(60) {
-            if temp.exists() {
-                seen = true;
-                break;
-            }
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (child, seen) = merge_until_staged(&base, &adapter, &out);
         if seen {
             // SAFETY: signalling our own child, which has not been reaped yet.
             assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
@@ -1741,36 +1746,7 @@ fn i04_base_truncated_mid_merge() {
     let out = out_dir.join("merged.safetensors");
     for rows in [8192usize, 32768, 131072] {
         let (base, adapter) = slow_case(sc.tmp.path(), rows);
-        let child = bin("boft-merge")
-            .args([
-                "--base".as_ref(),
-                base.as_os_str(),
-                "--adapter".as_ref(),
-                adapter.as_os_str(),
-                "-o".as_ref(),
-                out.as_os_str(),
-                "--threads".as_ref(),
-                OsStr::new("1"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let temp = out_dir.join(format!(".merged.safetensors.boft-partial-{}", child.id()));
-        let mut child = child;
-        let start = Instant::now();
-        let mut seen = false;
-        while start.elapsed() < Duration::from_secs(60) {
-            if temp.exists() {
-                seen = true;
-                break;
-            }
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (child, seen) = merge_until_staged(&base, &adapter, &out);
         if seen {
             let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
             f.set_len(std::fs::metadata(&base).unwrap().len() / 8)
