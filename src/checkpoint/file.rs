@@ -354,6 +354,25 @@ impl SafeFile {
 /// Where the data section starts, the tensors sorted by offset, and `__metadata__`.
 pub type Header = (usize, Vec<TensorInfo>, Option<BTreeMap<String, String>>);
 
+/// Read an opened file whole, but never more than `max` bytes: `Ok(Err(len))` names the length
+/// (the file's, or what was read past the limit if it grew) of one that is larger. Reading stops
+/// at the limit, so a sparse gigabyte costs nothing.
+pub fn read_at_most(f: File, path: &Path, max: u64) -> Result<std::result::Result<Vec<u8>, u64>> {
+    use std::io::Read;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > max {
+        return Ok(Err(len));
+    }
+    let mut bytes = Vec::new();
+    f.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max {
+        return Ok(Err(bytes.len() as u64));
+    }
+    Ok(Ok(bytes))
+}
+
 /// What a weights file is, in messages.
 pub const SAFETENSORS: &str = "a .safetensors file";
 

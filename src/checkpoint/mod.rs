@@ -379,31 +379,19 @@ pub const MAX_INDEX: u64 = 100_000_000;
 
 /// Read and parse an index file.
 fn read_index(path: &Path, confined: &Confinement) -> Result<Vec<(PathBuf, Vec<String>)>> {
-    use std::io::Read;
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(err(Class::BadIndex, path, "is not a regular file"));
     }
+    // Read through the handle checked, no further than the limit even if the file grows.
     let f = confined.open(path, "an index file")?;
-    let too_large = |len: u64| {
+    let text = file::read_at_most(f, path, MAX_INDEX)?.map_err(|len| {
         err(
             Class::BadIndex,
             path,
             format!("{len} bytes exceeds the {MAX_INDEX}-byte limit for an index"),
         )
-    };
-    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len > MAX_INDEX {
-        return Err(too_large(len));
-    }
-    // Read through the handle checked above, no further than the limit even if the file grows.
-    let mut text = Vec::new();
-    f.take(MAX_INDEX + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| Error::io(path, e))?;
-    if text.len() as u64 > MAX_INDEX {
-        return Err(too_large(text.len() as u64));
-    }
+    })?;
     parse_index(&text).map_err(|e| e.at(path))
 }
 

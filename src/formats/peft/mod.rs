@@ -139,25 +139,13 @@ fn wrong_type(key: &str, v: &Value, want: &str, path: &Path) -> Error {
 
 /// Read a config, refusing one larger than `MAX_CONFIG` without reading past the limit.
 fn read_config(path: &Path, f: std::fs::File) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let too_large = || {
+    crate::checkpoint::file::read_at_most(f, path, MAX_CONFIG)?.map_err(|_| {
         err(
             Class::BadAdapter,
             path,
             format!("larger than the {MAX_CONFIG}-byte limit for an adapter config"),
         )
-    };
-    if f.metadata().map_err(|e| Error::io(path, e))?.len() > MAX_CONFIG {
-        return Err(too_large());
-    }
-    let mut text = Vec::new();
-    f.take(MAX_CONFIG + 1)
-        .read_to_end(&mut text)
-        .map_err(|e| Error::io(path, e))?;
-    if text.len() as u64 > MAX_CONFIG {
-        return Err(too_large());
-    }
-    Ok(text)
+    })
 }
 
 /// Import a PEFT adapter held in memory: the bytes of `adapter_config.json` and the parsed
