@@ -324,6 +324,13 @@ fn json_output_validates_against_the_documented_schema() {
             p("adapters/llama_bf16_f2"),
         ],
         vec!["--json".into(), broken.into_os_string()],
+        // Shared blocks whose count only a base gives, measured alone (row A42).
+        vec![
+            "--json".into(),
+            fixtures()
+                .join("peft_oft/adapters/llama_f32_block_share")
+                .into_os_string(),
+        ],
     ];
     for args in runs {
         let o = bin("boft-verify").args(&args).output().unwrap();

@@ -42,6 +42,11 @@ struct TargetMeta {
     /// Conv2d BOFT); written only when set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     view: Option<(usize, usize)>,
+    /// One stored block per factor serves every position (PEFT `block_share`); `blocks` may be
+    /// 0, the count then following from the base. Written only when set (a reader that ignores
+    /// it finds the blocks tensor one block long and refuses it, unless there is one block).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    shared: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,7 +89,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             format!("{key}::blocks"),
             OwnedTensor {
                 dtype: safetensors::Dtype::F32,
-                shape: vec![t.factors, t.blocks, t.block_size, t.block_size],
+                shape: vec![t.factors, t.stored(), t.block_size, t.block_size],
                 data: f32_bytes(&t.blocks_data()?),
             },
         ));
@@ -132,6 +137,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             scaled: t.scale.is_some(),
             crop: t.crop,
             view: t.view,
+            shared: t.share,
         });
     }
     let mut rmetas = Vec::new();
@@ -262,7 +268,7 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
         let (nf, d, h) = (m.factors, m.blocks, m.block_size);
         // Checked before anything is sized by these numbers: with one of them zero the blocks
         // tensor is empty and the others could be anything.
-        if nf == 0 || d == 0 || h == 0 {
+        if nf == 0 || (d == 0 && !m.shared) || h == 0 {
             return Err(bad(format!(
                 "{}: empty transform (zero factors, blocks or block size)",
                 m.key
@@ -272,7 +278,8 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             .checked_mul(h)
             .ok_or_else(|| bad(format!("{}: geometry overflows", m.key)))?;
         let blocks_key = format!("{}::blocks", m.key);
-        let raw = tensor(&blocks_key, Dtype::F32, &[nf, d, h, h])?;
+        let stored = if m.shared { 1 } else { d };
+        let raw = tensor(&blocks_key, Dtype::F32, &[nf, stored, h, h])?;
         if let Some((i, x)) = dtype::first_non_finite(Dtype::F32, raw) {
             return Err(err(
                 Class::NonFinite,
@@ -351,6 +358,7 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             kind: m.block_kind,
             crop: m.crop,
             view: m.view,
+            share: m.shared,
             ..Default::default()
         };
         targets.push(t);

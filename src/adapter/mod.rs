@@ -79,8 +79,8 @@ pub struct Target {
     pub blocks: usize,
     /// Size of each square block.
     pub block_size: usize,
-    /// `factors × blocks × block_size × block_size`, the materialised blocks, f32; empty while
-    /// `deferred` is set.
+    /// `factors × stored × block_size × block_size` (see `stored`), the materialised blocks,
+    /// f32; empty while `deferred` is set.
     pub data: Vec<f32>,
     /// How to compute `data` when it is not materialised yet.
     pub deferred: Option<Deferred>,
@@ -91,7 +91,8 @@ pub struct Target {
     /// How the blocks were made, which decides how exactly they must be orthogonal.
     pub kind: BlockKind,
     /// `data` holds one block per factor, repeated over the whole diagonal (PEFT `block_share`).
-    /// `blocks` is 0 until the target is fitted to its base tensor.
+    /// It is never expanded: the kernel applies the one block at every position. `blocks` is 0
+    /// until the target is fitted to its base tensor.
     pub share: bool,
     /// The rotated axis is shorter than `blocks × block_size`: the block-diagonal matrix is
     /// cropped to this size (PEFT OFT ≤ 0.13 when r does not divide the output features).
@@ -138,10 +139,20 @@ impl Target {
         self.blocks * self.block_size
     }
 
-    /// Block `k` of factor `f`; the target must be materialised.
+    /// Blocks stored per factor: `blocks`, or 1 for shared blocks.
+    pub fn stored(&self) -> usize {
+        if self.share {
+            1
+        } else {
+            self.blocks
+        }
+    }
+
+    /// Block `k` of factor `f` (`k` a position on the diagonal; every position of shared blocks
+    /// is the one stored block); the target must be materialised.
     pub fn block(&self, f: usize, k: usize) -> &[f32] {
         let hh = self.block_size * self.block_size;
-        let i = (f * self.blocks + k) * hh;
+        let i = (f * self.stored() + if self.share { 0 } else { k }) * hh;
         &self.data[i..i + hh]
     }
 
@@ -163,21 +174,26 @@ impl Target {
                 "empty transform (zero factors, blocks or block size)".into()
             ));
         }
-        // Sizes come from files: every product used later must fit, and blocks repeated from a
-        // stored one (PEFT OFT ≤ 0.13 `block_share` repeats one block `r` times, `r` from the
-        // config) must not grow past what can be held.
+        // Sizes come from files: every product used later must fit.
         let hh = self.block_size.checked_mul(self.block_size);
         let n = self.blocks.checked_mul(self.block_size);
-        let stored = if self.share { 1 } else { self.blocks };
-        let len = hh.and_then(|hh| hh.checked_mul(stored)?.checked_mul(self.factors));
+        let len = hh.and_then(|hh| hh.checked_mul(self.stored())?.checked_mul(self.factors));
         if n.is_none() || len.is_none() {
             return Err(bad(format!(
                 "geometry overflows ({} factors × {} blocks of {})",
                 self.factors, self.blocks, self.block_size
             )));
         }
-        if self.share && self.blocks > 0 {
-            self.expanded_len()?;
+        // Shared blocks are stored once, so their count is a bare number (PEFT OFT ≤ 0.13 takes
+        // it from the config's `r`): without a base to vouch for the axis, vectors of that length
+        // (verify's probes) would not be backed by any bytes of the input.
+        if self.share && self.n() > MAX_SHARED_AXIS {
+            return Err(bad(format!(
+                "{} shared blocks of {} span {} features, past the {MAX_SHARED_AXIS} limit",
+                self.blocks,
+                self.block_size,
+                self.n()
+            )));
         }
         if self.block_size > MAX_BLOCK_SIZE {
             // Computing, checking or inverting a block costs block_size³ operations against
@@ -228,6 +244,11 @@ impl Target {
                 self.factors
             )));
         }
+        if self.share && self.blocks == 0 && self.perms.iter().any(Option::is_some) {
+            return Err(bad(
+                "permutations for shared blocks whose count the base has not given yet".into(),
+            ));
+        }
         for (i, p) in self.perms.iter().enumerate() {
             if let Some(p) = p {
                 if p.len() != self.n() || !crate::math::perm::is_permutation(p) {
@@ -273,29 +294,8 @@ impl Target {
         Ok(())
     }
 
-    /// The number of values the repeated shared blocks take once expanded over the diagonal,
-    /// refused past `MAX_SHARED_VALUES`.
-    fn expanded_len(&self) -> Result<usize> {
-        self.block_size
-            .checked_mul(self.block_size)
-            .and_then(|hh| hh.checked_mul(self.blocks)?.checked_mul(self.factors))
-            .filter(|&len| len <= MAX_SHARED_VALUES)
-            .ok_or_else(|| {
-                Error::bare(
-                    Class::BadAdapter,
-                    format!(
-                        "{}: {} shared blocks of {} would expand past {MAX_SHARED_VALUES} values",
-                        self.label(),
-                        self.blocks,
-                        self.block_size
-                    ),
-                )
-            })
-    }
-
     fn param_len(&self) -> usize {
-        let stored = if self.share { 1 } else { self.blocks };
-        self.factors * stored * self.block_size * self.block_size
+        self.factors * self.stored() * self.block_size * self.block_size
     }
 
     /// Length of the axis the transform acts on (the crop, if any).
@@ -312,14 +312,17 @@ impl Target {
         if shape.len() < 2 {
             return Ok(()); // check_base reports it
         }
+        // The axis as `check_base` will measure it (a view changes the rows and columns).
+        let (rows, cols) = self
+            .view
+            .unwrap_or_else(|| (shape[0], shape[1..].iter().product()));
         let axis = match (self.side, self.rows) {
-            (_, _) if self.view.is_some() => self.view.unwrap().0,
-            (Side::Input, _) => shape[1..].iter().product(),
-            (Side::Output, None) => shape[0],
-            (Side::Output, Some((a, b))) => b - a,
+            (Side::Input, _) => cols,
+            (Side::Output, None) => rows,
+            (Side::Output, Some((a, b))) => b.saturating_sub(a),
         };
         if self.share && self.blocks == 0 {
-            if axis % self.block_size != 0 {
+            if axis == 0 || axis % self.block_size != 0 {
                 return Err(Error::bare(
                     Class::ShapeMismatch,
                     format!(
@@ -366,56 +369,66 @@ impl Target {
         Ok(())
     }
 
-    /// The block values, computing deferred ones (checked, not kept).
+    /// The stored block values (one per factor for shared blocks), computing deferred ones
+    /// (checked, not kept).
     pub fn blocks_data(&self) -> Result<Cow<'_, [f32]>> {
-        let stored = match &self.deferred {
+        Ok(match &self.deferred {
             None => Cow::Borrowed(&self.data[..]),
             Some(d) => {
                 let v = (d.compute)(d.base_dtype).map_err(|e| e.at(&d.path))?;
                 self.check_data(&v).map_err(|e| e.at(&d.path))?;
                 Cow::Owned(v)
             }
-        };
-        if !self.share {
-            return Ok(stored);
-        }
-        if self.blocks == 0 {
-            return Err(Error::bare(
-                Class::BadAdapter,
-                format!(
-                    "{}: shared blocks (block_share) need the base tensor to know their count; \
-                     pass --base",
-                    self.label()
-                ),
-            ));
-        }
-        let hh = self.block_size * self.block_size;
-        let mut v = Vec::with_capacity(self.expanded_len()?);
-        for f in 0..self.factors {
-            for _ in 0..self.blocks {
-                v.extend_from_slice(&stored[f * hh..(f + 1) * hh]);
-            }
-        }
-        Ok(Cow::Owned(v))
+        })
     }
 
-    /// Compute deferred blocks and keep them (shared blocks stay one per factor until fitted).
+    /// Compute deferred blocks and keep them (shared blocks stay one per factor).
     pub fn materialise(&mut self) -> Result<()> {
         // Computing blocks can take long (Cayley solves): a signal ends it between targets.
         crate::output::check_interrupted()?;
-        if self.share && self.blocks == 0 {
-            if let Some(d) = self.deferred.take() {
-                let v = (d.compute)(d.base_dtype).map_err(|e| e.at(&d.path))?;
-                self.check_data(&v).map_err(|e| e.at(&d.path))?;
-                self.data = v;
-            }
-            return Ok(());
-        }
-        if self.deferred.is_some() || self.share {
+        if self.deferred.is_some() {
             self.data = self.blocks_data()?.into_owned();
             self.deferred = None;
-            self.share = false;
         }
+        Ok(())
+    }
+
+    /// Write shared blocks out at every position (for exports, whose formats cannot say that one
+    /// block serves them all). `budget` is what may still be expanded, in values; it shrinks by
+    /// what this target takes, and a target past it is refused.
+    pub fn expand_shared(&mut self, budget: &mut usize) -> Result<()> {
+        if !self.share || self.blocks == 0 {
+            return Ok(());
+        }
+        self.materialise()?;
+        let hh = self.block_size * self.block_size;
+        let len = hh
+            .checked_mul(self.blocks)
+            .and_then(|v| v.checked_mul(self.factors))
+            .filter(|&len| len <= *budget)
+            .ok_or_else(|| {
+                Error::bare(
+                    Class::NotExportable,
+                    format!(
+                        "{}: {} shared blocks of {} written out at every position would take the \
+                         export past {MAX_EXPORT_EXPANSION} values (the formats an export writes \
+                         cannot say block_share; merge directly, or convert to canonical, which \
+                         keeps them shared)",
+                        self.label(),
+                        self.blocks,
+                        self.block_size
+                    ),
+                )
+            })?;
+        *budget -= len;
+        let mut v = Vec::with_capacity(len);
+        for f in 0..self.factors {
+            for _ in 0..self.blocks {
+                v.extend_from_slice(&self.data[f * hh..(f + 1) * hh]);
+            }
+        }
+        self.data = v;
+        self.share = false;
         Ok(())
     }
 
@@ -520,16 +533,34 @@ impl Target {
                 ),
             ));
         }
+        let hh = h * h;
         let mut data = self.blocks_data()?;
+        // Shared blocks stay one per factor: the kernel's `repeat` serves every position.
+        let mut repeat = if self.share { d.saturating_sub(1) } else { 0 };
         if let Some(axis) = self.crop.filter(|&a| a < self.n()) {
             // Cropping keeps the leading axis×axis part of the block diagonal. On a vector padded
             // with zeros, blocks whose cropped rows and columns are the identity give exactly
             // that, and stay invertible for the un-merge.
+            let first = axis / h;
+            if self.share {
+                // The positions from the first cropped one on become blocks of their own (fewer
+                // than n / h + 2 of them, since a crop is shorter than the block count).
+                let count = d - first + usize::from(first > 0);
+                let mut v = Vec::with_capacity(self.factors * count * hh);
+                for b in data.chunks_exact(hh) {
+                    for _ in 0..count {
+                        v.extend_from_slice(b);
+                    }
+                }
+                data = Cow::Owned(v);
+                repeat = first.saturating_sub(1);
+            }
+            let per = d - repeat;
             let v = data.to_mut();
             for f in 0..self.factors {
                 for i in axis..self.n() {
-                    let (k, li) = (i / h, i % h);
-                    let b = &mut v[(f * d + k) * h * h..(f * d + k + 1) * h * h];
+                    let (k, li) = ((i / h).saturating_sub(repeat), i % h);
+                    let b = &mut v[(f * per + k) * hh..(f * per + k + 1) * hh];
                     for j in 0..h {
                         b[li * h + j] = 0.0;
                         b[j * h + li] = 0.0;
@@ -538,9 +569,11 @@ impl Target {
                 }
             }
         }
+        let per = d - repeat;
+        // Where stored block `j` of a factor first sits on the diagonal (for messages).
+        let position = |j: usize| if j == 0 { 0 } else { j + repeat };
         if partial && strength.mode != StrengthMode::Linear {
             let v = data.to_mut();
-            let hh = h * h;
             for (k, b) in v.chunks_exact_mut(hh).enumerate() {
                 match strength.mode {
                     StrengthMode::PerFactor => {
@@ -557,8 +590,8 @@ impl Target {
                                     "{}: block {} of factor {} is not orthogonal ({} blocks); \
                                      --strength-mode geodesic needs rotations",
                                     self.label(),
-                                    k % d,
-                                    k / d,
+                                    position(k % per),
+                                    k / per,
                                     self.kind_name()
                                 ),
                             ));
@@ -570,8 +603,8 @@ impl Target {
                                     "{}: block {} of factor {} turns some direction by 180°: \
                                      no unique geodesic to scale",
                                     self.label(),
-                                    k % d,
-                                    k / d
+                                    position(k % per),
+                                    k / per
                                 ),
                             )
                         })?;
@@ -587,7 +620,8 @@ impl Target {
             .map(|f| Factor {
                 h,
                 d,
-                blocks: data[f * d * h * h..(f + 1) * d * h * h].to_vec(),
+                blocks: data[f * per * hh..(f + 1) * per * hh].to_vec(),
+                repeat,
                 perm: self.perms[f]
                     .clone()
                     .filter(|p| !crate::math::perm::is_identity(p)),
@@ -615,20 +649,21 @@ impl Target {
             factors.reverse();
             for (fi, f) in factors.iter_mut().enumerate() {
                 let mut inv = Vec::with_capacity(f.blocks.len());
-                for k in 0..d {
+                for (j, q) in f.blocks.chunks_exact(hh).enumerate() {
                     // An exact Cayley block is orthogonal: its transpose is its inverse (to the
                     // f32 rounding of the stored values), at a fraction of the cost of a solve.
                     // `block_kind` is the file's word for it; the block itself decides.
-                    if orthogonal && blocks::orth_error(h, f.block(k)) <= TRANSPOSE_ORTH_TOL {
-                        inv.extend(blocks::transpose(h, f.block(k)));
+                    if orthogonal && blocks::orth_error(h, q) <= TRANSPOSE_ORTH_TOL {
+                        inv.extend(blocks::transpose(h, q));
                         continue;
                     }
-                    let b = blocks::inverse(h, f.block(k)).ok_or_else(|| {
+                    let b = blocks::inverse(h, q).ok_or_else(|| {
                         Error::bare(
                             Class::BadAdapter,
                             format!(
-                                "{}: block {k} of factor {} is singular, cannot un-merge",
+                                "{}: block {} of factor {} is singular, cannot un-merge",
                                 self.label(),
+                                position(j),
                                 self.factors - 1 - fi
                             ),
                         )
@@ -730,9 +765,14 @@ pub fn check_tensor(name: &str, targets: &[&Target]) -> Result<()> {
 /// (docs/FORMAT.md, "Semantics"); any other by an LU solve.
 const TRANSPOSE_ORTH_TOL: f64 = 1e-6;
 
-/// Shared blocks (`block_share`) expand to at most this many values per target (1 GiB of f32):
-/// one stored block repeated `r` times, `r` from a config, is not bounded by the file's bytes.
-pub const MAX_SHARED_VALUES: usize = 1 << 28;
+/// Shared blocks (`block_share`) span at most this many features (the widest real layers, a
+/// 256K-token vocabulary, are a quarter of it): one stored block repeated `r` times, `r` from a
+/// config, is not bounded by the file's bytes.
+pub const MAX_SHARED_AXIS: usize = 1 << 20;
+
+/// An export writes shared blocks out at every position, at most this many values in all
+/// (256 MiB of f32): the formats it writes cannot say `block_share`.
+pub const MAX_EXPORT_EXPANSION: usize = 1 << 26;
 
 /// The largest block size an adapter may use. Real files use 2 to a few hundred (PEFT OFT ≤ 0.13
 /// with its default `r = 8` blocks reaches 3584 on a 70B model's widest layer); the cap bounds

@@ -39,14 +39,15 @@ pub(super) fn refuse(t: &Target, why: impl std::fmt::Display) -> Error {
     Error::bare(Class::NotExportable, format!("{label}{from}: {why}"))
 }
 
-/// The adapter with every block computed (shared blocks expanded), every target checked to be
-/// an exact Cayley rotation that stands alone.
+/// The adapter with every block computed (shared blocks written out at every position, within
+/// `MAX_EXPORT_EXPANSION`), every target checked to be an exact Cayley rotation that stands
+/// alone.
 pub(super) fn prepare(adapter: &Adapter) -> Result<Adapter> {
     check_views(adapter)?;
     let mut a = adapter.clone();
     a.materialise()?;
     for t in &a.targets {
-        if t.share {
+        if t.share && t.blocks == 0 {
             return Err(refuse(
                 t,
                 "shared blocks (block_share) need the base to know how many there are; pass --base",
@@ -91,6 +92,10 @@ pub(super) fn prepare(adapter: &Adapter) -> Result<Adapter> {
             Class::NotExportable,
             "the adapter transforms no tensor: nothing to export",
         ));
+    }
+    let mut budget = crate::adapter::MAX_EXPORT_EXPANSION;
+    for t in &mut a.targets {
+        t.expand_shared(&mut budget)?;
     }
     Ok(a)
 }

@@ -13,8 +13,12 @@ pub struct Factor {
     pub h: usize,
     /// Number of blocks; `h * d` is the vector length.
     pub d: usize,
-    /// `d` row-major h×h blocks.
+    /// Row-major h×h blocks: `d − repeat` of them (see `repeat`).
     pub blocks: Vec<f32>,
+    /// The first stored block also serves the next `repeat` positions: shared blocks (PEFT
+    /// `block_share`) are stored once and never expanded over the diagonal. 0 for `d` distinct
+    /// blocks.
+    pub repeat: usize,
     /// Gather permutation, None for the identity.
     pub perm: Option<Vec<u32>>,
 }
@@ -25,9 +29,10 @@ impl Factor {
         self.h * self.d
     }
 
-    /// Block `k`, row-major.
+    /// Block `k` (a position on the diagonal, `0..d`), row-major.
     pub fn block(&self, k: usize) -> &[f32] {
-        &self.blocks[k * self.h * self.h..(k + 1) * self.h * self.h]
+        let (hh, i) = (self.h * self.h, k.saturating_sub(self.repeat));
+        &self.blocks[i * hh..(i + 1) * hh]
     }
 }
 
@@ -136,8 +141,8 @@ impl Chain {
         t.factors.reverse();
         for f in &mut t.factors {
             let mut b = Vec::with_capacity(f.blocks.len());
-            for k in 0..f.d {
-                b.extend(super::blocks::transpose(f.h, f.block(k)));
+            for q in f.blocks.chunks_exact(f.h * f.h) {
+                b.extend(super::blocks::transpose(f.h, q));
             }
             f.blocks = b;
         }
@@ -205,6 +210,8 @@ fn blocks_times(f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
         // SAFETY: the CPU supports the features these functions are compiled for (checked above).
         unsafe {
             match f.h {
+                2 => return blocks_times_fixed_avx2::<2>(f, src, out, rows),
+                4 => return blocks_times_fixed_avx2::<4>(f, src, out, rows),
                 8 => return blocks_times_fixed_avx2::<8>(f, src, out, rows),
                 16 => return blocks_times_fixed_avx2::<16>(f, src, out, rows),
                 32 => return blocks_times_fixed_avx2::<32>(f, src, out, rows),
@@ -212,7 +219,30 @@ fn blocks_times(f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
             }
         }
     }
+    if f.h < 8 {
+        return blocks_times_small(f, src, out, rows);
+    }
     blocks_times_gemm(f, src, out, rows)
+}
+
+/// Blocks narrower than 8 on any CPU: a GEMM call per block costs far more than its few
+/// multiplications (a verify probe of 2^17 blocks of 2 spent 19 s in matrixmultiply's setup).
+fn blocks_times_small(f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
+    let (h, n) = (f.h, f.n());
+    for k in 0..f.d {
+        let q = f.block(k);
+        for r in 0..rows {
+            let x = &src[r * n + k * h..][..h];
+            let y = &mut out[r * n + k * h..][..h];
+            for (i, yi) in y.iter_mut().enumerate() {
+                let row = &q[i * h..(i + 1) * h];
+                *yi = row
+                    .iter()
+                    .zip(x)
+                    .fold(0.0, |a, (&qij, &xj)| xj.mul_add(qij, a));
+            }
+        }
+    }
 }
 
 /// The common block sizes, compiled for AVX2+FMA: the accumulators of one output row piece stay
@@ -351,12 +381,13 @@ mod tests {
     #[test]
     fn fixed_size_kernels_match_the_gemm() {
         let mut seed = 9u64;
-        for h in [8usize, 16, 32] {
+        for h in [2usize, 3, 4, 5, 7, 8, 16, 32] {
             let d = 3;
             let f = Factor {
                 h,
                 d,
                 blocks: (0..d * h * h).map(|_| rnd(&mut seed)).collect(),
+                repeat: 0,
                 perm: None,
             };
             for rows in [1usize, 2, 7] {
@@ -373,6 +404,49 @@ mod tests {
     }
 
     #[test]
+    fn shared_blocks_apply_as_their_expansion() {
+        // A factor storing one block for the first `repeat + 1` positions gives bit for bit
+        // what the same blocks written out at every position give, on every kernel.
+        let mut seed = 5u64;
+        for (h, d) in [(8usize, 5usize), (16, 3), (5, 4), (64, 2)] {
+            for repeat in 1..d {
+                let stored: Vec<f32> = (0..(d - repeat) * h * h).map(|_| rnd(&mut seed)).collect();
+                let shared = Factor {
+                    h,
+                    d,
+                    blocks: stored.clone(),
+                    repeat,
+                    perm: None,
+                };
+                let mut expanded = shared.clone();
+                expanded.repeat = 0;
+                expanded.blocks = (0..d).flat_map(|k| shared.block(k).to_vec()).collect();
+                assert_eq!(expanded.blocks.len(), d * h * h);
+                let chain = |f: Factor| Chain {
+                    n: h * d,
+                    factors: vec![f],
+                    scale: None,
+                    scale_on: ScaleOn::Vector,
+                    scale_first: false,
+                    blend: 1.0,
+                };
+                let (a, b) = (chain(shared.clone()), chain(expanded));
+                let x0: Vec<f32> = (0..3 * h * d).map(|_| rnd(&mut seed)).collect();
+                let (mut x, mut y) = (x0.clone(), x0);
+                a.apply_rows(&mut x, 0, 3, &mut Scratch::default());
+                b.apply_rows(&mut y, 0, 3, &mut Scratch::default());
+                assert_eq!(x, y, "h={h} d={d} repeat={repeat}");
+                let (mut x, mut y) = (x.clone(), x);
+                a.transposed()
+                    .apply_rows(&mut x, 0, 3, &mut Scratch::default());
+                b.transposed()
+                    .apply_rows(&mut y, 0, 3, &mut Scratch::default());
+                assert_eq!(x, y, "transposed, h={h} d={d} repeat={repeat}");
+            }
+        }
+    }
+
+    #[test]
     fn matches_dense_product() {
         let mut seed = 3u64;
         let (h, d) = (4, 4);
@@ -382,6 +456,7 @@ mod tests {
                 h,
                 d,
                 blocks: (0..d * h * h).map(|_| rnd(&mut seed)).collect(),
+                repeat: 0,
                 perm: if i == 0 {
                     None
                 } else {
@@ -463,6 +538,7 @@ mod tests {
                             blocks: (0..d * h * h)
                                 .map(|_| rnd(&mut seed) * 2.0 / (h as f32).sqrt())
                                 .collect(),
+                            repeat: 0,
                             perm: (i > 0).then_some(p),
                         }
                     })

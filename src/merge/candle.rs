@@ -51,7 +51,7 @@ fn fingerprint(c: &Chain) -> u64 {
     c.scale_first.hash(&mut h);
     (c.scale_on == ScaleOn::Vector).hash(&mut h);
     for f in &c.factors {
-        (f.h, f.d).hash(&mut h);
+        (f.h, f.d, f.repeat).hash(&mut h);
         f.blocks.iter().for_each(|x| x.to_bits().hash(&mut h));
         f.perm.hash(&mut h);
     }
@@ -114,11 +114,22 @@ impl CandleBackend {
         let dev = &self.device;
         let mut factors = Vec::with_capacity(chain.factors.len());
         for f in &chain.factors {
+            let hh = f.h * f.h;
             let mut qt = Vec::with_capacity(f.blocks.len());
-            for k in 0..f.d {
-                qt.extend(crate::math::blocks::transpose(f.h, f.block(k)));
+            for q in f.blocks.chunks_exact(hh) {
+                qt.extend(crate::math::blocks::transpose(f.h, q));
             }
-            let blocks = Tensor::from_vec(qt, (f.d, f.h, f.h), dev).map_err(ce)?;
+            let stored = f.blocks.len() / hh;
+            let mut blocks = Tensor::from_vec(qt, (stored, f.h, f.h), dev).map_err(ce)?;
+            if stored != f.d {
+                // Shared blocks: the device writes them out for its batched product; the host
+                // never does.
+                let at: Vec<u32> = (0..f.d)
+                    .map(|k| k.saturating_sub(f.repeat) as u32)
+                    .collect();
+                let at = Tensor::from_vec(at, f.d, dev).map_err(ce)?;
+                blocks = blocks.index_select(&at, 0).map_err(ce)?;
+            }
             let idx = match &f.perm {
                 Some(p) => {
                     let inv = crate::math::perm::invert(p);
@@ -287,11 +298,16 @@ mod tests {
                 let chain = Chain {
                     n,
                     factors: (0..nf)
-                        .map(|i| Factor {
-                            h,
-                            d,
-                            blocks: (0..d * h * h).map(|_| rnd(&mut seed)).collect(),
-                            perm: (i > 0).then(|| perm::invert(&perm::peft_boft(n, h, i))),
+                        .map(|i| {
+                            // The last factor shares its first block over half the diagonal.
+                            let repeat = if i + 1 == nf { d / 2 } else { 0 };
+                            Factor {
+                                h,
+                                d,
+                                blocks: (0..(d - repeat) * h * h).map(|_| rnd(&mut seed)).collect(),
+                                repeat,
+                                perm: (i > 0).then(|| perm::invert(&perm::peft_boft(n, h, i))),
+                            }
                         })
                         .collect(),
                     scale: Some((0..slen).map(|_| 1.0 + rnd(&mut seed)).collect()),

@@ -113,8 +113,13 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
     }
 }
 
-/// Structural reach of every output through the factor chain, assuming dense blocks: output i
-/// of a factor depends on the inputs gathered into the same block.
+/// Blocks of the last factor whose reach `connectivity` follows. Each costs a pass over the
+/// axis per factor: following all D of them would take time quadratic in the axis.
+pub const REACH_SAMPLE: usize = 256;
+
+/// Structural reach of the outputs through the factor chain, assuming dense blocks: output i
+/// of a factor depends on the inputs gathered into the same block. Followed from every block of
+/// the last factor, or from `REACH_SAMPLE` of them evenly spaced when there are more.
 pub fn connectivity(chain: &Chain) -> Reach {
     let n = chain.n;
     let nf = chain.factors.len();
@@ -143,11 +148,14 @@ pub fn connectivity(chain: &Chain) -> Reach {
             m
         })
         .collect();
-    let (mut lo, mut hi, mut total) = (usize::MAX, 0usize, 0usize);
+    let (mut lo, mut hi, mut total, mut outputs) = (usize::MAX, 0usize, 0usize, 0usize);
     let last = nf - 1;
     let mut seen = vec![false; n];
     let mut touched = vec![false; n];
-    for group in &members[last] {
+    let d_last = members[last].len();
+    let followed = d_last.min(REACH_SAMPLE);
+    for s in 0..followed {
+        let group = &members[last][s * d_last / followed];
         seen.iter_mut().for_each(|s| *s = false);
         for &i in group {
             seen[i as usize] = true;
@@ -173,14 +181,17 @@ pub fn connectivity(chain: &Chain) -> Reach {
         lo = lo.min(count);
         hi = hi.max(count);
         total += count * group.len();
+        outputs += group.len();
     }
     let h = chain.factors[0].h;
     let ratio = (n / h).max(1);
     Reach {
         min: lo,
         max: hi,
-        mean: total as f64 / n as f64,
+        mean: total as f64 / outputs.max(1) as f64,
         dense: lo == n,
+        followed,
+        blocks: d_last,
         butterfly_reach: n.min(h.saturating_mul(1usize << (nf - 1).min(40))),
         factors_for_full_density: (usize::BITS - (ratio - 1).leading_zeros()) as usize + 1,
     }
@@ -191,9 +202,9 @@ pub fn degrees_of_freedom(t: &Target) -> Dof {
     let (h, d, n) = (t.block_size, t.blocks, t.n());
     let per_block = h * (h - 1) / 2;
     Dof {
-        adapter: t.factors * d * per_block,
+        adapter: t.factors * t.stored() * per_block,
         scale: t.scale.as_ref().map_or(0, Vec::len),
-        dense_orthogonal: n * (n - 1) / 2,
+        dense_orthogonal: n.saturating_mul(n.saturating_sub(1)) / 2,
         oft_same_block: d * per_block,
     }
 }
@@ -306,6 +317,7 @@ mod tests {
                         h,
                         d,
                         blocks,
+                        repeat: 0,
                         perm: perms(i),
                     }
                 })
@@ -512,6 +524,7 @@ mod tests {
                     theta.sin() as f32,
                     theta.cos() as f32,
                 ],
+                repeat: 0,
                 perm: None,
             }],
             scale: None,

@@ -274,6 +274,11 @@ pub struct Reach {
     pub mean: f64,
     /// Every output reaches every input.
     pub dense: bool,
+    /// Blocks of the last factor whose outputs were followed (all, or an even sample of
+    /// `REACH_SAMPLE`).
+    pub followed: usize,
+    /// Blocks of the last factor.
+    pub blocks: usize,
     /// What `factors` butterfly factors of this block size reach at best: min(n, b·2^(N−1)).
     pub butterfly_reach: usize,
     /// The paper's log2(n/b)+1: butterfly factors needed for a dense transform.
@@ -283,7 +288,8 @@ pub struct Reach {
 /// Degrees of freedom of a target and of its alternatives.
 #[derive(Debug, Clone, Serialize)]
 pub struct Dof {
-    /// Skew-symmetric generator entries: factors · blocks · b(b−1)/2.
+    /// Skew-symmetric generator entries: factors · stored blocks (one per factor when shared)
+    /// · b(b−1)/2.
     pub adapter: usize,
     /// Scale entries.
     pub scale: usize,

@@ -194,6 +194,18 @@ pub fn random_target(r: &mut impl Draw, shape: &[usize]) -> Target {
     if t.crop.is_some() && r.chance(0.8) {
         t.perms = vec![None; t.factors];
     }
+    if r.chance(0.15) {
+        // Shared blocks (PEFT block_share): one stored block per factor, sometimes with the
+        // count left to the base.
+        t.share = true;
+        t.data.truncate(t.factors * hh);
+        if r.chance(0.3) {
+            t.blocks = 0;
+            if r.chance(0.8) {
+                t.perms = vec![None; t.factors];
+            }
+        }
+    }
     if r.chance(0.5) {
         let want = match (t.side, t.view) {
             (_, Some((_, c))) => c,
@@ -217,15 +229,19 @@ pub fn random_target(r: &mut impl Draw, shape: &[usize]) -> Target {
     t
 }
 
-/// The dense matrix of one factor: `B = Pᵀ·BD·P` with BD cropped to `c` when given.
-fn factor_matrix(t: &Target, f: usize, c: usize) -> Vec<f64> {
-    let (h, d) = (t.block_size, t.blocks);
+/// The dense matrix of one factor of `d` blocks: `B = Pᵀ·BD·P` with BD cropped to `c` when
+/// given. Shared blocks are one stored block written at every position.
+fn factor_matrix(t: &Target, d: usize, f: usize, c: usize) -> Vec<f64> {
+    let h = t.block_size;
     let n = d * h;
+    let stored = if t.share { 1 } else { d };
     let mut bd = vec![0f64; n * n];
     for k in 0..d {
+        let at = if t.share { 0 } else { k };
         for i in 0..h {
             for j in 0..h {
-                bd[(k * h + i) * n + k * h + j] = t.data[((f * d + k) * h + i) * h + j] as f64;
+                bd[(k * h + i) * n + k * h + j] =
+                    t.data[((f * stored + at) * h + i) * h + j] as f64;
             }
         }
     }
@@ -246,13 +262,13 @@ fn factor_matrix(t: &Target, f: usize, c: usize) -> Vec<f64> {
     out
 }
 
-/// `M = B_{N−1} ⋯ B_0` on an axis of length `c`.
-fn transform(t: &Target, c: usize) -> Vec<f64> {
+/// `M = B_{N−1} ⋯ B_0` of factors of `d` blocks on an axis of length `c`.
+fn transform(t: &Target, d: usize, c: usize) -> Vec<f64> {
     let mut m: Vec<f64> = (0..c * c)
         .map(|i| if i / c == i % c { 1.0 } else { 0.0 })
         .collect();
     for f in 0..t.factors {
-        let b = factor_matrix(t, f, c);
+        let b = factor_matrix(t, d, f, c);
         let mut next = vec![0f64; c * c];
         for i in 0..c {
             for k in 0..c {
@@ -292,7 +308,24 @@ pub fn reference(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f
     let mut out: Vec<f64> = w.iter().map(|&x| x as f64).collect();
     let mut covered: Vec<(usize, usize)> = Vec::new();
     for t in targets {
-        let n = t.blocks * t.block_size;
+        // Shared blocks without a count take it from the base's axis, which they must tile.
+        let base_axis = match (t.side, t.rows) {
+            (Side::Input, _) => cols,
+            (Side::Output, None) => rows,
+            (Side::Output, Some((a, b))) => b.saturating_sub(a),
+        };
+        let d = if t.share && t.blocks == 0 {
+            if t.block_size == 0 || base_axis % t.block_size != 0 {
+                return None;
+            }
+            if t.perms.iter().flatten().any(|p| !p.is_empty()) {
+                return None;
+            }
+            base_axis / t.block_size
+        } else {
+            t.blocks
+        };
+        let n = d * t.block_size;
         if t.factors == 0 || n == 0 || t.perms.len() != t.factors {
             return None;
         }
@@ -308,7 +341,9 @@ pub fn reference(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f
             if t.side == Side::Input || c == 0 || c > n || cayley_cropped {
                 return None;
             }
-            if t.perms.iter().any(Option::is_some) {
+            // The file stores every permutation; an identity one is no permutation.
+            let ident = |p: &Vec<u32>| p.iter().enumerate().all(|(i, &x)| x as usize == i);
+            if t.perms.iter().flatten().any(|p| !ident(p)) {
                 return None;
             }
         }
@@ -320,7 +355,7 @@ pub fn reference(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f
                 if t.scale.as_ref().is_some_and(|s| s.len() != rows) {
                     return None;
                 }
-                let m = transform(t, axis);
+                let m = transform(t, d, axis);
                 for r in 0..rows {
                     let x = &w[r * cols..(r + 1) * cols];
                     let s = t.scale.as_ref().map_or(1.0, |s| s[r] as f64);
@@ -346,7 +381,7 @@ pub fn reference(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f
                     return None;
                 }
                 covered.push((a, b));
-                let m = transform(t, axis);
+                let m = transform(t, d, axis);
                 for c in 0..cols {
                     for i in 0..axis {
                         let y: f64 = (0..axis)
