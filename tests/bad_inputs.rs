@@ -2035,10 +2035,11 @@ fn a39_peft_config_null_boolean_is_false() {
 #[test]
 fn a40_shared_blocks_are_never_written_out() {
     // PEFT OFT ≤ 0.13 block_share: each of 4 targets stores one 128×128 block (64 KB) that the
-    // config's r = 4096 repeats over 524 288 features. Expanded when read, this 262 KB adapter
-    // took ~3 GB to convert into a 1 GB file, and verify checked the same block 4096 times
-    // (> 9 min). The one block is kept: memory and output follow the bytes given.
-    let (k, h, r) = (4usize, 128usize, 4096usize);
+    // config's r = 2048 repeats over 262 144 features (the most shared blocks may span).
+    // Expanded when read, this 262 KB adapter took ~3 GB to convert into a 1 GB file at
+    // r = 4096, and verify checked the same block 4096 times (> 9 min). The one block is kept:
+    // memory and output follow the bytes given.
+    let (k, h, r) = (4usize, 128usize, 2048usize);
     let n = h * r;
     let mut sc = Scene::new();
     let adapter = sc.path("in/adapter");
@@ -2147,7 +2148,7 @@ fn a40_shared_blocks_are_never_written_out() {
         "verify: peak RSS {peak} KiB"
     );
 
-    // An export must write every position out (LyCORIS cannot say block_share): 2^28 values
+    // An export must write every position out (LyCORIS cannot say block_share): 2^27 values
     // here, past the 2^26 an export may write out.
     let lyco = sc.out_dir().join("lycoris.safetensors");
     let o = sc.convert(
@@ -2217,4 +2218,61 @@ fn a42_verify_of_shared_blocks_without_a_base() {
         let detail = g.to_string();
         assert!(detail.contains("one shared block"), "{detail}");
     }
+}
+
+#[test]
+fn a43_index_of_millions_of_short_names() {
+    // The sharded base's first shard renamed `1` and its index given 7 million more short
+    // names in it ("xab":"1", 11 bytes an entry), none of them in the shard: one String each, a
+    // set of them and the shard's list held ~9× the file (845 MB for 95 MB). The names share
+    // one buffer now; the index is refused as it must be.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    std::fs::rename(base.join(SHARD1), base.join("1")).unwrap();
+    let index = base.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index)
+        .unwrap()
+        .replace(SHARD1, "1");
+    let digits: Vec<char> = ('a'..='z').chain('0'..='9').collect();
+    let mut extra = String::with_capacity(90_000_000);
+    for i in 0..7_000_000usize {
+        let mut k = i;
+        extra.push_str("\"x");
+        loop {
+            extra.push(digits[k % 36]);
+            k /= 36;
+            if k == 0 {
+                break;
+            }
+        }
+        extra.push_str("\":\"1\",");
+    }
+    let text = text.replacen(
+        "\"weight_map\": {",
+        &format!("\"weight_map\": {{{extra}"),
+        1,
+    );
+    assert!(text.len() > 80_000_000, "the names were not added");
+    std::fs::write(&index, &text).unwrap();
+    let bytes = text.len() as i64;
+    sc.freeze(&[&base, &adapter], &out);
+    let (o, peak_kib) = run_measured(
+        "boft-merge",
+        &[
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    );
+    sc.assert_refused(&o, "bad-index", &out);
+    assert!(stderr(&o).contains("does not hold"), "{}", stderr(&o));
+    eprintln!("peak RSS {peak_kib} KiB for a {bytes}-byte index");
+    let limit = (64 << 10) + 3 * bytes / 1024;
+    assert!(
+        peak_kib < limit,
+        "peak RSS {peak_kib} KiB (limit {limit} KiB)"
+    );
 }

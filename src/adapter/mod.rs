@@ -185,11 +185,14 @@ impl Target {
             )));
         }
         // Shared blocks are stored once, so their count is a bare number (PEFT OFT ≤ 0.13 takes
-        // it from the config's `r`): without a base to vouch for the axis, vectors of that length
-        // (verify's probes) would not be backed by any bytes of the input.
-        if self.share && self.n() > MAX_SHARED_AXIS {
+        // it from the config's `r`): without a base to vouch for the axis, work along it for
+        // every factor (verify's probes and reach, a crop's own blocks) would not be backed by
+        // any bytes of the input.
+        if self.share && self.n().saturating_mul(self.factors) > MAX_SHARED_AXIS {
             return Err(bad(format!(
-                "{} shared blocks of {} span {} features, past the {MAX_SHARED_AXIS} limit",
+                "{} factors of {} shared blocks of {} span {} features each, past the \
+                 {MAX_SHARED_AXIS} limit on factors × features",
+                self.factors,
                 self.blocks,
                 self.block_size,
                 self.n()
@@ -244,10 +247,11 @@ impl Target {
                 self.factors
             )));
         }
-        if self.share && self.blocks == 0 && self.perms.iter().any(Option::is_some) {
-            return Err(bad(
-                "permutations for shared blocks whose count the base has not given yet".into(),
-            ));
+        // No source permutes shared blocks (PEFT's block_share is plain OFT), and unpermuted
+        // they are measured once instead of at every position (verify's `shared_properties`).
+        let identity = |p: &Vec<u32>| p.iter().enumerate().all(|(i, &x)| x as usize == i);
+        if self.share && self.perms.iter().flatten().any(|p| !identity(p)) {
+            return Err(bad("shared blocks (block_share) with a permutation".into()));
         }
         for (i, p) in self.perms.iter().enumerate() {
             if let Some(p) = p {
@@ -543,8 +547,10 @@ impl Target {
             // that, and stay invertible for the un-merge.
             let first = axis / h;
             if self.share {
-                // The positions from the first cropped one on become blocks of their own (fewer
-                // than n / h + 2 of them, since a crop is shorter than the block count).
+                // The positions from the first cropped one on become blocks of their own: at
+                // most (n − axis) / h + 2 of them, n − axis being shorter than the block count,
+                // so fewer than D + 2 values for blocks of 1 and 2 blocks for blocks of D or
+                // more; `validate` bounds factors × n for shared blocks.
                 let count = d - first + usize::from(first > 0);
                 let mut v = Vec::with_capacity(self.factors * count * hh);
                 for b in data.chunks_exact(hh) {
@@ -765,10 +771,11 @@ pub fn check_tensor(name: &str, targets: &[&Target]) -> Result<()> {
 /// (docs/FORMAT.md, "Semantics"); any other by an LU solve.
 const TRANSPOSE_ORTH_TOL: f64 = 1e-6;
 
-/// Shared blocks (`block_share`) span at most this many features (the widest real layers, a
-/// 256K-token vocabulary, are a quarter of it): one stored block repeated `r` times, `r` from a
-/// config, is not bounded by the file's bytes.
-pub const MAX_SHARED_AXIS: usize = 1 << 20;
+/// Shared blocks (`block_share`) span at most this many features, summed over their factors
+/// (PEFT's have one factor, and the widest real Linear layers, a 256K-token vocabulary's head,
+/// reach it): one stored block repeated `r` times, `r` from a config, is not bounded by the
+/// file's bytes, and verify's probes take 128 bytes a feature (32 MiB here).
+pub const MAX_SHARED_AXIS: usize = 1 << 18;
 
 /// An export writes shared blocks out at every position, at most this many values in all
 /// (256 MiB of f32): the formats it writes cannot say `block_share`.

@@ -73,8 +73,9 @@ pub struct SafeFile {
     pub tensors: Vec<TensorInfo>,
     /// The header's `__metadata__`, when present.
     pub metadata: Option<BTreeMap<String, String>>,
-    /// Name → position in `tensors`, so that looking up every tensor of a file is not quadratic.
-    by_name: std::collections::HashMap<String, usize>,
+    /// Positions in `tensors` sorted by name, so that looking up every tensor of a file is not
+    /// quadratic; four bytes a tensor where a map would hold a second copy of every name.
+    by_name: Vec<u32>,
 }
 
 /// The header's entries, each checked as it is read, so that a header of a million small
@@ -104,18 +105,11 @@ impl<'de> Deserialize<'de> for Entries {
                     metadata: None,
                     first_error: None,
                 };
-                let mut seen = std::collections::HashSet::new();
+                // Names given twice are found afterwards by sorting positions (`by_name`): a set
+                // of the names seen would hold a second copy of every one while reading.
                 while let Some(name) = m.next_key::<String>()? {
                     if e.first_error.is_some() {
                         m.next_value::<serde::de::IgnoredAny>()?;
-                        continue;
-                    }
-                    if !seen.insert(name.clone()) {
-                        m.next_value::<serde::de::IgnoredAny>()?;
-                        e.first_error = Some(Error::bare(
-                            Class::DuplicateTensor,
-                            format!("tensor {name:?} appears twice in the header"),
-                        ));
                         continue;
                     }
                     let v = m.next_value_seed(Shallow {
@@ -299,11 +293,7 @@ impl SafeFile {
 
     fn from_mmap(path: &Path, mmap: Bytes) -> Result<SafeFile> {
         let (data_offset, tensors, metadata) = parse_header(&mmap).map_err(|e| e.at(path))?;
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
+        let by_name = by_name(&tensors).map_err(|e| e.at(path))?;
         Ok(SafeFile {
             path: path.to_path_buf(),
             file: None,
@@ -343,12 +333,33 @@ impl SafeFile {
 
     /// The tensor called `name`, if the file holds it.
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        match self.by_name.get(name).and_then(|&i| self.tensors.get(i)) {
-            Some(t) if t.name == name => Some(t),
-            // `tensors` is public: should a caller have reordered it, search it.
-            _ => self.tensors.iter().find(|t| t.name == name),
+        let name_at = |i: u32| self.tensors.get(i as usize).map_or("", |t| t.name.as_str());
+        match self.by_name.binary_search_by(|&i| name_at(i).cmp(name)) {
+            Ok(at) => Some(&self.tensors[self.by_name[at] as usize]),
+            // `tensors` is public: should a caller have renamed or reordered it, search it.
+            Err(_) => self.tensors.iter().find(|t| t.name == name),
         }
     }
+}
+
+/// Positions of `tensors` sorted by name; a name given twice is an error.
+fn by_name(tensors: &[TensorInfo]) -> Result<Vec<u32>> {
+    // A header is at most 100 MB and an entry takes tens of bytes: positions fit in 32 bits.
+    let mut order: Vec<u32> = (0..tensors.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| tensors[a as usize].name.cmp(&tensors[b as usize].name));
+    if let Some(w) = order
+        .windows(2)
+        .find(|w| tensors[w[0] as usize].name == tensors[w[1] as usize].name)
+    {
+        return Err(Error::bare(
+            Class::DuplicateTensor,
+            format!(
+                "tensor {:?} appears twice in the header",
+                tensors[w[0] as usize].name
+            ),
+        ));
+    }
+    Ok(order)
 }
 
 /// Where the data section starts, the tensors sorted by offset, and `__metadata__`.
@@ -479,6 +490,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
     let data_len = buf.len() - data_offset;
     let metadata = entries.metadata;
     let mut tensors = entries.tensors;
+    by_name(&tensors)?;
     tensors.sort_by_key(|t| (t.start, t.end));
     let mut expected = 0usize;
     for t in &tensors {

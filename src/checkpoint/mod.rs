@@ -57,7 +57,8 @@ pub struct Checkpoint {
     /// (`diffusion_pytorch_model.fp16.safetensors`, `pytorch_model.bin`, `original/*.pth`):
     /// left out of a merged output, where they would be stale (`is_weight_file`).
     pub left_out: Vec<PathBuf>,
-    by_name: HashMap<String, (usize, usize)>,
+    /// Every (file, tensor) position sorted by tensor name (`locate`).
+    by_name: Vec<(u32, u32)>,
     /// Where a folder's files may lie, kept for opening its other files when they are copied.
     confined: Option<Confinement>,
 }
@@ -90,11 +91,11 @@ impl Checkpoint {
                 ),
             ));
         }
-        // Every shard with the tensors its index says it holds (none for a single file), the
-        // component it belongs to ("" outside a pipeline), and the index (relative to the root)
-        // that says so.
-        let mut shard_names: Vec<(PathBuf, Vec<String>, &str, usize)> = Vec::new();
+        // Every shard, the component it belongs to ("" outside a pipeline), and the index
+        // (relative to the root) that names it, if any; each index read, with its component.
+        let mut shard_names: Vec<(PathBuf, &str, usize)> = Vec::new();
         let mut indices: Vec<PathBuf> = Vec::new();
+        let mut read_indices: Vec<(Index, &str)> = Vec::new();
         let mut layout = Layout::Folder;
         for comp in &components {
             let dir = root.join(comp);
@@ -105,21 +106,22 @@ impl Checkpoint {
             if index_path.exists() {
                 confined.check(&index_path)?;
                 layout = Layout::Sharded;
-                for (rel, names) in read_index(&index_path, &confined)? {
-                    let names = names.into_iter().map(|n| qualify(comp, &n)).collect();
-                    shard_names.push((Path::new(comp).join(rel), names, comp, indices.len()));
+                let index = read_index(&index_path, &confined)?;
+                for rel in &index.shards {
+                    shard_names.push((Path::new(comp).join(rel), comp, indices.len()));
                 }
                 indices.push(Path::new(comp).join(index_name));
+                read_indices.push((index, comp));
             } else {
                 let rel = Path::new(comp).join(single_name);
-                shard_names.push((rel, vec![], comp, usize::MAX));
+                shard_names.push((rel, comp, usize::MAX));
             }
         }
         if pipeline {
             layout = Layout::Pipeline;
         }
         let mut files = Vec::new();
-        for (rel, _, comp, ix) in &shard_names {
+        for (rel, comp, ix) in &shard_names {
             let p = root.join(rel);
             if !p.exists() {
                 let from = indices.get(*ix).map_or(Path::new(""), |p| p.as_path());
@@ -145,7 +147,7 @@ impl Checkpoint {
             files.push((rel.clone(), f));
         }
         let shard_set: std::collections::HashSet<&PathBuf> =
-            shard_names.iter().map(|(p, _, _, _)| p).collect();
+            shard_names.iter().map(|(p, _, _)| p).collect();
         let mut others = Vec::new();
         list_others(root, &confined, Path::new(""), &shard_set, &mut others)?;
         others.sort();
@@ -164,14 +166,14 @@ impl Checkpoint {
         ck.left_out = left_out;
         ck.confined = Some(confined);
         // Every tensor an index names must be in the shard it names.
-        for (rel, names, _, ix) in &shard_names {
-            let Some(index_path) = indices.get(*ix).map(|i| root.join(i)) else {
-                continue;
-            };
-            for n in names {
-                match ck.by_name.get(n) {
-                    Some(&(fi, _)) if &ck.files[fi].0 == rel => {}
-                    Some(&(fi, _)) => {
+        for ((index, comp), index_rel) in read_indices.iter().zip(&indices) {
+            let index_path = root.join(index_rel);
+            for (name, si) in index.entries() {
+                let n = qualify(comp, name);
+                let rel = Path::new(comp).join(&index.shards[si]);
+                match ck.locate(&n) {
+                    Some((fi, _)) if ck.files[fi].0 == rel => {}
+                    Some((fi, _)) => {
                         return Err(err(
                             Class::BadIndex,
                             &index_path,
@@ -204,21 +206,25 @@ impl Checkpoint {
         files: Vec<(PathBuf, SafeFile)>,
         others: Vec<PathBuf>,
     ) -> Result<Checkpoint> {
-        let mut by_name = HashMap::new();
+        // Every (file, tensor) sorted by name, file order breaking ties: eight bytes a tensor
+        // where a map would hold another copy of every name.
+        let name = |&(fi, ti): &(u32, u32)| files[fi as usize].1.tensors[ti as usize].name.as_str();
+        let mut by_name: Vec<(u32, u32)> = Vec::new();
         for (fi, (_, f)) in files.iter().enumerate() {
-            for (ti, t) in f.tensors.iter().enumerate() {
-                if let Some((prev, _)) = by_name.insert(t.name.clone(), (fi, ti)) {
-                    return Err(err(
-                        Class::DuplicateTensor,
-                        &f.path,
-                        format!(
-                            "tensor {:?} is also stored in {}",
-                            t.name,
-                            files[prev].1.path.display()
-                        ),
-                    ));
-                }
-            }
+            by_name.extend((0..f.tensors.len() as u32).map(|ti| (fi as u32, ti)));
+        }
+        by_name.sort_unstable_by(|a, b| name(a).cmp(name(b)).then(a.cmp(b)));
+        if let Some(w) = by_name.windows(2).find(|w| name(&w[0]) == name(&w[1])) {
+            let (prev, later) = (&files[w[0].0 as usize].1, &files[w[1].0 as usize].1);
+            return Err(err(
+                Class::DuplicateTensor,
+                &later.path,
+                format!(
+                    "tensor {:?} is also stored in {}",
+                    name(&w[0]),
+                    prev.path.display()
+                ),
+            ));
         }
         Ok(Checkpoint {
             root: root.to_path_buf(),
@@ -249,12 +255,27 @@ impl Checkpoint {
         }
     }
 
+    /// Positions (file, tensor) of the tensor called `name`.
+    fn locate(&self, name: &str) -> Option<(usize, usize)> {
+        let name_at = |&(fi, ti): &(u32, u32)| {
+            self.files
+                .get(fi as usize)
+                .and_then(|(_, f)| f.tensors.get(ti as usize))
+                .map_or("", |t| t.name.as_str())
+        };
+        let at = self
+            .by_name
+            .binary_search_by(|p| name_at(p).cmp(name))
+            .ok()?;
+        let (fi, ti) = self.by_name[at];
+        Some((fi as usize, ti as usize))
+    }
+
     /// The file holding the tensor called `name`, and the tensor.
     pub fn get(&self, name: &str) -> Option<(&SafeFile, &TensorInfo)> {
-        self.by_name.get(name).map(|&(fi, ti)| {
-            let f = &self.files[fi].1;
-            (f, &f.tensors[ti])
-        })
+        let (fi, ti) = self.locate(name)?;
+        let f = &self.files[fi].1;
+        Some((f, &f.tensors[ti]))
     }
 
     /// Every tensor name, file by file.
@@ -378,7 +399,7 @@ pub fn is_weight_file(rel: &Path) -> bool {
 pub const MAX_INDEX: u64 = 100_000_000;
 
 /// Read and parse an index file.
-fn read_index(path: &Path, confined: &Confinement) -> Result<Vec<(PathBuf, Vec<String>)>> {
+fn read_index(path: &Path, confined: &Confinement) -> Result<Index> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
         return Err(err(Class::BadIndex, path, "is not a regular file"));
@@ -395,47 +416,86 @@ fn read_index(path: &Path, confined: &Confinement) -> Result<Vec<(PathBuf, Vec<S
     parse_index(&text).map_err(|e| e.at(path))
 }
 
-/// Parse the bytes of a `model.safetensors.index.json`, returning each shard (in order of first
-/// appearance, as a safe relative path) with the tensors it holds. Errors carry no path.
-pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
+/// A parsed `model.safetensors.index.json`: its shards and the shard of every tensor it names.
+/// The names share one buffer: an index may list millions, and a `String` each would take
+/// several times the file.
+pub struct Index {
+    /// The shards in order of first appearance, each once, as safe relative paths.
+    pub shards: Vec<PathBuf>,
+    names: String,
+    /// Per entry in file order: where its name ends in `names`, and its shard in `shards`.
+    entries: Vec<(u32, u32)>,
+}
+
+impl Index {
+    /// Every tensor the index names (in file order) with its shard's position in `shards`.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, usize)> {
+        let mut start = 0usize;
+        self.entries.iter().map(move |&(end, shard)| {
+            let name = &self.names[start..end as usize];
+            start = end as usize;
+            (name, shard as usize)
+        })
+    }
+}
+
+/// Parse the bytes of a `model.safetensors.index.json`. Errors carry no path.
+pub fn parse_index(bytes: &[u8]) -> Result<Index> {
     fn bare(class: Class, message: impl Into<String>) -> Error {
         Error::bare(class, message)
     }
     let top: IndexTop = serde_json::from_slice(bytes)
         .map_err(|e| bare(Class::BadIndex, format!("not valid JSON ({e})")))?;
     let ShardEntries {
-        entries,
+        names,
+        mut entries,
         shard_names,
     } = top
         .weight_map
         .ok_or_else(|| bare(Class::BadIndex, "no \"weight_map\" object"))?;
+    fn name_of<'a>(names: &'a str, entries: &[(u32, u32)], i: usize) -> &'a str {
+        let start = if i == 0 { 0 } else { entries[i - 1].0 as usize };
+        &names[start..entries[i].0 as usize]
+    }
+    // Compared as bytes (UTF-8 orders as its code points), without a boundary check each time.
+    let name = |i: usize| {
+        let start = if i == 0 { 0 } else { entries[i - 1].0 as usize };
+        &names.as_bytes()[start..entries[i].0 as usize]
+    };
     // Duplicates first, by sorting positions (four bytes an entry, no second copy of a name).
     {
         let mut order: Vec<u32> = (0..entries.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| entries[a as usize].0.cmp(&entries[b as usize].0));
+        order.sort_unstable_by(|&a, &b| name(a as usize).cmp(name(b as usize)));
         if let Some(w) = order
             .windows(2)
-            .find(|w| entries[w[0] as usize].0 == entries[w[1] as usize].0)
+            .find(|w| name(w[0] as usize) == name(w[1] as usize))
         {
             return Err(bare(
                 Class::BadIndex,
-                format!("weight_map lists {:?} twice", entries[w[0] as usize].0),
+                format!(
+                    "weight_map lists {:?} twice",
+                    name_of(&names, &entries, w[0] as usize)
+                ),
             ));
         }
     }
-    let mut shards: Vec<(PathBuf, Vec<String>)> = Vec::new();
+    let mut shards: Vec<PathBuf> = Vec::new();
     let mut pos: HashMap<PathBuf, usize> = HashMap::new();
     // Where each distinct shard string lands in `shards`, worked out once per string.
     let mut slot: Vec<Option<usize>> = vec![None; shard_names.len()];
-    for (tensor, shard) in entries {
-        let Some(si) = shard else {
+    for i in 0..entries.len() {
+        let si = entries[i].1;
+        if si == NOT_A_STRING {
             return Err(bare(
                 Class::BadIndex,
-                format!("weight_map entry for {tensor:?} is not a string"),
+                format!(
+                    "weight_map entry for {:?} is not a string",
+                    name_of(&names, &entries, i)
+                ),
             ));
-        };
-        let i = match slot[si as usize] {
-            Some(i) => i,
+        }
+        let at = match slot[si as usize] {
+            Some(at) => at,
             None => {
                 let shard = shard_names[si as usize].as_str();
                 let rel = safe_relative(shard).ok_or_else(|| {
@@ -457,20 +517,24 @@ pub fn parse_index(bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<String>)>> {
                     }
                 })?;
                 // `a.safetensors` and `./a.safetensors` are one shard.
-                let i = *pos.entry(rel.clone()).or_insert_with(|| {
-                    shards.push((rel, Vec::new()));
+                let at = *pos.entry(rel.clone()).or_insert_with(|| {
+                    shards.push(rel);
                     shards.len() - 1
                 });
-                slot[si as usize] = Some(i);
-                i
+                slot[si as usize] = Some(at);
+                at
             }
         };
-        shards[i].1.push(tensor);
+        entries[i].1 = at as u32;
     }
     if shards.is_empty() {
         return Err(bare(Class::BadIndex, "weight_map is empty"));
     }
-    Ok(shards)
+    Ok(Index {
+        shards,
+        names,
+        entries,
+    })
 }
 
 /// What an index is read into: only `weight_map`'s entries (in file order, each shard if it is a
@@ -480,13 +544,18 @@ struct IndexTop {
     weight_map: Option<ShardEntries>,
 }
 
-/// `weight_map`'s entries in file order, each with the index of its shard string in
-/// `shard_names` (None when the value is not a string). A checkpoint has a few shards and up to
-/// millions of entries: each distinct shard string is held once.
+/// `weight_map`'s entries in file order: where each name ends in `names`, and the index of its
+/// shard string in `shard_names` (`NOT_A_STRING` when the value is not a string). A checkpoint
+/// has a few shards and up to millions of entries: each distinct shard string is held once, and
+/// the names share one buffer.
 struct ShardEntries {
-    entries: Vec<(String, Option<u32>)>,
+    names: String,
+    entries: Vec<(u32, u32)>,
     shard_names: Vec<String>,
 }
+
+/// The shard of a `weight_map` entry whose value is not a string.
+const NOT_A_STRING: u32 = u32::MAX;
 
 /// Skip the rest of a JSON array or object as it is read; used for values of a type other than
 /// the one a visitor keeps.
@@ -562,11 +631,14 @@ impl<'de> serde::Deserialize<'de> for ShardMap {
                 self,
                 mut a: A,
             ) -> std::result::Result<ShardMap, A::Error> {
+                let mut names = String::new();
                 let mut entries = Vec::new();
                 let mut shard_names: Vec<String> = Vec::new();
                 let mut index: HashMap<String, u32> = HashMap::new();
-                while let Some((k, StrOrSkip(s))) = a.next_entry::<String, StrOrSkip>()? {
-                    let si = s.map(|s| match index.get(&s) {
+                while let Some((k, StrOrSkip(s))) =
+                    a.next_entry::<std::borrow::Cow<'de, str>, StrOrSkip>()?
+                {
+                    let si = s.map_or(NOT_A_STRING, |s| match index.get(&s) {
                         Some(&i) => i,
                         None => {
                             let i = shard_names.len() as u32;
@@ -575,9 +647,18 @@ impl<'de> serde::Deserialize<'de> for ShardMap {
                             i
                         }
                     });
-                    entries.push((k, si));
+                    names.push_str(&k);
+                    // Positions are 32-bit: an index is at most 100 MB (`MAX_INDEX`), and
+                    // distinct shard strings can be no more numerous than entries.
+                    let end = u32::try_from(names.len())
+                        .map_err(|_| serde::de::Error::custom("weight_map names exceed 4 GiB"))?;
+                    if shard_names.len() >= NOT_A_STRING as usize {
+                        return Err(serde::de::Error::custom("too many shard names"));
+                    }
+                    entries.push((end, si));
                 }
                 Ok(ShardMap(Some(ShardEntries {
+                    names,
                     entries,
                     shard_names,
                 })))

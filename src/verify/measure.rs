@@ -113,6 +113,43 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
     }
 }
 
+/// `transform_properties` of a chain whose factors repeat a shared block (`Factor::repeat`)
+/// without permuting, measured without repeating it: M is then block diagonal, and its first
+/// `r + 1` blocks are one (r the least repeat of the factors). The diagonal from position r on
+/// holds every distinct block once (orthogonality and largest angle are the worst of its
+/// blocks); the distance from I adds the first block's r more times. None for any other chain.
+pub(super) fn shared_properties(chain: &Chain, probes: usize, dense_max: usize) -> Option<Props> {
+    let f0 = chain.factors.first()?;
+    let (h, d) = (f0.h, f0.d);
+    let r = chain.factors.iter().map(|f| f.repeat).min()?;
+    let plain = chain
+        .factors
+        .iter()
+        .all(|f| f.h == h && f.d == d && f.perm.is_none());
+    if r == 0 || !plain || chain.n != h * d {
+        return None;
+    }
+    // Positions r..d, each factor's blocks written out (no more than the factor with the least
+    // repeat stores), and position 0 alone.
+    let from = |first: usize, count: usize| {
+        let mut c = chain.clone();
+        c.n = count * h;
+        for (f, g) in c.factors.iter_mut().zip(&chain.factors) {
+            f.d = count;
+            f.repeat = 0;
+            f.blocks = (first..first + count)
+                .flat_map(|k| g.block(k).iter().copied())
+                .collect();
+        }
+        c
+    };
+    let mut props = transform_properties(&from(r, d - r), probes, dense_max);
+    let first = transform_properties(&from(0, 1), probes, dense_max);
+    props.distance.value =
+        (props.distance.value.powi(2) + r as f64 * first.distance.value.powi(2)).sqrt();
+    Some(props)
+}
+
 /// Blocks of the last factor whose reach `connectivity` follows. Each costs a pass over the
 /// axis per factor: following all D of them would take time quadratic in the axis.
 pub const REACH_SAMPLE: usize = 256;
@@ -123,65 +160,65 @@ pub const REACH_SAMPLE: usize = 256;
 pub fn connectivity(chain: &Chain) -> Reach {
     let n = chain.n;
     let nf = chain.factors.len();
-    // group[f][i]: the block of factor f that input/output index i belongs to.
-    let groups: Vec<Vec<u32>> = chain
+    // The block of factor f that index i belongs to: index p[j] sits in block j / h. Only a
+    // permuted factor needs a table (n entries, as many as its permutation stores); block k's
+    // members are read straight from the permutation.
+    let groups: Vec<Option<Vec<u32>>> = chain
         .factors
         .iter()
         .map(|f| {
-            let mut g = vec![0u32; n];
-            for j in 0..n {
-                let idx = f.perm.as_ref().map_or(j, |p| p[j] as usize);
-                g[idx] = (j / f.h) as u32;
-            }
-            g
+            f.perm.as_ref().map(|p| {
+                let mut g = vec![0u32; n];
+                for (j, &pj) in p.iter().enumerate() {
+                    g[pj as usize] = (j / f.h) as u32;
+                }
+                g
+            })
         })
         .collect();
-    let members: Vec<Vec<Vec<u32>>> = chain
-        .factors
-        .iter()
-        .zip(&groups)
-        .map(|(f, g)| {
-            let mut m = vec![Vec::with_capacity(f.h); f.d];
-            for (i, &k) in g.iter().enumerate() {
-                m[k as usize].push(i as u32);
-            }
-            m
-        })
-        .collect();
+    let group = |f: usize, i: usize| match &groups[f] {
+        Some(g) => g[i] as usize,
+        None => i / chain.factors[f].h,
+    };
+    let members = |f: usize, k: usize| {
+        let fac = &chain.factors[f];
+        (k * fac.h..(k + 1) * fac.h).map(move |j| fac.perm.as_ref().map_or(j, |p| p[j] as usize))
+    };
     let (mut lo, mut hi, mut total, mut outputs) = (usize::MAX, 0usize, 0usize, 0usize);
     let last = nf - 1;
     let mut seen = vec![false; n];
     let mut touched = vec![false; n];
-    let d_last = members[last].len();
+    let d_last = chain.factors[last].d;
     let followed = d_last.min(REACH_SAMPLE);
     for s in 0..followed {
-        let group = &members[last][s * d_last / followed];
+        let k_last = s * d_last / followed;
         seen.iter_mut().for_each(|s| *s = false);
-        for &i in group {
-            seen[i as usize] = true;
+        for i in members(last, k_last) {
+            seen[i] = true;
         }
         for f in (0..last).rev() {
             touched.iter_mut().for_each(|s| *s = false);
             let mut marks = vec![false; chain.factors[f].d];
             for i in 0..n {
                 if seen[i] {
-                    marks[groups[f][i] as usize] = true;
+                    marks[group(f, i)] = true;
                 }
             }
             for (k, m) in marks.iter().enumerate() {
                 if *m {
-                    for &i in &members[f][k] {
-                        touched[i as usize] = true;
+                    for i in members(f, k) {
+                        touched[i] = true;
                     }
                 }
             }
             std::mem::swap(&mut seen, &mut touched);
         }
         let count = seen.iter().filter(|&&s| s).count();
+        let size = chain.factors[last].h;
         lo = lo.min(count);
         hi = hi.max(count);
-        total += count * group.len();
-        outputs += group.len();
+        total += count * size;
+        outputs += size;
     }
     let h = chain.factors[0].h;
     let ratio = (n / h).max(1);
@@ -557,5 +594,71 @@ mod tests {
         for (a, b) in x.iter().zip(&y) {
             assert!((a - b).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn shared_blocks_measure_as_the_whole_diagonal() {
+        let (h, d) = (4usize, 6usize);
+        let block = |s: f32| -> Vec<f32> {
+            (0..h * h)
+                .map(|i| if i % (h + 1) == 0 { 1.0 } else { 0.0 } + s * ((i * 7 % 5) as f32 - 2.0))
+                .collect()
+        };
+        // Factors with their repeats; stored blocks differ from one another.
+        let chain = |repeats: &[usize], perm: Option<Vec<u32>>| Chain {
+            n: h * d,
+            factors: repeats
+                .iter()
+                .enumerate()
+                .map(|(i, &repeat)| Factor {
+                    h,
+                    d,
+                    blocks: (0..d - repeat)
+                        .flat_map(|k| block(0.05 * (i + 1) as f32 - 0.02 * k as f32))
+                        .collect(),
+                    repeat,
+                    perm: perm.clone(),
+                })
+                .collect(),
+            scale: None,
+            scale_on: ScaleOn::Vector,
+            scale_first: false,
+            blend: 1.0,
+        };
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(1.0);
+        for repeats in [
+            vec![d - 1],
+            vec![d - 1, d - 1],
+            vec![d - 3],
+            vec![d - 1, 2],
+            vec![1, 3],
+        ] {
+            let c = chain(&repeats, None);
+            // n = 24 is measured exactly, whole or reduced.
+            let a = transform_properties(&c, 8, DENSE_MAX);
+            let b = shared_properties(&c, 8, DENSE_MAX).expect("shared, not permuted");
+            assert!(
+                close(a.orth.value, b.orth.value),
+                "{repeats:?}: {} {}",
+                a.orth.value,
+                b.orth.value
+            );
+            assert!(
+                close(a.angle.value, b.angle.value),
+                "{repeats:?}: {} {}",
+                a.angle.value,
+                b.angle.value
+            );
+            assert!(
+                close(a.distance.value, b.distance.value),
+                "{repeats:?}: {} {}",
+                a.distance.value,
+                b.distance.value
+            );
+        }
+        let swap: Vec<u32> = (0..(h * d) as u32).rev().collect();
+        assert!(shared_properties(&chain(&[d - 1], Some(swap)), 8, DENSE_MAX).is_none());
+        assert!(shared_properties(&chain(&[0], None), 8, DENSE_MAX).is_none());
+        assert!(shared_properties(&chain(&[d - 1, 0], None), 8, DENSE_MAX).is_none());
     }
 }

@@ -5,9 +5,10 @@ use crate::adapter::{BlockKind, Side, Target};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::math::blocks;
-use crate::math::kernel::Chain;
 
-use super::measure::{connectivity, degrees_of_freedom, hyperspherical, transform_properties};
+use super::measure::{
+    connectivity, degrees_of_freedom, hyperspherical, shared_properties, transform_properties,
+};
 use super::{Ctx, Status, TargetReport, DENSE_MAX};
 
 pub(super) fn check_target(
@@ -112,16 +113,9 @@ pub(super) fn check_target(
         c
     };
     crate::output::check_interrupted()?;
-    let props = if let Some(one) = one_shared_block(&m_chain) {
-        // M is D copies of one block down the diagonal: its orthogonality and largest angle are
-        // the block's, its distance from I √D times the block's. Measured on the block, the
-        // work follows the bytes stored instead of D times them.
-        let mut p = transform_properties(&one, ctx.settings.probes, DENSE_MAX);
-        p.distance.value *= (d as f64).sqrt();
-        p
-    } else {
-        transform_properties(&m_chain, ctx.settings.probes, DENSE_MAX)
-    };
+    // Shared blocks are measured once, so that the work follows the bytes stored.
+    let props = shared_properties(&m_chain, ctx.settings.probes, DENSE_MAX)
+        .unwrap_or_else(|| transform_properties(&m_chain, ctx.settings.probes, DENSE_MAX));
     ctx.bound(
         "transform-orthogonality",
         &label,
@@ -278,86 +272,4 @@ pub(super) fn check_target(
         scale_max: smax,
         hyperspherical_energy: energy,
     })
-}
-
-/// The chain of one diagonal block when every factor of `chain` repeats one shared block over
-/// the whole diagonal without permuting (PEFT OFT `block_share`).
-fn one_shared_block(chain: &Chain) -> Option<Chain> {
-    let f0 = chain.factors.first()?;
-    let shared = chain
-        .factors
-        .iter()
-        .all(|f| f.d > 1 && f.d == f0.d && f.repeat + 1 == f.d && f.perm.is_none());
-    shared.then(|| {
-        let mut one = chain.clone();
-        one.n = f0.h;
-        for f in &mut one.factors {
-            f.d = 1;
-            f.repeat = 0;
-        }
-        one
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::math::kernel::{Factor, ScaleOn};
-
-    #[test]
-    fn one_shared_block_measures_as_the_whole_diagonal() {
-        let (h, d) = (4usize, 5usize);
-        let block = |s: f32| -> Vec<f32> {
-            (0..h * h)
-                .map(|i| if i % (h + 1) == 0 { 1.0 } else { 0.0 } + s * ((i * 7 % 5) as f32 - 2.0))
-                .collect()
-        };
-        let chain = |repeat: usize, perm: Option<Vec<u32>>| Chain {
-            n: h * d,
-            factors: [0.05f32, -0.03]
-                .iter()
-                .map(|&s| Factor {
-                    h,
-                    d,
-                    blocks: (0..d - repeat).flat_map(|_| block(s)).collect(),
-                    repeat,
-                    perm: perm.clone(),
-                })
-                .collect(),
-            scale: None,
-            scale_on: ScaleOn::Vector,
-            scale_first: false,
-            blend: 1.0,
-        };
-        let full = chain(d - 1, None);
-        let one = one_shared_block(&full).expect("shared without permutations");
-        assert_eq!(one.n, h);
-        // n = 20 is measured exactly, as is the block.
-        let a = transform_properties(&full, 8, DENSE_MAX);
-        let b = transform_properties(&one, 8, DENSE_MAX);
-        let close = |x: f64, y: f64| (x - y).abs() <= 1e-9 * x.abs().max(1.0);
-        assert!(
-            close(a.orth.value, b.orth.value),
-            "{} {}",
-            a.orth.value,
-            b.orth.value
-        );
-        assert!(
-            close(a.angle.value, b.angle.value),
-            "{} {}",
-            a.angle.value,
-            b.angle.value
-        );
-        let scaled = b.distance.value * (d as f64).sqrt();
-        assert!(
-            close(a.distance.value, scaled),
-            "{} {scaled}",
-            a.distance.value
-        );
-        // A permutation or blocks of their own (a crop's tail) keep the whole chain.
-        let swap: Vec<u32> = (0..(h * d) as u32).rev().collect();
-        assert!(one_shared_block(&chain(d - 1, Some(swap))).is_none());
-        assert!(one_shared_block(&chain(d - 2, None)).is_none());
-        assert!(one_shared_block(&chain(0, None)).is_none());
-    }
 }

@@ -199,11 +199,11 @@ pub fn random_target(r: &mut impl Draw, shape: &[usize]) -> Target {
         // count left to the base.
         t.share = true;
         t.data.truncate(t.factors * hh);
+        if r.chance(0.9) {
+            t.perms = vec![None; t.factors]; // a permuted one is refused
+        }
         if r.chance(0.3) {
             t.blocks = 0;
-            if r.chance(0.8) {
-                t.perms = vec![None; t.factors];
-            }
         }
     }
     if r.chance(0.5) {
@@ -318,14 +318,16 @@ pub fn reference(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f
             if t.block_size == 0 || base_axis % t.block_size != 0 {
                 return None;
             }
-            if t.perms.iter().flatten().any(|p| !p.is_empty()) {
-                return None;
-            }
             base_axis / t.block_size
         } else {
             t.blocks
         };
         let n = d * t.block_size;
+        // Shared blocks are never permuted (an identity permutation is none).
+        let ident = |p: &Vec<u32>| p.iter().enumerate().all(|(i, &x)| x as usize == i);
+        if t.share && t.perms.iter().flatten().any(|p| !ident(p)) {
+            return None;
+        }
         if t.factors == 0 || n == 0 || t.perms.len() != t.factors {
             return None;
         }
