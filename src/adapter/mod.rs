@@ -219,6 +219,16 @@ impl Target {
             if c == 0 || c > self.n() || self.perms.iter().any(Option::is_some) {
                 return Err(bad(format!("crop {c} does not fit n = {}", self.n())));
             }
+            // The engine works along all n: a crop keeping less than half of it would let a
+            // number in a file (shared blocks' count) multiply the work on a short axis. PEFT
+            // crops fewer features than it has blocks, so n < 2·crop whenever the axis holds at
+            // least one feature per block.
+            if c.saturating_mul(2) <= self.n() {
+                return Err(bad(format!(
+                    "crop {c} keeps less than half of n = {}",
+                    self.n()
+                )));
+            }
             if c < self.n() && self.kind == BlockKind::Cayley {
                 return Err(bad(format!(
                     "crop {c} of n = {} with block_kind cayley: cropped blocks are not \

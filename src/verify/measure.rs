@@ -87,6 +87,10 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
     let mut lambda = 0f64;
     let mut s = Scratch::default();
     for _ in 0..100 {
+        // The caller checks for a signal once this returns; stopping early keeps that prompt.
+        if crate::output::interrupted() {
+            break;
+        }
         let norm = dot(&x, &x).sqrt().max(1e-30);
         x.iter_mut().for_each(|e| *e /= norm as f32);
         let mut a = x.clone();
@@ -117,7 +121,8 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
 /// without permuting, measured without repeating it: M is then block diagonal, and its first
 /// `r + 1` blocks are one (r the least repeat of the factors). The diagonal from position r on
 /// holds every distinct block once (orthogonality and largest angle are the worst of its
-/// blocks); the distance from I adds the first block's r more times. None for any other chain.
+/// blocks), up to the last that is not the identity; the distance from I adds the first
+/// block's r more times. None for any other chain.
 pub(super) fn shared_properties(chain: &Chain, probes: usize, dense_max: usize) -> Option<Props> {
     let f0 = chain.factors.first()?;
     let (h, d) = (f0.h, f0.d);
@@ -143,7 +148,18 @@ pub(super) fn shared_properties(chain: &Chain, probes: usize, dense_max: usize) 
         }
         c
     };
-    let mut props = transform_properties(&from(r, d - r), probes, dense_max);
+    // Positions where every factor's block is the identity (a crop's tail) add nothing to any
+    // measure: the reduced diagonal ends at the last other one.
+    let identity = |q: &[f32]| {
+        q.iter()
+            .enumerate()
+            .all(|(i, &x)| x == if i % (h + 1) == 0 { 1.0 } else { 0.0 })
+    };
+    let end = (r + 1..d)
+        .rev()
+        .find(|&k| chain.factors.iter().any(|f| !identity(f.block(k))))
+        .map_or(r + 1, |k| k + 1);
+    let mut props = transform_properties(&from(r, end - r), probes, dense_max);
     let first = transform_properties(&from(0, 1), probes, dense_max);
     props.distance.value =
         (props.distance.value.powi(2) + r as f64 * first.distance.value.powi(2)).sqrt();
@@ -160,6 +176,29 @@ pub const REACH_SAMPLE: usize = 256;
 pub fn connectivity(chain: &Chain) -> Reach {
     let n = chain.n;
     let nf = chain.factors.len();
+    let h = chain.factors[0].h;
+    let ratio = (n / h).max(1);
+    let butterfly_reach = n.min(h.saturating_mul(1usize << (nf - 1).min(40)));
+    let factors_for_full_density = (usize::BITS - (ratio - 1).leading_zeros()) as usize + 1;
+    let d_last = chain.factors[nf - 1].d;
+    if chain
+        .factors
+        .iter()
+        .all(|f| f.perm.is_none() && f.h == h && f.h * f.d == n)
+    {
+        // No factor permutes, so every factor has the same blocks: each output reaches its own
+        // block. Said without walking the axis, whose length (shared blocks) no bytes back.
+        return Reach {
+            min: h,
+            max: h,
+            mean: h as f64,
+            dense: h == n,
+            followed: d_last,
+            blocks: d_last,
+            butterfly_reach,
+            factors_for_full_density,
+        };
+    }
     // The block of factor f that index i belongs to: index p[j] sits in block j / h. Only a
     // permuted factor needs a table (n entries, as many as its permutation stores); block k's
     // members are read straight from the permutation.
@@ -188,9 +227,11 @@ pub fn connectivity(chain: &Chain) -> Reach {
     let last = nf - 1;
     let mut seen = vec![false; n];
     let mut touched = vec![false; n];
-    let d_last = chain.factors[last].d;
     let followed = d_last.min(REACH_SAMPLE);
     for s in 0..followed {
+        if crate::output::interrupted() {
+            break; // the caller reports the signal, not this
+        }
         let k_last = s * d_last / followed;
         seen.iter_mut().for_each(|s| *s = false);
         for i in members(last, k_last) {
@@ -220,8 +261,6 @@ pub fn connectivity(chain: &Chain) -> Reach {
         total += count * size;
         outputs += size;
     }
-    let h = chain.factors[0].h;
-    let ratio = (n / h).max(1);
     Reach {
         min: lo,
         max: hi,
@@ -229,8 +268,8 @@ pub fn connectivity(chain: &Chain) -> Reach {
         dense: lo == n,
         followed,
         blocks: d_last,
-        butterfly_reach: n.min(h.saturating_mul(1usize << (nf - 1).min(40))),
-        factors_for_full_density: (usize::BITS - (ratio - 1).leading_zeros()) as usize + 1,
+        butterfly_reach,
+        factors_for_full_density,
     }
 }
 
@@ -656,6 +695,35 @@ mod tests {
                 b.distance.value
             );
         }
+        // A crop's tail: the last positions identities in every factor.
+        let mut c = chain(&[2, 2], None);
+        for f in &mut c.factors {
+            let hh = h * h;
+            let len = f.blocks.len();
+            for (i, x) in f.blocks[len - 2 * hh..].iter_mut().enumerate() {
+                *x = if i % hh % (h + 1) == 0 { 1.0 } else { 0.0 };
+            }
+        }
+        let a = transform_properties(&c, 8, DENSE_MAX);
+        let b = shared_properties(&c, 8, DENSE_MAX).expect("shared, not permuted");
+        assert!(
+            close(a.orth.value, b.orth.value),
+            "{} {}",
+            a.orth.value,
+            b.orth.value
+        );
+        assert!(
+            close(a.angle.value, b.angle.value),
+            "{} {}",
+            a.angle.value,
+            b.angle.value
+        );
+        assert!(
+            close(a.distance.value, b.distance.value),
+            "{} {}",
+            a.distance.value,
+            b.distance.value
+        );
         let swap: Vec<u32> = (0..(h * d) as u32).rev().collect();
         assert!(shared_properties(&chain(&[d - 1], Some(swap)), 8, DENSE_MAX).is_none());
         assert!(shared_properties(&chain(&[0], None), 8, DENSE_MAX).is_none());

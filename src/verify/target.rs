@@ -116,6 +116,8 @@ pub(super) fn check_target(
     // Shared blocks are measured once, so that the work follows the bytes stored.
     let props = shared_properties(&m_chain, ctx.settings.probes, DENSE_MAX)
         .unwrap_or_else(|| transform_properties(&m_chain, ctx.settings.probes, DENSE_MAX));
+    // The measures stop early on a signal; what they return then is not reported.
+    crate::output::check_interrupted()?;
     ctx.bound(
         "transform-orthogonality",
         &label,
@@ -126,6 +128,7 @@ pub(super) fn check_target(
 
     crate::output::check_interrupted()?;
     let reach = connectivity(&m_chain);
+    crate::output::check_interrupted()?;
     ctx.push(
         "connectivity",
         &label,
