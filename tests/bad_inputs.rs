@@ -1121,8 +1121,9 @@ fn a29_shared_block_repeated_past_any_size() {
 
 #[test]
 fn a30_butterfly_factor_count_past_the_word_size() {
-    // A canonical file whose only target has 100 factors of one 2×2 block: PEFT BOFT would need a
-    // block count divisible by 2^99 (a shift past 63 bits).
+    // A canonical file whose only target has 64 factors (the most a target may have) of one 2×2
+    // block: PEFT BOFT would need a block count divisible by 2^63, at the edge of a 64-bit shift
+    // (100 factors went past it; A47 refuses those on reading).
     let mut sc = Scene::new();
     let (_, adapter, _) = conv(&sc);
     let canon = sc.path("in/conv_f1.safetensors");
@@ -1134,7 +1135,7 @@ fn a30_butterfly_factor_count_past_the_word_size() {
         .into_iter()
         .find(|t| t["key"] == "fc.weight")
         .unwrap();
-    fc["factors"] = json!(100);
+    fc["factors"] = json!(64);
     fc["blocks"] = json!(1);
     fc["block_size"] = json!(2);
     fc["permuted"] = json!(false);
@@ -1147,8 +1148,8 @@ fn a30_butterfly_factor_count_past_the_word_size() {
     st.tensors = vec![(
         "fc.weight::blocks".into(),
         "F32".into(),
-        vec![100, 1, 2, 2],
-        identity.repeat(100),
+        vec![64, 1, 2, 2],
+        identity.repeat(64),
     )];
     st.write(&canon);
     let out = sc.out_dir().join("peft");
@@ -2162,15 +2163,18 @@ fn a40_shared_blocks_are_never_written_out() {
 
 #[test]
 fn a41_verify_time_follows_the_blocks_not_the_axis_squared() {
-    // One target of 2^18 blocks of 2 (a 4 MB canonical file, n = 2^19). Verify followed the
-    // reach of every block through the whole axis (2^18 × 2^19 steps) and called a GEMM per
-    // 2×2 block for every probe: 21.8 s at half this size, four times that here. It follows an
-    // even sample of the blocks now, and small blocks skip the GEMM (0.4 s at half the size).
+    // One permuted target of 2^18 blocks of 2 (a 6 MB canonical file, n = 2^19). Verify
+    // followed the reach of every block through the whole axis (2^18 × 2^19 steps) and called
+    // a GEMM per 2×2 block for every probe: 21.8 s for half as many blocks, unpermuted. It
+    // follows an even sample of the blocks now, and small blocks skip the GEMM.
     use boft::adapter::Side;
     let sc = Scene::new();
     std::fs::create_dir_all(sc.path("in")).unwrap();
     let mut t = canon_target("fc.weight", Side::Input, 1, 1 << 18, 2);
     t.kind = boft::adapter::BlockKind::Raw;
+    // Permuted (a shift by one), so that the reach is walked, not said.
+    let n = 1u32 << 19;
+    t.perms = vec![Some((0..n).map(|j| (j + 1) % n).collect())];
     let adapter = canon_file(&sc, vec![t]);
     let start = std::time::Instant::now();
     let (o, peak) = run_measured("boft-verify", &[adapter.as_os_str(), "--json".as_ref()]);
@@ -2275,4 +2279,159 @@ fn a43_index_of_millions_of_short_names() {
         peak_kib < limit,
         "peak RSS {peak_kib} KiB (limit {limit} KiB)"
     );
+}
+
+/// A canonical target of shared blocks: one stored block per factor over `blocks` positions.
+fn shared_target(
+    side: boft::adapter::Side,
+    factors: usize,
+    blocks: usize,
+    bs: usize,
+) -> boft::adapter::Target {
+    let mut t = canon_target("w.weight", side, factors, 1, bs);
+    t.blocks = blocks;
+    t.share = true;
+    t.kind = boft::adapter::BlockKind::Raw;
+    t
+}
+
+#[test]
+fn a44_shared_blocks_cropped_to_a_sliver() {
+    // Shared 1×1 blocks over 2^18 positions cropped to 1 feature: the crop's own blocks were
+    // written out over the whole axis for every factor (533 MB for an 816-byte adapter of 64
+    // factors), and verify walked the axis for a 1-row base. A crop keeps more than half of n.
+    use boft::adapter::Side;
+    let mut sc = Scene::new();
+    std::fs::create_dir_all(sc.path("in")).unwrap();
+    let n = 1usize << 18;
+    let base = sc.path("in/base.safetensors");
+    let out = sc.out_dir().join("merged.safetensors");
+    let write_base = |rows: usize| {
+        St {
+            metadata: None,
+            tensors: vec![(
+                "w.weight".into(),
+                "F32".into(),
+                vec![rows, 1],
+                (0..rows)
+                    .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
+                    .collect(),
+            )],
+        }
+        .write(&base)
+    };
+    write_base(1);
+    let mut t = shared_target(Side::Output, 1, n, 1);
+    t.crop = Some(1);
+    let adapter = canon_file(&sc, vec![t]);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("less than half"), "{}", stderr(&o));
+    let o = run("boft-verify", &[&adapter]);
+    fails_with(&o, "bad-adapter");
+
+    // Cropped to just over half, against a base of that many rows: it merges, within the
+    // usual bound, and the cropped identity tail leaves the rows as they were (blocks of 1).
+    let crop = n / 2 + 1;
+    write_base(crop);
+    let mut t = shared_target(Side::Output, 1, n, 1);
+    t.crop = Some(crop);
+    let adapter = canon_file(&sc, vec![t]);
+    sc.freeze(&[&base, &adapter], &out);
+    let (o, peak) = run_measured(
+        "boft-merge",
+        &[
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let inputs = (std::fs::metadata(&base).unwrap().len()
+        + std::fs::metadata(&adapter).unwrap().len()) as i64;
+    assert!(
+        peak < (64 << 10) + 8 * inputs / 1024,
+        "merge: peak RSS {peak} KiB"
+    );
+    let start = std::time::Instant::now();
+    ok(&run(
+        "boft-verify",
+        &[&adapter, &"--base", &base, &"--merged", &out],
+    ));
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a45_many_shared_targets_of_one_scalar_block() {
+    // A PEFT OFT ≤ 0.13 folder of 64 modules, each one 1×1 `oft_r` (4 bytes) that the config's
+    // r = 2^18 repeats. Verify walked the 2^18-long axis 256 times per target (seconds each for
+    // 4 stored bytes); the reach of an unpermuted chain is said without walking it, and the
+    // block is measured once.
+    let mut sc = Scene::new();
+    let adapter = sc.path("in/adapter");
+    let modules: Vec<String> = (0..64).map(|i| format!("m{i}")).collect();
+    let names: Vec<String> = modules
+        .iter()
+        .map(|m| format!("base_model.model.{m}.oft_r"))
+        .collect();
+    let tensors: Vec<(&str, Vec<usize>)> =
+        names.iter().map(|s| (s.as_str(), vec![1, 1, 1])).collect();
+    tiny_peft(
+        &adapter,
+        json!({"peft_type": "OFT", "block_share": true, "r": 1 << 18, "target_modules": modules}),
+        &tensors,
+    );
+    sc.freeze(&[&adapter], &sc.out_dir().join("none"));
+    let start = std::time::Instant::now();
+    let (o, peak) = run_measured("boft-verify", &[adapter.as_os_str()]);
+    let took = start.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    eprintln!("verify: {took:?}, peak {peak} KiB");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "verify took {took:?}"
+    );
+    assert!(peak < 64 << 10, "peak RSS {peak} KiB");
+}
+
+#[test]
+fn a46_shared_blocks_unbacked_by_bytes() {
+    // Shared blocks whose work no bytes back: 32 factors of 2×2 blocks shared over 2^20
+    // features (1 KB; verify took 132 s and 1 GB), and shared blocks with a permutation (no
+    // source writes them; they would be measured at every position).
+    use boft::adapter::Side;
+    let sc = Scene::new();
+    std::fs::create_dir_all(sc.path("in")).unwrap();
+    let adapter = canon_file(&sc, vec![shared_target(Side::Input, 32, 1 << 19, 2)]);
+    let o = run("boft-verify", &[&adapter]);
+    let e = fails_with(&o, "bad-adapter");
+    assert!(e.contains("factors × features"), "{e}");
+    let mut t = shared_target(Side::Input, 1, 8, 2);
+    t.perms = vec![Some((0..16u32).rev().collect())];
+    let adapter = canon_file(&sc, vec![t]);
+    let e = fails_with(&run("boft-verify", &[&adapter]), "bad-adapter");
+    assert!(e.contains("permutation"), "{e}");
+}
+
+#[test]
+fn a47_factor_count_past_the_limit() {
+    // 10 000 factors of one 1×1 block (40 KB) on a base of 262 144 rows: every factor was
+    // applied to every row (205 s). More than 64 factors are refused.
+    use boft::adapter::Side;
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    let adapter = canon_file(
+        &sc,
+        vec![canon_target("fc.weight", Side::Input, 10_000, 48, 1)],
+    );
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("64"), "{}", stderr(&o));
 }

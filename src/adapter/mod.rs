@@ -208,6 +208,15 @@ impl Target {
                 self.block_size
             )));
         }
+        if self.factors > MAX_FACTORS {
+            // Every factor is applied to every row of the base: the merge's work is the base
+            // times the factor count, which must not be a number from a file alone.
+            return Err(bad(format!(
+                "{} factors exceed the {MAX_FACTORS} limit (each is applied to every row of the \
+                 base)",
+                self.factors
+            )));
+        }
         if let Some(c) = self.crop {
             // The engine pads the columns of an output-side transform with zeros; input-side
             // rows are read at the tensor's own length, so a crop there would misread them.
@@ -795,6 +804,11 @@ pub const MAX_EXPORT_EXPANSION: usize = 1 << 26;
 /// with its default `r = 8` blocks reaches 3584 on a 70B model's widest layer); the cap bounds
 /// the cubic per-block work (docs/ERRORS.md, `bad-adapter`).
 pub const MAX_BLOCK_SIZE: usize = 4096;
+
+/// The most factors a target may chain. A butterfly needs log2(D) + 1 (PEFT BOFT and LyCORIS
+/// use a handful); the cap bounds the work per row of the base, which every factor is applied
+/// to, and leaves room for chains composed from several adapters.
+pub const MAX_FACTORS: usize = 64;
 
 /// Blocks must be this close to orthogonal (`max |BᵀB − I|`) for a geodesic strength.
 const GEODESIC_ORTH_TOL: f64 = 1e-5;
