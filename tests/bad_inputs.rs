@@ -410,17 +410,7 @@ fn symlinks_inside_folder_are_followed() {
     std::fs::rename(base.join(SHARD2), base.join("extra").join(SHARD2)).unwrap();
     std::os::unix::fs::symlink(Path::new("extra").join(SHARD2), base.join(SHARD2)).unwrap();
     let before = tree(&base);
-    let o = run_limited(
-        "boft-merge",
-        &[
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ],
-    );
+    let o = run_limited("boft-merge", &merge_args(&base, &adapter, &out));
     ok(&o);
     assert_eq!(tree(&base), before);
     let cfg = out.join("config.json");
@@ -791,6 +781,11 @@ fn a32_name_resolution_over_a_name_with_50000_dots() {
         start.elapsed()
     );
     assert!(peak_kib < 1 << 20, "peak RSS {peak_kib} KiB");
+}
+
+/// `boft-merge --base base --adapter adapter -o out`, measured (`run_measured`).
+fn merge_measured(base: &Path, adapter: &Path, out: &Path) -> (Output, i64) {
+    run_measured("boft-merge", &merge_args(base, adapter, out))
 }
 
 /// Run a binary (its output must be small: it is read once the binary has ended) and return
@@ -1516,17 +1511,7 @@ fn o14_longest_output_names_are_accepted() {
     let file = out_dir.join("m".repeat(240) + ".safetensors");
     let folder = out_dir.join("f".repeat(255));
     for (b, a, out) in [(&base, &adapter, &file), (&sbase, &sadapter, &folder)] {
-        let o = run_limited(
-            "boft-merge",
-            &[
-                "--base".as_ref(),
-                b.as_os_str(),
-                "--adapter".as_ref(),
-                a.as_os_str(),
-                "-o".as_ref(),
-                out.as_os_str(),
-            ],
-        );
+        let o = run_limited("boft-merge", &merge_args(b, a, out));
         ok(&o);
         assert!(out.exists());
     }
@@ -1935,17 +1920,7 @@ fn a37_index_padded_with_empty_objects() {
     text = text.replacen('{', &format!("{{{pad}"), 1);
     std::fs::write(&index, &text).unwrap();
     sc.freeze(&[&base, &adapter], &out);
-    let (o, peak_kib) = run_measured(
-        "boft-merge",
-        &[
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ],
-    );
+    let (o, peak_kib) = merge_measured(&base, &adapter, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     eprintln!("peak RSS {peak_kib} KiB");
     // The JSON tree alone took ~180 MB; 64 MiB leaves room for the merge itself.
@@ -1971,17 +1946,7 @@ fn a38_header_of_many_zero_size_tensors() {
     let header = std::fs::metadata(&base).unwrap().len() as i64;
     // Names resolved through the suffix index (as in A18/A32): the flattened LyCORIS names.
     sc.freeze(&[&base, &adapter], &out);
-    let (o, peak_kib) = run_measured(
-        "boft-merge",
-        &[
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ],
-    );
+    let (o, peak_kib) = merge_measured(&base, &adapter, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     eprintln!("peak RSS {peak_kib} KiB for a {header}-byte base");
     let limit = (64 << 10) + 8 * header / 1024;
@@ -2100,17 +2065,7 @@ fn a40_shared_blocks_are_never_written_out() {
     // merged base is the base; the work is the base's, not r times the adapter's.
     let merged = sc.out_dir().join("merged.safetensors");
     sc.freeze(&[&base, &adapter], &merged);
-    let (o, peak) = run_measured(
-        "boft-merge",
-        &[
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            merged.as_os_str(),
-        ],
-    );
+    let (o, peak) = merge_measured(&base, &adapter, &merged);
     assert!(o.status.success(), "{}", stderr(&o));
     eprintln!("merge: peak {peak} KiB for {base_bytes} + {adapter_bytes} bytes");
     assert!(
@@ -2260,17 +2215,7 @@ fn a43_index_of_millions_of_short_names() {
     std::fs::write(&index, &text).unwrap();
     let bytes = text.len() as i64;
     sc.freeze(&[&base, &adapter], &out);
-    let (o, peak_kib) = run_measured(
-        "boft-merge",
-        &[
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ],
-    );
+    let (o, peak_kib) = merge_measured(&base, &adapter, &out);
     sc.assert_refused(&o, "bad-index", &out);
     assert!(stderr(&o).contains("does not hold"), "{}", stderr(&o));
     eprintln!("peak RSS {peak_kib} KiB for a {bytes}-byte index");
@@ -2338,17 +2283,7 @@ fn a44_shared_blocks_cropped_to_a_sliver() {
     t.crop = Some(crop);
     let adapter = canon_file(&sc, vec![t]);
     sc.freeze(&[&base, &adapter], &out);
-    let (o, peak) = run_measured(
-        "boft-merge",
-        &[
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ],
-    );
+    let (o, peak) = merge_measured(&base, &adapter, &out);
     assert!(o.status.success(), "{}", stderr(&o));
     let inputs = (std::fs::metadata(&base).unwrap().len()
         + std::fs::metadata(&adapter).unwrap().len()) as i64;

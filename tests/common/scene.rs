@@ -245,14 +245,7 @@ impl Scene {
 
     pub fn merge(&mut self, base: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Output {
         self.freeze(&[base, adapter], out);
-        let mut args: Vec<&OsStr> = vec![
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ];
+        let mut args = merge_args(base, adapter, out);
         if !extra.contains(&"--threads") {
             args.extend([OsStr::new("--threads"), OsStr::new("1")]);
         }
@@ -308,6 +301,18 @@ pub fn conv(sc: &Scene) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 /// The sharded base and its adapter, copied into a scene.
+/// `boft-merge`'s arguments for one base, adapter and output.
+pub fn merge_args<'a>(base: &'a Path, adapter: &'a Path, out: &'a Path) -> Vec<&'a OsStr> {
+    vec![
+        "--base".as_ref(),
+        base.as_os_str(),
+        "--adapter".as_ref(),
+        adapter.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+    ]
+}
+
 pub fn sharded(sc: &Scene) -> (PathBuf, PathBuf, PathBuf) {
     let base = sc.copy("bases/llama_bf16_sharded", "in/base");
     let adapter = sc.copy("adapters/llama_bf16_f2", "in/adapter");
