@@ -2370,3 +2370,64 @@ fn a47_factor_count_past_the_limit() {
     sc.assert_refused(&o, "bad-adapter", &out);
     assert!(stderr(&o).contains("64"), "{}", stderr(&o));
 }
+
+#[test]
+fn a48_export_solves_a_shared_block_once() {
+    // A PEFT OFT ≤ 0.13 block_share module: one 256×256 `oft_r` (256 KB) that r = 1024 repeats
+    // over 262 144 features, exported to LyCORIS, which cannot say block_share: the export
+    // writes it 1024 times (256 MB, the most an export writes out), and solved the inverse
+    // Cayley map for every copy (b³ each) without answering signals: 12.5 s here, against
+    // 2.6 s now that the block is solved once (both beside a running fuzzer).
+    let (h, r) = (256usize, 1024usize);
+    let n = h * r;
+    let mut sc = Scene::new();
+    let adapter = sc.path("in/adapter");
+    tiny_peft(
+        &adapter,
+        json!({"peft_type": "OFT", "block_share": true, "r": r, "target_modules": ["m"]}),
+        &[("base_model.model.m.oft_r", vec![1, h, h])],
+    );
+    // A generator that is not zero, so that solving it is real work.
+    let mut st = St::read(&adapter.join("adapter_model.safetensors"));
+    st.tensors[0].3 = (0..h * h)
+        .flat_map(|i| (((i * 7919) % 13) as f32 * 0.001 - 0.006).to_le_bytes())
+        .collect();
+    st.write(&adapter.join("adapter_model.safetensors"));
+    let base = sc.path("in/base.safetensors");
+    St {
+        metadata: None,
+        tensors: vec![(
+            "m.weight".into(),
+            "F32".into(),
+            vec![n, 1],
+            (0..n)
+                .flat_map(|i| (i as f32 * 1e-6).to_le_bytes())
+                .collect(),
+        )],
+    }
+    .write(&base);
+    let out = sc.out_dir().join("lycoris.safetensors");
+    sc.freeze(&[&adapter, &base], &out);
+    let start = std::time::Instant::now();
+    let o = run(
+        "boft-convert",
+        &[&adapter, &"--to", &"lycoris", &"--base", &base, &"-o", &out],
+    );
+    let took = start.elapsed();
+    ok(&o);
+    eprintln!("export: {took:?}");
+    assert!(
+        took < std::time::Duration::from_secs(8),
+        "export took {took:?}"
+    );
+    let written = St::read(&out);
+    let blocks = written
+        .tensors
+        .iter()
+        .find(|t| t.0.ends_with("oft_blocks"))
+        .expect("an oft_blocks tensor");
+    assert_eq!(blocks.2, vec![r, h, h]);
+    // Every position holds the one generator.
+    let first = &blocks.3[..h * h * 4];
+    assert!(blocks.3.chunks(h * h * 4).all(|c| c == first));
+}

@@ -121,6 +121,31 @@ pub(super) enum Map {
     Plus,
 }
 
+/// `generator`, remembering the last block solved: shared blocks written out at every position
+/// (`Target::expand_shared`) are solved once, not once per copy. Each block is also a point to
+/// answer a signal at, since solving one costs b³.
+#[derive(Default)]
+pub(super) struct Generators {
+    last: Option<(Map, Vec<f32>, Vec<f32>)>,
+}
+
+impl Generators {
+    /// The generator of block `k` of factor `f` (see `generator`).
+    pub(super) fn get(&mut self, t: &Target, f: usize, k: usize, map: Map) -> Result<Vec<f32>> {
+        crate::output::check_interrupted()?;
+        let q = t.block(f, k);
+        if let Some((m, b, s)) = &self.last {
+            let same = b.iter().zip(q).all(|(x, y)| x.to_bits() == y.to_bits());
+            if *m == map && b.len() == q.len() && same {
+                return Ok(s.clone());
+            }
+        }
+        let s = generator(t, f, k, map)?;
+        self.last = Some((map, q.to_vec(), s.clone()));
+        Ok(s)
+    }
+}
+
 /// The skew generator S (f32, row-major) with `map(S) = q`, checked by mapping the rounded S back.
 pub(super) fn generator(t: &Target, f: usize, k: usize, map: Map) -> Result<Vec<f32>> {
     let h = t.block_size;

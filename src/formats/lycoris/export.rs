@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::adapter::{Adapter, Side, Target};
 use crate::error::{Class, Error, Result};
 use crate::formats::export::{
-    check_views, f32_tensor, generator, prepare, refuse, serialize, Exported, Map,
+    check_views, f32_tensor, prepare, refuse, serialize, Exported, Generators, Map,
 };
 use crate::math::perm;
 
@@ -84,9 +84,10 @@ pub fn lycoris_bytes(adapter: &Adapter) -> Result<(Vec<u8>, String)> {
         let diag = t.factors == 1 && !permuted && h <= d;
         let blocks = if diag {
             let mut v = Vec::with_capacity(d * hh);
+            let mut gens = Generators::default();
             for k in 0..d {
                 // Canonical block = C+(Q)ᵀ = C−(Q); A = ½Q.
-                v.extend(generator(t, 0, k, Map::Minus)?.iter().map(|x| 0.5 * x));
+                v.extend(gens.get(t, 0, k, Map::Minus)?.iter().map(|x| 0.5 * x));
             }
             algos.insert("diag-oft");
             f32_tensor(vec![d, h, h], &v)
@@ -144,10 +145,11 @@ pub fn lycoris_bytes(adapter: &Adapter) -> Result<(Vec<u8>, String)> {
             }
             // Stages beyond the target's own factors are identities: A = 0.
             let mut v = vec![0f32; m * d * hh];
+            let mut gens = Generators::default();
             for f in 0..t.factors {
                 for k in 0..d {
                     // Canonical block = C+(Q); A = ½Q.
-                    let s = generator(&t, f, k, Map::Plus)?;
+                    let s = gens.get(&t, f, k, Map::Plus)?;
                     for (o, x) in v[(f * d + k) * hh..(f * d + k + 1) * hh].iter_mut().zip(s) {
                         *o = 0.5 * x;
                     }

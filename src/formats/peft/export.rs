@@ -15,7 +15,7 @@ use crate::adapter::{Adapter, Side, Target};
 use crate::checkpoint::SafeFile;
 use crate::error::{Class, Error, Result};
 use crate::formats::export::{
-    check_views, f32_tensor, generator, prepare, refuse, serialize, Exported, Map, Tensor,
+    check_views, f32_tensor, prepare, refuse, serialize, Exported, Generators, Map, Tensor,
 };
 use crate::math::perm;
 use crate::output::Staged;
@@ -269,9 +269,10 @@ fn peft_boft(a: &Adapter, embeddings: &BTreeSet<String>) -> Result<(Value, Vec<u
         let hh = h * h;
         // Factors beyond the target's own are identities: generator 0.
         let mut r = vec![0f32; nf * d * hh];
+        let mut gens = Generators::default();
         for f in 0..t.factors {
             for k in 0..d {
-                let s = generator(t, f, k, Map::Minus)?;
+                let s = gens.get(t, f, k, Map::Minus)?;
                 r[(f * d + k) * hh..(f * d + k + 1) * hh].copy_from_slice(&s);
             }
         }
@@ -352,9 +353,10 @@ fn peft_oft(a: &Adapter, embeddings: &BTreeSet<String>) -> Result<(Value, Vec<u8
         let embedding = embeddings.contains(module);
         let len = h * (h - 1) / 2;
         let mut v = Vec::with_capacity(d * len);
+        let mut gens = Generators::default();
         for k in 0..d {
             // PEFT rotates embeddings by the transpose of its block: generator −S.
-            let s = generator(t, 0, k, Map::Minus)?;
+            let s = gens.get(t, 0, k, Map::Minus)?;
             let sign = if embedding { -1.0 } else { 1.0 };
             for i in 0..h {
                 for j in i + 1..h {
