@@ -2431,3 +2431,108 @@ fn a48_export_solves_a_shared_block_once() {
     let first = &blocks.3[..h * h * 4];
     assert!(blocks.3.chunks(h * h * 4).all(|c| c == first));
 }
+
+#[test]
+fn a49_index_of_one_shard_file_per_tensor() {
+    // The sharded base's index given 2 million more names, each in a shard of its own name
+    // (`"xab":"xab"`, 24 MB): every distinct shard string cost a string, a path and lookup
+    // entries before any shard was checked to exist (1.1 GB for 60 MB). At most 65 536 shard
+    // files an index.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = sharded(&sc);
+    let index = base.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    let digits: Vec<char> = ('a'..='z').chain('0'..='9').collect();
+    let mut extra = String::new();
+    for i in 0..2_000_000usize {
+        let (mut k, mut name) = (i, String::from("x"));
+        loop {
+            name.push(digits[k % 36]);
+            k /= 36;
+            if k == 0 {
+                break;
+            }
+        }
+        extra.push_str(&format!("\"{name}\":\"{name}\","));
+    }
+    let text = text.replacen(
+        "\"weight_map\": {",
+        &format!("\"weight_map\": {{{extra}"),
+        1,
+    );
+    std::fs::write(&index, &text).unwrap();
+    let bytes = text.len() as i64;
+    sc.freeze(&[&base, &adapter], &out);
+    let (o, peak) = merge_measured(&base, &adapter, &out);
+    sc.assert_refused(&o, "bad-index", &out);
+    assert!(stderr(&o).contains("65536 shard files"), "{}", stderr(&o));
+    eprintln!("peak RSS {peak} KiB for a {bytes}-byte index");
+    assert!(peak < (64 << 10) + 3 * bytes / 1024, "peak RSS {peak} KiB");
+}
+
+#[test]
+fn a50_shared_block_cropped_in_half() {
+    // One shared 512×512 block over 512 positions (n = 2^18), cropped to 2^17 + 1 (a 1 MB
+    // adapter, a 0.5 MB base): the blocks past the crop were written out, ~D/2 copies of the
+    // block (537 MB). The chain now ends at the last block the axis reaches.
+    use boft::adapter::Side;
+    let mut sc = Scene::new();
+    std::fs::create_dir_all(sc.path("in")).unwrap();
+    let (h, d) = (512usize, 512usize);
+    let crop = h * d / 2 + 1;
+    let base = sc.path("in/base.safetensors");
+    St {
+        metadata: None,
+        tensors: vec![(
+            "w.weight".into(),
+            "F32".into(),
+            vec![crop, 1],
+            (0..crop)
+                .flat_map(|i| ((i % 7) as f32).to_le_bytes())
+                .collect(),
+        )],
+    }
+    .write(&base);
+    let mut t = shared_target(Side::Output, 1, d, h);
+    t.crop = Some(crop);
+    let adapter = canon_file(&sc, vec![t]);
+    let out = sc.out_dir().join("merged.safetensors");
+    sc.freeze(&[&base, &adapter], &out);
+    let (o, peak) = merge_measured(&base, &adapter, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let inputs = (std::fs::metadata(&base).unwrap().len()
+        + std::fs::metadata(&adapter).unwrap().len()) as i64;
+    eprintln!("merge: peak {peak} KiB for {inputs} bytes");
+    assert!(
+        peak < (64 << 10) + 8 * inputs / 1024,
+        "merge: peak RSS {peak} KiB"
+    );
+    let (o, peak) = run_measured(
+        "boft-verify",
+        &[
+            adapter.as_os_str(),
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--merged".as_ref(),
+            out.as_os_str(),
+            "--json".as_ref(),
+        ],
+    );
+    // The raw blocks are not orthogonal (exit 1 names that check); the merged values must pass.
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let merged: Vec<&Value> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == "merged-values")
+        .collect();
+    assert!(
+        !merged.is_empty() && merged.iter().all(|c| c["status"] == "pass"),
+        "{v}"
+    );
+    assert!(
+        peak < (64 << 10) + 8 * 2 * inputs / 1024,
+        "verify: peak RSS {peak} KiB"
+    );
+}

@@ -558,41 +558,50 @@ impl Target {
         }
         let hh = h * h;
         let mut data = self.blocks_data()?;
+        // The positions the chain acts on: all D, or with a crop those the axis reaches.
+        let mut d = d;
         // Shared blocks stay one per factor: the kernel's `repeat` serves every position.
         let mut repeat = if self.share { d.saturating_sub(1) } else { 0 };
         if let Some(axis) = self.crop.filter(|&a| a < self.n()) {
-            // Cropping keeps the leading axis×axis part of the block diagonal. On a vector padded
-            // with zeros, blocks whose cropped rows and columns are the identity give exactly
-            // that, and stay invertible for the un-merge.
-            let first = axis / h;
-            if self.share {
-                // The positions from the first cropped one on become blocks of their own: at
-                // most (n − axis) / h + 2 of them, n − axis being shorter than the block count,
-                // so fewer than D + 2 values for blocks of 1 and 2 blocks for blocks of D or
-                // more; `validate` bounds factors × n for shared blocks.
-                let count = d - first + usize::from(first > 0);
-                let mut v = Vec::with_capacity(self.factors * count * hh);
-                for b in data.chunks_exact(hh) {
-                    for _ in 0..count {
-                        v.extend_from_slice(b);
-                    }
-                }
-                data = Cow::Owned(v);
-                repeat = first.saturating_sub(1);
-            }
-            let per = d - repeat;
-            let v = data.to_mut();
-            for f in 0..self.factors {
-                for i in axis..self.n() {
-                    let (k, li) = ((i / h).saturating_sub(repeat), i % h);
-                    let b = &mut v[(f * per + k) * hh..(f * per + k + 1) * hh];
-                    for j in 0..h {
-                        b[li * h + j] = 0.0;
-                        b[j * h + li] = 0.0;
-                    }
-                    b[li * h + li] = 1.0;
+            // Cropping keeps the leading axis×axis part of the block diagonal, acting on vectors
+            // padded with zeros whose entries past the axis are dropped. Blocks wholly past the
+            // axis are left out (the chain ends at the last block the axis reaches, so its work
+            // follows the axis, not D); in the block the axis ends inside, the cropped rows and
+            // columns become the identity, which crops exactly and stays invertible for the
+            // un-merge.
+            let used = axis.div_ceil(h);
+            let split = axis % h != 0;
+            let stored = self.stored();
+            // Per factor: the first `used` blocks, or the one shared block and a copy of it for
+            // the block the axis ends inside.
+            let keep = if self.share {
+                1 + usize::from(split && used > 1)
+            } else {
+                used
+            };
+            let mut v = Vec::with_capacity(self.factors * keep * hh);
+            for own in data.chunks_exact(stored * hh) {
+                if self.share {
+                    (0..keep).for_each(|_| v.extend_from_slice(&own[..hh]));
+                } else {
+                    v.extend_from_slice(&own[..used * hh]);
                 }
             }
+            if split {
+                for f in 0..self.factors {
+                    let b = &mut v[(f * keep + keep - 1) * hh..(f * keep + keep) * hh];
+                    for li in axis % h..h {
+                        for j in 0..h {
+                            b[li * h + j] = 0.0;
+                            b[j * h + li] = 0.0;
+                        }
+                        b[li * h + li] = 1.0;
+                    }
+                }
+            }
+            data = Cow::Owned(v);
+            repeat = used - keep;
+            d = used;
         }
         let per = d - repeat;
         // Where stored block `j` of a factor first sits on the diagonal (for messages).
@@ -708,7 +717,7 @@ impl Target {
             }
         }
         Ok(Chain {
-            n: self.n(),
+            n: d * h,
             factors,
             scale,
             scale_on: match (self.side, self.view) {

@@ -450,9 +450,16 @@ pub fn parse_index(bytes: &[u8]) -> Result<Index> {
         names,
         mut entries,
         shard_names,
+        too_many_shards,
     } = top
         .weight_map
         .ok_or_else(|| bare(Class::BadIndex, "no \"weight_map\" object"))?;
+    if too_many_shards {
+        return Err(bare(
+            Class::BadIndex,
+            format!("weight_map names more than {MAX_SHARDS} shard files"),
+        ));
+    }
     fn name_of<'a>(names: &'a str, entries: &[(u32, u32)], i: usize) -> &'a str {
         let start = if i == 0 { 0 } else { entries[i - 1].0 as usize };
         &names[start..entries[i].0 as usize]
@@ -552,7 +559,14 @@ struct ShardEntries {
     names: String,
     entries: Vec<(u32, u32)>,
     shard_names: Vec<String>,
+    /// More than `MAX_SHARDS` distinct shard strings: the rest was read without being kept.
+    too_many_shards: bool,
 }
+
+/// The most shard files one index may name. Real checkpoints have one to a few thousand; each
+/// distinct name costs a path and a lookup entry, so without a cap an index of `"a":"a"` pairs
+/// would hold several copies of itself.
+pub const MAX_SHARDS: usize = 65_536;
 
 /// The shard of a `weight_map` entry whose value is not a string.
 const NOT_A_STRING: u32 = u32::MAX;
@@ -635,9 +649,19 @@ impl<'de> serde::Deserialize<'de> for ShardMap {
                 let mut entries = Vec::new();
                 let mut shard_names: Vec<String> = Vec::new();
                 let mut index: HashMap<String, u32> = HashMap::new();
+                let mut too_many_shards = false;
                 while let Some((k, StrOrSkip(s))) =
                     a.next_entry::<std::borrow::Cow<'de, str>, StrOrSkip>()?
                 {
+                    if too_many_shards {
+                        continue;
+                    }
+                    if s.as_ref().is_some_and(|s| !index.contains_key(s))
+                        && shard_names.len() >= MAX_SHARDS
+                    {
+                        too_many_shards = true;
+                        continue;
+                    }
                     let si = s.map_or(NOT_A_STRING, |s| match index.get(&s) {
                         Some(&i) => i,
                         None => {
@@ -661,6 +685,7 @@ impl<'de> serde::Deserialize<'de> for ShardMap {
                     names,
                     entries,
                     shard_names,
+                    too_many_shards,
                 })))
             }
             fn visit_str<E>(self, _: &str) -> std::result::Result<ShardMap, E> {
