@@ -445,19 +445,9 @@ fn symlinks_to_one_file_are_written_once() {
         std::os::unix::fs::symlink(target, base.join(format!("{dir}tok{i}.json"))).unwrap();
     }
     let before = tree(&base);
-    let o = run_limited(
-        "boft-merge",
-        &[
-            "--threads".as_ref(),
-            "1".as_ref(),
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-        ],
-    );
+    let mut args = merge_args(&base, &adapter, &out);
+    args.extend([OsStr::new("--threads"), OsStr::new("1")]);
+    let o = run_limited("boft-merge", &args);
     ok(&o);
     assert_eq!(tree(&base), before);
     // Allocated size of the output, each inode counted once.
@@ -761,19 +751,9 @@ fn a32_name_resolution_over_a_name_with_50000_dots() {
     st.write(&adapter);
     sc.freeze(&[&base, &adapter], &out);
     let start = Instant::now();
-    let (o, peak_kib) = run_measured(
-        "boft-merge",
-        &[
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-            "--threads".as_ref(),
-            "1".as_ref(),
-        ],
-    );
+    let mut args = merge_args(&base, &adapter, &out);
+    args.extend([OsStr::new("--threads"), OsStr::new("1")]);
+    let (o, peak_kib) = run_measured("boft-merge", &args);
     sc.assert_refused(&o, "missing-target", &out);
     assert!(
         start.elapsed() < Duration::from_secs(60),
@@ -1604,17 +1584,10 @@ fn slow_case(dir: &Path, rows: usize) -> (PathBuf, PathBuf) {
 /// Start `boft-merge` of a slow case into `out` (a file in its own folder) with one thread, and
 /// wait until its staged file appears (true) or it ends first (false).
 fn merge_until_staged(base: &Path, adapter: &Path, out: &Path) -> (std::process::Child, bool) {
+    let mut args = merge_args(base, adapter, out);
+    args.extend([OsStr::new("--threads"), OsStr::new("1")]);
     let mut child = bin("boft-merge")
-        .args([
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-            "-o".as_ref(),
-            out.as_os_str(),
-            "--threads".as_ref(),
-            OsStr::new("1"),
-        ])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1768,18 +1741,10 @@ fn i03_sigkill_leftover_is_reclaimed_by_the_next_run() {
     let out_dir = sc.out_dir();
     let out = out_dir.join("merged.safetensors");
     let (base, adapter) = slow_case(sc.tmp.path(), 32768);
-    let args = [
-        "--base".as_ref(),
-        base.as_os_str(),
-        "--adapter".as_ref(),
-        adapter.as_os_str(),
-        "-o".as_ref(),
-        out.as_os_str(),
-        "--threads".as_ref(),
-        OsStr::new("1"),
-    ];
+    let mut args = merge_args(&base, &adapter, &out);
+    args.extend([OsStr::new("--threads"), OsStr::new("1")]);
     let mut child = bin("boft-merge")
-        .args(args)
+        .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -268,8 +268,8 @@ impl Target {
         }
         // No source permutes shared blocks (PEFT's block_share is plain OFT), and unpermuted
         // they are measured once instead of at every position (verify's `shared_properties`).
-        let identity = |p: &Vec<u32>| p.iter().enumerate().all(|(i, &x)| x as usize == i);
-        if self.share && self.perms.iter().flatten().any(|p| !identity(p)) {
+        let permuted = |p: &Vec<u32>| !crate::math::perm::is_identity(p);
+        if self.share && self.perms.iter().flatten().any(permuted) {
             return Err(bad("shared blocks (block_share) with a permutation".into()));
         }
         for (i, p) in self.perms.iter().enumerate() {

@@ -292,8 +292,8 @@ impl SafeFile {
     }
 
     fn from_mmap(path: &Path, mmap: Bytes) -> Result<SafeFile> {
-        let (data_offset, tensors, metadata) = parse_header(&mmap).map_err(|e| e.at(path))?;
-        let by_name = by_name(&tensors).map_err(|e| e.at(path))?;
+        let ((data_offset, tensors, metadata), by_name) =
+            parse_header_indexed(&mmap).map_err(|e| e.at(path))?;
         Ok(SafeFile {
             path: path.to_path_buf(),
             file: None,
@@ -426,6 +426,12 @@ fn regular(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<()> {
 
 /// Parse and validate a safetensors header against the whole file's bytes.
 pub fn parse_header(buf: &[u8]) -> Result<Header> {
+    parse_header_indexed(buf).map(|(header, _)| header)
+}
+
+/// `parse_header`, with the tensors' positions sorted by name (`SafeFile`'s lookup table), which
+/// the check for names given twice computes anyway.
+fn parse_header_indexed(buf: &[u8]) -> Result<(Header, Vec<u32>)> {
     let bare = |c: Class, m: String| Error::bare(c, m);
     if buf.is_empty() {
         return Err(bare(
@@ -490,8 +496,9 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
     let data_len = buf.len() - data_offset;
     let metadata = entries.metadata;
     let mut tensors = entries.tensors;
-    by_name(&tensors)?;
+    // Sorted by offset first, so that the positions sorted by name stay valid.
     tensors.sort_by_key(|t| (t.start, t.end));
+    let order = by_name(&tensors)?;
     let mut expected = 0usize;
     for t in &tensors {
         if t.start < expected {
@@ -528,7 +535,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
             ),
         ));
     }
-    Ok((data_offset, tensors, metadata))
+    Ok(((data_offset, tensors, metadata), order))
 }
 
 fn parse_tensor(name: &str, v: &Value) -> Result<TensorInfo> {

@@ -168,11 +168,16 @@ impl Checkpoint {
         // Every tensor an index names must be in the shard it names.
         for ((index, comp), index_rel) in read_indices.iter().zip(&indices) {
             let index_path = root.join(index_rel);
+            let rels: Vec<PathBuf> = index
+                .shards
+                .iter()
+                .map(|s| Path::new(comp).join(s))
+                .collect();
             for (name, si) in index.entries() {
                 let n = qualify(comp, name);
-                let rel = Path::new(comp).join(&index.shards[si]);
+                let rel = &rels[si];
                 match ck.locate(&n) {
-                    Some((fi, _)) if ck.files[fi].0 == rel => {}
+                    Some((fi, _)) if &ck.files[fi].0 == rel => {}
                     Some((fi, _)) => {
                         return Err(err(
                             Class::BadIndex,

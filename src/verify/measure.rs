@@ -6,7 +6,7 @@ use nalgebra::DMatrix;
 
 use crate::adapter::Target;
 use crate::checkpoint::{dtype, Dtype};
-use crate::math::kernel::{Chain, Scratch};
+use crate::math::kernel::{Chain, Factor, Scratch};
 
 use super::{Dof, Energy, Measure, Reach};
 
@@ -121,8 +121,7 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
 /// without permuting, measured without repeating it: M is then block diagonal, and its first
 /// `r + 1` blocks are one (r the least repeat of the factors). The diagonal from position r on
 /// holds every distinct block once (orthogonality and largest angle are the worst of its
-/// blocks), up to the last that is not the identity; the distance from I adds the first
-/// block's r more times. None for any other chain.
+/// blocks); the distance from I adds the first block's r more times. None for any other chain.
 pub(super) fn shared_properties(chain: &Chain, probes: usize, dense_max: usize) -> Option<Props> {
     let f0 = chain.factors.first()?;
     let (h, d) = (f0.h, f0.d);
@@ -136,30 +135,25 @@ pub(super) fn shared_properties(chain: &Chain, probes: usize, dense_max: usize) 
     }
     // Positions r..d, each factor's blocks written out (no more than the factor with the least
     // repeat stores), and position 0 alone.
-    let from = |first: usize, count: usize| {
-        let mut c = chain.clone();
-        c.n = count * h;
-        for (f, g) in c.factors.iter_mut().zip(&chain.factors) {
-            f.d = count;
-            f.repeat = 0;
-            f.blocks = (first..first + count)
-                .flat_map(|k| g.block(k).iter().copied())
-                .collect();
-        }
-        c
+    let from = |first: usize, count: usize| Chain {
+        n: count * h,
+        factors: chain
+            .factors
+            .iter()
+            .map(|g| Factor {
+                h,
+                d: count,
+                blocks: (first..first + count)
+                    .flat_map(|k| g.block(k).iter().copied())
+                    .collect(),
+                repeat: 0,
+                perm: None,
+            })
+            .collect(),
+        scale: chain.scale.clone(),
+        ..*chain
     };
-    // Positions where every factor's block is the identity (a crop's tail) add nothing to any
-    // measure: the reduced diagonal ends at the last other one.
-    let identity = |q: &[f32]| {
-        q.iter()
-            .enumerate()
-            .all(|(i, &x)| x == if i % (h + 1) == 0 { 1.0 } else { 0.0 })
-    };
-    let end = (r + 1..d)
-        .rev()
-        .find(|&k| chain.factors.iter().any(|f| !identity(f.block(k))))
-        .map_or(r + 1, |k| k + 1);
-    let mut props = transform_properties(&from(r, end - r), probes, dense_max);
+    let mut props = transform_properties(&from(r, d - r), probes, dense_max);
     let first = transform_properties(&from(0, 1), probes, dense_max);
     props.distance.value =
         (props.distance.value.powi(2) + r as f64 * first.distance.value.powi(2)).sqrt();
@@ -367,7 +361,7 @@ impl Rng {
 mod tests {
     use super::*;
     use crate::adapter::{BlockKind, Side};
-    use crate::math::kernel::{Factor, ScaleOn};
+    use crate::math::kernel::ScaleOn;
     use crate::math::{cayley, perm};
 
     fn chain(
@@ -690,7 +684,7 @@ mod tests {
             // n = 24 is measured exactly, whole or reduced.
             same(&c, &format!("{repeats:?}"));
         }
-        // A crop's tail: the last positions identities in every factor.
+        // The last positions identities in every factor.
         let mut c = chain(&[2, 2], None);
         for f in &mut c.factors {
             let hh = h * h;

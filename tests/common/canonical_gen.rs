@@ -285,6 +285,14 @@ fn transform(t: &Target, d: usize, c: usize) -> Vec<f64> {
     m
 }
 
+/// Whether any factor permutes: the file stores every permutation, and an identity one is none.
+fn permuted(t: &Target) -> bool {
+    t.perms
+        .iter()
+        .flatten()
+        .any(|p| p.iter().enumerate().any(|(i, &x)| x as usize != i))
+}
+
 fn is_perm(p: &[u32], n: usize) -> bool {
     let mut seen = vec![false; n];
     p.len() == n
@@ -323,9 +331,8 @@ pub fn reference(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f
             t.blocks
         };
         let n = d * t.block_size;
-        // Shared blocks are never permuted (an identity permutation is none).
-        let ident = |p: &Vec<u32>| p.iter().enumerate().all(|(i, &x)| x as usize == i);
-        if t.share && t.perms.iter().flatten().any(|p| !ident(p)) {
+        // Shared blocks are never permuted.
+        if t.share && permuted(t) {
             return None;
         }
         if t.factors == 0 || n == 0 || t.perms.len() != t.factors {
@@ -343,9 +350,7 @@ pub fn reference(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f
             if t.side == Side::Input || c == 0 || c > n || cayley_cropped {
                 return None;
             }
-            // The file stores every permutation; an identity one is no permutation.
-            let ident = |p: &Vec<u32>| p.iter().enumerate().all(|(i, &x)| x as usize == i);
-            if t.perms.iter().flatten().any(|p| !ident(p)) {
+            if permuted(t) {
                 return None;
             }
         }
