@@ -11,7 +11,7 @@ use std::path::Path;
 
 use boft::adapter::{canonical, Adapter, BlockKind, Side, Strength, Target};
 use boft::checkpoint::{serialize, Checkpoint, OwnedTensor};
-use boft::merge::{self, CpuBackend, Direction, Options};
+use boft::merge::{self, CpuBackend, Direction, Layer};
 use boft::Class;
 
 #[path = "common/canonical_gen.rs"]
@@ -36,12 +36,20 @@ fn merge_dir(
     let mut a = boft::formats::load_deferred_as(adapter, boft::formats::Source::Auto)?;
     let ck = Checkpoint::open(base)?;
     merge::fit_in(&ck, &mut a, true, None)?;
-    let opts = Options {
+    let layer = Layer {
+        adapter: &a,
         direction,
-        progress: &merge::NoProgress,
         strength: Strength::FULL,
     };
-    merge::merge_to(&ck, &a, out, &[base, adapter], false, &CpuBackend, &opts)?;
+    merge::merge_to(
+        &ck,
+        &[layer],
+        out,
+        &[base, adapter],
+        false,
+        &CpuBackend,
+        &merge::NoProgress,
+    )?;
     let merged = Checkpoint::open(out)?;
     let (f, info) = merged.get("w.weight").expect("tensor kept");
     Ok(f.data(info)

@@ -5,9 +5,8 @@
 
 use std::path::Path;
 
-use boft::adapter::Strength;
 use boft::checkpoint::Checkpoint;
-use boft::merge::{self, CpuBackend, Direction, Options};
+use boft::merge::{self, CpuBackend, Direction, Layer};
 use boft::output::Staged;
 use boft::Class;
 
@@ -22,12 +21,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-const OPTS: Options = Options {
-    direction: Direction::Merge,
-    progress: &merge::NoProgress,
-    strength: Strength::FULL,
-};
-
 /// Open the base and the adapter as `boft-merge` does, let `meddle` change the base folder,
 /// then write the merge.
 fn merge_after(base: &Path, out: &Path, meddle: impl FnOnce()) -> boft::Result<()> {
@@ -38,12 +31,12 @@ fn merge_after(base: &Path, out: &Path, meddle: impl FnOnce()) -> boft::Result<(
     meddle();
     merge::merge_to(
         &ck,
-        &a,
+        &[Layer::full(&a)],
         out,
         &[base, &adapter_dir],
         false,
         &CpuBackend,
-        &OPTS,
+        &merge::NoProgress,
     )
     .map(|_| ())
 }
@@ -161,7 +154,7 @@ fn merge_staged(
     let plan = merge::plan(&ck, &a, Direction::Merge)?;
     let staged = Staged::dir(out)?;
     before_files(staged.path());
-    plan.execute(&staged, &CpuBackend, &OPTS)
+    plan.execute(&staged, &CpuBackend, &merge::NoProgress)
         .map_err(|e| staged.blame_dest(e))?;
     before_commit(staged.path());
     staged.commit()
@@ -251,7 +244,8 @@ fn an_existing_output_is_kept_when_the_staged_folder_is_swapped() {
     merge::fit_in(&ck, &mut a, true, None).unwrap();
     let plan = merge::plan(&ck, &a, Direction::Merge).unwrap();
     let staged = Staged::dir(&out).unwrap();
-    plan.execute(&staged, &CpuBackend, &OPTS).unwrap();
+    plan.execute(&staged, &CpuBackend, &merge::NoProgress)
+        .unwrap();
     swap_for_symlink(staged.path(), &moved, &victim);
     let e = staged.commit().unwrap_err();
     assert_eq!(e.class, Class::Io, "{}", e.message);

@@ -47,6 +47,15 @@ struct TargetMeta {
     /// it finds the blocks tensor one block long and refuses it, unless there is one block).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     shared: bool,
+    /// Where the target sits in its tensor's sequence of transforms (a composed adapter);
+    /// written only when not 0. A reader that ignores it finds two targets on one tensor and
+    /// refuses them, unless they are disjoint row slices, which commute.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    stage: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -76,7 +85,10 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let mut metas = Vec::new();
     let mut keys = std::collections::HashSet::new();
     for t in &adapter.targets {
-        let key = t.label();
+        let key = match t.stage {
+            0 => t.label(),
+            k => format!("{}#{k}", t.label()),
+        };
         // Two targets with one key cannot both be stored (and the serialiser would panic).
         // Nothing else is checked here: `Adapter::validate` judges what is read back.
         if !keys.insert(key.clone()) {
@@ -138,6 +150,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             crop: t.crop,
             view: t.view,
             shared: t.share,
+            stage: t.stage,
         });
     }
     let mut rmetas = Vec::new();
@@ -359,6 +372,7 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             crop: m.crop,
             view: m.view,
             share: m.shared,
+            stage: m.stage,
             ..Default::default()
         };
         targets.push(t);

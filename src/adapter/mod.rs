@@ -2,6 +2,7 @@
 //! and the verifier see. docs/FORMAT.md specifies its on-disk form (`canonical.rs`).
 
 pub mod canonical;
+pub mod compose;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -103,6 +104,11 @@ pub struct Target {
     /// scale multiplying that matrix's columns (output side only). PEFT ≤ 0.13 merged Conv2d
     /// BOFT layers this way: the raw `(out, C, kh, kw)` buffer as `(C·kh·kw, out)`.
     pub view: Option<(usize, usize)>,
+    /// Where this target sits in the sequence of transforms its tensor undergoes: targets of one
+    /// tensor apply in increasing stage order, those of one stage together (one input-side target,
+    /// or output-side row slices). Every reader but the canonical one writes stage 0; a composed
+    /// adapter (`boft-convert --compose`) numbers its parts' stages after one another.
+    pub stage: u32,
 }
 
 /// A tensor that replaces a base tensor outright (PEFT `modules_to_save`, trained biases).
@@ -607,45 +613,7 @@ impl Target {
         // Where stored block `j` of a factor first sits on the diagonal (for messages).
         let position = |j: usize| if j == 0 { 0 } else { j + repeat };
         if partial && strength.mode != StrengthMode::Linear {
-            let v = data.to_mut();
-            for (k, b) in v.chunks_exact_mut(hh).enumerate() {
-                match strength.mode {
-                    StrengthMode::PerFactor => {
-                        b.iter_mut().for_each(|x| *x *= t as f32);
-                        for i in 0..h {
-                            b[i * h + i] += (1.0 - t) as f32;
-                        }
-                    }
-                    _ => {
-                        if blocks::orth_error(h, b) > GEODESIC_ORTH_TOL {
-                            return Err(Error::bare(
-                                Class::BadAdapter,
-                                format!(
-                                    "{}: block {} of factor {} is not orthogonal ({} blocks); \
-                                     --strength-mode geodesic needs rotations",
-                                    self.label(),
-                                    position(k % per),
-                                    k / per,
-                                    self.kind_name()
-                                ),
-                            ));
-                        }
-                        let p = blocks::orthogonal_power(h, b, t).ok_or_else(|| {
-                            Error::bare(
-                                Class::BadAdapter,
-                                format!(
-                                    "{}: block {} of factor {} turns some direction by 180°: \
-                                     no unique geodesic to scale",
-                                    self.label(),
-                                    position(k % per),
-                                    k / per
-                                ),
-                            )
-                        })?;
-                        b.copy_from_slice(&p);
-                    }
-                }
-            }
+            self.strengthen(data.to_mut(), per, strength, &position)?;
         }
         // Transposing inverts exactly orthogonal blocks; interpolated ones need a solve.
         let orthogonal = self.kind == BlockKind::Cayley
@@ -661,24 +629,7 @@ impl Target {
                     .filter(|p| !crate::math::perm::is_identity(p)),
             })
             .collect();
-        let mut scale = self.scale.clone();
-        if let (Some(s), true) = (
-            &mut scale,
-            partial && strength.mode == StrengthMode::Geodesic,
-        ) {
-            if let Some(i) = s.iter().position(|&x| x <= 0.0) {
-                return Err(Error::bare(
-                    Class::BadAdapter,
-                    format!(
-                        "{}: scale of row {i} is {} (not positive): --strength-mode geodesic \
-                         scales it to s^t",
-                        self.label(),
-                        s[i]
-                    ),
-                ));
-            }
-            s.iter_mut().for_each(|x| *x = x.powf(t as f32));
-        }
+        let mut scale = self.scale_at(strength)?;
         if inverse {
             factors.reverse();
             for (fi, f) in factors.iter_mut().enumerate() {
@@ -733,6 +684,118 @@ impl Target {
         })
     }
 
+    /// Blocks `v` (factor-major, `per` stored a factor) at a per-factor or geodesic strength;
+    /// `position(j)` is where stored block `j` first sits on the diagonal, for messages.
+    fn strengthen(
+        &self,
+        v: &mut [f32],
+        per: usize,
+        strength: Strength,
+        position: &dyn Fn(usize) -> usize,
+    ) -> Result<()> {
+        let (h, t) = (self.block_size, strength.t);
+        for (k, b) in v.chunks_exact_mut(h * h).enumerate() {
+            match strength.mode {
+                StrengthMode::PerFactor => {
+                    b.iter_mut().for_each(|x| *x *= t as f32);
+                    for i in 0..h {
+                        b[i * h + i] += (1.0 - t) as f32;
+                    }
+                }
+                _ => {
+                    if blocks::orth_error(h, b) > GEODESIC_ORTH_TOL {
+                        return Err(Error::bare(
+                            Class::BadAdapter,
+                            format!(
+                                "{}: block {} of factor {} is not orthogonal ({} blocks); \
+                                 --strength-mode geodesic needs rotations",
+                                self.label(),
+                                position(k % per),
+                                k / per,
+                                self.kind_name()
+                            ),
+                        ));
+                    }
+                    let p = blocks::orthogonal_power(h, b, t).ok_or_else(|| {
+                        Error::bare(
+                            Class::BadAdapter,
+                            format!(
+                                "{}: block {} of factor {} turns some direction by 180°: no \
+                                 unique geodesic to scale",
+                                self.label(),
+                                position(k % per),
+                                k / per
+                            ),
+                        )
+                    })?;
+                    b.copy_from_slice(&p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-row scale at a strength: `sᵗ` for a geodesic one, else as stored.
+    fn scale_at(&self, strength: Strength) -> Result<Option<Vec<f32>>> {
+        let mut scale = self.scale.clone();
+        if let (Some(s), true) = (
+            &mut scale,
+            strength.t != 1.0 && strength.mode == StrengthMode::Geodesic,
+        ) {
+            if let Some(i) = s.iter().position(|&x| x <= 0.0) {
+                return Err(Error::bare(
+                    Class::BadAdapter,
+                    format!(
+                        "{}: scale of row {i} is {} (not positive): --strength-mode geodesic \
+                         scales it to s^t",
+                        self.label(),
+                        s[i]
+                    ),
+                ));
+            }
+            let t = strength.t as f32;
+            s.iter_mut().for_each(|x| *x = x.powf(t));
+        }
+        Ok(scale)
+    }
+
+    /// This target with a per-factor or geodesic strength baked into its blocks and scale, so
+    /// that applying it at full strength equals applying this one at `strength`. A linear
+    /// strength other than 1 is a blend, not a chain, and is refused; so is a geodesic one on a
+    /// cropped target (the power of a cropped block is not the cropped power).
+    pub fn at_strength(&self, strength: Strength) -> Result<Target> {
+        let mut t = self.clone();
+        if strength.t == 1.0 {
+            return Ok(t);
+        }
+        let bad = |m: &str| Error::bare(Class::Usage, format!("{}: {m}", self.label()));
+        match strength.mode {
+            StrengthMode::Linear => {
+                return Err(bad(
+                    "a linear strength other than 1 (W + t·(F(W) − W)) blends the weight with \
+                     its transform: it is not a chain of factors and cannot be composed (use \
+                     mode=per-factor or mode=geodesic)",
+                ))
+            }
+            StrengthMode::Geodesic if self.crop.is_some_and(|c| c < self.n()) => {
+                return Err(bad(
+                    "a geodesic strength of a cropped transform is not a chain of factors",
+                ))
+            }
+            _ => {}
+        }
+        t.materialise()?;
+        let per = t.stored();
+        let share = t.share;
+        self.strengthen(&mut t.data, per, strength, &|j| if share { 0 } else { j })?;
+        t.scale = self.scale_at(strength)?;
+        if strength.mode == StrengthMode::PerFactor {
+            // t·B + (1 − t)·I is no longer orthogonal.
+            t.kind = BlockKind::Raw;
+        }
+        Ok(t)
+    }
+
     fn kind_name(&self) -> &'static str {
         match self.kind {
             BlockKind::Cayley => "Cayley",
@@ -743,11 +806,38 @@ impl Target {
     }
 }
 
-/// The rules between the targets of one base tensor: one input-side target alone, or
-/// output-side transforms of disjoint row ranges that all read the tensor through the same view
-/// (the engine transposes the tensor once, with one column count). A target without `rows`
-/// covers every row, so it stands alone too.
+/// The rules between the targets of one base tensor. They apply stage by stage (`Target::stage`);
+/// within a stage, one input-side target alone, or output-side transforms of disjoint row ranges
+/// that all read the tensor through the same view (the engine transposes the tensor once, with
+/// one column count). A target without `rows` covers every row, so it stands alone in its stage
+/// too. The factors applied to a row, summed over the stages, are at most `MAX_FACTORS`: every
+/// stage is applied to the whole tensor, and their number is a number from a file.
 pub fn check_tensor(name: &str, targets: &[&Target]) -> Result<()> {
+    let bad = |m: String| Error::bare(Class::BadAdapter, format!("{name}: {m}"));
+    if targets.len() < 2 {
+        return Ok(());
+    }
+    let mut by_stage: BTreeMap<u32, Vec<&Target>> = BTreeMap::new();
+    for t in targets {
+        by_stage.entry(t.stage).or_default().push(t);
+    }
+    let mut depth = 0usize;
+    for stage in by_stage.values() {
+        check_stage(name, stage)?;
+        depth += stage.iter().map(|t| t.factors).max().unwrap_or(0);
+    }
+    if depth > MAX_FACTORS {
+        return Err(bad(format!(
+            "{} stages chain {depth} factors, past the {MAX_FACTORS} limit (each is applied to \
+             every row of the base)",
+            by_stage.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The rules between the targets of one stage of a tensor (`check_tensor`).
+fn check_stage(name: &str, targets: &[&Target]) -> Result<()> {
     let bad = |m: String| Error::bare(Class::BadAdapter, format!("{name}: {m}"));
     if targets.len() < 2 {
         return Ok(());

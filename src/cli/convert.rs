@@ -34,14 +34,22 @@ pub enum To {
     version,
     after_help = "Examples:\n  boft-convert fixtures/peft_boft/adapters/llama_f32_f2 -o llama_f2.safetensors\n  \
 boft-convert adapter.safetensors --to peft -o my-peft-adapter/ --base model/\n  \
-boft-convert lycoris.safetensors --to lycoris -o out.safetensors --base unet/\n\n\
+boft-convert lycoris.safetensors --to lycoris -o out.safetensors --base unet/\n  \
+boft-convert --compose A B 'C,strength=0.5,mode=geodesic' -o composed.safetensors --base model/\n\n\
+--compose writes one adapter equal to applying its parts in order (docs/COMPOSE.md).\n\
 With --base, every target is checked against the base checkpoint and its shape recorded (an\n\
 export needs it for Conv2d layers and shared blocks). An export is exact or refused.\n\
 Exit status: 0 success, 2 error (one line on stderr)."
 )]
 pub struct Args {
     /// Adapter to read: a PEFT adapter folder, a LyCORIS/kohya file or a canonical file.
-    pub input: PathBuf,
+    #[arg(required_unless_present = "compose")]
+    pub input: Option<PathBuf>,
+    /// Adapters to compose into one, applied in the order given (at least two; replaces the
+    /// input): each PATH[,strength=T][,mode=per-factor|geodesic][,from=READER]. With --base their
+    /// names are resolved against it first, so parts from different formats line up.
+    #[arg(long, num_args = 2.., value_name = "ADAPTER", value_parser = super::values::AdapterSpecParser, conflicts_with = "input")]
+    pub compose: Vec<super::values::AdapterSpec>,
     /// File (canonical, lycoris) or folder (peft) to write.
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
@@ -98,13 +106,46 @@ where
 
 /// The conversion itself: no printing, no exit.
 pub fn run(args: &Args) -> Result<Converted, Error> {
-    let source = args.from.into();
-    let input = locate(&args.input, Role::Adapter)?;
-    let mut adapter = crate::formats::load_as(&input, source)?;
-    let mut inputs = vec![input.clone()];
-    if let Some(b) = &args.base {
-        let base = Checkpoint::open(&locate(b, Role::Checkpoint)?)?;
-        crate::merge::resolve_shapes(&base, &mut adapter, args.component.as_deref())?;
+    let base = match &args.base {
+        Some(b) => Some(Checkpoint::open(&locate(b, Role::Checkpoint)?)?),
+        None => None,
+    };
+    let component = args.component.as_deref();
+    let mut inputs = Vec::new();
+    let (input, mut adapter) = match &args.input {
+        Some(path) => {
+            let input = locate(path, Role::Adapter)?;
+            let adapter = crate::formats::load_as(&input, args.from.into())?;
+            inputs.push(input.clone());
+            (Some(input), adapter)
+        }
+        None => {
+            let mut parts = Vec::with_capacity(args.compose.len());
+            for spec in &args.compose {
+                let path = locate(&spec.path, Role::Adapter)?;
+                let mut a = crate::formats::load_as(&path, spec.from.unwrap_or(args.from).into())?;
+                if let Some(base) = &base {
+                    crate::merge::fit_in(base, &mut a, true, component)?;
+                }
+                let strength = crate::adapter::Strength {
+                    t: spec.strength.unwrap_or(1.0),
+                    mode: spec.mode.unwrap_or(super::values::Mode::Linear).into(),
+                };
+                // Said here, where the part's file is known (compose says it again, without it).
+                if strength.t != 1.0 {
+                    for t in &a.targets {
+                        t.at_strength(strength).map_err(|e| e.at(&path))?;
+                    }
+                }
+                parts.push((a, strength));
+                inputs.push(path);
+            }
+            let composed = crate::adapter::compose::compose(&parts)?;
+            (None, composed)
+        }
+    };
+    if let Some(base) = &base {
+        crate::merge::resolve_shapes(base, &mut adapter, component)?;
         inputs.extend(base.input_paths());
     }
     let inputs: Vec<PathBuf> = inputs
@@ -126,7 +167,10 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
             });
         }
         To::Peft => {
-            let mut emb: BTreeSet<String> = peft::export::peft_embedding_modules(&input);
+            let mut emb: BTreeSet<String> = input
+                .as_deref()
+                .map(peft::export::peft_embedding_modules)
+                .unwrap_or_default();
             emb.extend(args.embeddings.iter().cloned());
             peft::export::write_peft(&adapter, &args.output, &emb)?
         }

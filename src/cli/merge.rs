@@ -1,28 +1,36 @@
-//! `boft-merge`: bake an adapter into a checkpoint, or take it out again.
+//! `boft-merge`: bake adapters into a checkpoint, take them out again, or switch one for another,
+//! in one pass over the base; or many such merges of one base at once (`--batch`).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use serde::Deserialize;
 
-use crate::adapter::Strength;
+use super::values::{AdapterSpec, AdapterSpecParser};
+use crate::adapter::{Adapter, Strength};
 use crate::checkpoint::Checkpoint;
-use crate::error::{Class, Error};
+use crate::error::{err, Class, Error};
 use crate::hub::{locate, Role};
-use crate::merge::{self, Direction, Options, Stats};
+use crate::merge::{self, Direction, Job, Layer, Stats};
 
 /// The program name in messages.
 pub const PROGRAM: &str = "boft-merge";
 
-/// Bake a BOFT/OFT adapter into a safetensors checkpoint (or take it out again with --unmerge).
+/// Bake BOFT/OFT adapters into a safetensors checkpoint (or take them out again), in one pass.
 #[derive(Parser)]
 #[command(
     name = "boft-merge",
     version,
-    after_help = "Example:\n  boft-merge --base fixtures/peft_boft/bases/llama_f32 \\\n             --adapter fixtures/peft_boft/adapters/llama_f32_f2 -o merged-llama\n\n\
-The output keeps the base's layout (same files, shards, index and metadata); tensors the adapter\n\
-does not touch are copied byte for byte. It is written under a temporary name and renamed into\n\
-place only when complete. Exit status: 0 success, 2 error (one line on stderr)."
+    after_help = "Examples:\n  boft-merge --base fixtures/peft_boft/bases/llama_f32 \\\n             --adapter fixtures/peft_boft/adapters/llama_f32_f2 -o merged-llama\n  \
+boft-merge --base B --adapter A1 --adapter 'A2,strength=0.5,mode=geodesic' -o OUT\n  \
+boft-merge --base merged-with-A --unmerge-adapter A --adapter B -o merged-with-B\n  \
+boft-merge --base B --batch jobs.json\n\n\
+Adapters apply in the order given, after every --unmerge-adapter is taken out (in reverse order);\n\
+each tensor is read once, transformed in f32 by all of them and rounded once (docs/COMPOSE.md).\n\
+The output keeps the base's layout (same files, shards, index and metadata); tensors no adapter\n\
+touches are copied byte for byte. It is written under a temporary name and renamed into place\n\
+only when complete. Exit status: 0 success, 2 error (one line on stderr)."
 )]
 pub struct Args {
     /// Base checkpoint: a .safetensors file; a folder with model.safetensors or
@@ -31,27 +39,42 @@ pub struct Args {
     /// found in the local Hugging Face cache.
     #[arg(long)]
     pub base: PathBuf,
-    /// Adapter: a canonical .safetensors file, a PEFT adapter folder, a LyCORIS/kohya OFT
-    /// .safetensors file, or a hub id org/name[@revision][/file] in the local Hugging Face cache.
-    #[arg(long)]
-    pub adapter: PathBuf,
+    /// Adapter to apply, repeatable (applied in the order given): a canonical .safetensors file,
+    /// a PEFT adapter folder, a LyCORIS/kohya OFT .safetensors file, or a hub id
+    /// org/name[@revision][/file] in the local Hugging Face cache. Per-adapter options may follow
+    /// the path: PATH[,strength=T][,mode=linear|per-factor|geodesic][,from=READER].
+    #[arg(long, value_name = "ADAPTER", value_parser = AdapterSpecParser)]
+    pub adapter: Vec<AdapterSpec>,
+    /// Adapter to take out of the base first (exact inverse), repeatable: list them in the order
+    /// they were merged; they are undone in reverse order, before any --adapter applies. Same
+    /// per-adapter options as --adapter (the strength and mode it was merged with).
+    #[arg(long, value_name = "ADAPTER", value_parser = AdapterSpecParser)]
+    pub unmerge_adapter: Vec<AdapterSpec>,
+    /// Many merges of the base in one pass: a JSON file {"jobs": [{"output": OUT, "adapters":
+    /// [ADAPTER…], "unmerge_adapters": [ADAPTER…]}…]} (paths relative to the current folder);
+    /// each base tensor is read once and written to every output. Replaces -o and the adapter
+    /// flags.
+    #[arg(long, value_name = "JOBS.json", conflicts_with_all = ["adapter", "unmerge_adapter", "output", "unmerge"])]
+    pub batch: Option<PathBuf>,
     /// Resolve adapter module names only among this component's tensors (unet, transformer,
     /// text_encoder, text_encoder_2, vae, or a pipeline's component folder), for names that
     /// several components share.
     #[arg(long)]
     pub component: Option<String>,
-    /// Reader for the adapter: auto (detected), canonical, peft, peft-legacy-conv, lycoris, kohya.
+    /// Reader for every adapter (unless its own from= says otherwise): auto (detected),
+    /// canonical, peft, peft-legacy-conv, lycoris, kohya.
     #[arg(long, value_enum, default_value = "auto", hide_possible_values = true)]
     pub from: super::values::From,
     /// Output: a folder when the base is a folder, a file when the base is a file.
-    #[arg(short = 'o', long = "output")]
-    pub output: PathBuf,
-    /// Remove the adapter from a merged checkpoint instead of applying it.
+    #[arg(short = 'o', long = "output", required_unless_present = "batch")]
+    pub output: Option<PathBuf>,
+    /// Take every --adapter out of a merged checkpoint (in reverse order) instead of applying
+    /// it, as --unmerge-adapter does.
     #[arg(long)]
     pub unmerge: bool,
-    /// With --unmerge: leave tensors the adapter replaced outright (modules_to_save, trained
+    /// When taking adapters out: leave tensors they replaced outright (modules_to_save, trained
     /// biases) as they are instead of refusing; their originals are not in the adapter.
-    #[arg(long, requires = "unmerge")]
+    #[arg(long)]
     pub keep_replaced: bool,
     /// Replace an existing output.
     #[arg(long)]
@@ -62,7 +85,8 @@ pub struct Args {
     /// Where to compute: cpu (default), or cuda[:N] when built with the cuda feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Apply the adapter at this strength (1 = as trained).
+    /// Apply every adapter at this strength (1 = as trained), unless its own strength= says
+    /// otherwise.
     #[arg(long, default_value_t = 1.0)]
     pub strength: f64,
     /// How a strength other than 1 is applied: linear (W + t·(F(W) − W), what A1111 and kohya do),
@@ -78,8 +102,10 @@ pub struct Args {
 
 /// What a merge did.
 pub struct Merged {
-    /// What was written.
+    /// What was written (the first output's, for a batch).
     pub stats: Stats,
+    /// Every output and what was written to it, in the order given.
+    pub outputs: Vec<(PathBuf, Stats)>,
     /// The backend's name, as the summary line prints it.
     pub backend: String,
 }
@@ -93,16 +119,23 @@ where
     super::main_with(PROGRAM, argv, |args: &Args| {
         let done = run(args)?;
         if !args.quiet {
-            eprintln!(
-                "{} {}: {} tensors transformed, {} replaced, {} copied; {} bytes of tensor data written on {}",
-                if args.unmerge { "unmerged" } else { "merged" },
-                args.output.display(),
-                done.stats.transformed,
-                done.stats.replaced,
-                done.stats.copied,
-                done.stats.bytes,
-                done.backend
-            );
+            let verb = if args.unmerge && args.unmerge_adapter.is_empty() {
+                "unmerged"
+            } else {
+                "merged"
+            };
+            for (path, stats) in &done.outputs {
+                eprintln!(
+                    "{verb} {}: {} tensors transformed, {} replaced, {} copied; {} bytes of \
+                     tensor data written on {}",
+                    path.display(),
+                    stats.transformed,
+                    stats.replaced,
+                    stats.copied,
+                    stats.bytes,
+                    done.backend
+                );
+            }
             let left_out = &done.stats.left_out;
             if !left_out.is_empty() {
                 let names: Vec<String> = left_out
@@ -123,47 +156,167 @@ where
     })
 }
 
+/// One job of a batch file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobSpec {
+    output: PathBuf,
+    #[serde(default)]
+    adapters: Vec<String>,
+    #[serde(default)]
+    unmerge_adapters: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchSpec {
+    jobs: Vec<JobSpec>,
+}
+
+/// The most jobs a batch may hold: every output's files are open at once.
+pub const MAX_JOBS: usize = 256;
+
+/// A batch file's jobs: (output, adapters to take out, adapters to apply).
+type Jobs = Vec<(PathBuf, Vec<AdapterSpec>, Vec<AdapterSpec>)>;
+
+fn read_batch(path: &Path) -> Result<Jobs, Error> {
+    // A jobs file is small: past 16 MiB it is not one.
+    const MAX: u64 = 16 << 20;
+    let f = crate::checkpoint::file::open_regular(path, "a jobs file")?;
+    let mut text = String::new();
+    use std::io::Read;
+    f.take(MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    let bad = |m: String| err(Class::Usage, path, m);
+    if text.len() as u64 > MAX {
+        return Err(bad(format!("larger than {MAX} bytes: not a jobs file")));
+    }
+    let spec: BatchSpec = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("not a jobs file ({e}); see boft-merge --help")))?;
+    if spec.jobs.is_empty() || spec.jobs.len() > MAX_JOBS {
+        return Err(bad(format!(
+            "{} jobs: a batch holds 1 to {MAX_JOBS}",
+            spec.jobs.len()
+        )));
+    }
+    let parse = |v: &[String], j: usize| {
+        v.iter()
+            .map(|s| AdapterSpec::parse(s.as_ref()).map_err(|m| bad(format!("job {}: {m}", j + 1))))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    spec.jobs
+        .iter()
+        .enumerate()
+        .map(|(j, job)| {
+            if job.adapters.is_empty() && job.unmerge_adapters.is_empty() {
+                return Err(bad(format!("job {}: no adapters", j + 1)));
+            }
+            Ok((
+                job.output.clone(),
+                parse(&job.unmerge_adapters, j)?,
+                parse(&job.adapters, j)?,
+            ))
+        })
+        .collect()
+}
+
 /// The merge itself: no printing (but the progress bar, on a terminal, unless `quiet`), no exit.
 pub fn run(args: &Args) -> Result<Merged, Error> {
-    let backend = merge::Device::parse(&args.device)?.backend()?;
-    let base_path = locate(&args.base, Role::Checkpoint)?;
-    let adapter_path = locate(&args.adapter, Role::Adapter)?;
-    let base = Checkpoint::open(&base_path)?;
-    let source = args.from.into();
-    let mut adapter = crate::formats::load_deferred_as(&adapter_path, source)?;
-    merge::fit_in(&base, &mut adapter, true, args.component.as_deref())?;
-    let bar = super::progress::Bar::new(!args.quiet);
-    let opts = Options {
-        direction: match (args.unmerge, args.keep_replaced) {
-            (false, _) => Direction::Merge,
-            (true, false) => Direction::Unmerge,
-            (true, true) => Direction::UnmergeKeepReplaced,
-        },
-        progress: &bar,
-        strength: Strength {
-            t: args.strength,
-            mode: args.strength_mode.into(),
-        },
-    };
     if !args.strength.is_finite() {
         return Err(Error::bare(
             Class::Usage,
             format!("--strength {}: expected a finite number", args.strength),
         ));
     }
+    let jobs: Jobs = match &args.batch {
+        Some(path) => read_batch(path)?,
+        None => {
+            let output = args
+                .output
+                .clone()
+                .expect("clap requires -o without --batch");
+            if args.adapter.is_empty() && args.unmerge_adapter.is_empty() {
+                return Err(Error::bare(
+                    Class::Usage,
+                    "no adapter: give --adapter or --unmerge-adapter (see boft-merge --help)",
+                ));
+            }
+            if args.unmerge {
+                // --unmerge takes every --adapter out, as if each were an --unmerge-adapter.
+                let mut out = args.unmerge_adapter.clone();
+                out.extend(args.adapter.iter().cloned());
+                vec![(output, out, Vec::new())]
+            } else {
+                vec![(output, args.unmerge_adapter.clone(), args.adapter.clone())]
+            }
+        }
+    };
+    let backend = merge::Device::parse(&args.device)?.backend()?;
+    let base_path = locate(&args.base, Role::Checkpoint)?;
+    let base = Checkpoint::open(&base_path)?;
+
+    // Each distinct adapter is read and fitted once, however many jobs name it.
+    let mut loaded: Vec<(PathBuf, super::values::From, PathBuf, Adapter)> = Vec::new();
+    let mut index = |spec: &AdapterSpec| -> Result<usize, Error> {
+        let from = spec.from.unwrap_or(args.from);
+        if let Some(i) = loaded
+            .iter()
+            .position(|(p, f, _, _)| *p == spec.path && *f == from)
+        {
+            return Ok(i);
+        }
+        let path = locate(&spec.path, Role::Adapter)?;
+        let mut adapter = crate::formats::load_deferred_as(&path, from.into())?;
+        merge::fit_in(&base, &mut adapter, true, args.component.as_deref())?;
+        loaded.push((spec.path.clone(), from, path, adapter));
+        Ok(loaded.len() - 1)
+    };
+    let strength = |spec: &AdapterSpec| Strength {
+        t: spec.strength.unwrap_or(args.strength),
+        mode: spec.mode.unwrap_or(args.strength_mode).into(),
+    };
+    let out_dir = if args.keep_replaced {
+        Direction::UnmergeKeepReplaced
+    } else {
+        Direction::Unmerge
+    };
+    // (output, [(adapter index, direction, strength)]) with the un-merges first, reversed.
+    let mut recipes = Vec::with_capacity(jobs.len());
+    for (output, unmerge, merge) in &jobs {
+        let mut layers = Vec::new();
+        for spec in unmerge.iter().rev() {
+            layers.push((index(spec)?, out_dir, strength(spec)));
+        }
+        for spec in merge {
+            layers.push((index(spec)?, Direction::Merge, strength(spec)));
+        }
+        recipes.push((output.clone(), layers));
+    }
+    let jobs: Vec<Job> = recipes
+        .iter()
+        .map(|(output, layers)| Job {
+            dest: output.clone(),
+            layers: layers
+                .iter()
+                .map(|&(i, direction, strength)| Layer {
+                    adapter: &loaded[i].3,
+                    direction,
+                    strength,
+                })
+                .collect(),
+        })
+        .collect();
+    let mut inputs: Vec<&Path> = vec![&base_path];
+    inputs.extend(loaded.iter().map(|l| l.2.as_path()));
+    let bar = super::progress::Bar::new(!args.quiet);
     let stats = super::with_threads(args.threads, || {
-        merge::merge_to(
-            &base,
-            &adapter,
-            &args.output,
-            &[&base_path, &adapter_path],
-            args.force,
-            backend.as_ref(),
-            &opts,
-        )
+        merge::merge_batch(&base, &jobs, &inputs, args.force, backend.as_ref(), &bar)
     })?;
+    let outputs: Vec<(PathBuf, Stats)> = jobs.iter().map(|j| j.dest.clone()).zip(stats).collect();
     Ok(Merged {
-        stats,
+        stats: outputs[0].1.clone(),
+        outputs,
         backend: backend.name(),
     })
 }

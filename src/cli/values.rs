@@ -53,3 +53,99 @@ impl std::convert::From<Mode> for StrengthMode {
         }
     }
 }
+
+/// An adapter on the command line or in a batch file: `PATH[,strength=T][,mode=M][,from=F]`.
+/// The options after the path override `--strength`, `--strength-mode` and `--from` for this
+/// adapter alone. A string that names an existing file or folder as a whole is a path, commas
+/// and all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterSpec {
+    /// The adapter's path or hub id.
+    pub path: std::path::PathBuf,
+    /// `strength=T`.
+    pub strength: Option<f64>,
+    /// `mode=linear|per-factor|geodesic`.
+    pub mode: Option<Mode>,
+    /// `from=auto|canonical|peft|…`.
+    pub from: Option<From>,
+}
+
+impl AdapterSpec {
+    /// Parse one `--adapter` value.
+    pub fn parse(s: &std::ffi::OsStr) -> Result<AdapterSpec, String> {
+        let whole = AdapterSpec {
+            path: s.into(),
+            strength: None,
+            mode: None,
+            from: None,
+        };
+        let text = match s.to_str() {
+            Some(t) if !std::path::Path::new(s).exists() => t,
+            _ => return Ok(whole),
+        };
+        let mut parts = text.split(',');
+        let path = parts.next().unwrap_or_default();
+        let mut spec = AdapterSpec {
+            path: path.into(),
+            ..whole
+        };
+        for opt in parts {
+            let (key, value) = opt.split_once('=').ok_or_else(|| {
+                format!("{opt:?}: expected key=value (strength=T, mode=M or from=F) after the path")
+            })?;
+            match key {
+                "strength" => {
+                    let t: f64 = value
+                        .parse()
+                        .map_err(|_| format!("strength={value}: expected a number"))?;
+                    if !t.is_finite() {
+                        return Err(format!("strength={value}: expected a finite number"));
+                    }
+                    spec.strength = Some(t);
+                }
+                "mode" => spec.mode = Some(Mode::from_str(value, false)?),
+                "from" => spec.from = Some(From::from_str(value, false)?),
+                _ => {
+                    return Err(format!(
+                        "{key}={value}: unknown adapter option (strength, mode, from)"
+                    ))
+                }
+            }
+        }
+        if spec.path.as_os_str().is_empty() {
+            return Err(format!("{text:?}: no path before the options"));
+        }
+        Ok(spec)
+    }
+}
+
+impl std::str::FromStr for AdapterSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<AdapterSpec, String> {
+        AdapterSpec::parse(s.as_ref())
+    }
+}
+
+/// The clap parser of `AdapterSpec` values, on the raw argument (paths need not be UTF-8).
+#[derive(Clone)]
+pub struct AdapterSpecParser;
+
+impl clap::builder::TypedValueParser for AdapterSpecParser {
+    type Value = AdapterSpec;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<AdapterSpec, clap::Error> {
+        AdapterSpec::parse(value).map_err(|m| {
+            let name = arg.map(|a| a.to_string()).unwrap_or_default();
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for {name}: {m}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+}

@@ -44,6 +44,7 @@ pub(super) fn refuse(t: &Target, why: impl std::fmt::Display) -> Error {
 /// alone.
 pub(super) fn prepare(adapter: &Adapter) -> Result<Adapter> {
     check_views(adapter)?;
+    check_stages(adapter)?;
     let mut a = adapter.clone();
     a.materialise()?;
     for t in &a.targets {
@@ -98,6 +99,23 @@ pub(super) fn prepare(adapter: &Adapter) -> Result<Adapter> {
         t.expand_shared(&mut budget)?;
     }
     Ok(a)
+}
+
+/// A tensor transformed in several stages (a composed adapter whose parts did not fuse into one
+/// chain): PEFT and LyCORIS hold one transform per module.
+fn check_stages(adapter: &Adapter) -> Result<()> {
+    let mut first: BTreeMap<&str, u32> = BTreeMap::new();
+    for t in &adapter.targets {
+        if *first.entry(t.name.as_str()).or_insert(t.stage) != t.stage {
+            return Err(refuse(
+                t,
+                "the composed adapter transforms this tensor in several stages that do not make \
+                 one chain (docs/COMPOSE.md); PEFT and LyCORIS hold one transform per module: \
+                 no exact export (merge it, or keep it canonical)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Targets no library merges the way the canonical model says, whatever the side.

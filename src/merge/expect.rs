@@ -7,15 +7,17 @@ use crate::checkpoint::{dtype, TensorInfo};
 use crate::error::Result;
 use crate::math::kernel::Scratch;
 
-use super::{columns_f32, rows_chunked, Action, Backend, Built, CpuBackend, Plan};
+use super::apply::{apply_rows, rows_chunked, whole_f32};
+use super::{CpuBackend, Plan};
 
 /// What a plan does to one base tensor.
 pub enum Fate<'a> {
     /// Copied byte for byte.
     Untouched,
-    /// Transformed by the adapter's rotations (`Plan::expected_f32` gives the values).
+    /// Transformed by the adapters' rotations (`Plan::expected_f32` gives the values).
     Transformed,
-    /// Overwritten by the adapter's own tensor (`modules_to_save`, a trained bias).
+    /// Overwritten by an adapter's own tensor (`modules_to_save`, a trained bias) and not
+    /// transformed after that.
     Replaced(&'a Replacement),
 }
 
@@ -24,8 +26,10 @@ impl Plan<'_> {
     pub fn fate(&self, name: &str) -> Fate<'_> {
         match self.action(name) {
             None => Fate::Untouched,
-            Some(Action::Replace(r)) => Fate::Replaced(r),
-            Some(_) => Fate::Transformed,
+            Some(a) => match (a.start, a.groups.is_empty()) {
+                (Some(r), true) => Fate::Replaced(r),
+                _ => Fate::Transformed,
+            },
         }
     }
 
@@ -42,41 +46,45 @@ impl Plan<'_> {
         then: Option<&Plan>,
         sink: impl Fn(usize, &[f32]) + Sync,
     ) -> Result<()> {
-        let action = self.action(&t.name).expect("a transformed tensor");
+        let built = self.build(self.action(&t.name).expect("a transformed tensor"))?;
+        let back = then
+            .map(|p| p.build(p.action(&t.name).expect("same targets")))
+            .transpose()?;
         let dt = t.dtype;
         let never = || false;
-        let inv = then.map(|p| p.build(p.action(&t.name).expect("same targets")));
-        match (self.build(action)?, inv.transpose()?) {
-            (Built::Rows(chain), None) => {
-                let n = chain.n;
-                rows_chunked(t, src, &chain, &CpuBackend, &never, |r0, x, _| {
+        if built.rows_only() && back.as_ref().is_none_or(|b| b.rows_only()) {
+            let n: usize = t.shape[1..].iter().product();
+            rows_chunked(t, src, &built, &CpuBackend, &never, |r0, x, _| {
+                let Some(back) = &back else {
                     sink(r0 * n, x);
-                    Ok(())
-                })?;
-            }
-            (Built::Rows(chain), Some(Built::Rows(back))) => {
+                    return Ok(());
+                };
                 // Round F(W) to the dtype, then apply F⁻¹, as boft-merge --unmerge does.
-                let n = chain.n;
-                rows_chunked(t, src, &chain, &CpuBackend, &never, |r0, x, _| {
-                    let mut y: Vec<f32> = x.iter().map(|&v| dtype::round_f32(dt, v)).collect();
-                    let rows = y.len() / n;
-                    CpuBackend.apply(&back, &mut y, r0, rows, &mut Scratch::default())?;
-                    sink(r0 * n, &y);
-                    Ok(())
-                })?;
-            }
-            (Built::Columns(slices, cols), None) => {
-                let w = columns_f32(t, src, &slices, cols, &CpuBackend)?;
-                sink(0, &w);
-            }
-            (Built::Columns(slices, cols), Some(Built::Columns(back, bcols))) => {
-                let w = columns_f32(t, src, &slices, cols, &CpuBackend)?;
+                let mut y: Vec<f32> = x.iter().map(|&v| dtype::round_f32(dt, v)).collect();
+                let rows = y.len() / n;
+                let (mut scratch, mut orig) = (Scratch::default(), Vec::new());
+                apply_rows(
+                    back.groups(),
+                    &CpuBackend,
+                    &mut y,
+                    r0,
+                    rows,
+                    &mut scratch,
+                    &mut orig,
+                )?;
+                sink(r0 * n, &y);
+                Ok(())
+            })?;
+            return Ok(());
+        }
+        let w = whole_f32(t, src, &built, &CpuBackend)?;
+        match back {
+            None => sink(0, &w),
+            Some(back) => {
                 let mut bytes = vec![0u8; src.len()];
                 dtype::encode_f32(dt, &w, &mut bytes);
-                let y = columns_f32(t, &bytes, &back, bcols, &CpuBackend)?;
-                sink(0, &y);
+                sink(0, &whole_f32(t, &bytes, &back, &CpuBackend)?);
             }
-            _ => unreachable!("merge and un-merge plans build the same kinds"),
         }
         Ok(())
     }

@@ -1,0 +1,391 @@
+//! What one tensor becomes. Its plan (`Action`: a replacement to start from, then groups of
+//! stages, one group per adapter) is built into kernel chains and applied in f32, and the result
+//! is rounded to the tensor's dtype once, however many adapters touched it.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::adapter::{Replacement, Strength, StrengthMode};
+use crate::checkpoint::{dtype, TensorInfo};
+use crate::error::{err, Class, Error, Result};
+use crate::math::kernel::{Chain, Scratch};
+
+use super::{Action, Backend, Plan, Stage};
+
+/// A stage's kernel chains.
+pub(super) enum BuiltStage {
+    /// Whole rows (input side).
+    Rows(Chain),
+    /// Row slices and their chains (output side), and the number of columns the tensor is read
+    /// as.
+    Columns(Vec<((usize, usize), Chain)>, Option<usize>),
+}
+
+/// One adapter's stages on a tensor, built.
+pub(super) struct BuiltGroup {
+    stages: Vec<BuiltStage>,
+    /// A linear strength applied to the group as a whole (`x + t·(F(x) − x)`, F all its
+    /// stages); 1 when it is inside the chains (a group of one stage) or there is none.
+    blend: f32,
+}
+
+/// An action's kernel chains, built just before its tensor is processed so that only a few
+/// targets' blocks exist at any time.
+pub(super) struct Built<'a> {
+    /// The values start from this replacement instead of the base tensor.
+    start: Option<&'a Replacement>,
+    groups: Vec<BuiltGroup>,
+}
+
+impl Built<'_> {
+    /// The groups, in the order they apply.
+    pub(super) fn groups(&self) -> &[BuiltGroup] {
+        &self.groups
+    }
+
+    /// Every stage transforms whole rows, from the base's values: the tensor can stream in row
+    /// chunks.
+    pub(super) fn rows_only(&self) -> bool {
+        self.start.is_none()
+            && self
+                .groups
+                .iter()
+                .all(|g| g.stages.iter().all(|s| matches!(s, BuiltStage::Rows(_))))
+    }
+}
+
+impl Plan<'_> {
+    /// Compute an action's blocks and build its chains (the inverse ones for un-merged groups).
+    pub(super) fn build<'b>(&self, a: &Action<'b>) -> Result<Built<'b>> {
+        let at = |e: Error| e.at(&self.base.root);
+        let mut groups = Vec::with_capacity(a.groups.len());
+        for g in &a.groups {
+            // A linear blend of several stages blends their product, not each stage: the chains
+            // are built at full strength and the group blended once.
+            let several = g.stages.len() > 1;
+            let linear = g.strength.mode == StrengthMode::Linear && g.strength.t != 1.0;
+            let (strength, blend) = if several && linear && !g.inverse {
+                (Strength::FULL, g.strength.t as f32)
+            } else {
+                (g.strength, 1.0)
+            };
+            let chain = |t: &crate::adapter::Target| t.chain_at(g.inverse, strength).map_err(at);
+            let stages = g
+                .stages
+                .iter()
+                .map(|s| {
+                    Ok(match s {
+                        Stage::Rows(t) => BuiltStage::Rows(chain(t)?),
+                        Stage::Columns(slices) => BuiltStage::Columns(
+                            slices
+                                .iter()
+                                .map(|(r, t)| Ok((*r, chain(t)?)))
+                                .collect::<Result<_>>()?,
+                            slices.iter().find_map(|(_, t)| t.view.map(|v| v.1)),
+                        ),
+                    })
+                })
+                .collect::<Result<_>>()?;
+            groups.push(BuiltGroup { stages, blend });
+        }
+        Ok(Built {
+            start: a.start,
+            groups,
+        })
+    }
+}
+
+/// Elements per work chunk: large enough for efficient block GEMMs, small enough to stay in cache.
+const CHUNK_ELEMS: usize = 1 << 17;
+
+/// The output bytes of one targeted tensor (`src` its base bytes, `path` its file for
+/// messages), into `out` (its size).
+pub(super) fn tensor_bytes(
+    path: &Path,
+    t: &TensorInfo,
+    src: &[u8],
+    b: &Built,
+    backend: &dyn Backend,
+    stop: &(dyn Fn() -> bool + Sync),
+    out: &mut [u8],
+) -> Result<()> {
+    if let (Some(r), true) = (b.start, b.groups.is_empty()) {
+        if r.dtype == t.dtype {
+            out.copy_from_slice(&r.data);
+        } else {
+            let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
+            dtype::encode_f32(t.dtype, &v, out);
+        }
+        return safe_merge(path, t, 0, src, out);
+    }
+    if b.rows_only() {
+        // Checked chunk by chunk, while each is in cache.
+        return rows_into(path, t, src, &b.groups, backend, stop, out);
+    }
+    let w = whole_f32(t, src, b, backend)?;
+    dtype::encode_f32(t.dtype, &w, out);
+    safe_merge(path, t, 0, src, out)
+}
+
+/// PEFT's `safe_merge`, element by element: refuse an output tensor that holds NaN or ±Inf where
+/// the base held a finite value (a huge `--strength`, an `--unmerge` by a scale near zero, or a
+/// value past the dtype's range once rounded). `base` and `out` are the encoded bytes of the same
+/// elements, the first of which is element `first` of the tensor.
+fn safe_merge(path: &Path, t: &TensorInfo, first: usize, base: &[u8], out: &[u8]) -> Result<()> {
+    match dtype::first_new_non_finite(t.dtype, base, out) {
+        None => Ok(()),
+        Some((i, b, v)) => Err(err(
+            Class::NonFinite,
+            path,
+            format!(
+                "{}: the merged value of element {} is {v} where the base holds {b}: it does not \
+                 fit {} (too large a --strength, or an --unmerge by a scale near zero?); nothing \
+                 was written",
+                t.name,
+                first + i,
+                t.dtype.name()
+            ),
+        )),
+    }
+}
+
+/// Length of a row as the input-side chains see it.
+fn row_len(t: &TensorInfo) -> usize {
+    t.shape[1..].iter().product()
+}
+
+/// `rows_chunked`, encoding each chunk into its place in `out` (the tensor's bytes).
+fn rows_into(
+    path: &Path,
+    t: &TensorInfo,
+    src: &[u8],
+    groups: &[BuiltGroup],
+    backend: &dyn Backend,
+    stop: &(dyn Fn() -> bool + Sync),
+    out: &mut [u8],
+) -> Result<()> {
+    let esize = t.dtype.float_size().expect("checked at planning");
+    let n = row_len(t);
+    let row_bytes = n * esize;
+    let chunk_rows = chunk_rows(t, backend);
+    out.par_chunks_mut(chunk_rows * row_bytes)
+        .enumerate()
+        .try_for_each(|(c, dst)| {
+            if stop() {
+                return Ok(());
+            }
+            let r0 = c * chunk_rows;
+            with_chunk(
+                t,
+                src,
+                groups,
+                backend,
+                r0,
+                r0 + dst.len() / row_bytes,
+                |x, _| {
+                    dtype::encode_f32(t.dtype, x, dst);
+                    let base = &src[r0 * row_bytes..r0 * row_bytes + dst.len()];
+                    safe_merge(path, t, r0 * n, base, dst)
+                },
+            )
+        })
+}
+
+fn chunk_rows(t: &TensorInfo, backend: &dyn Backend) -> usize {
+    let rows = t.shape[0];
+    (backend.chunk_elems().max(CHUNK_ELEMS) / row_len(t).max(1)).clamp(1, rows.max(1))
+}
+
+/// Apply row-stage groups to `rows` rows in `x` (the first of them row `row0`).
+pub(super) fn apply_rows(
+    groups: &[BuiltGroup],
+    backend: &dyn Backend,
+    x: &mut Vec<f32>,
+    row0: usize,
+    rows: usize,
+    scratch: &mut Scratch,
+    orig: &mut Vec<f32>,
+) -> Result<()> {
+    for g in groups {
+        if g.blend != 1.0 {
+            orig.clear();
+            orig.extend_from_slice(x);
+        }
+        for s in &g.stages {
+            let BuiltStage::Rows(chain) = s else {
+                unreachable!("row chunks are only made of row stages");
+            };
+            backend.apply(chain, x, row0, rows, scratch)?;
+        }
+        if g.blend != 1.0 {
+            blend(x, orig, g.blend);
+        }
+    }
+    Ok(())
+}
+
+/// `x ← orig + t·(x − orig)`, the kernel's own linear strength.
+fn blend(x: &mut [f32], orig: &[f32], t: f32) {
+    for (v, o) in x.iter_mut().zip(orig) {
+        *v = o + t * (*v - o);
+    }
+}
+
+/// Per-thread buffers for one chunk: the kernel's scratch, the chunk's values, a byte buffer for
+/// the caller, and the values before a blended group.
+type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>);
+
+thread_local! {
+    /// Per-thread buffers that live as long as the worker thread: rayon's `*_init` helpers make
+    /// fresh ones for every work split, and faulting in and zeroing megabytes of new pages per
+    /// split cost more than the arithmetic.
+    static WORK: std::cell::RefCell<Work> = std::cell::RefCell::new(Default::default());
+}
+
+/// Run `body` with this thread's buffers.
+fn with_work<R>(body: impl FnOnce(&mut Work) -> R) -> R {
+    // A backend that itself uses rayon may run another chunk on this thread while the buffers
+    // are borrowed; that chunk gets buffers of its own.
+    WORK.with(|w| match w.try_borrow_mut() {
+        Ok(mut g) => body(&mut g),
+        Err(_) => body(&mut Default::default()),
+    })
+}
+
+/// Decode rows `r0..r1`, apply the groups, hand the f32 result (and a reusable byte buffer) to
+/// `f`, with per-thread buffers.
+fn with_chunk(
+    t: &TensorInfo,
+    src: &[u8],
+    groups: &[BuiltGroup],
+    backend: &dyn Backend,
+    r0: usize,
+    r1: usize,
+    f: impl FnOnce(&[f32], &mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let esize = t.dtype.float_size().expect("checked at planning");
+    let n = row_len(t);
+    with_work(|(scratch, x, bytes, orig)| {
+        x.resize((r1 - r0) * n, 0.0);
+        dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
+        apply_rows(groups, backend, x, r0, r1 - r0, scratch, orig)?;
+        f(x, bytes)
+    })
+}
+
+/// Transform a row-stage tensor in row chunks, in parallel, handing each finished chunk (its
+/// first row and its f32 values) to `sink` with a reusable byte buffer. Memory stays at a few
+/// chunks per thread whatever the tensor's size.
+pub(super) fn rows_chunked(
+    t: &TensorInfo,
+    src: &[u8],
+    b: &Built,
+    backend: &dyn Backend,
+    stop: &(dyn Fn() -> bool + Sync),
+    sink: impl Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
+) -> Result<()> {
+    let rows = t.shape[0];
+    let chunk_rows = chunk_rows(t, backend);
+    (0..rows.div_ceil(chunk_rows))
+        .into_par_iter()
+        .try_for_each(|c| -> Result<()> {
+            if stop() {
+                return Ok(());
+            }
+            let r0 = c * chunk_rows;
+            let r1 = (r0 + chunk_rows).min(rows);
+            with_chunk(t, src, &b.groups, backend, r0, r1, |x, bytes| {
+                sink(r0, x, bytes)
+            })
+        })
+}
+
+/// The whole tensor in f32 after every group: the base's values (or the replacement's), each
+/// stage applied in turn. Memory is bounded by the tensor, not the model.
+pub(super) fn whole_f32(
+    t: &TensorInfo,
+    src: &[u8],
+    b: &Built,
+    backend: &dyn Backend,
+) -> Result<Vec<f32>> {
+    let mut w = match b.start {
+        Some(r) => dtype::decode_any_f32(r.dtype, &r.data),
+        None => dtype::decode_any_f32(t.dtype, src),
+    }
+    .expect("float tensor");
+    let mut orig = Vec::new();
+    for g in &b.groups {
+        if g.blend != 1.0 {
+            orig.clone_from(&w);
+        }
+        for s in &g.stages {
+            match s {
+                BuiltStage::Rows(chain) => rows_in_place(&mut w, chain, backend)?,
+                BuiltStage::Columns(slices, cols) => columns(t, &mut w, slices, *cols, backend)?,
+            }
+        }
+        if g.blend != 1.0 {
+            blend(&mut w, &orig, g.blend);
+        }
+    }
+    Ok(w)
+}
+
+/// Apply an input-side chain to every row of `w`, in parallel chunks.
+fn rows_in_place(w: &mut [f32], chain: &Chain, backend: &dyn Backend) -> Result<()> {
+    let n = chain.n;
+    let chunk_rows = (backend.chunk_elems().max(CHUNK_ELEMS) / n).max(1);
+    w.par_chunks_mut(chunk_rows * n)
+        .enumerate()
+        .try_for_each(|(c, chunk)| {
+            with_work(|(scratch, x, _, _)| {
+                x.clear();
+                x.extend_from_slice(chunk);
+                backend.apply(chain, x, c * chunk_rows, chunk.len() / n, scratch)?;
+                chunk.copy_from_slice(x);
+                Ok(())
+            })
+        })
+}
+
+/// Output-side transforms mix rows, so each row slice is handled as column vectors: the slice
+/// is transposed (one vector per column), transformed in parallel batches, and transposed back
+/// into `w`, the whole tensor in f32.
+fn columns(
+    t: &TensorInfo,
+    w: &mut [f32],
+    slices: &[((usize, usize), Chain)],
+    view_cols: Option<usize>,
+    backend: &dyn Backend,
+) -> Result<()> {
+    let cols: usize = view_cols.unwrap_or_else(|| row_len(t));
+    for ((a, b), chain) in slices {
+        // A cropped transform (chain.n > b − a) acts on columns padded with zeros.
+        let (m, n) = (b - a, chain.n);
+        let mut xt = vec![0f32; n * cols];
+        for i in 0..m {
+            for c in 0..cols {
+                xt[c * n + i] = w[(a + i) * cols + c];
+            }
+        }
+        let batch = (CHUNK_ELEMS / n).clamp(1, cols.max(1)) * n;
+        xt.par_chunks_mut(batch).enumerate().try_for_each_init(
+            || (Scratch::default(), Vec::<f32>::new()),
+            |(scratch, x), (ci, chunk)| -> Result<()> {
+                x.clear();
+                x.extend_from_slice(chunk);
+                // Each column is a vector: a per-vector scale is indexed by column.
+                backend.apply(chain, x, ci * batch / n, chunk.len() / n, scratch)?;
+                chunk.copy_from_slice(x);
+                Ok(())
+            },
+        )?;
+        for i in 0..m {
+            for c in 0..cols {
+                w[(a + i) * cols + c] = xt[c * n + i];
+            }
+        }
+    }
+    Ok(())
+}

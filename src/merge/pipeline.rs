@@ -1,0 +1,404 @@
+//! The streaming writer: every file of the base written to one or more outputs front to back at
+//! the base's offsets, untouched runs copied, targeted tensors transformed (`apply`), with a
+//! builder computing blocks ahead, the cores transforming, and a writer keeping the disks busy.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::checkpoint::{Checkpoint, SafeFile, TensorInfo};
+use crate::error::{err, Class, Error, Result};
+use crate::output::{self, Staged};
+
+use super::apply::tensor_bytes;
+use super::{Action, Backend, Plan, Progress, Stats};
+
+/// One output file being written at the same offsets as its input.
+struct OutFile<'a> {
+    src: &'a SafeFile,
+    dst: File,
+    dst_path: PathBuf,
+}
+
+/// One piece of an output, in file and offset order.
+enum Step<'a> {
+    Copy(CopyRun),
+    /// Output file `out` gets tensor `t` as plan `job` makes it.
+    Work {
+        out: usize,
+        job: usize,
+        t: &'a TensorInfo,
+        action: &'a Action<'a>,
+    },
+}
+
+impl Step<'_> {
+    fn out(&self) -> usize {
+        match self {
+            Step::Copy(r) => r.out,
+            Step::Work { out, .. } => *out,
+        }
+    }
+}
+
+/// Contiguous run of untouched tensors to copy verbatim into output file `out`.
+struct CopyRun {
+    out: usize,
+    start: usize,
+    len: usize,
+}
+
+/// Create every file of `base` under `staged` (headers written, data reserved) and copy the
+/// folder's other files.
+fn open_outputs<'a>(base: &'a Checkpoint, staged: &Staged) -> Result<Vec<OutFile<'a>>> {
+    let mut outs = Vec::with_capacity(base.files.len());
+    for (rel, f) in &base.files {
+        // Created once, exclusively and not through a symlink, and written only through
+        // this handle (`Staged`).
+        let (path, dst) = if base.is_folder() {
+            (staged.path().join(rel), staged.create(rel)?)
+        } else {
+            let path = staged.path().to_path_buf();
+            let dst = staged
+                .file_handle()
+                .try_clone()
+                .map_err(|e| Error::io(&path, e))?;
+            (path, dst)
+        };
+        reserve(&dst, f.len() as u64).map_err(|e| Error::io(&path, e))?;
+        dst.write_all_at(f.header_bytes(), 0)
+            .map_err(|e| Error::io(&path, e))?;
+        outs.push(OutFile {
+            src: f,
+            dst,
+            dst_path: path,
+        });
+    }
+    if base.is_folder() {
+        // Several names for one file (a Hugging Face snapshot's links to one blob) keep every
+        // name in the output but its bytes once: later names become hard links to the first
+        // copy. Same file = same device and inode of the handle opened to copy it.
+        let mut first_copy: HashMap<(u64, u64), &Path> = HashMap::new();
+        for rel in &base.others {
+            let from = base.root.join(rel);
+            let to = staged.path().join(rel);
+            let mut src = base.open_other(rel)?;
+            let id = src.metadata().ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+            if let Some(first) = id.and_then(|id| first_copy.get(&id)) {
+                if staged.link(first, rel) {
+                    continue;
+                }
+            }
+            if let Some(id) = id {
+                first_copy.entry(id).or_insert(rel.as_path());
+            }
+            let mut dst = staged.create(rel)?;
+            std::io::copy(&mut src, &mut dst).map_err(|e| {
+                // A full or read-only disk is the destination's fault, not the input's.
+                let dst_fault = matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS | libc::EFBIG)
+                );
+                Error::io(if dst_fault { &to } else { &from }, e)
+            })?;
+        }
+    }
+    Ok(outs)
+}
+
+/// Write every plan's output under its staged name, all from one pass over the base (the plans
+/// share it): each tensor is read once and written to every output before the next, untouched
+/// runs copied in pieces of at most `COPY_CHUNK` between outputs so that what one output reads
+/// is still cached for the next. Returns each output's statistics.
+pub(super) fn execute(
+    jobs: &[(&Plan, &Staged)],
+    backend: &dyn Backend,
+    bar: &dyn Progress,
+) -> Result<Vec<Stats>> {
+    let base = jobs[0].0.base;
+    debug_assert!(jobs.iter().all(|(p, _)| std::ptr::eq(p.base, base)));
+    let files = base.files.len();
+    let mut outs = Vec::with_capacity(jobs.len() * files);
+    for (_, staged) in jobs {
+        outs.extend(open_outputs(base, staged)?);
+    }
+
+    // Every output file is written front to back in one stream (untouched runs copied, targeted
+    // tensors transformed, in offset order) so that writeback stays sequential.
+    let cap = if jobs.len() > 1 {
+        COPY_CHUNK
+    } else {
+        usize::MAX
+    };
+    let mut steps: Vec<Step> = Vec::new();
+    let mut last: Vec<Option<usize>> = vec![None; outs.len()];
+    let mut stats: Vec<Stats> = (0..jobs.len())
+        .map(|_| Stats {
+            left_out: base.left_out.clone(),
+            ..Stats::default()
+        })
+        .collect();
+    for (fi, (_, f)) in base.files.iter().enumerate() {
+        for t in &f.tensors {
+            for (j, (plan, _)) in jobs.iter().enumerate() {
+                let out = j * files + fi;
+                let st = &mut stats[j];
+                st.bytes += (t.end - t.start) as u64;
+                if let Some(action) = plan.action(&t.name) {
+                    if action.groups.is_empty() {
+                        st.replaced += 1;
+                    } else {
+                        st.transformed += 1;
+                    }
+                    last[out] = Some(steps.len());
+                    steps.push(Step::Work {
+                        out,
+                        job: j,
+                        t,
+                        action,
+                    });
+                    continue;
+                }
+                st.copied += 1;
+                if let Some(Step::Copy(r)) = last[out].map(|i| &mut steps[i]) {
+                    if r.start + r.len == t.start && r.len < cap {
+                        r.len += t.end - t.start;
+                        continue;
+                    }
+                }
+                last[out] = Some(steps.len());
+                steps.push(Step::Copy(CopyRun {
+                    out,
+                    start: t.start,
+                    len: t.end - t.start,
+                }));
+            }
+        }
+    }
+
+    bar.start(stats.iter().map(|s| s.bytes).sum());
+    let abort = AtomicBool::new(false);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        abort.store(true, Ordering::SeqCst);
+        let mut g = first_err.lock().unwrap();
+        if g.is_none() {
+            *g = Some(e);
+        }
+    };
+    let stop = || abort.load(Ordering::Relaxed) || output::interrupted();
+
+    std::thread::scope(|s| {
+        // Three stages run at once: a builder computes blocks (and un-merge inverses) ahead,
+        // this thread transforms tensors into buffers (in parallel across the cores), and a
+        // writer goes through each file front to back, copying untouched runs and writing
+        // finished tensors, so the disk stays busy while the cores compute. The channels are
+        // bounded: memory holds a few targets' blocks and at most three transformed tensors.
+        let (built_tx, built_rx) = std::sync::mpsc::sync_channel(2);
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+        let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let steps = &steps;
+        s.spawn(move || {
+            for step in steps {
+                if let Step::Work { job, action, .. } = step {
+                    if stop() || built_tx.send(jobs[*job].0.build(action)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let (outs, fail) = (&outs, &fail);
+        // Each file is fsynced as soon as its last byte is written, on a thread of its own,
+        // so that flushing one file overlaps the work on the next.
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel::<usize>();
+        s.spawn(move || {
+            for fi in sync_rx {
+                let o = &outs[fi];
+                if let Err(e) = o.dst.sync_all() {
+                    fail(Error::io(&o.dst_path, e));
+                    return;
+                }
+            }
+        });
+        s.spawn(move || {
+            // Files without tensors are complete already.
+            for (fi, l) in last.iter().enumerate() {
+                if l.is_none() {
+                    let _ = sync_tx.send(fi);
+                }
+            }
+            let mut done = out_rx.into_iter();
+            for (si, step) in steps.iter().enumerate() {
+                if stop() {
+                    return;
+                }
+                let res = match step {
+                    Step::Copy(r) => copy_range(&outs[r.out], r.start, r.len, &stop, &|n| {
+                        bar.advance(n as u64)
+                    }),
+                    Step::Work { out, t, .. } => match done.next() {
+                        Some(Ok(bytes)) => {
+                            let o = &outs[*out];
+                            let off = (o.src.data_offset + t.start) as u64;
+                            let r = o
+                                .dst
+                                .write_all_at(&bytes, off)
+                                .map_err(|e| Error::io(&o.dst_path, e));
+                            start_writeback(&o.dst, off, bytes.len());
+                            bar.advance(bytes.len() as u64);
+                            let _ = pool_tx.send(bytes);
+                            r
+                        }
+                        Some(Err(e)) => Err(e),
+                        None => return,
+                    },
+                };
+                if let Err(e) = res {
+                    fail(e);
+                    return;
+                }
+                if last[step.out()] == Some(si) {
+                    let _ = sync_tx.send(step.out());
+                }
+            }
+        });
+        let mut built = built_rx.into_iter();
+        for step in steps {
+            let Step::Work { out, t, .. } = step else {
+                continue;
+            };
+            if stop() {
+                break;
+            }
+            let mut buf = pool_rx.try_recv().unwrap_or_default();
+            buf.resize(t.end - t.start, 0);
+            let src = outs[*out].src;
+            // The builder ends early only when stopping.
+            let Some(b) = built.next() else {
+                break;
+            };
+            let res = b
+                .and_then(|b| tensor_bytes(&src.path, t, src.data(t), &b, backend, &stop, &mut buf))
+                .map(|()| buf);
+            let failed = res.is_err();
+            if out_tx.send(res).is_err() || failed {
+                break;
+            }
+        }
+        drop(out_tx);
+    });
+    bar.finish();
+    if let Some(e) = first_err.into_inner().unwrap() {
+        return Err(e);
+    }
+    output::check_interrupted()?;
+    Ok(stats)
+}
+
+/// Reserve the whole file up front so a full disk fails before any work, where the filesystem
+/// supports it; otherwise size it and let the writes report ENOSPC.
+fn reserve(f: &File, len: u64) -> std::io::Result<()> {
+    // SAFETY: plain syscall on an owned, open descriptor.
+    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        libc::EOPNOTSUPP | libc::EINVAL => f.set_len(len),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+const COPY_CHUNK: usize = 64 << 20;
+
+/// Ask the kernel to start writing a range out now. Without this, dirty pages pile up until the
+/// final fsync, which then writes the whole output while nothing else happens; with it the disk
+/// works while the transforms run, and the fsync at the end finds little left. Advisory: errors
+/// are left to the fsync.
+fn start_writeback(f: &File, off: u64, len: usize) {
+    // SAFETY: plain syscall on an open descriptor; it reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+fn copy_range(
+    o: &OutFile,
+    start: usize,
+    len: usize,
+    stop: &dyn Fn() -> bool,
+    progress: &dyn Fn(usize),
+) -> Result<()> {
+    let base = o.src.data_offset + start;
+    // The file that was mapped and checked, not whatever its path names by now.
+    let Some(src_file) = o.src.handle() else {
+        let bytes = &o.src.bytes()[base..base + len];
+        progress(len);
+        return o
+            .dst
+            .write_all_at(bytes, base as u64)
+            .map_err(|e| Error::io(&o.dst_path, e));
+    };
+    let mut done = 0usize;
+    while done < len {
+        if stop() {
+            return Ok(());
+        }
+        let want = (len - done).min(COPY_CHUNK);
+        let mut off_in = (base + done) as libc::loff_t;
+        let mut off_out = (base + done) as libc::loff_t;
+        // SAFETY: both descriptors are open for the duration of the call; offsets are passed by
+        // pointer to locals, so the files' own positions are untouched.
+        let n = unsafe {
+            libc::copy_file_range(
+                src_file.as_raw_fd(),
+                &mut off_in,
+                o.dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        let copied = if n > 0 {
+            n as usize
+        } else {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Not supported across these files: fall back to writing from the map.
+                Some(libc::EXDEV)
+                | Some(libc::ENOSYS)
+                | Some(libc::EINVAL)
+                | Some(libc::EOPNOTSUPP)
+                | None => {
+                    let bytes = &o.src.bytes()[base + done..base + done + want];
+                    o.dst
+                        .write_all_at(bytes, (base + done) as u64)
+                        .map_err(|e| Error::io(&o.dst_path, e))?;
+                    want
+                }
+                _ if n == 0 => {
+                    return Err(err(
+                        Class::Io,
+                        &o.src.path,
+                        "file shrank while being copied",
+                    ))
+                }
+                _ => return Err(Error::io(&o.dst_path, e)),
+            }
+        };
+        start_writeback(&o.dst, (base + done) as u64, copied);
+        done += copied;
+        progress(copied);
+    }
+    Ok(())
+}
