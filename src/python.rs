@@ -125,6 +125,17 @@ mod native {
             .collect();
         d.set_item("left_out", left_out)?;
         d.set_item("backend", done.backend)?;
+        let outputs = pyo3::types::PyList::empty(py);
+        for (path, stats) in &done.outputs {
+            let o = PyDict::new(py);
+            o.set_item("path", path.display().to_string())?;
+            o.set_item("transformed", stats.transformed)?;
+            o.set_item("replaced", stats.replaced)?;
+            o.set_item("copied", stats.copied)?;
+            o.set_item("bytes", stats.bytes)?;
+            outputs.append(o)?;
+        }
+        d.set_item("outputs", outputs)?;
         Ok(d)
     }
 

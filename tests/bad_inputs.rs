@@ -2501,3 +2501,133 @@ fn a50_shared_block_cropped_in_half() {
         "verify: peak RSS {peak} KiB"
     );
 }
+
+#[test]
+fn a51_stages_past_the_factor_limit() {
+    // A canonical file of 65 one-factor targets on one tensor, each its own stage (a composed
+    // adapter's sequence): every stage is applied to the whole tensor, so the stages of a tensor
+    // share the factor limit.
+    use boft::adapter::Side;
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    let targets = (0..65u32)
+        .map(|k| {
+            let mut t = canon_target("fc.weight", Side::Input, 1, 4, 12);
+            t.stage = k;
+            t
+        })
+        .collect();
+    let adapter = canon_file(&sc, targets);
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("65 factors"), "{}", stderr(&o));
+}
+
+/// `boft-merge --batch FILE` on the conv base, frozen first.
+fn batch(sc: &mut Scene, base: &Path, jobs: &Path, out: &Path) -> std::process::Output {
+    sc.freeze(&[base, jobs], out);
+    run_limited(
+        "boft-merge",
+        &[
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--batch".as_ref(),
+            jobs.as_os_str(),
+        ],
+    )
+}
+
+#[test]
+fn a52_hostile_jobs_file() {
+    // A jobs file is a list of outputs and adapters from whoever wrote it: malformed JSON,
+    // unknown keys, 257 jobs, 17 MiB of padding, a FIFO, two jobs writing one output under two
+    // spellings, an output that is an input, and an adapter option that does not exist are each
+    // one line, nothing written.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let jobs = sc.path("in/jobs.json");
+    let job = |o: &Path| serde_json::json!({"output": o, "adapters": [adapter]});
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("malformed", "{\"jobs\": [".into(), "not a jobs file"),
+        (
+            "unknown key",
+            serde_json::json!({"jobs": [{"output": out, "adapter": adapter}]}).to_string(),
+            "unknown field",
+        ),
+        (
+            "too many",
+            serde_json::json!({"jobs": (0..257).map(|i| job(&out.with_extension(i.to_string()))).collect::<Vec<_>>()}).to_string(),
+            "257 jobs",
+        ),
+        (
+            "huge",
+            format!("{}{}", " ".repeat(17 << 20), serde_json::json!({"jobs": [job(&out)]})),
+            "not a jobs file",
+        ),
+        (
+            "same output twice",
+            serde_json::json!({"jobs": [job(&out), job(&out.parent().unwrap().join(".").join(out.file_name().unwrap()))]}).to_string(),
+            "write the same output",
+        ),
+        (
+            "output is the base",
+            serde_json::json!({"jobs": [job(&base)]}).to_string(),
+            "",
+        ),
+        (
+            "bad option",
+            serde_json::json!({"jobs": [{"output": out, "adapters": [format!("{},strenght=2", adapter.display())]}]}).to_string(),
+            "unknown adapter option",
+        ),
+        (
+            "no adapters",
+            serde_json::json!({"jobs": [{"output": out}]}).to_string(),
+            "no adapters",
+        ),
+    ];
+    for (what, text, says) in cases {
+        std::fs::write(&jobs, &text).unwrap();
+        let o = batch(&mut sc, &base, &jobs, &out);
+        eprintln!("{what}:");
+        let existed = what == "output is the base";
+        let class = if existed { "output-is-input" } else { "usage" };
+        let target = if existed { base.clone() } else { out.clone() };
+        sc.assert_refused_keep(&o, class, &target, existed);
+        assert!(stderr(&o).contains(says), "{what}: {}", stderr(&o));
+    }
+    std::fs::remove_file(&jobs).unwrap();
+    mkfifo(&jobs);
+    let o = batch(&mut sc, &base, &jobs, &out);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+#[test]
+fn a53_switch_with_a_linear_unmerge() {
+    // `--unmerge-adapter A,strength=0.5 --adapter B`: a linear blend has no structured inverse;
+    // refused before any output exists, as `--unmerge` at a linear strength is.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let half = format!("{},strength=0.5", adapter.display());
+    sc.freeze(&[&base, &adapter], &out);
+    let o = run_limited(
+        "boft-merge",
+        &[
+            "--base".as_ref(),
+            base.as_os_str(),
+            "--unmerge-adapter".as_ref(),
+            half.as_ref(),
+            "--adapter".as_ref(),
+            adapter.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ],
+    );
+    sc.assert_refused(&o, "usage", &out);
+    assert!(
+        stderr(&o).contains("no structured inverse"),
+        "{}",
+        stderr(&o)
+    );
+}

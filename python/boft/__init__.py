@@ -55,17 +55,26 @@ def _argv(program, function, options):
     return argv
 
 
-def merge(base, adapter, output, **options):
+def merge(base, adapter=None, output=None, **options):
     """Bake ``adapter`` into the checkpoint ``base`` and write ``output`` (``boft-merge``).
 
     ``base`` and ``adapter`` are paths or hub ids (``org/name[@revision]``, found in the local
-    Hugging Face cache). Options: ``from_``, ``component``, ``unmerge``, ``keep_replaced``,
-    ``force``, ``threads``, ``device``, ``strength``, ``strength_mode``, ``quiet`` (no progress
-    bar). Returns a dict with ``transformed``, ``replaced``, ``copied``, ``bytes`` (tensor data
-    written), ``backend`` and ``left_out`` (stale weight files not written). Raises BoftError.
+    Hugging Face cache); ``adapter`` may be a list, applied in order, each entry optionally
+    ``PATH,strength=T,mode=M``. Options: ``unmerge_adapter`` (a path or a list: taken out first,
+    exactly), ``batch`` (a jobs file; then no ``adapter`` nor ``output``), ``from_``,
+    ``component``, ``unmerge``, ``keep_replaced``, ``force``, ``threads``, ``device``,
+    ``strength``, ``strength_mode``, ``quiet`` (no progress bar). Returns a dict with
+    ``transformed``, ``replaced``, ``copied``, ``bytes`` (tensor data written), ``backend``,
+    ``left_out`` (stale weight files not written) and ``outputs`` (one dict of these counts per
+    output, with its ``path``). Raises BoftError.
     """
     argv = _argv("boft-merge", "merge", options)
-    argv += [f"--base={_text(base)}", f"--adapter={_text(adapter)}", f"--output={_text(output)}"]
+    argv.append(f"--base={_text(base)}")
+    if adapter is not None:
+        adapters = [adapter] if isinstance(adapter, (str, bytes, _os.PathLike)) else adapter
+        argv += [f"--adapter={_text(a)}" for a in adapters]
+    if output is not None:
+        argv.append(f"--output={_text(output)}")
     return _native.merge(argv)
 
 
@@ -73,12 +82,15 @@ def convert(input, output, **options):
     """Convert the adapter ``input`` to the canonical format, or export it (``boft-convert``).
 
     Options: ``to`` ("canonical", "peft", "lycoris"), ``from_``, ``base``, ``embedding`` (a
-    module name or a list of them), ``force``. Returns a dict with ``kind``, ``source_format``,
+    module name or a list of them), ``compose`` (a list of adapters to compose into one, applied
+    in order; then ``input`` is None), ``force``. Returns a dict with ``kind``, ``source_format``,
     ``source_version``, ``targets``, ``replaced`` and ``message`` (the command's output line).
     Raises BoftError.
     """
     argv = _argv("boft-convert", "convert", options)
-    argv += [f"--output={_text(output)}", "--", _text(input)]
+    argv.append(f"--output={_text(output)}")
+    if input is not None:
+        argv += ["--", _text(input)]
     return _native.convert(argv)
 
 

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use super::{Adapter, BlockKind, Side, Strength, Target, MAX_FACTORS};
 use crate::error::{Class, Error, Result};
+use crate::math::{blocks, perm};
 
 /// `parts` (each adapter with the strength it is applied at) as one adapter: merging the result
 /// equals merging the parts in order. Target names are matched as they are: resolve them against
@@ -137,9 +138,29 @@ fn fuse(a: &mut Target, b: Target) -> Result<()> {
     a.materialise()?;
     let mut b = b;
     b.materialise()?;
-    a.data.extend_from_slice(&b.data);
-    a.perms.extend(b.perms);
-    a.factors += b.factors;
+    let unpermuted = |p: &Option<Vec<u32>>| p.as_ref().is_none_or(|p| perm::is_identity(p));
+    let (h, fa) = (a.block_size, a.factors);
+    let per = a.stored() * h * h;
+    if unpermuted(&a.perms[fa - 1]) && unpermuted(&b.perms[0]) {
+        // Two block-diagonal factors of one geometry meeting without a permutation are one:
+        // each block the product of the two (the second's times the first's). Two OFT adapters
+        // compose into one OFT adapter, which an export can write.
+        let last = &mut a.data[(fa - 1) * per..fa * per];
+        for (q0, q1) in last
+            .chunks_exact_mut(h * h)
+            .zip(b.data[..per].chunks_exact(h * h))
+        {
+            let p = blocks::product(h, q1, q0);
+            q0.copy_from_slice(&p);
+        }
+        a.data.extend_from_slice(&b.data[per..]);
+        a.perms.extend(b.perms.into_iter().skip(1));
+        a.factors += b.factors - 1;
+    } else {
+        a.data.extend_from_slice(&b.data);
+        a.perms.extend(b.perms);
+        a.factors += b.factors;
+    }
     a.scale = match (a.scale.take(), b.scale) {
         (Some(x), Some(y)) => Some(x.iter().zip(&y).map(|(p, q)| p * q).collect()),
         (x, y) => x.or(y),
@@ -224,6 +245,25 @@ mod tests {
         let v: Vec<f32> = (0..6).map(|i| i as f32 * 0.3 - 0.7).collect();
         let want = apply(&[a, b], &v);
         let got = apply(&c.targets, &v);
+        for (x, y) in want.iter().zip(&got) {
+            assert!((x - y).abs() < 1e-6, "{want:?} vs {got:?}");
+        }
+    }
+
+    #[test]
+    fn unpermuted_block_diagonals_multiply_into_one_factor() {
+        let mut a = target(Side::Output, 3, 2, 6, false);
+        let mut b = target(Side::Output, 3, 2, 7, true);
+        a.perms = vec![None];
+        b.perms = vec![None];
+        let c = compose(&[
+            (adapter(a.clone()), Strength::FULL),
+            (adapter(b.clone()), Strength::FULL),
+        ])
+        .unwrap();
+        assert_eq!((c.targets.len(), c.targets[0].factors), (1, 1));
+        let v: Vec<f32> = (0..6).map(|i| 0.5 - i as f32 * 0.2).collect();
+        let (want, got) = (apply(&[a, b], &v), apply(&c.targets, &v));
         for (x, y) in want.iter().zip(&got) {
             assert!((x - y).abs() < 1e-6, "{want:?} vs {got:?}");
         }

@@ -48,7 +48,7 @@ pub struct Args {
     /// Adapters to compose into one, applied in the order given (at least two; replaces the
     /// input): each PATH[,strength=T][,mode=per-factor|geodesic][,from=READER]. With --base their
     /// names are resolved against it first, so parts from different formats line up.
-    #[arg(long, num_args = 2.., value_name = "ADAPTER", value_parser = super::values::AdapterSpecParser, conflicts_with = "input")]
+    #[arg(long, num_args = 1.., value_name = "ADAPTER", value_parser = super::values::AdapterSpecParser, conflicts_with = "input")]
     pub compose: Vec<super::values::AdapterSpec>,
     /// File (canonical, lycoris) or folder (peft) to write.
     #[arg(short = 'o', long = "output")]
@@ -120,6 +120,12 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
             (Some(input), adapter)
         }
         None => {
+            if args.compose.len() < 2 {
+                return Err(Error::bare(
+                    crate::error::Class::Usage,
+                    "--compose takes at least two adapters (see boft-convert --help)",
+                ));
+            }
             let mut parts = Vec::with_capacity(args.compose.len());
             for spec in &args.compose {
                 let path = locate(&spec.path, Role::Adapter)?;

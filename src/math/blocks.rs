@@ -50,6 +50,20 @@ pub fn determinant(h: usize, b: &[f32]) -> f64 {
     m.determinant()
 }
 
+/// The product `a · b` of two h×h row-major blocks, summed in f64 and rounded once.
+pub fn product(h: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; h * h];
+    for i in 0..h {
+        for j in 0..h {
+            let s: f64 = (0..h)
+                .map(|k| f64::from(a[i * h + k]) * f64::from(b[k * h + j]))
+                .sum();
+            out[i * h + j] = s as f32;
+        }
+    }
+    out
+}
+
 /// An h×h block transposed.
 pub fn transpose(h: usize, b: &[f32]) -> Vec<f32> {
     let mut t = vec![0f32; h * h];

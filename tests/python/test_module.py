@@ -188,3 +188,40 @@ def test_version_matches_the_commands():
     o = subprocess.run([BIN / "boft-merge", "--version"], capture_output=True, text=True)
     assert o.returncode == 0
     assert o.stdout.strip() == f"boft-merge {boft.__version__}"
+
+
+def _bytes_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_several_adapters_switching_batches_and_composition(tmp_path):
+    """The issue-13 flags through the module: a list of adapters, unmerge_adapter, batch, compose."""
+    base = PEFT / "bases/llama_f32"
+    a, b = PEFT / "adapters/llama_f32_f2", PEFT / "adapters/llama_f32_f3"
+    stats = boft.merge(base, [a, b], tmp_path / "ab", quiet=True)
+    assert stats["transformed"] > 0 and len(stats["outputs"]) == 1
+    # The same as the command line with two --adapter flags, byte for byte.
+    subprocess.run(
+        [BIN / "boft-merge", "--base", base, "--adapter", a, "--adapter", b,
+         "-o", tmp_path / "cli", "-q"], check=True)
+    assert _bytes_of(tmp_path / "ab") == _bytes_of(tmp_path / "cli")
+    # Switch: A merged, then taken out and B put in.
+    boft.merge(base, a, tmp_path / "a", quiet=True)
+    boft.merge(tmp_path / "a", b, tmp_path / "switched", unmerge_adapter=a,
+               keep_replaced=True, quiet=True)
+    # A batch of two jobs: each output as its single merge.
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"jobs": [
+        {"output": str(tmp_path / "j1"), "adapters": [str(a)]},
+        {"output": str(tmp_path / "j2"), "adapters": [str(a), str(b)]},
+    ]}))
+    done = boft.merge(base, batch=jobs, quiet=True)
+    assert [o["path"] for o in done["outputs"]] == [str(tmp_path / "j1"), str(tmp_path / "j2")]
+    assert _bytes_of(tmp_path / "j1") == _bytes_of(tmp_path / "a")
+    assert _bytes_of(tmp_path / "j2") == _bytes_of(tmp_path / "ab")
+    # Composition: one adapter for the two.
+    done = boft.convert(None, tmp_path / "c.safetensors", compose=[a, b])
+    assert done["source_format"] == "composed(peft-boft, peft-boft)"
+    boft.merge(base, tmp_path / "c.safetensors", tmp_path / "c", quiet=True)
+    report = boft.verify(tmp_path / "c.safetensors", base=base, merged=tmp_path / "ab")
+    assert report["passed"] is True, report["failed"]
