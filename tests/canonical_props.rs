@@ -125,7 +125,9 @@ fn one_case(seed: u64, dir: &Path) -> &'static str {
                      {shape:?}"
                 );
             }
-            if targets.iter().any(|t| t.share) {
+            if targets.iter().any(|t| t.stage > 0) {
+                "merged-staged"
+            } else if targets.iter().any(|t| t.share) {
                 "merged-shared"
             } else {
                 "merged"
@@ -159,10 +161,11 @@ fn random_canonical_adapters_are_refused_or_merge_exactly() {
     // Both outcomes must be well represented for the test to mean anything.
     let count = |k: &str| counts.get(k).copied().unwrap_or(0);
     assert!(
-        count("merged") + count("merged-shared") >= 100,
+        count("merged") + count("merged-shared") + count("merged-staged") >= 100,
         "{counts:?}"
     );
     assert!(count("merged-shared") >= 10, "{counts:?}");
+    assert!(count("merged-staged") >= 10, "{counts:?}");
     assert!(count("refused") >= 60, "{counts:?}");
 }
 

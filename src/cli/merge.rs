@@ -252,6 +252,13 @@ pub fn run(args: &Args) -> Result<Merged, Error> {
             }
         }
     };
+    if args.keep_replaced && !jobs.iter().any(|(_, unmerge, _)| !unmerge.is_empty()) {
+        return Err(Error::bare(
+            Class::Usage,
+            "--keep-replaced applies only when adapters are taken out (--unmerge, \
+             --unmerge-adapter)",
+        ));
+    }
     let backend = merge::Device::parse(&args.device)?.backend()?;
     let base_path = locate(&args.base, Role::Checkpoint)?;
     let base = Checkpoint::open(&base_path)?;

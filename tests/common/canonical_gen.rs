@@ -102,6 +102,12 @@ pub fn random_case(r: &mut impl Draw) -> Case {
             start = end;
         }
     }
+    if targets.len() > 1 && r.chance(0.35) {
+        // Stages of a composed adapter: any targets may follow one another.
+        for t in targets.iter_mut() {
+            t.stage = r.range(0, 2) as u32;
+        }
+    }
     Case { shape, w, targets }
 }
 
@@ -301,8 +307,21 @@ fn is_perm(p: &[u32], n: usize) -> bool {
 }
 
 /// What FORMAT.md says the merge gives, or None where the targets contradict themselves or the
-/// base (then the merge must refuse).
+/// base (then the merge must refuse): the stages in order, each on the previous one's values.
 pub fn reference(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f32>> {
+    let mut stages: std::collections::BTreeMap<u32, Vec<Target>> = Default::default();
+    for t in targets {
+        stages.entry(t.stage).or_default().push(t.clone());
+    }
+    let mut cur = w.to_vec();
+    for ts in stages.values() {
+        cur = reference_stage(ts, shape, &cur)?;
+    }
+    Some(cur)
+}
+
+/// `reference` for the targets of one stage.
+fn reference_stage(targets: &[Target], shape: &[usize], w: &[f32]) -> Option<Vec<f32>> {
     let numel = w.len();
     let view = targets[0].view;
     if targets.iter().any(|t| t.view != view) {
