@@ -12,21 +12,6 @@ fn fx(rel: &str) -> PathBuf {
     fixtures().join(rel)
 }
 
-fn merge(args: &[&dyn AsRef<std::ffi::OsStr>]) {
-    let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = args.to_vec();
-    all.extend([&"-q" as &dyn AsRef<std::ffi::OsStr>, &"--threads", &"1"]);
-    ok(&run("boft-merge", &all));
-}
-
-/// Largest relative difference over every tensor of two merged checkpoints (by name).
-fn max_rel(a: &Path, b: &Path) -> f64 {
-    let (ta, tb) = (tensors(a), tensors(b));
-    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
-    ta.iter()
-        .map(|(name, (_, x))| rel_err(&x.f32(), &tb[name].1.f32()))
-        .fold(0.0, f64::max)
-}
-
 #[test]
 fn one_pass_of_two_f32_adapters_is_bit_identical_to_two_merges() {
     // In f32 a merge rounds nothing between the adapters, so one pass and two sequential merges
@@ -42,18 +27,9 @@ fn one_pass_of_two_f32_adapters_is_bit_identical_to_two_merges() {
         d.path().join("a"),
         d.path().join("ab"),
     );
-    merge(&[
-        &"--base",
-        &base,
-        &"--adapter",
-        &a,
-        &"--adapter",
-        &b,
-        &"-o",
-        &one,
-    ]);
-    merge(&[&"--base", &base, &"--adapter", &a, &"-o", &first]);
-    merge(&[&"--base", &first, &"--adapter", &b, &"-o", &two]);
+    merge_adapters(&base, &[], &[&a, &b], &one);
+    merge_adapters(&base, &[], &[&a], &first);
+    merge_adapters(&first, &[], &[&b], &two);
     assert_eq!(snapshot(&one), snapshot(&two));
 }
 
@@ -65,17 +41,8 @@ fn switching_adapters_in_one_pass_equals_peft_merge_of_the_other() {
     let a = fx("peft_oft/adapters/llama_f32_cayley");
     let b = fx("peft_oft/adapters/llama_f32_coft_cayley");
     let (with_a, switched) = (d.path().join("a"), d.path().join("b"));
-    merge(&[&"--base", &base, &"--adapter", &a, &"-o", &with_a]);
-    merge(&[
-        &"--base",
-        &with_a,
-        &"--unmerge-adapter",
-        &a,
-        &"--adapter",
-        &b,
-        &"-o",
-        &switched,
-    ]);
+    merge_adapters(&base, &[], &[&a], &with_a);
+    merge_adapters(&with_a, &[&a], &[&b], &switched);
     let theirs = fx("peft_oft/merged/llama_f32_coft_cayley");
     let worst = max_rel(&switched, &theirs);
     eprintln!("switch vs PEFT's base ⊕ B: {worst:.3e}");
@@ -89,27 +56,9 @@ fn unmerging_two_adapters_restores_the_base() {
     let a = fx("peft_oft/adapters/llama_f32_cayley");
     let b = fx("peft_oft/adapters/llama_f32_coft_cayley");
     let (both, back) = (d.path().join("ab"), d.path().join("back"));
-    merge(&[
-        &"--base",
-        &base,
-        &"--adapter",
-        &a,
-        &"--adapter",
-        &b,
-        &"-o",
-        &both,
-    ]);
+    merge_adapters(&base, &[], &[&a, &b], &both);
     // Listed in the order they were merged; taken out in reverse.
-    merge(&[
-        &"--base",
-        &both,
-        &"--unmerge-adapter",
-        &a,
-        &"--unmerge-adapter",
-        &b,
-        &"-o",
-        &back,
-    ]);
+    merge_adapters(&both, &[&a, &b], &[], &back);
     let worst = max_rel(&back, &base);
     assert!(worst <= 1e-5, "{worst}");
 }
@@ -148,12 +97,8 @@ fn a_batch_writes_each_output_as_its_own_merge_would() {
     assert_eq!(err.lines().filter(|l| l.starts_with("merged ")).count(), 3);
     for (name, adapters, _) in &jobs {
         let single = d.path().join(format!("{name}-single"));
-        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--base", &base, &"-o", &single];
-        for a in adapters {
-            args.push(&"--adapter");
-            args.push(a);
-        }
-        merge(&args);
+        let adapters: Vec<&dyn AsRef<std::ffi::OsStr>> = adapters.iter().map(|a| a as _).collect();
+        merge_adapters(&base, &[], &adapters, &single);
         assert_eq!(
             snapshot(&d.path().join(name)),
             snapshot(&single),
@@ -195,17 +140,8 @@ fn a_composed_adapter_merges_as_its_parts_in_one_pass() {
     // Two butterflies of one geometry fuse into one chain of 2 + 3 factors.
     assert!(out.contains("factors 5"), "{out}");
     let (one, merged_c) = (d.path().join("one"), d.path().join("c"));
-    merge(&[
-        &"--base",
-        &base,
-        &"--adapter",
-        &a,
-        &"--adapter",
-        &b,
-        &"-o",
-        &one,
-    ]);
-    merge(&[&"--base", &base, &"--adapter", &c, &"-o", &merged_c]);
+    merge_adapters(&base, &[], &[&a, &b], &one);
+    merge_adapters(&base, &[], &[&c], &merged_c);
     let worst = max_rel(&merged_c, &one);
     eprintln!("compose(A, B) vs one pass [A, B]: {worst:.3e}");
     assert!(worst <= 1e-6, "{worst}");
@@ -214,7 +150,7 @@ fn a_composed_adapter_merges_as_its_parts_in_one_pass() {
     let c2 = d.path().join("c2.safetensors");
     ok(&run("boft-convert", &[&c, &"-o", &c2]));
     let merged_c2 = d.path().join("c2");
-    merge(&[&"--base", &base, &"--adapter", &c2, &"-o", &merged_c2]);
+    merge_adapters(&base, &[], &[&c2], &merged_c2);
     assert_eq!(snapshot(&merged_c), snapshot(&merged_c2));
     // boft-verify proves the one-pass merge against the composed adapter.
     let o = run(
@@ -258,24 +194,8 @@ fn two_oft_adapters_compose_into_one_that_peft_can_hold() {
     ));
     assert!(out.contains("PEFT OFT"), "{out}");
     let (one, via_export) = (d.path().join("one"), d.path().join("exp"));
-    merge(&[
-        &"--base",
-        &base,
-        &"--adapter",
-        &a,
-        &"--adapter",
-        &b,
-        &"-o",
-        &one,
-    ]);
-    merge(&[
-        &"--base",
-        &base,
-        &"--adapter",
-        &exported,
-        &"-o",
-        &via_export,
-    ]);
+    merge_adapters(&base, &[], &[&a, &b], &one);
+    merge_adapters(&base, &[], &[&exported], &via_export);
     let worst = max_rel(&via_export, &one);
     eprintln!("exported compose(A, B) vs one pass: {worst:.3e}");
     assert!(worst <= 1e-5, "{worst}");
@@ -303,17 +223,8 @@ fn linear_blends_are_not_chains() {
     let pf = format!("{},strength=0.5,mode=per-factor", a.display());
     ok(&run("boft-convert", &[&"--compose", &pf, &a, &"-o", &c]));
     let (one, merged_c) = (d.path().join("one"), d.path().join("c"));
-    merge(&[
-        &"--base",
-        &base,
-        &"--adapter",
-        &pf,
-        &"--adapter",
-        &a,
-        &"-o",
-        &one,
-    ]);
-    merge(&[&"--base", &base, &"--adapter", &c, &"-o", &merged_c]);
+    merge_adapters(&base, &[], &[&pf, &a], &one);
+    merge_adapters(&base, &[], &[&c], &merged_c);
     let worst = max_rel(&merged_c, &one);
     assert!(worst <= 1e-6, "{worst}");
 }
@@ -405,17 +316,8 @@ fn a_butterfly_built_by_hand_from_two_block_diagonal_adapters() {
     assert_eq!(dc, 2 * da);
     // And it merges as the two adapters do in one pass.
     let (one, merged_c) = (d.path().join("one.safetensors"), d.path().join("c.st"));
-    merge(&[
-        &"--base",
-        &base,
-        &"--adapter",
-        &pa,
-        &"--adapter",
-        &pb,
-        &"-o",
-        &one,
-    ]);
-    merge(&[&"--base", &base, &"--adapter", &c, &"-o", &merged_c]);
+    merge_adapters(&base, &[], &[&pa, &pb], &one);
+    merge_adapters(&base, &[], &[&c], &merged_c);
     let (x, y) = (tensors(&one), tensors(&merged_c));
     let worst = rel_err(&x["w.weight"].1.f32(), &y["w.weight"].1.f32());
     assert!(worst <= 1e-6, "{worst}");

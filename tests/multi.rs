@@ -42,20 +42,6 @@ fn inputs(c: &Value) -> (PathBuf, Vec<PathBuf>) {
     (at(&c["base"]), adapters)
 }
 
-fn merge(base: &Path, unmerge: &[&Path], adapters: &[&Path], out: &Path) {
-    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
-        vec![&"--base", &base, &"-o", &out, &"-q", &"--threads", &"1"];
-    for a in unmerge {
-        args.push(&"--unmerge-adapter");
-        args.push(a);
-    }
-    for a in adapters {
-        args.push(&"--adapter");
-        args.push(a);
-    }
-    ok(&run("boft-merge", &args));
-}
-
 /// Every tensor of `ours` within the tolerance of `theirs` (`assert_close`: f32 2e-5 relative,
 /// 16-bit one ulp), by name; returns the worst relative difference.
 fn compare(ours: &Path, theirs: &Path) -> f64 {
@@ -82,8 +68,8 @@ fn one_pass_equals_the_library(name: &str) {
     let (base, adapters) = inputs(&c);
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    let refs: Vec<&Path> = adapters.iter().map(PathBuf::as_path).collect();
-    merge(&base, &[], &refs, &out);
+    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = adapters.iter().map(|a| a as _).collect();
+    merge_adapters(&base, &[], &refs, &out);
     let worst = compare(&out, &at(&c["references"]["merged"]["path"]));
     eprintln!("{name}: one pass vs the library's sequential merge: {worst:.3e}");
 }
@@ -117,7 +103,7 @@ fn bf16_one_pass_rounds_once() {
     let (base, adapters) = inputs(&c);
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
-    merge(&base, &[], &[&adapters[0], &adapters[1]], &out);
+    merge_adapters(&base, &[], &[&adapters[0], &adapters[1]], &out);
     let f32ref = at(&c["references"]["merged_f32ref"]["path"]);
     compare(&out, &f32ref);
     // And the sequential bf16 merge is further from that f32 run than one pass is.
@@ -148,14 +134,10 @@ fn switching_equals_the_library(name: &str) {
     let (base, adapters) = inputs(&c);
     let d = tempfile::tempdir().unwrap();
     let (with_a, with_b) = (d.path().join("a"), d.path().join("b"));
-    merge(&base, &[], &[&adapters[0]], &with_a);
-    merge(&with_a, &[&adapters[0]], &[&adapters[1]], &with_b);
+    merge_adapters(&base, &[], &[&adapters[0]], &with_a);
+    merge_adapters(&with_a, &[&adapters[0]], &[&adapters[1]], &with_b);
     let theirs = at(&c["references"]["merged_b"]["path"]);
-    let (x, y) = (tensors(&with_b), tensors(&theirs));
-    let worst = x
-        .iter()
-        .map(|(n, (_, t))| rel_err(&t.f32(), &y[n].1.f32()))
-        .fold(0f64, f64::max);
+    let worst = max_rel(&with_b, &theirs);
     eprintln!("{name}: base ⊕ A, switched to B, vs the library's base ⊕ B: {worst:.3e}");
     assert!(worst <= 1e-5, "{name}: {worst}");
 }
@@ -193,13 +175,9 @@ fn composed_equals_one_pass(name: &str, export: &str) {
         ],
     ));
     let (one, via_c) = (d.path().join("one"), d.path().join("c"));
-    merge(&base, &[], &[&adapters[0], &adapters[1]], &one);
-    merge(&base, &[], &[&composed], &via_c);
-    let (x, y) = (tensors(&via_c), tensors(&one));
-    let worst = x
-        .iter()
-        .map(|(n, (_, t))| rel_err(&t.f32(), &y[n].1.f32()))
-        .fold(0f64, f64::max);
+    merge_adapters(&base, &[], &[&adapters[0], &adapters[1]], &one);
+    merge_adapters(&base, &[], &[&composed], &via_c);
+    let worst = max_rel(&via_c, &one);
     eprintln!("{name}: compose(A, B) vs one pass [A, B]: {worst:.3e}");
     assert!(worst <= 1e-6, "{name}: {worst}");
     // These libraries cannot hold what the composition is (a longer chain with permutations

@@ -440,3 +440,32 @@ pub fn assert_unmerge_restores(c: &RefCase) {
         assert!(e <= 1e-5, "{}: {name}: un-merge error {e:e}", c.name);
     }
 }
+
+/// `boft-merge --base BASE [--unmerge-adapter U]… [--adapter A]… -o OUT` on one thread; asserts
+/// success. Adapters may carry their own options (`PATH,strength=T,mode=M`).
+pub fn merge_adapters(
+    base: &Path,
+    unmerge: &[&dyn AsRef<std::ffi::OsStr>],
+    adapters: &[&dyn AsRef<std::ffi::OsStr>],
+    out: &Path,
+) {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"--base", &base, &"-o", &out, &"-q", &"--threads", &"1"];
+    for a in unmerge {
+        args.extend([&"--unmerge-adapter" as &dyn AsRef<std::ffi::OsStr>, *a]);
+    }
+    for a in adapters {
+        args.extend([&"--adapter" as &dyn AsRef<std::ffi::OsStr>, *a]);
+    }
+    ok(&run("boft-merge", &args));
+}
+
+/// Largest relative difference (`rel_err`) over every tensor of two checkpoints, by name; they
+/// must hold the same names.
+pub fn max_rel(a: &Path, b: &Path) -> f64 {
+    let (ta, tb) = (tensors(a), tensors(b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    ta.iter()
+        .map(|(name, (_, x))| rel_err(&x.f32(), &tb[name].1.f32()))
+        .fold(0.0, f64::max)
+}
