@@ -483,6 +483,11 @@ impl Staged {
         }
     }
 
+    /// Where the output goes once committed.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
     /// Where the output is staged.
     pub fn path(&self) -> &Path {
         &self.temp
@@ -528,10 +533,33 @@ impl Staged {
     /// is moved: renames go by name, so the staged name is checked to still be the file or
     /// folder made (a symlink or another folder put there by another process is refused), and the
     /// destination checked again once renamed.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
         check_interrupted()?;
-        // Checked again here: the destination may have changed since `check_destination`.
+        self.check_commit()?;
+        self.commit_checked()
+    }
+
+    /// What `commit` checks before it moves anything: the destination can still be replaced (it
+    /// may have changed since `check_destination`) and the staged output is still the one made.
+    /// Several outputs committed together (a batch) are all checked before any is moved.
+    pub fn check_commit(&self) -> Result<()> {
         refuse_special(&self.dest)?;
+        if !self.is_ours(&self.temp) {
+            return Err(self.replaced());
+        }
+        if !self.is_dir && fs::symlink_metadata(&self.dest).is_ok_and(|m| m.is_dir()) {
+            return Err(err(
+                Class::OutputExists,
+                &self.dest,
+                "is a folder, expected a file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `commit` once `check_commit` passed, whatever signal arrives meanwhile: the renames of a
+    /// batch are not stopped half way.
+    pub fn commit_checked(mut self) -> Result<()> {
         if !self.is_ours(&self.temp) {
             return Err(self.replaced());
         }

@@ -2631,3 +2631,111 @@ fn a53_switch_with_a_linear_unmerge() {
         stderr(&o)
     );
 }
+
+#[test]
+fn a54_batch_outputs_checked_before_any_is_moved() {
+    // A batch on a file base with --force: job 2's output is an existing folder (a file is
+    // expected), job 3's lies inside job 1's, or one job writes over the jobs file. Each is
+    // refused before any output is moved into place: job 1's output does not appear and what
+    // was there is untouched.
+    let mut sc = Scene::new();
+    let (base, adapter, out) = conv(&sc);
+    let folder = sc.path("out/existing");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("keep"), b"keep").unwrap();
+    let jobs = sc.path("in/jobs.json");
+    let job = |o: &Path| json!({"output": o, "adapters": [adapter]});
+    // An existing folder the first job replaces (--force), which the second job writes into.
+    let nested = sc.path("out/dir");
+    std::fs::create_dir_all(&nested).unwrap();
+    std::fs::write(nested.join("keep"), b"keep").unwrap();
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "existing folder",
+            json!({"jobs": [job(&out), job(&folder)]}),
+            "output-exists",
+            "expected a file",
+        ),
+        (
+            "nested",
+            json!({"jobs": [job(&nested), job(&nested.join("inner.safetensors"))]}),
+            "usage",
+            "one inside the other",
+        ),
+        (
+            "jobs file",
+            json!({"jobs": [job(&out), job(&jobs)]}),
+            "output-is-input",
+            "output is the input",
+        ),
+    ];
+    for (what, spec, class, says) in cases {
+        std::fs::write(&jobs, spec.to_string()).unwrap();
+        sc.freeze(&[&base, &adapter, &jobs, &folder, &nested], &out);
+        let o = run_limited(
+            "boft-merge",
+            &[
+                "--base".as_ref(),
+                base.as_os_str(),
+                "--batch".as_ref(),
+                jobs.as_os_str(),
+                "--force".as_ref(),
+            ],
+        );
+        eprintln!("{what}:");
+        sc.assert_refused(&o, class, &out);
+        assert!(stderr(&o).contains(says), "{what}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a55_canonical_records_sharing_a_key() {
+    // 200 target records naming one key (one blocks tensor): each record decoded the same bytes
+    // again (the report's 8 MB file became 1.7 GB). A key belongs to one record.
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    let adapter = canon_file(
+        &sc,
+        vec![canon_target(
+            "fc.weight",
+            boft::adapter::Side::Input,
+            1,
+            4,
+            12,
+        )],
+    );
+    edit_header(&adapter, |h| {
+        let meta = h["__metadata__"].as_object_mut().unwrap();
+        let targets: Vec<Value> = serde_json::from_str(meta["targets"].as_str().unwrap()).unwrap();
+        let many: Vec<Value> = (0..200).map(|_| targets[0].clone()).collect();
+        meta["targets"] = Value::String(serde_json::to_string(&many).unwrap());
+    });
+    let o = sc.merge(&base, &adapter, &out, &[]);
+    sc.assert_refused(&o, "bad-adapter", &out);
+    assert!(stderr(&o).contains("used by two records"), "{}", stderr(&o));
+}
+
+#[test]
+fn a56_one_adapter_named_many_times() {
+    // A 64-factor adapter named five times on the command line: every factor is applied to
+    // every row, so one pass applies at most 256 factors to a tensor; an adapter named again
+    // builds its chains once (four times still merges, in the memory of one).
+    use boft::adapter::Side;
+    let mut sc = Scene::new();
+    let (base, _, out) = conv(&sc);
+    let adapter = canon_file(&sc, vec![canon_target("fc.weight", Side::Input, 64, 4, 12)]);
+    sc.freeze(&[&base, &adapter], &out);
+    let times = |n: usize| {
+        let mut args: Vec<&OsStr> = vec!["--base".as_ref(), base.as_os_str(), "-o".as_ref()];
+        args.push(out.as_os_str());
+        for _ in 0..n {
+            args.extend(["--adapter".as_ref(), adapter.as_os_str()]);
+        }
+        run_limited("boft-merge", &args)
+    };
+    let o = times(5);
+    sc.assert_refused(&o, "usage", &out);
+    assert!(stderr(&o).contains("320 factors"), "{}", stderr(&o));
+    let o = times(4);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

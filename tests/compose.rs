@@ -322,3 +322,41 @@ fn a_butterfly_built_by_hand_from_two_block_diagonal_adapters() {
     let worst = rel_err(&x["w.weight"].1.f32(), &y["w.weight"].1.f32());
     assert!(worst <= 1e-6, "{worst}");
 }
+
+#[test]
+fn a_composed_embedding_stays_an_embedding_in_a_peft_export() {
+    // PEFT OFT stores an nn.Embedding's rotation as oft_embedding_R; a composition of PEFT
+    // folders finds the embeddings in every part, as a single input does.
+    let d = tempfile::tempdir().unwrap();
+    let base = fx("peft_oft/bases/llama_f32");
+    let a = fx("peft_oft/adapters/llama_f32_embedding_cayley");
+    let b = fx("peft_oft/adapters/llama_f32_cayley");
+    let exported = d.path().join("peft");
+    ok(&run(
+        "boft-convert",
+        &[
+            &"--compose",
+            &a,
+            &b,
+            &"--to",
+            &"peft",
+            &"-o",
+            &exported,
+            &"--base",
+            &base,
+        ],
+    ));
+    let names: Vec<String> = tensors(&exported.join("adapter_model.safetensors"))
+        .into_keys()
+        .filter(|k| k.contains("embed_tokens"))
+        .collect();
+    assert!(
+        !names.is_empty() && names.iter().all(|k| k.contains("oft_embedding_R")),
+        "{names:?}"
+    );
+    let (one, via_export) = (d.path().join("one"), d.path().join("exp"));
+    merge_adapters(&base, &[], &[&a, &b], &one);
+    merge_adapters(&base, &[], &[&exported], &via_export);
+    let worst = max_rel(&via_export, &one);
+    assert!(worst <= 1e-5, "{worst}");
+}

@@ -84,19 +84,33 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, OwnedTensor)> = Vec::new();
     let mut metas = Vec::new();
     let mut keys = std::collections::HashSet::new();
+    // Stage 0 keys are the labels; a later stage's key is its label and `#stage`, or another
+    // free name when a target is literally named like that. Two targets with one key cannot
+    // both be stored (and the serialiser would panic). Nothing else is checked here:
+    // `Adapter::validate` judges what is read back.
+    let mut stage_keys: Vec<String> = Vec::with_capacity(adapter.targets.len());
     for t in &adapter.targets {
-        let key = match t.stage {
-            0 => t.label(),
-            k => format!("{}#{k}", t.label()),
-        };
-        // Two targets with one key cannot both be stored (and the serialiser would panic).
-        // Nothing else is checked here: `Adapter::validate` judges what is read back.
-        if !keys.insert(key.clone()) {
+        let key = t.label();
+        if t.stage == 0 && !keys.insert(key.clone()) {
             return Err(Error::bare(
                 Class::BadAdapter,
                 format!("{key} is targeted twice"),
             ));
         }
+        stage_keys.push(key);
+    }
+    for (t, key) in adapter.targets.iter().zip(stage_keys.iter_mut()) {
+        if t.stage > 0 {
+            let mut n = 1;
+            *key = format!("{}#{}", t.label(), t.stage);
+            while !keys.insert(key.clone()) {
+                n += 1;
+                *key = format!("{}#{}.{n}", t.label(), t.stage);
+            }
+        }
+    }
+    for (i, t) in adapter.targets.iter().enumerate() {
+        let key = stage_keys[i].clone();
         tensors.push((
             format!("{key}::blocks"),
             OwnedTensor {
@@ -277,6 +291,18 @@ pub fn from_shared(f: &Arc<SafeFile>) -> Result<Adapter> {
             .collect()
     };
     let mut targets = Vec::with_capacity(metas.len());
+    // Each record owns its tensors: two records naming one key would each decode the same
+    // bytes again, so that a file's work could grow with its records and not its bytes.
+    let mut keys = std::collections::HashSet::new();
+    for k in metas
+        .iter()
+        .map(|m| &m.key)
+        .chain(rmetas.iter().map(|r| &r.key))
+    {
+        if !keys.insert(k.as_str()) {
+            return Err(bad(format!("key {k:?} is used by two records")));
+        }
+    }
     for m in metas {
         let (nf, d, h) = (m.factors, m.blocks, m.block_size);
         // Checked before anything is sized by these numbers: with one of them zero the blocks

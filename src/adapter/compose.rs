@@ -7,22 +7,36 @@
 //! refused; so is a tensor one part replaces outright and a later one transforms.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use super::{Adapter, BlockKind, Side, Strength, Target, MAX_FACTORS};
 use crate::error::{Class, Error, Result};
 use crate::math::{blocks, perm};
 
-/// `parts` (each adapter with the strength it is applied at) as one adapter: merging the result
-/// equals merging the parts in order. Target names are matched as they are: resolve them against
-/// a base first (`merge::fit_in`) when the parts name tensors differently.
-pub fn compose(parts: &[(Adapter, Strength)]) -> Result<Adapter> {
+/// `parts` (each adapter with the strength it is applied at and the file it came from, which
+/// messages name) as one adapter: merging the result equals merging the parts in order. Target
+/// names are matched as they are: resolve them against a base first (`merge::fit_in`) when the
+/// parts name tensors differently.
+pub fn compose(parts: &[(Adapter, Strength, PathBuf)]) -> Result<Adapter> {
+    let at = |e: Error, p: &Path| if e.path.is_some() { e } else { e.at(p) };
+    let last = parts.last().map(|p| p.2.as_path()).unwrap_or(Path::new(""));
+    let mut out = compose_parts(parts, &at)?;
+    fuse_stages(&mut out.targets).map_err(|e| at(e, last))?;
+    out.validate().map_err(|e| at(e, last))?;
+    Ok(out)
+}
+
+fn compose_parts(
+    parts: &[(Adapter, Strength, PathBuf)],
+    at: &dyn Fn(Error, &Path) -> Error,
+) -> Result<Adapter> {
     let mut out = Adapter {
         source_format: "composed".into(),
         ..Adapter::default()
     };
     let mut formats = Vec::new();
     let mut offset: u32 = 0;
-    for (i, (a, strength)) in parts.iter().enumerate() {
+    for (i, (a, strength, path)) in parts.iter().enumerate() {
         formats.push(a.source_format.clone());
         for (name, hash) in &a.source_sha256 {
             out.source_sha256
@@ -36,15 +50,18 @@ pub fn compose(parts: &[(Adapter, Strength)]) -> Result<Adapter> {
             .iter()
             .find(|t| out.replacements.iter().any(|r| r.name == t.name))
         {
-            return Err(Error::bare(
-                Class::Usage,
-                format!(
-                    "{}: replaced outright by an earlier adapter and transformed by adapter {}: \
-                     one adapter cannot say both (merge them in one pass with boft-merge \
-                     --adapter … --adapter … instead)",
-                    t.name,
-                    i + 1
+            return Err(at(
+                Error::bare(
+                    Class::Usage,
+                    format!(
+                        "{}: replaced outright by an earlier adapter and transformed by adapter \
+                         {}: one adapter cannot say both (merge them in one pass with boft-merge \
+                         --adapter … --adapter … instead)",
+                        t.name,
+                        i + 1
+                    ),
                 ),
+                path,
             ));
         }
         for r in &a.replacements {
@@ -54,20 +71,22 @@ pub fn compose(parts: &[(Adapter, Strength)]) -> Result<Adapter> {
         }
         let mut last = 0u32;
         for t in &a.targets {
-            let mut t = t.at_strength(*strength)?;
+            let mut t = t.at_strength(*strength).map_err(|e| at(e, path))?;
             t.stage = offset.checked_add(t.stage).ok_or_else(|| {
-                Error::bare(Class::BadAdapter, format!("{}: too many stages", t.label()))
+                let e = Error::bare(Class::BadAdapter, format!("{}: too many stages", t.label()));
+                at(e, path)
             })?;
             last = last.max(t.stage);
             out.targets.push(t);
         }
         offset = last.checked_add(1).ok_or_else(|| {
-            Error::bare(Class::BadAdapter, "too many stages to compose".to_string())
+            at(
+                Error::bare(Class::BadAdapter, "too many stages to compose".to_string()),
+                path,
+            )
         })?;
     }
     out.source_format = format!("composed({})", formats.join(", "));
-    fuse_stages(&mut out.targets)?;
-    out.validate()?;
     Ok(out)
 }
 
@@ -236,8 +255,8 @@ mod tests {
             target(Side::Input, 2, 3, 2, false),
         );
         let c = compose(&[
-            (adapter(a.clone()), Strength::FULL),
-            (adapter(b.clone()), Strength::FULL),
+            (adapter(a.clone()), Strength::FULL, PathBuf::new()),
+            (adapter(b.clone()), Strength::FULL, PathBuf::new()),
         ])
         .unwrap();
         assert_eq!(c.targets.len(), 1, "one fused target");
@@ -257,8 +276,8 @@ mod tests {
         a.perms = vec![None];
         b.perms = vec![None];
         let c = compose(&[
-            (adapter(a.clone()), Strength::FULL),
-            (adapter(b.clone()), Strength::FULL),
+            (adapter(a.clone()), Strength::FULL, PathBuf::new()),
+            (adapter(b.clone()), Strength::FULL, PathBuf::new()),
         ])
         .unwrap();
         assert_eq!((c.targets.len(), c.targets[0].factors), (1, 1));
@@ -275,7 +294,11 @@ mod tests {
             target(Side::Output, 2, 2, 3, true),
             target(Side::Output, 2, 2, 4, false),
         );
-        let c = compose(&[(adapter(a), Strength::FULL), (adapter(b), Strength::FULL)]).unwrap();
+        let c = compose(&[
+            (adapter(a), Strength::FULL, PathBuf::new()),
+            (adapter(b), Strength::FULL, PathBuf::new()),
+        ])
+        .unwrap();
         assert_eq!(c.targets.len(), 2, "a per-component scale does not commute");
         assert_eq!((c.targets[0].stage, c.targets[1].stage), (0, 1));
     }
@@ -284,10 +307,15 @@ mod tests {
     fn linear_blend_is_refused_geodesic_is_baked() {
         let a = target(Side::Input, 2, 2, 5, false);
         let half = |mode| Strength { t: 0.5, mode };
-        let e = compose(&[(adapter(a.clone()), half(StrengthMode::Linear))]).unwrap_err();
+        let e = compose(&[(
+            adapter(a.clone()),
+            half(StrengthMode::Linear),
+            PathBuf::new(),
+        )])
+        .unwrap_err();
         assert_eq!(e.class, Class::Usage);
         assert!(e.message.contains("not a chain"), "{}", e.message);
-        let c = compose(&[(adapter(a), half(StrengthMode::PerFactor))]).unwrap();
+        let c = compose(&[(adapter(a), half(StrengthMode::PerFactor), PathBuf::new())]).unwrap();
         assert_eq!(c.targets[0].kind, BlockKind::Raw);
     }
 }

@@ -913,7 +913,7 @@ pub const MAX_FACTORS: usize = 64;
 const GEODESIC_ORTH_TOL: f64 = 1e-5;
 
 /// How `--strength t` scales an adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StrengthMode {
     /// `W + t·(F(W) − W)`, F the whole adapter (A1111, kohya, sd-scripts).
     Linear,

@@ -112,12 +112,12 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
     };
     let component = args.component.as_deref();
     let mut inputs = Vec::new();
-    let (input, mut adapter) = match &args.input {
+    let mut adapter = match &args.input {
         Some(path) => {
             let input = locate(path, Role::Adapter)?;
             let adapter = crate::formats::load_as(&input, args.from.into())?;
-            inputs.push(input.clone());
-            (Some(input), adapter)
+            inputs.push(input);
+            adapter
         }
         None => {
             if args.compose.len() < 2 {
@@ -137,19 +137,13 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
                     t: spec.strength.unwrap_or(1.0),
                     mode: spec.mode.unwrap_or(super::values::Mode::Linear).into(),
                 };
-                // Said here, where the part's file is known (compose says it again, without it).
-                if strength.t != 1.0 {
-                    for t in &a.targets {
-                        t.at_strength(strength).map_err(|e| e.at(&path))?;
-                    }
-                }
-                parts.push((a, strength));
+                parts.push((a, strength, path.clone()));
                 inputs.push(path);
             }
-            let composed = crate::adapter::compose::compose(&parts)?;
-            (None, composed)
+            crate::adapter::compose::compose(&parts)?
         }
     };
+    let sources = inputs.clone();
     if let Some(base) = &base {
         crate::merge::resolve_shapes(base, &mut adapter, component)?;
         inputs.extend(base.input_paths());
@@ -173,10 +167,11 @@ pub fn run(args: &Args) -> Result<Converted, Error> {
             });
         }
         To::Peft => {
-            let mut emb: BTreeSet<String> = input
-                .as_deref()
-                .map(peft::export::peft_embedding_modules)
-                .unwrap_or_default();
+            // Every PEFT source's embedding modules, a composed adapter's parts included.
+            let mut emb: BTreeSet<String> = sources
+                .iter()
+                .flat_map(|p| peft::export::peft_embedding_modules(p))
+                .collect();
             emb.extend(args.embeddings.iter().cloned());
             peft::export::write_peft(&adapter, &args.output, &emb)?
         }

@@ -221,6 +221,37 @@ fn read_batch(path: &Path) -> Result<Jobs, Error> {
         .collect()
 }
 
+/// Raise the soft limit on open files to `need` where the hard limit allows; refuse a batch that
+/// cannot fit under it before anything is opened for writing.
+fn open_files(need: usize) -> Result<(), Error> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a pointer to a live struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Ok(());
+    }
+    let need = need as libc::rlim_t;
+    if lim.rlim_cur >= need {
+        return Ok(());
+    }
+    if lim.rlim_max < need {
+        return Err(Error::bare(
+            Class::Usage,
+            format!(
+                "this merge keeps about {need} files open at once and the limit is {} \
+                 (ulimit -Hn): split the batch into smaller ones",
+                lim.rlim_max
+            ),
+        ));
+    }
+    lim.rlim_cur = need;
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    Ok(())
+}
+
 /// The merge itself: no printing (but the progress bar, on a terminal, unless `quiet`), no exit.
 pub fn run(args: &Args) -> Result<Merged, Error> {
     if !args.strength.is_finite() {
@@ -316,6 +347,11 @@ pub fn run(args: &Args) -> Result<Merged, Error> {
         .collect();
     let mut inputs: Vec<&Path> = vec![&base_path];
     inputs.extend(loaded.iter().map(|l| l.2.as_path()));
+    // The jobs file is an input too: no job may write over it.
+    inputs.extend(args.batch.as_deref());
+    // Every output's files are open at once: two descriptors a file of the base (the output and
+    // its copy source), plus what the inputs and the runtime hold.
+    open_files(jobs.len() * base.files.len() * 2 + loaded.len() * 4 + 64)?;
     let bar = super::progress::Bar::new(!args.quiet);
     let stats = super::with_threads(args.threads, || {
         merge::merge_batch(&base, &jobs, &inputs, args.force, backend.as_ref(), &bar)

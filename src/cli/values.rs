@@ -71,30 +71,41 @@ pub struct AdapterSpec {
 }
 
 impl AdapterSpec {
-    /// Parse one `--adapter` value.
+    /// Parse one `--adapter` value. Options are read from the right: trailing `,key=value`
+    /// pieces with a known key (a piece holding a `/` belongs to the path, so folders whose
+    /// names hold commas stay paths); the rest, whatever its bytes, is the path.
     pub fn parse(s: &std::ffi::OsStr) -> Result<AdapterSpec, String> {
-        let whole = AdapterSpec {
+        use std::os::unix::ffi::OsStrExt;
+        let mut spec = AdapterSpec {
             path: s.into(),
             strength: None,
             mode: None,
             from: None,
         };
-        let text = match s.to_str() {
-            Some(t) if !std::path::Path::new(s).exists() => t,
-            _ => return Ok(whole),
-        };
-        let mut parts = text.split(',');
-        let path = parts.next().unwrap_or_default();
-        let mut spec = AdapterSpec {
-            path: path.into(),
-            ..whole
-        };
-        for opt in parts {
-            let (key, value) = opt.split_once('=').ok_or_else(|| {
-                format!("{opt:?}: expected key=value (strength=T, mode=M or from=F) after the path")
-            })?;
+        if std::path::Path::new(s).exists() {
+            return Ok(spec);
+        }
+        let bytes = s.as_bytes();
+        let mut end = bytes.len();
+        let mut seen: Vec<&[u8]> = Vec::new();
+        while let Some(comma) = bytes[..end].iter().rposition(|&b| b == b',') {
+            let piece = &bytes[comma + 1..end];
+            let Some(eq) = piece.iter().position(|&b| b == b'=') else {
+                break;
+            };
+            if piece.contains(&b'/') {
+                break;
+            }
+            let (key, value) = (&piece[..eq], &piece[eq + 1..]);
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            let value =
+                std::str::from_utf8(value).map_err(|_| format!("{}: not text", text(piece)))?;
+            if seen.contains(&key) {
+                return Err(format!("{} given twice", text(key)));
+            }
+            seen.push(key);
             match key {
-                "strength" => {
+                b"strength" => {
                     let t: f64 = value
                         .parse()
                         .map_err(|_| format!("strength={value}: expected a number"))?;
@@ -103,18 +114,21 @@ impl AdapterSpec {
                     }
                     spec.strength = Some(t);
                 }
-                "mode" => spec.mode = Some(Mode::from_str(value, false)?),
-                "from" => spec.from = Some(From::from_str(value, false)?),
+                b"mode" => spec.mode = Some(Mode::from_str(value, false)?),
+                b"from" => spec.from = Some(From::from_str(value, false)?),
                 _ => {
                     return Err(format!(
-                        "{key}={value}: unknown adapter option (strength, mode, from)"
+                        "{}: unknown adapter option (strength, mode, from)",
+                        text(piece)
                     ))
                 }
             }
+            end = comma;
         }
-        if spec.path.as_os_str().is_empty() {
-            return Err(format!("{text:?}: no path before the options"));
+        if end == 0 {
+            return Err("no path before the options".into());
         }
+        spec.path = std::ffi::OsStr::from_bytes(&bytes[..end]).into();
         Ok(spec)
     }
 }

@@ -6,7 +6,10 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::adapter::{Replacement, Strength, StrengthMode};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::adapter::{Replacement, Strength, StrengthMode, Target};
 use crate::checkpoint::{dtype, TensorInfo};
 use crate::error::{err, Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
@@ -16,10 +19,10 @@ use super::{Action, Backend, Plan, Stage};
 /// A stage's kernel chains.
 pub(super) enum BuiltStage {
     /// Whole rows (input side).
-    Rows(Chain),
+    Rows(Arc<Chain>),
     /// Row slices and their chains (output side), and the number of columns the tensor is read
     /// as.
-    Columns(Vec<((usize, usize), Chain)>, Option<usize>),
+    Columns(Vec<((usize, usize), Arc<Chain>)>, Option<usize>),
 }
 
 /// One adapter's stages on a tensor, built.
@@ -59,6 +62,10 @@ impl Plan<'_> {
     /// Compute an action's blocks and build its chains (the inverse ones for un-merged groups).
     pub(super) fn build<'b>(&self, a: &Action<'b>) -> Result<Built<'b>> {
         let at = |e: Error| e.at(&self.base.root);
+        // An adapter named several times builds its chains once: what a tensor holds follows
+        // the distinct adapters, not the length of the command line.
+        let mut built: HashMap<(*const Target, bool, u64, StrengthMode), Arc<Chain>> =
+            HashMap::new();
         let mut groups = Vec::with_capacity(a.groups.len());
         for g in &a.groups {
             // A linear blend of several stages blends their product, not each stage: the chains
@@ -70,7 +77,20 @@ impl Plan<'_> {
             } else {
                 (g.strength, 1.0)
             };
-            let chain = |t: &crate::adapter::Target| t.chain_at(g.inverse, strength).map_err(at);
+            let mut chain = |t: &Target| -> Result<Arc<Chain>> {
+                let key = (
+                    t as *const Target,
+                    g.inverse,
+                    strength.t.to_bits(),
+                    strength.mode,
+                );
+                if let Some(c) = built.get(&key) {
+                    return Ok(c.clone());
+                }
+                let c = Arc::new(t.chain_at(g.inverse, strength).map_err(at)?);
+                built.insert(key, c.clone());
+                Ok(c)
+            };
             let stages = g
                 .stages
                 .iter()
@@ -355,7 +375,7 @@ fn rows_in_place(w: &mut [f32], chain: &Chain, backend: &dyn Backend) -> Result<
 fn columns(
     t: &TensorInfo,
     w: &mut [f32],
-    slices: &[((usize, usize), Chain)],
+    slices: &[((usize, usize), Arc<Chain>)],
     view_cols: Option<usize>,
     backend: &dyn Backend,
 ) -> Result<()> {

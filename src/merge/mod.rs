@@ -122,8 +122,37 @@ pub fn plan_layers<'a>(base: &'a Checkpoint, layers: &[Layer<'a>]) -> Result<Pla
     for layer in layers {
         plan_layer(base, layer, &mut actions)?;
     }
+    for (name, a) in &actions {
+        // Every factor is applied to every row, and every group's chains are held while its
+        // tensor is transformed: an adapter named many times must not multiply both without
+        // bound.
+        let depth: usize = a
+            .groups
+            .iter()
+            .flat_map(|g| &g.stages)
+            .map(|s| match s {
+                Stage::Rows(t) => t.factors,
+                Stage::Columns(slices) => slices.iter().map(|(_, t)| t.factors).max().unwrap_or(0),
+            })
+            .sum();
+        if depth > MAX_PASS_FACTORS {
+            return Err(err(
+                Class::Usage,
+                &base.root,
+                format!(
+                    "{name}: the adapters of this merge chain {depth} factors on it, past the \
+                     {MAX_PASS_FACTORS} one pass applies (merge in several passes)"
+                ),
+            ));
+        }
+    }
     Ok(Plan { base, actions })
 }
+
+/// The most factors one pass applies to a tensor, over all its adapters (four adapters at the
+/// per-adapter limit, `adapter::MAX_FACTORS`): the work per byte of the base and the blocks held
+/// for a tensor stay bounded whatever the command line or a batch file names.
+pub const MAX_PASS_FACTORS: usize = 4 * crate::adapter::MAX_FACTORS;
 
 fn plan_layer<'a>(
     base: &'a Checkpoint,
@@ -366,14 +395,25 @@ pub fn merge_batch(
         .flat_map(crate::formats::read_alongside)
         .collect();
     let all: Vec<&Path> = all.iter().map(PathBuf::as_path).collect();
-    let mut seen = HashMap::new();
+    let dests: Vec<PathBuf> = jobs.iter().map(|j| output::resolve(&j.dest)).collect();
     for (i, job) in jobs.iter().enumerate() {
         output::check_destination(&job.dest, &all, force)?;
-        if let Some(j) = seen.insert(output::resolve(&job.dest), i) {
+        // One output replacing (or inside) another would destroy it when moved into place.
+        if let Some(j) =
+            (0..i).find(|&j| dests[i].starts_with(&dests[j]) || dests[j].starts_with(&dests[i]))
+        {
             return Err(err(
                 Class::Usage,
                 &job.dest,
-                format!("jobs {} and {} write the same output", j + 1, i + 1),
+                if dests[i] == dests[j] {
+                    format!("jobs {} and {} write the same output", j + 1, i + 1)
+                } else {
+                    format!(
+                        "the outputs of jobs {} and {} lie one inside the other",
+                        j + 1,
+                        i + 1
+                    )
+                },
             ));
         }
     }
@@ -392,8 +432,14 @@ pub fn merge_batch(
     let pairs: Vec<(&Plan, &Staged)> = plans.iter().zip(&staged).collect();
     let stats = pipeline::execute(&pairs, backend, progress)
         .map_err(|e| staged.iter().fold(e, |e, s| s.blame_dest(e)))?;
+    // All or none, as far as renames allow: every output is checked before any is moved, and
+    // once moving starts a signal no longer stops it.
+    output::check_interrupted()?;
+    for s in &staged {
+        s.check_commit()?;
+    }
     for s in staged {
-        s.commit()?;
+        s.commit_checked()?;
     }
     Ok(stats)
 }

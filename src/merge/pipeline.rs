@@ -271,7 +271,7 @@ pub(super) fn execute(
         });
         let mut built = built_rx.into_iter();
         for step in steps {
-            let Step::Work { out, t, .. } = step else {
+            let Step::Work { out, t, job, .. } = step else {
                 continue;
             };
             if stop() {
@@ -286,7 +286,15 @@ pub(super) fn execute(
             };
             let res = b
                 .and_then(|b| tensor_bytes(&src.path, t, src.data(t), &b, backend, &stop, &mut buf))
-                .map(|()| buf);
+                .map(|()| buf)
+                .map_err(|mut e| {
+                    // In a batch, say whose merge it was.
+                    if jobs.len() > 1 {
+                        let dest = jobs[*job].1.dest().display();
+                        e.message = format!("{} (job {}, output {dest})", e.message, job + 1);
+                    }
+                    e
+                });
             let failed = res.is_err();
             if out_tx.send(res).is_err() || failed {
                 break;
