@@ -471,6 +471,88 @@ fn write_safetensors(
     Ok((8 + h.len() + off) as u64)
 }
 
+/// Seed of the `k`-th adapter of a geometry (1: the adapter `generate` writes; 2, 3, …: the
+/// extra ones the multi-adapter runs use, made exactly like it from another seed).
+fn adapter_seed(spec: &Spec, k: u64) -> u64 {
+    if k <= 1 {
+        spec.seed ^ 0xADA7
+    } else {
+        splitmix((spec.seed ^ 0xADA7).wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+    }
+}
+
+/// Write a PEFT BOFT adapter folder for `base` into `dir` (which must exist): PEFT key names,
+/// boft_R (N, D, b, b) and boft_s (out, 1), all f32, targeting every linear layer. Returns the
+/// bytes of adapter_model.safetensors.
+fn write_adapter(
+    spec: &Spec,
+    base: &Path,
+    dir: &Path,
+    seed: u64,
+    buf: &mut Vec<u8>,
+) -> Result<u64> {
+    let (b, f) = (spec.block_size, spec.factors);
+    let mut entries = Vec::new();
+    for l in 0..spec.layers {
+        for ((block, m), (_, n_in, n_out)) in MODULES.iter().zip(spec.linear_shapes()) {
+            let key = format!("base_model.model.model.layers.{l}.{block}.{m}");
+            entries.push(Entry {
+                name: format!("{key}.boft_R"),
+                dt: Dt::F32,
+                shape: vec![f, n_in / b, b, b],
+                center: 0.0,
+                half: 0.05,
+            });
+            entries.push(Entry {
+                name: format!("{key}.boft_s"),
+                dt: Dt::F32,
+                shape: vec![n_out, 1],
+                center: 1.0,
+                half: 0.05,
+            });
+        }
+    }
+    let bytes = write_safetensors(&dir.join("adapter_model.safetensors"), entries, seed, buf)?;
+    let base_abs = base.canonicalize().unwrap_or(base.to_path_buf());
+    fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&spec.adapter_config_json(&base_abs))? + "\n",
+    )?;
+    Ok(bytes)
+}
+
+/// The `k`-th adapter (k ≥ 2) for the data `generate` wrote into `out`: `out/adapter-k`, the
+/// same geometry as `out/adapter` with other pseudo-random values (another seed). Reused when a
+/// complete one of the same geometry is there. Returns its folder and the bytes of its
+/// adapter_model.safetensors.
+pub fn extra_adapter(spec: &Spec, out: &Path, k: u64) -> Result<(PathBuf, u64)> {
+    let dir = out.join(format!("adapter-{k}"));
+    let stamp_path = out.join(format!("bench-gen-adapter-{k}.json"));
+    let want = json!({ "version": 1, "tag": spec.tag(), "seed": adapter_seed(spec, k) });
+    let file = dir.join("adapter_model.safetensors");
+    if let Ok(s) = fs::read(&stamp_path) {
+        if serde_json::from_slice::<Value>(&s).ok() == Some(want.clone()) {
+            if let Ok(m) = fs::metadata(&file) {
+                return Ok((dir, m.len()));
+            }
+        }
+    }
+    let _ = fs::remove_file(&stamp_path);
+    if dir.exists() {
+        fs::remove_dir_all(&dir)?;
+    }
+    fs::create_dir_all(&dir)?;
+    let bytes = write_adapter(
+        spec,
+        &out.join("base"),
+        &dir,
+        adapter_seed(spec, k),
+        &mut Vec::new(),
+    )?;
+    fs::write(&stamp_path, serde_json::to_vec(&want)?)?;
+    Ok((dir, bytes))
+}
+
 /// What `gen` wrote, for the runner's report.
 #[derive(Clone, Debug)]
 pub struct Generated {
@@ -601,39 +683,7 @@ pub fn generate(spec: &Spec, out: &Path, verbose: bool) -> Result<Generated> {
         serde_json::to_string_pretty(&spec.config_json())? + "\n",
     )?;
 
-    // The adapter: PEFT key names, boft_R (N, D, H, H) and boft_s (out, 1), all f32.
-    let (b, f) = (spec.block_size, spec.factors);
-    let mut entries = Vec::new();
-    for l in 0..spec.layers {
-        for ((block, m), (_, n_in, n_out)) in MODULES.iter().zip(spec.linear_shapes()) {
-            let key = format!("base_model.model.model.layers.{l}.{block}.{m}");
-            entries.push(Entry {
-                name: format!("{key}.boft_R"),
-                dt: Dt::F32,
-                shape: vec![f, n_in / b, b, b],
-                center: 0.0,
-                half: 0.05,
-            });
-            entries.push(Entry {
-                name: format!("{key}.boft_s"),
-                dt: Dt::F32,
-                shape: vec![n_out, 1],
-                center: 1.0,
-                half: 0.05,
-            });
-        }
-    }
-    let adapter_bytes = write_safetensors(
-        &adapter.join("adapter_model.safetensors"),
-        entries,
-        spec.seed ^ 0xADA7,
-        &mut buf,
-    )?;
-    let base_abs = base.canonicalize().unwrap_or(base.clone());
-    fs::write(
-        adapter.join("adapter_config.json"),
-        serde_json::to_string_pretty(&spec.adapter_config_json(&base_abs))? + "\n",
-    )?;
+    let adapter_bytes = write_adapter(spec, &base, &adapter, adapter_seed(spec, 1), &mut buf)?;
     fs::write(&stamp_path, serde_json::to_vec(&stamp(spec))?)?;
     let (base_file_bytes, shards) = dir_file_bytes(&base)?;
     Ok(Generated {

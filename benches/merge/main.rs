@@ -2,6 +2,7 @@
 //!
 //! ```sh
 //! cargo bench --bench merge -- run                      # the full benchmark -> docs/BENCHMARKS.md
+//! cargo bench --bench merge -- run --multi-only --sizes 230   # several adapters -> docs/BENCHMARKS-compose.md
 //! cargo bench --bench merge -- gen --size 230 --out bench-data/m230
 //! cargo bench --bench merge -- copy --mode cfr SRC DST  # one floor copy
 //! cargo bench --bench merge -- measure -- CMD ARGS...   # time + peak memory of any command
@@ -10,6 +11,7 @@
 
 mod gen;
 mod measure;
+mod multi;
 mod repo;
 mod report;
 mod run;
@@ -36,9 +38,11 @@ enum Cmd {
     /// Write a synthetic sharded Llama-shaped checkpoint (OUT/base) and a matching PEFT BOFT
     /// adapter targeting every linear layer (OUT/adapter).
     Gen(gen::GenArgs),
-    /// Generate, measure and report: writes docs/BENCHMARKS.md, docs/bench.csv, docs/bench.png.
+    /// Generate, measure and report: writes docs/BENCHMARKS.md, docs/bench.csv, docs/bench.png,
+    /// and (unless --no-multi) docs/BENCHMARKS-compose.md and docs/bench-compose.csv.
     Run(run::RunArgs),
-    /// Floor copy of a folder (used by `run` as a child process): copy every file, fsync each.
+    /// Floor copy of a folder (used by `run` as a child process): copy every file, fsync each;
+    /// to several destinations in turn if given several.
     Copy(measure::CopyArgs),
     /// Run any command and print its wall time, CPU time, peak RSS and peak anonymous memory.
     Measure {
@@ -72,15 +76,18 @@ fn main() -> Result<()> {
             let _ = std::fs::remove_file(log.with_extension("out"));
             let _ = std::fs::remove_file(log.with_extension("err"));
             print!("{}", s.stdout);
+            let mb = |b: Option<u64>| b.map_or("?".into(), |b| format!("{:.1}", b as f64 / 1e6));
             println!(
-                "wall {:.3} s, user {:.3} s, sys {:.3} s, run-queue wait {:.3} s, peak RSS {:.1} MiB, peak anon {:.1} MiB ({} samples)",
+                "wall {:.3} s, user {:.3} s, sys {:.3} s, run-queue wait {:.3} s, peak RSS {:.1} MiB, peak anon {:.1} MiB ({} samples), read from storage {} MB, rchar {} MB",
                 s.wall_s,
                 s.user_s,
                 s.sys_s,
                 s.runq_wait_s,
                 s.max_rss_kib as f64 / 1024.0,
                 s.peak_anon_kib as f64 / 1024.0,
-                s.samples
+                s.samples,
+                mb(s.read_bytes),
+                mb(s.rchar)
             );
             Ok(())
         }

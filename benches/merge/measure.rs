@@ -1,6 +1,7 @@
 //! Running one command as a child process and measuring it: wall time, CPU time, peak resident
 //! memory (the kernel's own `ru_maxrss`) and peak anonymous memory (the largest `RssAnon` seen by
-//! sampling `/proc/<pid>/status`). Also the page-cache controls and the floor copies.
+//! sampling `/proc/<pid>/status`), and the bytes it read (`/proc/<pid>/io`, read once more after
+//! it has exited and before it is reaped). Also the page-cache controls and the floor copies.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -41,7 +42,45 @@ pub struct Sample {
     /// Seconds from spawn until every output byte had been handed to the kernel (NaN if not
     /// tracked); the rest of the wall time is fsync + rename + exit.
     pub all_written_s: f64,
+    /// `read_bytes` of `/proc/<pid>/io`: bytes the process caused to be fetched from storage
+    /// (page-cache misses, memory-mapped ones included); read after the child exited, before it
+    /// was reaped (else the last sample). None if /proc did not say.
+    pub read_bytes: Option<u64>,
+    /// `rchar` of `/proc/<pid>/io`: bytes passed through read-like system calls (read, pread,
+    /// copy_file_range, …) whether or not they came from the cache; memory-mapped reads are not
+    /// counted.
+    pub rchar: Option<u64>,
     pub stdout: String,
+}
+
+impl Sample {
+    /// Several children run one after another, as one measurement: times, CPU and bytes add up,
+    /// memory peaks are the largest; the phases are not tracked.
+    pub fn sum(steps: &[Sample]) -> Sample {
+        let add = |f: fn(&Sample) -> Option<u64>| -> Option<u64> {
+            steps.iter().map(f).sum::<Option<u64>>()
+        };
+        Sample {
+            wall_s: steps.iter().map(|s| s.wall_s).sum(),
+            user_s: steps.iter().map(|s| s.user_s).sum(),
+            sys_s: steps.iter().map(|s| s.sys_s).sum(),
+            max_rss_kib: steps.iter().map(|s| s.max_rss_kib).max().unwrap_or(0),
+            ru_maxrss_kib: steps.iter().map(|s| s.ru_maxrss_kib).max().unwrap_or(0),
+            peak_anon_kib: steps.iter().map(|s| s.peak_anon_kib).max().unwrap_or(0),
+            peak_rss_sampled_kib: steps
+                .iter()
+                .map(|s| s.peak_rss_sampled_kib)
+                .max()
+                .unwrap_or(0),
+            samples: steps.iter().map(|s| s.samples).sum(),
+            runq_wait_s: steps.iter().map(|s| s.runq_wait_s).sum(),
+            first_write_s: f64::NAN,
+            all_written_s: f64::NAN,
+            read_bytes: add(|s| s.read_bytes),
+            rchar: add(|s| s.rchar),
+            stdout: steps.iter().map(|s| s.stdout.as_str()).collect(),
+        }
+    }
 }
 
 fn status_kib(text: &str, key: &str) -> Option<u64> {
@@ -69,6 +108,16 @@ struct Seen {
     /// Seconds after spawn at which `wchar` first exceeded 0 / reached the expected total.
     first_write: Option<f64>,
     all_written: Option<f64>,
+    /// Last `read_bytes` and `rchar` read from `/proc/<pid>/io`.
+    read_bytes: Option<u64>,
+    rchar: Option<u64>,
+}
+
+/// `key` (`read_bytes:`, `rchar:`, …) of a `/proc/<pid>/io` text.
+fn io_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Run `cmd` to completion, sampling its memory every `every`. Fails if it exits non-zero; its
@@ -100,11 +149,13 @@ pub fn run(
             let tasks = format!("/proc/{pid}/task");
             let mut seen = Seen::default();
             while !stop.load(Ordering::Relaxed) {
+                let io_text = fs::read_to_string(&io).ok();
+                if let Some(t) = &io_text {
+                    seen.read_bytes = io_field(t, "read_bytes:").or(seen.read_bytes);
+                    seen.rchar = io_field(t, "rchar:").or(seen.rchar);
+                }
                 if let Some(total) = expect_write.filter(|_| seen.all_written.is_none()) {
-                    if let Some(w) = fs::read_to_string(&io)
-                        .ok()
-                        .and_then(|s| status_kib(&s, "wchar:"))
-                    {
+                    if let Some(w) = io_text.as_deref().and_then(|s| io_field(s, "wchar:")) {
                         let t = t0.elapsed().as_secs_f64();
                         if w > 0 && seen.first_write.is_none() {
                             seen.first_write = Some(t);
@@ -142,6 +193,27 @@ pub fn run(
             }
             seen
         })
+    };
+    // Wait for the exit without reaping (WNOWAIT): the zombie's /proc/<pid>/io holds the final
+    // totals of all its threads, which the sampler may have read up to one interval early.
+    let final_io = loop {
+        // SAFETY: an all-zero siginfo_t is a valid value; waitid fills it in.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: plain syscall on our own child's pid with a pointer to a local.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == -1 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        break (r == 0)
+            .then(|| fs::read_to_string(format!("/proc/{pid}/io")).ok())
+            .flatten();
     };
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value; wait4 fills it in.
@@ -188,6 +260,14 @@ pub fn run(
             .all_written
             .or(seen.first_write.map(|_| wall))
             .unwrap_or(f64::NAN),
+        read_bytes: final_io
+            .as_deref()
+            .and_then(|t| io_field(t, "read_bytes:"))
+            .or(seen.read_bytes),
+        rchar: final_io
+            .as_deref()
+            .and_then(|t| io_field(t, "rchar:"))
+            .or(seen.rchar),
         stdout,
     })
 }
@@ -271,8 +351,10 @@ pub struct CopyArgs {
     pub buf_kib: usize,
     /// Source folder (or file).
     pub src: PathBuf,
-    /// Destination folder (or file); must not exist.
-    pub dst: PathBuf,
+    /// Destination folder (or file); must not exist. Several: the source is copied to each in
+    /// turn (the floor for writing that many copies).
+    #[arg(required = true)]
+    pub dst: Vec<PathBuf>,
 }
 
 fn copy_rw(src: &mut File, dst: &mut File, buf: &mut [u8]) -> Result<u64> {
@@ -313,36 +395,39 @@ fn copy_cfr(src: &File, dst: &File, len: u64) -> Result<u64> {
     Ok(done)
 }
 
-/// The `copy` subcommand: copy every file of `src` to `dst`, fsync each, print bytes copied.
+/// The `copy` subcommand: copy every file of `src` to each `dst` in turn, fsync each file, print
+/// the bytes copied.
 pub fn copy_main(a: CopyArgs) -> Result<()> {
     let files = files_under(&a.src)?;
     let single = a.src.is_file();
-    if !single {
-        fs::create_dir(&a.dst).with_context(|| format!("create {}", a.dst.display()))?;
-    }
     let mut buf = vec![0u8; a.buf_kib.max(4) << 10];
     let mut total = 0u64;
-    for f in files {
-        let to = if single {
-            a.dst.clone()
-        } else {
-            let rel = f.strip_prefix(&a.src)?;
-            let to = a.dst.join(rel);
-            if let Some(p) = to.parent() {
-                fs::create_dir_all(p)?;
-            }
-            to
-        };
-        let mut s = File::open(&f)?;
-        let mut d = File::options().write(true).create_new(true).open(&to)?;
-        total += match a.mode {
-            CopyMode::Rw => copy_rw(&mut s, &mut d, &mut buf)?,
-            CopyMode::Cfr => {
-                let len = s.metadata()?.len();
-                copy_cfr(&s, &d, len)?
-            }
-        };
-        d.sync_all()?;
+    for dst in &a.dst {
+        if !single {
+            fs::create_dir(dst).with_context(|| format!("create {}", dst.display()))?;
+        }
+        for f in &files {
+            let to = if single {
+                dst.clone()
+            } else {
+                let rel = f.strip_prefix(&a.src)?;
+                let to = dst.join(rel);
+                if let Some(p) = to.parent() {
+                    fs::create_dir_all(p)?;
+                }
+                to
+            };
+            let mut s = File::open(f)?;
+            let mut d = File::options().write(true).create_new(true).open(&to)?;
+            total += match a.mode {
+                CopyMode::Rw => copy_rw(&mut s, &mut d, &mut buf)?,
+                CopyMode::Cfr => {
+                    let len = s.metadata()?.len();
+                    copy_cfr(&s, &d, len)?
+                }
+            };
+            d.sync_all()?;
+        }
     }
     println!("{total}");
     Ok(())

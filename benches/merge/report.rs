@@ -1,4 +1,5 @@
-//! docs/bench.csv (one row per timed run), docs/BENCHMARKS.md and docs/bench.png.
+//! docs/bench.csv (one row per timed run), docs/BENCHMARKS.md and docs/bench.png; and for the
+//! multi-adapter measurements docs/bench-compose.csv and docs/BENCHMARKS-compose.md.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -10,6 +11,7 @@ use anyhow::Result;
 
 use crate::gen::Spec;
 use crate::measure::Sample;
+use crate::multi;
 use crate::repo::root as repo;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -32,6 +34,8 @@ pub struct Meta {
     pub plot_pythons: Vec<PathBuf>,
     pub repeats: usize,
     pub sample_ms: u64,
+    /// The multi-adapter commands were measured (BENCHMARKS-compose.md).
+    pub multi: bool,
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Option<String> {
@@ -101,6 +105,7 @@ pub struct Asked<'a> {
     pub python: Option<&'a Path>,
     pub repeats: usize,
     pub sample_ms: u64,
+    pub multi: bool,
 }
 
 impl Meta {
@@ -173,6 +178,7 @@ impl Meta {
             plot_pythons,
             repeats: a.repeats,
             sample_ms: a.sample_ms,
+            multi: a.multi,
         }
     }
 }
@@ -187,6 +193,9 @@ pub struct SizeInfo {
     pub shards: usize,
     pub gen_seconds: f64,
     pub sanity: String,
+    /// Bytes of adapters A1..A4 of the multi-adapter runs (empty if not run).
+    pub multi_adapter_bytes: Vec<u64>,
+    pub multi_sanity: String,
     pub load_before: String,
     pub load_after: String,
 }
@@ -256,15 +265,17 @@ impl Row {
 
 const CSV_HEADER: &str = "size_mb,base_bytes,layers,hidden,intermediate,vocab,dtype,block_size,factors,shards,\
 largest_tensor_bytes,largest_target_bytes,adapter_bytes,tensor_bytes,mode,cache,threads,rep,wall_s,user_s,sys_s,\
-max_rss_kib,peak_anon_kib,peak_rss_sampled_kib,samples,ru_maxrss_kib,runq_wait_s,first_write_s,all_written_s,note";
+max_rss_kib,peak_anon_kib,peak_rss_sampled_kib,samples,ru_maxrss_kib,runq_wait_s,first_write_s,all_written_s,\
+read_bytes,rchar,note";
 
-fn csv(rows: &[Row]) -> String {
+fn csv<'a>(rows: impl Iterator<Item = &'a Row>) -> String {
     let mut s = String::from(CSV_HEADER);
     s.push('\n');
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
     for r in rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{},{:.6},{:.6},{:.6},{}",
+            "{},{},{},{},{},{},{},{:.6},{:.6},{:.6},{},{},{},{},{},{:.6},{:.6},{:.6},{},{},{}",
             r.size_mb,
             r.base_bytes,
             r.cols,
@@ -283,6 +294,8 @@ fn csv(rows: &[Row]) -> String {
             r.s.runq_wait_s,
             r.s.first_write_s,
             r.s.all_written_s,
+            opt(r.s.read_bytes),
+            opt(r.s.rchar),
             r.note
         );
     }
@@ -304,6 +317,9 @@ struct Agg {
     tail: f64,
     rss: f64,
     anon: f64,
+    /// Medians of `read_bytes` and `rchar` (NaN if not known).
+    read: f64,
+    rchar: f64,
 }
 
 /// Median of the finite values (NaN if none).
@@ -344,6 +360,16 @@ fn agg(rows: &[Row], size: u64, mode: &str, cache: &str, threads: usize) -> Opti
         tail: median(rs.iter().map(|r| r.s.wall_s - r.s.all_written_s).collect()),
         rss: rs.iter().map(|r| r.s.max_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
         anon: rs.iter().map(|r| r.s.peak_anon_kib).max().unwrap_or(0) as f64 / 1024.0,
+        read: median(
+            rs.iter()
+                .map(|r| r.s.read_bytes.map_or(f64::NAN, |b| b as f64))
+                .collect(),
+        ),
+        rchar: median(
+            rs.iter()
+                .map(|r| r.s.rchar.map_or(f64::NAN, |b| b as f64))
+                .collect(),
+        ),
     })
 }
 
@@ -412,7 +438,11 @@ fn plot(doc_dir: &Path, meta: &Meta, csv_path: &Path) -> String {
 
 pub fn write_all(doc_dir: &Path, meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> Result<()> {
     let csv_path = doc_dir.join("bench.csv");
-    fs::write(&csv_path, csv(rows))?;
+    // The multi-adapter rows go to bench-compose.csv (write_compose).
+    fs::write(
+        &csv_path,
+        csv(rows.iter().filter(|r| !multi::is_multi(&r.mode))),
+    )?;
     let plot_md = plot(doc_dir, meta, &csv_path);
     fs::write(
         doc_dir.join("BENCHMARKS.md"),
@@ -421,19 +451,8 @@ pub fn write_all(doc_dir: &Path, meta: &Meta, infos: &[SizeInfo], rows: &[Row]) 
     Ok(())
 }
 
-fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> String {
-    let mut m = String::new();
-    let w = &mut m;
-    let _ = writeln!(
-        w,
-        "# Benchmarks: `boft-merge` against the disk floor and PEFT\n"
-    );
-    let _ = writeln!(
-        w,
-        "_Written by the benchmark harness (`benches/merge/`) from {} to {}. Do not edit by hand: \
-         rerun the command below. Every timed run is in [bench.csv](bench.csv)._\n",
-        meta.started, meta.finished
-    );
+/// The Machine section, shared by both reports.
+fn machine(w: &mut String, meta: &Meta, infos: &[SizeInfo]) {
     let _ = writeln!(w, "## Machine\n");
     let _ = writeln!(w, "| | |\n|---|---|");
     let _ = writeln!(w, "| CPU | {} ({} cores available) |", meta.cpu, meta.cores);
@@ -467,6 +486,22 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
         "Other processes on the machine share the CPUs and the disk; a load average well above 0 \
          while this ran means the numbers are noisy.\n"
     );
+}
+
+fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> String {
+    let mut m = String::new();
+    let w = &mut m;
+    let _ = writeln!(
+        w,
+        "# Benchmarks: `boft-merge` against the disk floor and PEFT\n"
+    );
+    let _ = writeln!(
+        w,
+        "_Written by the benchmark harness (`benches/merge/`) from {} to {}. Do not edit by hand: \
+         rerun the command below. Every timed run is in [bench.csv](bench.csv)._\n",
+        meta.started, meta.finished
+    );
+    machine(w, meta, infos);
 
     let _ = writeln!(w, "## Reproduce\n");
     let _ = writeln!(w, "```sh\n{}\n```\n", meta.command);
@@ -514,9 +549,18 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
          Peak anon = the largest `RssAnon` in `/proc/<pid>/status`, sampled every {} ms (heap and \
          buffers, not the page cache; a spike shorter than the interval can be missed). \
          Run-queue wait = time the command's threads were runnable but had no CPU (from \
-         `/proc/<pid>/task/*/schedstat`): other load on the machine shows up there.\n",
+         `/proc/<pid>/task/*/schedstat`): other load on the machine shows up there. \
+         bench.csv also records `read_bytes` (bytes read from storage) and `rchar` of \
+         `/proc/<pid>/io`, read after the child exits and before it is reaped.\n",
         meta.repeats, meta.sample_ms
     );
+    if meta.multi {
+        let _ = writeln!(
+            w,
+            "* **Several adapters in one pass** (issue 13: two adapters, a switch, a batch of {})              were measured in the same repeats and cache states, interleaved with the commands              above; their method, targets and numbers are in [{COMPOSE_MD}]({COMPOSE_MD}) and              their runs in [{COMPOSE_CSV}]({COMPOSE_CSV}).\n",
+            multi::N
+        );
+    }
 
     // ---- targets
     let _ = writeln!(w, "## Targets (issue 5)\n");
@@ -804,5 +848,393 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
         }
     }
     let _ = writeln!(w, "## Plot\n\n{plot_md}");
+    m
+}
+
+// ------------------------------------------------------------------------------------------
+// Several adapters in one pass (issue 13): BENCHMARKS-compose.md and bench-compose.csv
+// ------------------------------------------------------------------------------------------
+
+pub const COMPOSE_MD: &str = "BENCHMARKS-compose.md";
+pub const COMPOSE_CSV: &str = "bench-compose.csv";
+
+/// Target of issue 13: a one-pass switch takes at most this share of un-merge + merge.
+const SWITCH_TARGET: f64 = 0.6;
+/// Target of issue 13: a batch of 4 takes at most this many times the floor of writing 4 copies.
+const BATCH_TARGET: f64 = 1.3;
+/// A batch reads the base from storage "about once": at most this many times the bytes of its
+/// inputs (base files + adapters) in the cold state.
+const READ_ONCE_SLACK: f64 = 1.25;
+
+/// Rows of the multi-adapter report: label, processes, outputs.
+const COMPOSE_ROWS: [(&str, &str, usize, usize); 12] = [
+    ("floor_rw", "floor: read/write + fsync", 1, 1),
+    ("floor_cfr", "floor: copy_file_range + fsync", 1, 1),
+    ("merge", "`boft-merge` (A1)", 1, 1),
+    ("unmerge", "`boft-merge --unmerge` (A1)", 1, 1),
+    (
+        "merge2",
+        "2 adapters, one pass: `--adapter A1 --adapter A2`",
+        1,
+        1,
+    ),
+    (
+        "merge2_seq",
+        "2 adapters, two merges: A1 → tmp, then A2",
+        2,
+        1,
+    ),
+    (
+        "switch",
+        "switch, one pass: `--unmerge-adapter A1 --adapter A2`",
+        1,
+        1,
+    ),
+    (
+        "switch_seq",
+        "switch, two runs: `--unmerge` A1 → tmp, then merge A2",
+        2,
+        1,
+    ),
+    (
+        "floor4_rw",
+        "floor ×4: read/write + fsync to 4 outputs",
+        1,
+        4,
+    ),
+    (
+        "floor4_cfr",
+        "floor ×4: copy_file_range + fsync to 4 outputs",
+        1,
+        4,
+    ),
+    ("batch4", "batch of 4: `--batch` (A1, A2, A3, A4)", 1, 4),
+    (
+        "merge_x4",
+        "4 single merges (A1 … A4), one after another",
+        4,
+        4,
+    ),
+];
+
+/// Outputs written by a row of `mode`.
+fn outputs_of(mode: &str) -> usize {
+    COMPOSE_ROWS.iter().find(|r| r.0 == mode).map_or(1, |r| r.3)
+}
+
+/// The floor of writing four copies: the faster (by median) of the two floor ×4 copies.
+fn floor4(rows: &[Row], size: u64, cache: &str) -> Option<(f64, &'static str)> {
+    let rw = agg(rows, size, "floor4_rw", cache, 0).map(|a| (a.med, "read/write"));
+    let cfr = agg(rows, size, "floor4_cfr", cache, 0).map(|a| (a.med, "copy_file_range"));
+    match (rw, cfr) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+fn mb(bytes: f64) -> String {
+    if bytes.is_finite() {
+        format!("{:.1}", bytes / 1e6)
+    } else {
+        "—".into()
+    }
+}
+
+pub fn write_compose(doc_dir: &Path, meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> Result<()> {
+    // Every run this report uses: the multi-adapter rows and the single-adapter rows (floor,
+    // merge, un-merge) measured beside them.
+    fs::write(
+        doc_dir.join(COMPOSE_CSV),
+        csv(rows
+            .iter()
+            .filter(|r| r.threads == 0 && COMPOSE_ROWS.iter().any(|c| c.0 == r.mode))),
+    )?;
+    fs::write(
+        doc_dir.join(COMPOSE_MD),
+        compose_markdown(meta, infos, rows),
+    )?;
+    Ok(())
+}
+
+fn compose_markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> String {
+    let mut m = String::new();
+    let w = &mut m;
+    let n = multi::N;
+    let _ = writeln!(w, "# Benchmarks: several adapters in one pass (issue 13)\n");
+    let _ = writeln!(
+        w,
+        "_Written by the benchmark harness (`benches/merge/`, `run`) from {} to {}. Do not edit by \
+         hand: rerun the command below. Every timed run is in [{COMPOSE_CSV}]({COMPOSE_CSV}). The \
+         single-adapter benchmark (all sizes, PEFT, thread scaling) is [BENCHMARKS.md](BENCHMARKS.md), \
+         which a plain `run` rewrites and `--multi-only` leaves as it is._\n",
+        meta.started, meta.finished
+    );
+    machine(w, meta, infos);
+
+    let _ = writeln!(w, "## Reproduce\n");
+    let _ = writeln!(w, "```sh\n{}\n```\n", meta.command);
+    let _ = writeln!(
+        w,
+        "A plain `cargo bench --bench merge -- run` measures these commands too and writes this \
+         file beside BENCHMARKS.md (`--no-multi` skips them). `--multi-only` measures only the \
+         floor copies, the single merge and un-merge and the commands below (no PEFT, no thread \
+         scaling) and writes only this file and {COMPOSE_CSV}. Options: `cargo bench --bench \
+         merge -- run --help`.\n"
+    );
+
+    let _ = writeln!(w, "## Method\n");
+    let _ = writeln!(
+        w,
+        "* **Data.** The base and adapter *A1* are the ones BENCHMARKS.md describes (synthetic \
+         sharded Llama checkpoint; PEFT BOFT adapter folder targeting all seven linear layers of \
+         every layer). *A2*, *A3*, *A4* are made by the same generator (`gen.rs`, \
+         `write_adapter`): same geometry, keys, config and value ranges, another seed of the \
+         pseudo-random values each. *M1* is the base merged with A1, made untimed beforehand \
+         (the same copy the un-merge row uses).\n\
+         * **Commands**, each line one child process (`-q`; `boft-merge` fsyncs its outputs):\n  \
+         * *2 adapters, one pass*: `boft-merge --base B --adapter A1 --adapter A2 -o OUT`;\n  \
+         * *2 adapters, two merges*: `boft-merge --base B --adapter A1 -o TMP`, then \
+         `boft-merge --base TMP --adapter A2 -o OUT`;\n  \
+         * *switch, one pass*: `boft-merge --base M1 --unmerge-adapter A1 --adapter A2 -o OUT`;\n  \
+         * *switch, two runs*: `boft-merge --base M1 --adapter A1 --unmerge -o TMP`, then \
+         `boft-merge --base TMP --adapter A2 -o OUT`;\n  \
+         * *batch of {n}*: `boft-merge --base B --batch jobs.json`, job k writing OUTk with \
+         adapter Ak (absolute paths);\n  \
+         * *{n} single merges*: `boft-merge --base B --adapter Ak -o OUTk` for k = 1 … {n}, one \
+         after another;\n  \
+         * *floor ×{n}*: the harness's floor copy (`copy --mode rw` or `--mode cfr`, as in \
+         BENCHMARKS.md) given {n} destinations: one process copies the base folder to each in \
+         turn, fsyncing each file. The floor of writing {n} copies is the faster median of the \
+         two.\n\
+         * **Timing.** A measurement with several processes is the sum of their wall times \
+         (spawn to reap, run back to back; CPU time, run-queue wait and bytes read are summed, \
+         memory is the largest); the intermediate TMP is deleted afterwards, untimed. Every \
+         measurement is interleaved with the single-adapter rows (floor, merge, un-merge) in each \
+         repeat, so they share the machine's drifts. {} runs per measurement and cache state; \
+         tables give the **median** (and the minimum); ratios are ratios of medians in the same \
+         cache state.\n\
+         * **Cache states**, set once per measurement, as for the single-adapter rows: before it, \
+         its previous outputs are deleted and `sync` is called; *warm*: every input (B or M1, \
+         and each adapter it uses) read into the page cache; *cold*: `sync` and `echo 3 > \
+         /proc/sys/vm/drop_caches`. The later processes of a sequence find in the cache what the \
+         earlier ones left there (the TMP just written, the base just read), as they would in a \
+         script.\n\
+         * **Bytes read.** `/proc/<pid>/io` of each child, read once more after it has exited \
+         and before the harness reaps it (`waitid(WNOWAIT)`; otherwise the last of the samples \
+         taken every {} ms). *read from storage* = `read_bytes`: bytes the process caused to be \
+         read from the disk, page faults of memory-mapped files included (how `boft-merge` reads \
+         the base), page-cache hits not. *rchar* = bytes passed through read-like system calls \
+         (`read`, `pread`, `copy_file_range`), from the cache or not; memory-mapped reads are not \
+         in it. Both summed over the processes of a sequence. Caveat: a base that fits in the \
+         page cache is read from the disk only once by anything that reads it several times in \
+         a row, so in the cold state the {n} single merges also read it from storage about once \
+         (the first merge; the next three hit the cache); the batch's figure shows that the one \
+         process does not read it more than once, and its time shows what the single pass saves.\n",
+        meta.repeats, meta.sample_ms
+    );
+
+    // ---- targets at the size closest to 230 MB
+    let _ = writeln!(w, "## Targets (issue 13)\n");
+    let _ = writeln!(w, "| target | measured | status |\n|---|---|---|");
+    let reference = infos
+        .iter()
+        .filter(|i| !i.multi_adapter_bytes.is_empty())
+        .min_by_key(|i| i.size_mb.abs_diff(230));
+    if let Some(r) = reference {
+        let sz = r.size_mb;
+        for cache in ["warm", "cold"] {
+            if let (Some(one), Some(two)) = (
+                agg(rows, sz, "switch", cache, 0),
+                agg(rows, sz, "switch_seq", cache, 0),
+            ) {
+                let x = one.med / two.med;
+                let _ = writeln!(
+                    w,
+                    "| switch in one pass ≤ {SWITCH_TARGET}× (`--unmerge` + merge), {} ({cache} cache) | {:.3} s vs {:.3} s: **{x:.2}×** | {} |",
+                    gb(r.base_bytes),
+                    one.med,
+                    two.med,
+                    pass(x <= SWITCH_TARGET)
+                );
+            }
+        }
+        for cache in ["warm", "cold"] {
+            if let (Some(b), Some((fl, which))) =
+                (agg(rows, sz, "batch4", cache, 0), floor4(rows, sz, cache))
+            {
+                let x = b.med / fl;
+                let _ = writeln!(
+                    w,
+                    "| batch of {n} ≤ {BATCH_TARGET}× the floor of writing {n} copies, {} ({cache} cache) | {:.3} s vs floor ×{n} {:.3} s ({which}): **{x:.2}×** | {} |",
+                    gb(r.base_bytes),
+                    b.med,
+                    fl,
+                    pass(x <= BATCH_TARGET)
+                );
+            }
+        }
+        let inputs = r.base_bytes + r.multi_adapter_bytes.iter().sum::<u64>();
+        match agg(rows, sz, "batch4", "cold", 0) {
+            Some(b) if b.read.is_finite() => {
+                let singles = agg(rows, sz, "merge_x4", "cold", 0)
+                    .map(|a| format!("; {n} single merges: {} MB", mb(a.read)))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    w,
+                    "| batch of {n} reads the base from storage about once (cold; pass: read ≤ {READ_ONCE_SLACK}× base files + {n} adapters = {} MB) | {} MB = **{:.2}×** the base files ({} MB){singles} | {} |",
+                    mb(inputs as f64 * READ_ONCE_SLACK),
+                    mb(b.read),
+                    b.read / r.base_bytes as f64,
+                    mb(r.base_bytes as f64),
+                    pass(b.read <= inputs as f64 * READ_ONCE_SLACK)
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    w,
+                    "| batch of {n} reads the base from storage about once (cold) | no cold runs (or no /proc/<pid>/io) | — |"
+                );
+            }
+        }
+    }
+    let _ = writeln!(w);
+
+    // ---- per size
+    let _ = writeln!(w, "## Results by size\n");
+    for i in infos.iter().filter(|i| !i.multi_adapter_bytes.is_empty()) {
+        let sz = i.size_mb;
+        let _ = writeln!(
+            w,
+            "### {} MB requested: {} in {} shard(s)\n",
+            sz,
+            gb(i.base_bytes),
+            i.shards
+        );
+        let ad: Vec<String> = i.multi_adapter_bytes.iter().map(|&b| gb(b)).collect();
+        let _ = writeln!(
+            w,
+            "{} layers, hidden {}, {}; adapters A1 … A{}: BOFT b={}, {} factor(s), {} targets, {} \
+             (adapter_model.safetensors each).\n",
+            i.spec.layers,
+            i.spec.hidden,
+            i.spec.dtype.cli_name(),
+            ad.len(),
+            i.spec.block_size,
+            i.spec.factors,
+            i.spec.layers * crate::gen::MODULES.len(),
+            ad.join(", ")
+        );
+        if !i.multi_sanity.is_empty() {
+            let _ = writeln!(
+                w,
+                "Sanity check (layer 0, first repeat): {}.\n",
+                i.multi_sanity
+            );
+        }
+        let _ = writeln!(
+            w,
+            "| command | processes | outputs | cache | median s | min s | runs | × floor (as many copies) | CPU s (user+sys) | run-queue wait s | read from storage MB | rchar MB | peak anon MiB |\n\
+             |---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+        );
+        for cache in ["warm", "cold"] {
+            for (mode, label, procs, _) in COMPOSE_ROWS {
+                let Some(a) = agg(rows, sz, mode, cache, 0) else {
+                    continue;
+                };
+                let outs = outputs_of(mode);
+                let fl = if outs == 1 {
+                    floor(rows, sz, cache)
+                } else {
+                    floor4(rows, sz, cache)
+                };
+                let x = fl
+                    .map(|(f, _)| format!("{:.2}", a.med / f))
+                    .unwrap_or("—".into());
+                let _ = writeln!(
+                    w,
+                    "| {label} | {procs} | {outs} | {cache} | {:.3} | {:.3} | {} | {x} | {:.2} | {:.2} | {} | {} | {:.1} |",
+                    a.med,
+                    a.min,
+                    a.n,
+                    a.cpu,
+                    a.wait,
+                    mb(a.read),
+                    mb(a.rchar),
+                    a.anon
+                );
+            }
+        }
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "One pass against the same work done by single-adapter runs (ratios of medians; below \
+             1 the one pass is faster):\n\n\
+             | comparison | cache | one pass s | the alternative s | ratio | target |\n\
+             |---|---|--:|--:|--:|---|"
+        );
+        for cache in ["warm", "cold"] {
+            let pairs: [(&str, &str, &str, Option<f64>); 3] = [
+                (
+                    "2 adapters: one pass / two merges",
+                    "merge2",
+                    "merge2_seq",
+                    None,
+                ),
+                (
+                    "switch: one pass / (`--unmerge`, then merge)",
+                    "switch",
+                    "switch_seq",
+                    Some(SWITCH_TARGET),
+                ),
+                ("batch of 4 / 4 single merges", "batch4", "merge_x4", None),
+            ];
+            for (label, a, b, target) in pairs {
+                if let (Some(x), Some(y)) = (agg(rows, sz, a, cache, 0), agg(rows, sz, b, cache, 0))
+                {
+                    let r = x.med / y.med;
+                    let t = target
+                        .map(|t| format!("≤ {t}: {}", pass(r <= t)))
+                        .unwrap_or("—".into());
+                    let _ = writeln!(
+                        w,
+                        "| {label} | {cache} | {:.3} | {:.3} | {r:.2} | {t} |",
+                        x.med, y.med
+                    );
+                }
+            }
+            if let (Some(x), Some((fl, which))) =
+                (agg(rows, sz, "batch4", cache, 0), floor4(rows, sz, cache))
+            {
+                let r = x.med / fl;
+                let _ = writeln!(
+                    w,
+                    "| batch of 4 / floor of writing 4 copies ({which}) | {cache} | {:.3} | {fl:.3} | {r:.2} | ≤ {BATCH_TARGET}: {} |",
+                    x.med,
+                    pass(r <= BATCH_TARGET)
+                );
+            }
+        }
+        let _ = writeln!(w);
+        let notes: Vec<String> = rows
+            .iter()
+            .filter(|r| r.size_mb == sz && r.note.starts_with("steps="))
+            .map(|r| {
+                format!(
+                    "{} {} #{}: {}",
+                    r.mode,
+                    r.cache,
+                    r.rep + 1,
+                    r.note.trim_start_matches("steps=")
+                )
+            })
+            .collect();
+        if !notes.is_empty() {
+            let _ = writeln!(
+                w,
+                "Wall time of each process of the sequences (s): {}.\n",
+                notes.join("; ")
+            );
+        }
+    }
     m
 }

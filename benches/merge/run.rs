@@ -1,6 +1,7 @@
 //! The `run` subcommand: for each size, generate (or reuse) the data, then time on the same files
-//! the floor copies, `boft-merge`, `boft-merge --unmerge` and optionally the PEFT recipe, warm and
-//! cold, and rewrite the report after each size.
+//! the floor copies, `boft-merge`, `boft-merge --unmerge`, the multi-adapter commands (see
+//! `multi`) and optionally the PEFT recipe, warm and cold, and rewrite the reports after each
+//! size.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use clap::{Args, ValueEnum};
 
 use crate::gen::{self, Generated, ShapeArgs, Spec};
 use crate::measure::{self, Sample};
+use crate::multi::{self, Kind};
 use crate::repo::root as repo;
 use crate::report::{self, Asked, Meta, Row, SizeInfo};
 
@@ -62,7 +64,8 @@ pub struct RunArgs {
     /// geometry). Outputs are always deleted.
     #[arg(long)]
     pub keep_data: bool,
-    /// Folder for BENCHMARKS.md, bench.csv and bench.png (default: docs/ in the repository).
+    /// Folder for BENCHMARKS.md, bench.csv, bench.png, BENCHMARKS-compose.md and
+    /// bench-compose.csv (default: docs/ in the repository).
     #[arg(long)]
     pub doc_dir: Option<PathBuf>,
     /// boft-merge binary to measure (default: the one cargo built beside this bench).
@@ -71,6 +74,15 @@ pub struct RunArgs {
     /// Memory sampling interval in milliseconds.
     #[arg(long, default_value_t = 5)]
     pub sample_ms: u64,
+    /// Do not measure several adapters in one pass (two adapters, a switch, a batch of 4, each
+    /// against single-adapter runs one after another); nor write BENCHMARKS-compose.md.
+    #[arg(long)]
+    pub no_multi: bool,
+    /// Measure only the floor, the single merge and un-merge and the multi-adapter commands (no
+    /// PEFT, no thread scaling), and write only BENCHMARKS-compose.md and bench-compose.csv:
+    /// BENCHMARKS.md, bench.csv and bench.png are left as they are.
+    #[arg(long, conflicts_with = "no_multi")]
+    pub multi_only: bool,
 }
 
 /// Which of the measured commands a row belongs to.
@@ -95,13 +107,17 @@ impl Mode {
     }
 }
 
-struct Ctx<'a> {
+pub struct Ctx<'a> {
     a: &'a RunArgs,
-    bin: PathBuf,
-    me: PathBuf,
+    /// The boft-merge binary measured.
+    pub bin: PathBuf,
+    /// This harness (for the floor copies).
+    pub me: PathBuf,
     python: Option<PathBuf>,
-    every: Duration,
-    logs: PathBuf,
+    /// Sampling interval.
+    pub every: Duration,
+    /// Where each child's stdout and stderr go.
+    pub logs: PathBuf,
 }
 
 impl Ctx<'_> {
@@ -293,8 +309,16 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         }
         Cold::Auto => measure::can_drop_caches(),
     };
-    let (python, python_note) = if a.no_peft || a.peft_max_mb == 0 {
-        (None, "not run (--no-peft)".to_string())
+    let (python, python_note) = if a.no_peft || a.peft_max_mb == 0 || a.multi_only {
+        (
+            None,
+            if a.multi_only {
+                "not run (--multi-only)"
+            } else {
+                "not run (--no-peft)"
+            }
+            .to_string(),
+        )
     } else {
         let py = a.python.clone().unwrap_or_else(|| {
             let venv = PathBuf::from("/work/venv-fixtures/bin/python");
@@ -319,6 +343,7 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         python: a.python.as_deref(),
         repeats: a.repeats,
         sample_ms: a.sample_ms,
+        multi: !a.no_multi,
     };
     let mut meta = Meta::collect(&data, &bin, argv, cold, &python_note, &asked);
     let ctx = Ctx {
@@ -329,7 +354,7 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         every: Duration::from_millis(a.sample_ms.max(1)),
         logs,
     };
-    let threads_at = if a.threads_at == 0 {
+    let threads_at = if a.threads_at == 0 || a.multi_only {
         None
     } else {
         a.sizes
@@ -382,6 +407,12 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             &ctx.logs.join(format!("{size}-prepare")),
             None,
         )?;
+        // Adapters A2..A4 and the batch's jobs file.
+        let multi = if a.no_multi {
+            None
+        } else {
+            Some(multi::Data::prepare(&spec, &g, &dir)?)
+        };
 
         let info_base = SizeInfo {
             size_mb: size,
@@ -391,29 +422,27 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             shards: g.shards,
             gen_seconds: g.seconds,
             sanity: String::new(),
+            multi_adapter_bytes: multi
+                .as_ref()
+                .map(|d| d.adapter_bytes.clone())
+                .unwrap_or_default(),
+            multi_sanity: String::new(),
             load_before: load_before.clone(),
             load_after: String::new(),
         };
         let push = |rows: &mut Vec<Row>,
-                    mode: Mode,
+                    mode: &str,
                     cache: &str,
                     threads: usize,
                     rep: usize,
                     s: Sample,
                     note: String| {
-            rows.push(Row::new(
-                &info_base,
-                mode.key(),
-                cache,
-                threads,
-                rep,
-                s,
-                note,
-            ));
+            rows.push(Row::new(&info_base, mode, cache, threads, rep, s, note));
         };
 
         let modes = [Mode::FloorRw, Mode::FloorCfr, Mode::Merge, Mode::Unmerge];
         let mut sanity_note = String::new();
+        let mut multi_sanity = String::new();
         let caches: &[bool] = if cold { &[false, true] } else { &[false] };
         for &is_cold in caches {
             let cache = if is_cold { "cold" } else { "warm" };
@@ -425,7 +454,22 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
                     if mode == Mode::Unmerge && sanity_note.is_empty() {
                         sanity_note = sanity(&g.base, &merged, &out)?;
                     }
-                    push(&mut rows, mode, cache, 0, rep, s, String::new());
+                    push(&mut rows, mode.key(), cache, 0, rep, s, String::new());
+                }
+                // The multi-adapter commands, in the same repeat and cache state. The first
+                // repeat keeps every output until they have been checked against each other.
+                if let Some(d) = &multi {
+                    let keep = multi_sanity.is_empty();
+                    for kind in Kind::ALL {
+                        let tag = format!("{size}-{cache}-{rep}");
+                        let (s, note) =
+                            multi::timed(&ctx, d, kind, is_cold, &g, &merged, &tag, keep)?;
+                        push(&mut rows, kind.key(), cache, 0, rep, s, note);
+                    }
+                    if keep {
+                        multi_sanity = multi::sanity(d, &g.base)?;
+                        d.clear_all()?;
+                    }
                 }
             }
         }
@@ -434,7 +478,15 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
                 for &t in &thread_list {
                     let tag = format!("{size}-threads{t}-{rep}");
                     let s = ctx.timed(Mode::Merge, false, &g, &merged, &out, t, &tag)?;
-                    push(&mut rows, Mode::Merge, "warm", t, rep, s, String::new());
+                    push(
+                        &mut rows,
+                        Mode::Merge.key(),
+                        "warm",
+                        t,
+                        rep,
+                        s,
+                        String::new(),
+                    );
                 }
             }
         }
@@ -462,24 +514,37 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
                         .join(" ")
                     })
                     .unwrap_or_default();
-                push(&mut rows, Mode::Peft, "warm", 0, rep, s, note);
+                push(&mut rows, Mode::Peft.key(), "warm", 0, rep, s, note);
             }
         }
         measure::remove(&out)?;
         measure::remove(&merged)?;
+        if let Some(d) = &multi {
+            d.clear_all()?;
+        }
         if !a.keep_data {
             measure::remove(&dir)?;
         }
         let mut info = info_base.clone();
         info.sanity = sanity_note;
+        info.multi_sanity = multi_sanity;
         info.load_after = loadavg();
         infos.push(info);
         meta.finished = report::now();
-        report::write_all(&doc_dir, &meta, &infos, &rows)?;
-        eprintln!(
-            "  report updated: {}",
-            doc_dir.join("BENCHMARKS.md").display()
-        );
+        if !a.multi_only {
+            report::write_all(&doc_dir, &meta, &infos, &rows)?;
+            eprintln!(
+                "  report updated: {}",
+                doc_dir.join("BENCHMARKS.md").display()
+            );
+        }
+        if multi.is_some() {
+            report::write_compose(&doc_dir, &meta, &infos, &rows)?;
+            eprintln!(
+                "  report updated: {}",
+                doc_dir.join(report::COMPOSE_MD).display()
+            );
+        }
     }
     Ok(())
 }
