@@ -1213,6 +1213,32 @@ fn compose_markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> String {
                     pass(r <= BATCH_TARGET)
                 );
             }
+            // The same two comparisons against the standalone rows, which no back-to-back
+            // sequence slows: reported beside the targets, not instead of them.
+            if let (Some(x), Some(u), Some(m)) = (
+                agg(rows, sz, "switch", cache, 0),
+                agg(rows, sz, "unmerge", cache, 0),
+                agg(rows, sz, "merge", cache, 0),
+            ) {
+                let y = u.med + m.med;
+                let _ = writeln!(
+                    w,
+                    "| switch: one pass / (standalone `--unmerge` row + standalone merge row) | {cache} | {:.3} | {y:.3} | {:.2} | info |",
+                    x.med,
+                    x.med / y
+                );
+            }
+            if let (Some(x), Some((fl, which))) =
+                (agg(rows, sz, "batch4", cache, 0), floor(rows, sz, cache))
+            {
+                let y = 4.0 * fl;
+                let _ = writeln!(
+                    w,
+                    "| batch of 4 / 4 × the floor of one copy ({which}) | {cache} | {:.3} | {y:.3} | {:.2} | info |",
+                    x.med,
+                    x.med / y
+                );
+            }
         }
         let _ = writeln!(w);
         let notes: Vec<String> = rows
