@@ -119,8 +119,15 @@ impl Plan<'_> {
 /// Elements per work chunk: large enough for efficient block GEMMs, small enough to stay in cache.
 const CHUNK_ELEMS: usize = 1 << 17;
 
+/// Where finished pieces of a tensor go as soon as they are encoded: `(offset in the tensor,
+/// bytes)`.
+pub(super) type Sink<'a> = &'a (dyn Fn(usize, &[u8]) -> Result<()> + Sync);
+
 /// The output bytes of one targeted tensor (`src` its base bytes, `path` its file for
-/// messages), into `out` (its size).
+/// messages), into `out` (its size). With `sink`, a tensor that streams in row chunks hands each
+/// chunk to it while the chunk is still in cache, and `true` is returned: the bytes are written,
+/// `out` is not filled. Otherwise `out` holds the tensor (`false`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn tensor_bytes(
     path: &Path,
     t: &TensorInfo,
@@ -129,7 +136,8 @@ pub(super) fn tensor_bytes(
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
     out: &mut [u8],
-) -> Result<()> {
+    sink: Option<Sink>,
+) -> Result<bool> {
     if let (Some(r), true) = (b.start, b.groups.is_empty()) {
         if r.dtype == t.dtype {
             out.copy_from_slice(&r.data);
@@ -137,15 +145,16 @@ pub(super) fn tensor_bytes(
             let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
             dtype::encode_f32(t.dtype, &v, out);
         }
-        return safe_merge(path, t, 0, src, out);
+        return safe_merge(path, t, 0, src, out).map(|()| false);
     }
     if b.rows_only() {
         // Checked chunk by chunk, while each is in cache.
-        return rows_into(path, t, src, &b.groups, backend, stop, out);
+        rows_into(path, t, src, &b.groups, backend, stop, out, sink)?;
+        return Ok(sink.is_some());
     }
     let w = whole_f32(t, src, b, backend)?;
     dtype::encode_f32(t.dtype, &w, out);
-    safe_merge(path, t, 0, src, out)
+    safe_merge(path, t, 0, src, out).map(|()| false)
 }
 
 /// PEFT's `safe_merge`, element by element: refuse an output tensor that holds NaN or ±Inf where
@@ -175,7 +184,10 @@ fn row_len(t: &TensorInfo) -> usize {
     t.shape[1..].iter().product()
 }
 
-/// `rows_chunked`, encoding each chunk into its place in `out` (the tensor's bytes).
+/// `rows_chunked`, encoding each chunk into its place in `out` (the tensor's bytes), or with
+/// `sink` into a per-thread buffer handed to it at once: writing a chunk while it is in cache
+/// costs the kernel's copy a fraction of copying a whole tensor from memory later.
+#[allow(clippy::too_many_arguments)]
 fn rows_into(
     path: &Path,
     t: &TensorInfo,
@@ -184,11 +196,31 @@ fn rows_into(
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
     out: &mut [u8],
+    sink: Option<Sink>,
 ) -> Result<()> {
     let esize = t.dtype.float_size().expect("checked at planning");
     let n = row_len(t);
     let row_bytes = n * esize;
     let chunk_rows = chunk_rows(t, backend);
+    if let Some(sink) = sink {
+        let rows = t.shape[0];
+        return (0..rows.div_ceil(chunk_rows))
+            .into_par_iter()
+            .try_for_each(|c| -> Result<()> {
+                if stop() {
+                    return Ok(());
+                }
+                let r0 = c * chunk_rows;
+                let r1 = (r0 + chunk_rows).min(rows);
+                with_chunk(t, src, groups, backend, r0, r1, |x, bytes| {
+                    bytes.resize(x.len() * esize, 0);
+                    dtype::encode_f32(t.dtype, x, bytes);
+                    let base = &src[r0 * row_bytes..r1 * row_bytes];
+                    safe_merge(path, t, r0 * n, base, bytes)?;
+                    sink(r0 * row_bytes, bytes)
+                })
+            });
+    }
     out.par_chunks_mut(chunk_rows * row_bytes)
         .enumerate()
         .try_for_each(|(c, dst)| {
