@@ -109,10 +109,73 @@ impl Plan<'_> {
                 .collect::<Result<_>>()?;
             groups.push(BuiltGroup { stages, blend });
         }
+        collapse_junctions(&mut groups);
         Ok(Built {
             start: a.start,
             groups,
         })
+    }
+}
+
+/// Where one input-side chain ends and the next begins with unpermuted block-diagonal factors
+/// of one geometry and no scale between them (an un-merge followed by a merge of PEFT BOFT
+/// adapters, whose first factor is not permuted), the two factors are one: each block the
+/// product of the two, in f64. A switch then applies one factor fewer to every row. Groups
+/// blended as a whole (a linear strength of several stages) are left as they are.
+fn collapse_junctions(groups: &mut [BuiltGroup]) {
+    let mut prev: Option<&mut Arc<Chain>> = None;
+    for g in groups.iter_mut() {
+        if g.blend != 1.0 {
+            // Nothing crosses into or out of a group blended as a whole.
+            prev = None;
+            continue;
+        }
+        for s in g.stages.iter_mut() {
+            match s {
+                BuiltStage::Rows(c) => {
+                    if let Some(p) = prev.take() {
+                        collapse(p, c);
+                    }
+                    prev = Some(c);
+                }
+                BuiltStage::Columns(..) => prev = None,
+            }
+        }
+    }
+}
+
+/// Fold `x`'s last factor into `y`'s first where nothing stands between them (see
+/// `collapse_junctions`); `x` keeps at least one factor.
+fn collapse(x: &mut Arc<Chain>, y: &mut Arc<Chain>) {
+    let between_free = (x.scale.is_none() || x.scale_first)
+        && (y.scale.is_none() || !y.scale_first)
+        && x.blend == 1.0
+        && y.blend == 1.0
+        && x.factors.len() >= 2;
+    let (Some(a), Some(b)) = (x.factors.last(), y.factors.first()) else {
+        return;
+    };
+    let fits = a.perm.is_none()
+        && b.perm.is_none()
+        && (a.h, a.d, a.repeat) == (b.h, b.d, b.repeat)
+        && a.blocks.len() == b.blocks.len();
+    if !between_free || !fits {
+        return;
+    }
+    let h = a.h;
+    let first = Arc::make_mut(x)
+        .factors
+        .pop()
+        .expect("two factors at least");
+    let second = &mut Arc::make_mut(y).factors[0];
+    for (q1, q0) in second
+        .blocks
+        .chunks_exact_mut(h * h)
+        .zip(first.blocks.chunks_exact(h * h))
+    {
+        // Applied first, then the second: the block is their product second · first.
+        let p = crate::math::blocks::product(h, q1, q0);
+        q1.copy_from_slice(&p);
     }
 }
 
@@ -440,4 +503,85 @@ fn columns(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::math::kernel::{apply_vec, Factor, ScaleOn};
+
+    fn factor(h: usize, d: usize, seed: f32, perm: Option<Vec<u32>>) -> Factor {
+        Factor {
+            h,
+            d,
+            blocks: (0..d * h * h)
+                .map(|i| ((i as f32 + seed) * 0.37).sin())
+                .collect(),
+            repeat: 0,
+            perm,
+        }
+    }
+
+    fn chain(factors: Vec<Factor>, scale_first: bool) -> Arc<Chain> {
+        Arc::new(Chain {
+            n: factors[0].n(),
+            factors,
+            scale: Some(vec![1.5]),
+            scale_on: ScaleOn::Vector,
+            scale_first,
+            blend: 1.0,
+        })
+    }
+
+    #[test]
+    fn a_junction_of_unpermuted_factors_collapses_into_one() {
+        let (h, d) = (3, 2);
+        let rev: Vec<u32> = (0..(h * d) as u32).rev().collect();
+        // An un-merge (scale first) ending unpermuted, then a merge (scale last) starting so.
+        let x = chain(
+            vec![
+                factor(h, d, 1.0, Some(rev.clone())),
+                factor(h, d, 2.0, None),
+            ],
+            true,
+        );
+        let y = chain(
+            vec![factor(h, d, 3.0, None), factor(h, d, 4.0, Some(rev))],
+            false,
+        );
+        let v: Vec<f32> = (0..h * d).map(|i| i as f32 * 0.25 - 0.5).collect();
+        let want = apply_vec(&y, &apply_vec(&x, &v));
+        let mut groups = vec![BuiltGroup {
+            stages: vec![BuiltStage::Rows(x), BuiltStage::Rows(y)],
+            blend: 1.0,
+        }];
+        collapse_junctions(&mut groups);
+        let [BuiltStage::Rows(x), BuiltStage::Rows(y)] = &groups[0].stages[..] else {
+            unreachable!()
+        };
+        assert_eq!((x.factors.len(), y.factors.len()), (1, 2));
+        let got = apply_vec(y, &apply_vec(x, &v));
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() < 1e-5, "{want:?} vs {got:?}");
+        }
+    }
+
+    #[test]
+    fn a_scale_between_the_chains_keeps_them_apart() {
+        let (h, d) = (2, 2);
+        let x = chain(
+            vec![factor(h, d, 1.0, None), factor(h, d, 2.0, None)],
+            false,
+        );
+        let y = chain(vec![factor(h, d, 3.0, None)], false);
+        let mut groups = vec![BuiltGroup {
+            stages: vec![BuiltStage::Rows(x), BuiltStage::Rows(y)],
+            blend: 1.0,
+        }];
+        collapse_junctions(&mut groups);
+        let BuiltStage::Rows(x) = &groups[0].stages[0] else {
+            unreachable!()
+        };
+        assert_eq!(x.factors.len(), 2);
+    }
 }
