@@ -266,23 +266,13 @@ fn rows_into(
     let row_bytes = n * esize;
     let chunk_rows = chunk_rows(t, backend);
     if let Some(sink) = sink {
-        let rows = t.shape[0];
-        return (0..rows.div_ceil(chunk_rows))
-            .into_par_iter()
-            .try_for_each(|c| -> Result<()> {
-                if stop() {
-                    return Ok(());
-                }
-                let r0 = c * chunk_rows;
-                let r1 = (r0 + chunk_rows).min(rows);
-                with_chunk(t, src, groups, backend, r0, r1, |x, bytes| {
-                    bytes.resize(x.len() * esize, 0);
-                    dtype::encode_f32(t.dtype, x, bytes);
-                    let base = &src[r0 * row_bytes..r1 * row_bytes];
-                    safe_merge(path, t, r0 * n, base, bytes)?;
-                    sink(r0 * row_bytes, bytes)
-                })
-            });
+        return rows_chunked(t, src, groups, backend, stop, |r0, x, bytes| {
+            bytes.resize(x.len() * esize, 0);
+            dtype::encode_f32(t.dtype, x, bytes);
+            let base = &src[r0 * row_bytes..r0 * row_bytes + bytes.len()];
+            safe_merge(path, t, r0 * n, base, bytes)?;
+            sink(r0 * row_bytes, bytes)
+        });
     }
     out.par_chunks_mut(chunk_rows * row_bytes)
         .enumerate()
@@ -395,7 +385,7 @@ fn with_chunk(
 pub(super) fn rows_chunked(
     t: &TensorInfo,
     src: &[u8],
-    b: &Built,
+    groups: &[BuiltGroup],
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
     sink: impl Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
@@ -410,7 +400,7 @@ pub(super) fn rows_chunked(
             }
             let r0 = c * chunk_rows;
             let r1 = (r0 + chunk_rows).min(rows);
-            with_chunk(t, src, &b.groups, backend, r0, r1, |x, bytes| {
+            with_chunk(t, src, groups, backend, r0, r1, |x, bytes| {
                 sink(r0, x, bytes)
             })
         })

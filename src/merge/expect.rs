@@ -54,7 +54,7 @@ impl Plan<'_> {
         let never = || false;
         if built.rows_only() && back.as_ref().is_none_or(|b| b.rows_only()) {
             let n: usize = t.shape[1..].iter().product();
-            rows_chunked(t, src, &built, &CpuBackend, &never, |r0, x, _| {
+            rows_chunked(t, src, built.groups(), &CpuBackend, &never, |r0, x, _| {
                 let Some(back) = &back else {
                     sink(r0 * n, x);
                     return Ok(());
