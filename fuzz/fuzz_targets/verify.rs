@@ -116,6 +116,13 @@ fuzz_target!(|data: &[u8]| {
     if wild || !want.iter().all(|x| x.is_finite() && x.abs() < 1e6) {
         return;
     }
+    // A transform that nearly annihilates the weight (near-singular raw or Neumann blocks)
+    // leaves outputs far smaller than what was summed to make them: f32 sums are then off by
+    // more than any tolerance relative to the output, a fact about f32, not about the merge.
+    let largest = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if largest(&want) < 1e-2 * largest(&case.w) {
+        return;
+    }
     // The reference rounds once from f64; the merge sums in f32. A loose tolerance leaves room
     // for that and still catches a wrong transform.
     let proof = Settings {
