@@ -187,9 +187,10 @@ const CHUNK_ELEMS: usize = 1 << 17;
 pub(super) type Sink<'a> = &'a (dyn Fn(usize, &[u8]) -> Result<()> + Sync);
 
 /// The output bytes of one targeted tensor (`src` its base bytes, `path` its file for
-/// messages), into `out` (its size). With `sink`, a tensor that streams in row chunks hands each
-/// chunk to it while the chunk is still in cache, and `true` is returned: the bytes are written,
-/// `out` is not filled. Otherwise `out` holds the tensor (`false`).
+/// messages). A tensor that streams in row chunks hands each chunk to `sink` while the chunk is
+/// still in cache (writing it then costs the kernel's copy a fraction of copying a whole tensor
+/// from memory later), and `true` is returned; any other is made whole in `out`, resized to it
+/// (`false`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn tensor_bytes(
     path: &Path,
@@ -198,25 +199,23 @@ pub(super) fn tensor_bytes(
     b: &Built,
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
-    out: &mut [u8],
-    sink: Option<Sink>,
+    out: &mut Vec<u8>,
+    sink: Sink,
 ) -> Result<bool> {
-    if let (Some(r), true) = (b.start, b.groups.is_empty()) {
-        if r.dtype == t.dtype {
-            out.copy_from_slice(&r.data);
-        } else {
+    if b.rows_only() {
+        // Checked chunk by chunk, while each is in cache.
+        rows_into(path, t, src, &b.groups, backend, stop, sink)?;
+        return Ok(true);
+    }
+    out.resize(t.end - t.start, 0);
+    match (b.start, b.groups.is_empty()) {
+        (Some(r), true) if r.dtype == t.dtype => out.copy_from_slice(&r.data),
+        (Some(r), true) => {
             let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
             dtype::encode_f32(t.dtype, &v, out);
         }
-        return safe_merge(path, t, 0, src, out).map(|()| false);
+        _ => dtype::encode_f32(t.dtype, &whole_f32(t, src, b, backend)?, out),
     }
-    if b.rows_only() {
-        // Checked chunk by chunk, while each is in cache.
-        rows_into(path, t, src, &b.groups, backend, stop, out, sink)?;
-        return Ok(sink.is_some());
-    }
-    let w = whole_f32(t, src, b, backend)?;
-    dtype::encode_f32(t.dtype, &w, out);
     safe_merge(path, t, 0, src, out).map(|()| false)
 }
 
@@ -247,10 +246,7 @@ fn row_len(t: &TensorInfo) -> usize {
     t.shape[1..].iter().product()
 }
 
-/// `rows_chunked`, encoding each chunk into its place in `out` (the tensor's bytes), or with
-/// `sink` into a per-thread buffer handed to it at once: writing a chunk while it is in cache
-/// costs the kernel's copy a fraction of copying a whole tensor from memory later.
-#[allow(clippy::too_many_arguments)]
+/// `rows_chunked`, each chunk encoded, checked and handed to `sink`.
 fn rows_into(
     path: &Path,
     t: &TensorInfo,
@@ -258,43 +254,18 @@ fn rows_into(
     groups: &[BuiltGroup],
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
-    out: &mut [u8],
-    sink: Option<Sink>,
+    sink: Sink,
 ) -> Result<()> {
     let esize = t.dtype.float_size().expect("checked at planning");
     let n = row_len(t);
     let row_bytes = n * esize;
-    let chunk_rows = chunk_rows(t, backend);
-    if let Some(sink) = sink {
-        return rows_chunked(t, src, groups, backend, stop, |r0, x, bytes| {
-            bytes.resize(x.len() * esize, 0);
-            dtype::encode_f32(t.dtype, x, bytes);
-            let base = &src[r0 * row_bytes..r0 * row_bytes + bytes.len()];
-            safe_merge(path, t, r0 * n, base, bytes)?;
-            sink(r0 * row_bytes, bytes)
-        });
-    }
-    out.par_chunks_mut(chunk_rows * row_bytes)
-        .enumerate()
-        .try_for_each(|(c, dst)| {
-            if stop() {
-                return Ok(());
-            }
-            let r0 = c * chunk_rows;
-            with_chunk(
-                t,
-                src,
-                groups,
-                backend,
-                r0,
-                r0 + dst.len() / row_bytes,
-                |x, _| {
-                    dtype::encode_f32(t.dtype, x, dst);
-                    let base = &src[r0 * row_bytes..r0 * row_bytes + dst.len()];
-                    safe_merge(path, t, r0 * n, base, dst)
-                },
-            )
-        })
+    rows_chunked(t, src, groups, backend, stop, |r0, x, bytes| {
+        bytes.resize(x.len() * esize, 0);
+        dtype::encode_f32(t.dtype, x, bytes);
+        let base = &src[r0 * row_bytes..r0 * row_bytes + bytes.len()];
+        safe_merge(path, t, r0 * n, base, bytes)?;
+        sink(r0 * row_bytes, bytes)
+    })
 }
 
 fn chunk_rows(t: &TensorInfo, backend: &dyn Backend) -> usize {
@@ -426,7 +397,7 @@ pub(super) fn whole_f32(
         }
         for s in &g.stages {
             match s {
-                BuiltStage::Rows(chain) => rows_in_place(&mut w, chain, backend)?,
+                BuiltStage::Rows(chain) => rows_in_place(t, &mut w, chain, backend)?,
                 BuiltStage::Columns(slices, cols) => columns(t, &mut w, slices, *cols, backend)?,
             }
         }
@@ -437,10 +408,15 @@ pub(super) fn whole_f32(
     Ok(w)
 }
 
-/// Apply an input-side chain to every row of `w`, in parallel chunks.
-fn rows_in_place(w: &mut [f32], chain: &Chain, backend: &dyn Backend) -> Result<()> {
+/// Apply an input-side chain to every row of `w` (tensor `t` in f32), in parallel chunks.
+fn rows_in_place(
+    t: &TensorInfo,
+    w: &mut [f32],
+    chain: &Chain,
+    backend: &dyn Backend,
+) -> Result<()> {
     let n = chain.n;
-    let chunk_rows = (backend.chunk_elems().max(CHUNK_ELEMS) / n).max(1);
+    let chunk_rows = chunk_rows(t, backend);
     w.par_chunks_mut(chunk_rows * n)
         .enumerate()
         .try_for_each(|(c, chunk)| {

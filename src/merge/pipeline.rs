@@ -205,9 +205,9 @@ pub(super) fn execute(
         // finished tensors, so the disk stays busy while the cores compute. The channels are
         // bounded: memory holds a few targets' blocks and at most three transformed tensors.
         let (built_tx, built_rx) = std::sync::mpsc::sync_channel(2);
-        // A transformed tensor's bytes, or an empty buffer when its chunks were written as they
-        // were made (`tensor_bytes` with a sink).
-        let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+        // A transformed tensor's bytes, or None when its chunks were written as they were made
+        // (`tensor_bytes`).
+        let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Result<Option<Vec<u8>>>>(1);
         let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let steps = &steps;
         s.spawn(move || {
@@ -253,16 +253,19 @@ pub(super) fn execute(
                             let o = &outs[*out];
                             let off = (o.src.data_offset + t.start) as u64;
                             let len = t.end - t.start;
-                            let r = if bytes.len() == len {
-                                o.dst
-                                    .write_all_at(&bytes, off)
-                                    .map_err(|e| Error::io(&o.dst_path, e))
-                            } else {
-                                Ok(())
+                            let r = match bytes {
+                                Some(bytes) => {
+                                    let r = o
+                                        .dst
+                                        .write_all_at(&bytes, off)
+                                        .map_err(|e| Error::io(&o.dst_path, e));
+                                    let _ = pool_tx.send(bytes);
+                                    r
+                                }
+                                None => Ok(()),
                             };
                             start_writeback(&o.dst, off, len);
                             bar.advance(len as u64);
-                            let _ = pool_tx.send(bytes);
                             r
                         }
                         Some(Err(e)) => Err(e),
@@ -279,6 +282,8 @@ pub(super) fn execute(
             }
         });
         let mut built = built_rx.into_iter();
+        // A buffer a streamed tensor did not need, kept for the next whole one.
+        let mut spare: Option<Vec<u8>> = None;
         for step in steps {
             let Step::Work { out, t, job, .. } = step else {
                 continue;
@@ -286,7 +291,10 @@ pub(super) fn execute(
             if stop() {
                 break;
             }
-            let mut buf = pool_rx.try_recv().unwrap_or_default();
+            let mut buf = spare
+                .take()
+                .or_else(|| pool_rx.try_recv().ok())
+                .unwrap_or_default();
             let o = &outs[*out];
             let src = o.src;
             // The builder ends early only when stopping.
@@ -303,11 +311,8 @@ pub(super) fn execute(
                     .write_all_at(bytes, (base_off + at) as u64)
                     .map_err(|e| Error::io(&o.dst_path, e))
             };
-            let streams = b.as_ref().is_ok_and(|b| b.rows_only());
-            buf.resize(if streams { 0 } else { t.end - t.start }, 0);
             let res = b
                 .and_then(|b| {
-                    let sink: Option<super::apply::Sink> = streams.then_some(&sink);
                     tensor_bytes(
                         &src.path,
                         t,
@@ -316,10 +321,17 @@ pub(super) fn execute(
                         backend,
                         &stop,
                         &mut buf,
-                        sink,
+                        &sink,
                     )
                 })
-                .map(|_| buf)
+                .map(|streamed| {
+                    if streamed {
+                        spare = Some(buf);
+                        None
+                    } else {
+                        Some(buf)
+                    }
+                })
                 .map_err(|mut e| {
                     // In a batch, say whose merge it was.
                     if jobs.len() > 1 {
