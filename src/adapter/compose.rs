@@ -113,7 +113,7 @@ fn fuse_stages(targets: &mut Vec<Target>) -> Result<()> {
             };
             match into {
                 Some(i) if fusable(&targets[i], &targets[j]) => {
-                    let next = targets[j].clone();
+                    let next = std::mem::take(&mut targets[j]);
                     fuse(&mut targets[i], next)?;
                     gone[j] = true;
                 }
@@ -153,33 +153,25 @@ fn fusable(a: &Target, b: &Target) -> bool {
 }
 
 /// `a` followed by `b` as one chain in `a` (`fusable` holds).
-fn fuse(a: &mut Target, b: Target) -> Result<()> {
+fn fuse(a: &mut Target, mut b: Target) -> Result<()> {
     a.materialise()?;
-    let mut b = b;
     b.materialise()?;
     let unpermuted = |p: &Option<Vec<u32>>| p.as_ref().is_none_or(|p| perm::is_identity(p));
     let (h, fa) = (a.block_size, a.factors);
     let per = a.stored() * h * h;
     if unpermuted(&a.perms[fa - 1]) && unpermuted(&b.perms[0]) {
         // Two block-diagonal factors of one geometry meeting without a permutation are one:
-        // each block the product of the two (the second's times the first's). Two OFT adapters
-        // compose into one OFT adapter, which an export can write.
-        let last = &mut a.data[(fa - 1) * per..fa * per];
-        for (q0, q1) in last
-            .chunks_exact_mut(h * h)
-            .zip(b.data[..per].chunks_exact(h * h))
-        {
-            let p = blocks::product(h, q1, q0);
-            q0.copy_from_slice(&p);
-        }
-        a.data.extend_from_slice(&b.data[per..]);
-        a.perms.extend(b.perms.into_iter().skip(1));
-        a.factors += b.factors - 1;
-    } else {
-        a.data.extend_from_slice(&b.data);
-        a.perms.extend(b.perms);
-        a.factors += b.factors;
+        // a's last folds into b's first. Two OFT adapters compose into one OFT adapter, which
+        // an export can write.
+        let keep = (fa - 1) * per;
+        blocks::fold_after(h, &a.data[keep..], &mut b.data[..per]);
+        a.data.truncate(keep);
+        a.perms.pop();
+        a.factors -= 1;
     }
+    a.data.extend_from_slice(&b.data);
+    a.perms.extend(b.perms);
+    a.factors += b.factors;
     a.scale = match (a.scale.take(), b.scale) {
         (Some(x), Some(y)) => Some(x.iter().zip(&y).map(|(p, q)| p * q).collect()),
         (x, y) => x.or(y),

@@ -50,8 +50,21 @@ pub fn determinant(h: usize, b: &[f32]) -> f64 {
     m.determinant()
 }
 
+/// Two block-diagonal factors of one geometry, `first` applied before `second`, as one: every
+/// h×h block of `second` becomes its product with the matching block of `first` (second ·
+/// first), summed in f64 and rounded once.
+pub fn fold_after(h: usize, first: &[f32], second: &mut [f32]) {
+    for (q1, q0) in second
+        .chunks_exact_mut(h * h)
+        .zip(first.chunks_exact(h * h))
+    {
+        let p = product(h, q1, q0);
+        q1.copy_from_slice(&p);
+    }
+}
+
 /// The product `a · b` of two h×h row-major blocks, summed in f64 and rounded once.
-pub fn product(h: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+fn product(h: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; h * h];
     for i in 0..h {
         for j in 0..h {

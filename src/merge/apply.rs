@@ -167,16 +167,7 @@ fn collapse(x: &mut Arc<Chain>, y: &mut Arc<Chain>) {
         .factors
         .pop()
         .expect("two factors at least");
-    let second = &mut Arc::make_mut(y).factors[0];
-    for (q1, q0) in second
-        .blocks
-        .chunks_exact_mut(h * h)
-        .zip(first.blocks.chunks_exact(h * h))
-    {
-        // Applied first, then the second: the block is their product second · first.
-        let p = crate::math::blocks::product(h, q1, q0);
-        q1.copy_from_slice(&p);
-    }
+    crate::math::blocks::fold_after(h, &first.blocks, &mut Arc::make_mut(y).factors[0].blocks);
 }
 
 /// Elements per work chunk: large enough for efficient block GEMMs, small enough to stay in cache.
