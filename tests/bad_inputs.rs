@@ -2523,18 +2523,27 @@ fn a51_stages_past_the_factor_limit() {
     assert!(stderr(&o).contains("65 factors"), "{}", stderr(&o));
 }
 
-/// `boft-merge --batch FILE` on the conv base, frozen first.
-fn batch(sc: &mut Scene, base: &Path, jobs: &Path, out: &Path) -> std::process::Output {
-    sc.freeze(&[base, jobs], out);
-    run_limited(
-        "boft-merge",
-        &[
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--batch".as_ref(),
-            jobs.as_os_str(),
-        ],
-    )
+/// `boft-merge --base BASE --batch JOBS [extra]`, with the base, the jobs file and `also`
+/// frozen first.
+fn batch(
+    sc: &mut Scene,
+    base: &Path,
+    jobs: &Path,
+    out: &Path,
+    also: &[&Path],
+    extra: &[&str],
+) -> std::process::Output {
+    let mut frozen = vec![base, jobs];
+    frozen.extend(also);
+    sc.freeze(&frozen, out);
+    let mut args: Vec<&OsStr> = vec![
+        "--base".as_ref(),
+        base.as_os_str(),
+        "--batch".as_ref(),
+        jobs.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    run_limited("boft-merge", &args)
 }
 
 #[test]
@@ -2587,7 +2596,7 @@ fn a52_hostile_jobs_file() {
     ];
     for (what, text, says) in cases {
         std::fs::write(&jobs, &text).unwrap();
-        let o = batch(&mut sc, &base, &jobs, &out);
+        let o = batch(&mut sc, &base, &jobs, &out, &[&adapter], &[]);
         eprintln!("{what}:");
         let existed = what == "output is the base";
         let class = if existed { "output-is-input" } else { "usage" };
@@ -2597,7 +2606,7 @@ fn a52_hostile_jobs_file() {
     }
     std::fs::remove_file(&jobs).unwrap();
     mkfifo(&jobs);
-    let o = batch(&mut sc, &base, &jobs, &out);
+    let o = batch(&mut sc, &base, &jobs, &out, &[&adapter], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
     assert!(!out.exists());
@@ -2671,17 +2680,8 @@ fn a54_batch_outputs_checked_before_any_is_moved() {
     ];
     for (what, spec, class, says) in cases {
         std::fs::write(&jobs, spec.to_string()).unwrap();
-        sc.freeze(&[&base, &adapter, &jobs, &folder, &nested], &out);
-        let o = run_limited(
-            "boft-merge",
-            &[
-                "--base".as_ref(),
-                base.as_os_str(),
-                "--batch".as_ref(),
-                jobs.as_os_str(),
-                "--force".as_ref(),
-            ],
-        );
+        let also = [adapter.as_path(), &folder, &nested];
+        let o = batch(&mut sc, &base, &jobs, &out, &also, &["--force"]);
         eprintln!("{what}:");
         sc.assert_refused(&o, class, &out);
         assert!(stderr(&o).contains(says), "{what}: {}", stderr(&o));
