@@ -109,8 +109,7 @@ pub fn to_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             }
         }
     }
-    for (i, t) in adapter.targets.iter().enumerate() {
-        let key = stage_keys[i].clone();
+    for (t, key) in adapter.targets.iter().zip(stage_keys) {
         tensors.push((
             format!("{key}::blocks"),
             OwnedTensor {
