@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod checkpoint;
 pub mod cli;
 pub mod error;
+pub mod extract;
 pub mod fault;
 pub mod formats;
 pub mod hub;

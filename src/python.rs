@@ -70,6 +70,7 @@ mod native {
             cli::merge::PROGRAM => cli::merge::main,
             cli::convert::PROGRAM => cli::convert::main,
             cli::verify::PROGRAM => cli::verify::main,
+            cli::extract::PROGRAM => cli::extract::main,
             other => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
                     "unknown command {other:?}"

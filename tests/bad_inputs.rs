@@ -2739,3 +2739,93 @@ fn a56_one_adapter_named_many_times() {
     let o = times(4);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+// ---------------------------------------------------------------------------------------------
+// boft-extract: a base and a fine-tuned checkpoint
+// ---------------------------------------------------------------------------------------------
+
+/// The tiny fine-tune (fixtures/extract) copied into a scene: base, tuned, output.
+fn extract_scene(sc: &Scene) -> (PathBuf, PathBuf, PathBuf) {
+    let copy = |rel: &str| {
+        let dst = sc.path(&format!("in/{rel}"));
+        copy_tree(&fixtures().join("extract").join(rel), &dst);
+        dst.join("model.safetensors")
+    };
+    (
+        copy("base"),
+        copy("tuned"),
+        sc.out_dir().join("a.safetensors"),
+    )
+}
+
+fn extract(sc: &mut Scene, base: &Path, tuned: &Path, out: &Path, extra: &[&str]) -> Output {
+    sc.freeze(&[base, tuned], out);
+    let mut args: Vec<&OsStr> = vec![
+        "--base".as_ref(),
+        base.as_os_str(),
+        "--tuned".as_ref(),
+        tuned.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        "--side".as_ref(),
+        "input".as_ref(),
+    ];
+    args.extend(extra.iter().map(|s| OsStr::new(*s)));
+    run_limited("boft-extract", &args)
+}
+
+#[test]
+fn a57_checkpoints_that_do_not_pair() {
+    // A tensor only one side holds, or held with another shape: not the same model.
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let mut sc = Scene::new();
+    let (base, tuned, out) = extract_scene(&sc);
+    let mut st = St::read(&tuned);
+    st.tensors.retain(|t| t.0 != q);
+    st.write(&tuned);
+    let o = extract(&mut sc, &base, &tuned, &out, &["--block-size", "8"]);
+    sc.assert_refused(&o, "missing-target", &out);
+    assert!(stderr(&o).contains(q), "{}", stderr(&o));
+    let o = extract(&mut sc, &tuned, &base, &out, &["--block-size", "8"]);
+    sc.assert_refused(&o, "missing-target", &out);
+
+    let mut sc = Scene::new();
+    let (base, tuned, out) = extract_scene(&sc);
+    let mut st = St::read(&tuned);
+    st.tensor_mut(q).2 = vec![16, 64];
+    st.write(&tuned);
+    let o = extract(&mut sc, &base, &tuned, &out, &["--block-size", "8"]);
+    sc.assert_refused(&o, "shape-mismatch", &out);
+}
+
+#[test]
+fn a58_a_non_finite_weight_to_fit() {
+    // One NaN would make every cross product of its tensor NaN and the fit meaningless.
+    let mut sc = Scene::new();
+    let (base, tuned, out) = extract_scene(&sc);
+    let mut st = St::read(&tuned);
+    st.tensor_mut("model.layers.1.mlp.up_proj.weight").3[40..44]
+        .copy_from_slice(&f32::NAN.to_le_bytes());
+    st.write(&tuned);
+    let o = extract(&mut sc, &base, &tuned, &out, &["--block-size", "8"]);
+    sc.assert_refused(&o, "non-finite", &out);
+    assert!(stderr(&o).contains("up_proj"), "{}", stderr(&o));
+}
+
+#[test]
+fn a59_a_block_past_the_extraction_limit() {
+    // Cross products of n × b f64 per thread and b³ per block: a 2^20-wide block, or a sweep or
+    // ceiling that asks for one, is refused before anything is read.
+    let mut sc = Scene::new();
+    let (base, tuned, out) = extract_scene(&sc);
+    for extra in [
+        &["--block-size", "1048576"][..],
+        &["--sweep", "b=8,1048576"][..],
+        &["--sweep", "b=8", "--ceiling-max", "1048576"][..],
+        &["--sweep", "m=2"][..],
+        &["--block-size", "8", "--tol", "nan"][..],
+    ] {
+        let o = extract(&mut sc, &base, &tuned, &out, extra);
+        sc.assert_refused(&o, "usage", &out);
+    }
+}

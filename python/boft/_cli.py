@@ -19,3 +19,7 @@ def convert():
 
 def verify():
     _run("boft-verify")
+
+
+def extract():
+    _run("boft-extract")

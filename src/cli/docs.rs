@@ -1,4 +1,4 @@
-//! Man pages and shell completions for the three commands, generated from their clap
+//! Man pages and shell completions for the four commands, generated from their clap
 //! definitions so they never drift from the real flags.
 
 use std::path::{Path, PathBuf};
@@ -8,12 +8,13 @@ use clap_complete::Shell;
 
 use crate::error::Error;
 
-/// The three commands' clap definitions.
+/// The four commands' clap definitions.
 pub fn commands() -> Vec<clap::Command> {
     vec![
         super::merge::Args::command(),
         super::convert::Args::command(),
         super::verify::Args::command(),
+        super::extract::Args::command(),
     ]
 }
 

@@ -12,7 +12,9 @@ pub const EXIT_ERROR: i32 = 2;
 
 pub mod convert;
 pub mod docs;
+pub mod extract;
 pub mod merge;
+pub mod plot;
 pub mod progress;
 pub mod values;
 pub mod verify;

@@ -5,3 +5,4 @@ pub mod blocks;
 pub mod cayley;
 pub mod kernel;
 pub mod perm;
+pub mod procrustes;

@@ -24,6 +24,7 @@ pub fn bin(name: &str) -> Command {
         "boft-merge" => env!("CARGO_BIN_EXE_boft-merge"),
         "boft-convert" => env!("CARGO_BIN_EXE_boft-convert"),
         "boft-verify" => env!("CARGO_BIN_EXE_boft-verify"),
+        "boft-extract" => env!("CARGO_BIN_EXE_boft-extract"),
         other => panic!("unknown binary {other}"),
     };
     Command::new(path)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import BIN, PEFT, assert_merge_matches
 
-COMMANDS = ["boft-merge", "boft-convert", "boft-verify"]
+COMMANDS = ["boft-merge", "boft-convert", "boft-verify", "boft-extract"]
 
 
 def run(*argv):
@@ -102,3 +102,18 @@ def test_install_completions(tmp_path):
             assert flag in man.replace("\\-", "-"), (command, flag)
             assert flag in bash and flag in zsh, (command, flag)
             assert f"-l {flag[2:]}" in fish, (command, flag)
+
+
+def test_extract_from_a_peft_merge(tmp_path):
+    # One factor with a scale, from a PEFT BOFT merge: the whole change is captured.
+    fx = PEFT.parent
+    base = fx / "peft_boft" / "bases" / "llama_f32"
+    tuned = fx / "peft_boft" / "merged" / "llama_f32_f1"
+    out = tmp_path / "a.safetensors"
+    o = run(BIN / "boft-extract", "--base", base, "--tuned", tuned, "-o", out, "--side", "input",
+            "--block-size", "8", "--row-scale", "--json")
+    assert o.returncode == 0, o.stderr
+    report = json.loads(o.stdout)
+    assert report["total"]["tensors"] == 14
+    assert report["total"]["captured"] > 0.999999
+    assert out.exists()
