@@ -133,6 +133,31 @@ fn two_butterfly_factors_capture_a_peft_boft_merge() {
     }
 }
 
+#[test]
+fn output_side_butterflies_capture_a_lycoris_boft_merge() {
+    // LyCORIS boft uses log2(blocks) + 1 stages of blocks of 4 (with rescale and a constraint):
+    // 4 stages on 32 rows, 3 on 16 rows. With LyCORIS's row orders, the same structure takes the
+    // whole change of every tensor it fits; 3 stages on 32 rows cannot.
+    for (m, rows) in [("3", 16), ("4", 32)] {
+        let r = round_trip(
+            "lycoris/bases/unet_f32",
+            "lycoris/merged/boft_f32_constraint_rescale_m1.0",
+            "output",
+            "4",
+            m,
+            true,
+        );
+        let mut exact = 0;
+        for t in r["tensors"].as_array().unwrap() {
+            if t["n"] == rows {
+                assert!(f(&t["captured"]) >= 0.999, "m={m}: {t}");
+                exact += 1;
+            }
+        }
+        assert!(exact >= 3, "m={m}: {exact} tensors of {rows} rows");
+    }
+}
+
 fn tiny() -> (std::path::PathBuf, std::path::PathBuf) {
     let fx = fixtures().join("extract");
     (fx.join("base"), fx.join("tuned"))
