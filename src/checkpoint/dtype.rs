@@ -205,7 +205,7 @@ fn encode_bf16(src: &[f32], dst: &mut [u8]) {
 /// Run a conversion loop compiled for AVX2 where the CPU has it (twice the lanes of the SSE2
 /// baseline; conversions are a tenth of a merge's CPU time).
 #[inline(always)]
-fn simd(f: impl FnOnce()) {
+pub(crate) fn simd(f: impl FnOnce()) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         #[target_feature(enable = "avx2")]

@@ -101,12 +101,14 @@ impl Data<'_> {
     /// chunks, each folded in order, and the runs joined in order. Float sums then do not depend
     /// on the thread count or on scheduling, so one machine always fits the same adapter (a
     /// stopping decision near its threshold cannot flip between runs). `acc_bytes`, the size of
-    /// one accumulator, caps the runs so their accumulators stay within `TASK_MEMORY`.
+    /// one accumulator, caps the runs so their accumulators stay within `TASK_MEMORY`. `f` gets
+    /// the thread's reusable buffers with the chunk's samples in `x` and `y`: buffers made
+    /// afresh per run cost more in page faults than the arithmetic.
     fn pass<A: Send>(
         &self,
         acc_bytes: usize,
         init: impl Fn() -> A + Sync + Send,
-        f: impl Fn(&mut A, usize, &[f32], &[f32]) -> Result<()> + Sync + Send,
+        f: impl Fn(&mut A, &mut Work, usize) -> Result<()> + Sync + Send,
         join: impl Fn(A, A) -> A + Sync + Send,
     ) -> Result<A> {
         let (s, c) = (self.samples(), self.chunk());
@@ -119,18 +121,40 @@ impl Data<'_> {
         let parts: Vec<A> = (0..tasks)
             .into_par_iter()
             .map(|t| {
-                let (mut acc, mut x, mut y) = (init(), Vec::new(), Vec::new());
-                for k in t * per..((t + 1) * per).min(chunks) {
-                    crate::output::check_interrupted()?;
-                    let s0 = k * c;
-                    self.pair(s0, c.min(s - s0), &mut x, &mut y);
-                    f(&mut acc, s0, &x, &y)?;
-                }
+                let mut acc = init();
+                WORK.with(|w| -> Result<()> {
+                    let mut w = w.borrow_mut();
+                    for k in t * per..((t + 1) * per).min(chunks) {
+                        crate::output::check_interrupted()?;
+                        let s0 = k * c;
+                        let w = &mut *w;
+                        self.pair(s0, c.min(s - s0), &mut w.x, &mut w.y);
+                        f(&mut acc, w, s0)?;
+                    }
+                    Ok(())
+                })?;
                 Ok(acc)
             })
             .collect::<Result<_>>()?;
         Ok(parts.into_iter().reduce(join).unwrap_or_else(init))
     }
+}
+
+/// A worker thread's buffers, kept between chunks and passes.
+#[derive(Default)]
+pub struct Work {
+    x: Vec<f32>,
+    y: Vec<f32>,
+    a: Vec<f32>,
+    t: Vec<f32>,
+    z: Vec<f32>,
+    row: Vec<f32>,
+    prod: Vec<f32>,
+    scratch: Scratch,
+}
+
+thread_local! {
+    static WORK: std::cell::RefCell<Work> = std::cell::RefCell::default();
 }
 
 /// Most runs of chunks a pass cuts a tensor into (enough to keep every core of a large machine
@@ -219,37 +243,30 @@ pub struct Norms {
     pub tuned: f64,
 }
 
-/// ‖T − B‖² and ‖T‖², refusing non-finite values (they would poison every cross product).
-pub fn norms(data: &Data, name: &str) -> Result<Norms> {
-    let (d, t) = data.pass(
-        16,
-        || (0f64, 0f64),
-        |acc, s0, x, y| {
-            if let Some(i) = x.iter().chain(y).position(|v| !v.is_finite()) {
-                let (which, i) = if i < x.len() {
-                    ("base", i)
-                } else {
-                    ("tuned", i - x.len())
-                };
-                let v = if which == "base" { x[i] } else { y[i] };
-                return Err(Error::bare(
-                    Class::NonFinite,
-                    format!(
-                        "{name}: the {which} tensor holds {v} (sample {}), nothing to fit",
-                        s0 + i / data.n()
-                    ),
-                ));
-            }
-            for (a, b) in x.iter().zip(y) {
-                let (a, b) = (*a as f64, *b as f64);
-                acc.0 += (b - a) * (b - a);
-                acc.1 += b * b;
-            }
-            Ok(())
+/// ‖T − B‖², refusing non-finite values (they would poison every cross product); with
+/// `first`, also the cross products of factor 0's step from `first` (a cold start's first step
+/// then costs no pass of its own).
+pub fn norms(data: &Data, name: &str, first: Option<&State>) -> Result<(Norms, Option<Vec<f64>>)> {
+    let want = Want {
+        norms: Some(name),
+        residual: false,
+        step: first.map(|_| 0),
+    };
+    let none = State {
+        factors: Vec::new(),
+        identity: Vec::new(),
+        scale: None,
+    };
+    let state = first.unwrap_or(&none);
+    let sums = sweep_pass(data, state, want)?;
+    let k = first.map(|_| sums.k);
+    Ok((
+        Norms {
+            diff: sums.diff,
+            tuned: sums.tuned,
         },
-        |a, b| (a.0 + b.0, a.1 + b.1),
-    )?;
-    Ok(Norms { diff: d, tuned: t })
+        k,
+    ))
 }
 
 /// Stopping rule and limits of the descent.
@@ -264,26 +281,53 @@ pub struct Stop {
 }
 
 /// Fit `start` (identity factors for a cold start) to the pair by block-coordinate descent,
-/// `start_residual` being its residual. Every accepted sweep lowers the residual: a sweep that
-/// would raise it (rounding near convergence) is undone and ends the descent, so the history is
-/// non-increasing by construction.
-pub fn fit(data: &Data, start: State, start_residual: f64, stop: Stop) -> Result<Fitted> {
+/// `start_residual` being its residual and `first`, when given, the cross products of its factor
+/// 0 step (from `norms`). Every accepted sweep lowers the residual: a sweep that would raise it
+/// (rounding near convergence) is undone and ends the descent, so the history is non-increasing
+/// by construction.
+///
+/// Where the scale is per sample (input side) or absent, the residual pass of a sweep also
+/// gathers the next sweep's factor 0 cross products (the scale it re-fits is known per sample
+/// as the pass reaches it), so a sweep of m factors reads the data m times.
+pub fn fit(
+    data: &Data,
+    start: State,
+    start_residual: f64,
+    stop: Stop,
+    first: Option<Vec<f64>>,
+) -> Result<Fitted> {
     let mut state = start;
     let mut residual = start_residual;
     let mut history = Vec::new();
-    let exact = state.factors.len() == 1 && state.scale.is_none();
+    let m = state.factors.len();
+    let exact = m == 1 && state.scale.is_none();
+    let component = state.scale.is_some() && data.scale_on() == ScaleOn::Component;
+    let fuse = !exact && !component;
+    let mut pending = first;
     for _ in 0..stop.max_sweeps.max(1) {
         if residual == 0.0 {
             break;
         }
         let before = state.clone();
-        for k in 0..state.factors.len() {
-            let blocks = factor_step(data, &state, k)?;
-            state.factors[k].blocks = blocks;
+        for k in 0..m {
+            let sums = match pending.take().filter(|_| k == 0) {
+                Some(sum) => sum,
+                None => sweep_pass(data, &state, Want::step(k))?.k,
+            };
+            state.factors[k].blocks = solve(&state.factors[k], &sums);
             state.identity[k] = false;
         }
-        let (r, scale) = residual_pass(data, &state)?;
-        if state.scale.is_some() {
+        let sums = sweep_pass(
+            data,
+            &state,
+            Want {
+                norms: None,
+                residual: true,
+                step: fuse.then_some(0),
+            },
+        )?;
+        let r = sums.residual;
+        if let Some(scale) = sums.scale {
             state.scale = Some(scale);
         }
         // NaN (a poisoned sum) counts as a rise.
@@ -291,6 +335,7 @@ pub fn fit(data: &Data, start: State, start_residual: f64, stop: Stop) -> Result
             state = before;
             break;
         }
+        pending = fuse.then_some(sums.k);
         let gain = residual - r;
         residual = r;
         history.push(r);
@@ -305,62 +350,188 @@ pub fn fit(data: &Data, start: State, start_residual: f64, stop: Stop) -> Result
     })
 }
 
-/// The best blocks of factor `k` with every other factor (and the scale) fixed: per block, a
-/// Procrustes rotation of a b×b cross product accumulated over every sample.
+/// The best blocks of a factor for its cross products: one Procrustes rotation per block.
+fn solve(f: &Factor, sums: &[f64]) -> Vec<f32> {
+    let h = f.h;
+    let blocks: Vec<Vec<f32>> = sums
+        .par_chunks_exact(h * h)
+        .map(|kj| {
+            procrustes::rotation(h, kj)
+                .0
+                .into_iter()
+                .map(|v| v as f32)
+                .collect()
+        })
+        .collect();
+    blocks.concat()
+}
+
+/// What one pass over a pair computes.
+#[derive(Clone, Copy)]
+struct Want<'a> {
+    /// ‖T − B‖² and ‖T‖², refusing non-finite values of the tensor named.
+    norms: Option<&'a str>,
+    /// The residual of the state, with its scale re-fitted in closed form first.
+    residual: bool,
+    /// The cross products of this factor's step (with the re-fitted per-sample scale when the
+    /// residual is computed too).
+    step: Option<usize>,
+}
+
+impl Want<'_> {
+    fn step(k: usize) -> Self {
+        Want {
+            norms: None,
+            residual: false,
+            step: Some(k),
+        }
+    }
+}
+
+/// A pass's sums.
+struct Sums {
+    diff: f64,
+    tuned: f64,
+    residual: f64,
+    /// The re-fitted scale (when the residual was computed for a scaled state).
+    scale: Option<Vec<f32>>,
+    /// The step's cross products, `blocks × h × h`.
+    k: Vec<f64>,
+}
+
+/// One pass over the pair: any of the norms, the residual (re-fitting the scale) and one
+/// factor's cross products.
 ///
-/// With `M = C · F_k · A` (A the factors before k, C those after), `‖y − σ M x‖ = ‖Cᵀ y − F_k (σ A
-/// x)‖` for a per-sample scale σ, so the targets are `Cᵀ y` and the inputs `σ A x`. A per-component
-/// scale S does not commute with C; there the step minimises a majorizer of the residual at the
-/// current chain (`‖S z‖² ≤ ‖S z₀‖² + 2⟨S² z₀, z − z₀⟩ + λ‖z − z₀‖²`, λ = max s²), whose optimum is
-/// again a Procrustes problem with targets `Cᵀ (S y + (λ − S²) z₀)` and never raises the residual.
-fn factor_step(data: &Data, state: &State, k: usize) -> Result<Vec<f32>> {
+/// A factor step: with `M = C · F_k · A` (A the factors before k, C those after),
+/// `‖y − σ M x‖ = ‖Cᵀ y − F_k (σ A x)‖` for a per-sample scale σ, so the targets are `Cᵀ y`
+/// and the inputs `σ A x`, and each block's best rotation is a Procrustes solution of the cross
+/// product `K_j = Σ t_j a_jᵀ`. A per-component scale S does not commute with C; there the step
+/// minimises a majorizer of the residual at the current chain (`‖S z‖² ≤ ‖S z₀‖² + 2⟨S² z₀,
+/// z − z₀⟩ + λ‖z − z₀‖²`, λ = max s²), whose optimum is again a Procrustes problem with targets
+/// `Cᵀ (S y + (λ − S²) z₀)` and never raises the residual.
+fn sweep_pass(data: &Data, state: &State, want: Want) -> Result<Sums> {
     let n = data.n();
-    let f = &state.factors[k];
-    let (h, d) = (f.h, f.d);
-    let before = state.chain(n, 0..k);
-    let after = state
-        .chain(n, k + 1..state.factors.len())
-        .map(|c| c.transposed());
-    let whole = state.chain(n, 0..state.factors.len());
-    let on = data.scale_on();
+    let m = state.factors.len();
+    let whole = state.chain(n, 0..m);
+    let scaled = state.scale.is_some();
+    let component = scaled && data.scale_on() == ScaleOn::Component;
+    let (before, after, h, d, perm) = match want.step {
+        Some(k) => {
+            let f = &state.factors[k];
+            (
+                state.chain(n, 0..k),
+                state.chain(n, k + 1..m).map(|c| c.transposed()),
+                f.h,
+                f.d,
+                f.perm.as_deref(),
+            )
+        }
+        None => (None, None, 0, 0, None),
+    };
     let lambda = state
         .scale
         .as_ref()
-        .map(|s| s.iter().fold(0f32, |m, v| m.max(v * v)))
+        .map(|s| s.iter().fold(0f32, |a, v| a.max(v * v)))
         .unwrap_or(1.0);
-    let perm = f.perm.as_deref();
-    let k_sum = data.pass(
-        d * h * h * 8,
-        || {
-            (
-                vec![0f64; d * h * h],
-                Scratch::default(),
-                Vec::new(),
-                Vec::new(),
-                vec![0f32; h * h],
-            )
-        },
-        |(acc, scratch, a, t, prod), s0, x, y| {
+    let cn = if component && want.residual { n } else { 0 };
+    struct Acc {
+        diff: f64,
+        tuned: f64,
+        residual: f64,
+        sigma: Vec<(usize, Vec<f32>)>,
+        yy: Vec<f64>,
+        yz: Vec<f64>,
+        zz: Vec<f64>,
+        k: Vec<f64>,
+    }
+    let init = || Acc {
+        diff: 0.0,
+        tuned: 0.0,
+        residual: 0.0,
+        sigma: Vec::new(),
+        yy: vec![0.0; cn],
+        yz: vec![0.0; cn],
+        zz: vec![0.0; cn],
+        k: vec![0.0; d * h * h],
+    };
+    let acc = data.pass(
+        (d * h * h + 3 * cn) * 8 + 64,
+        init,
+        |acc, w, s0| {
+            let Work {
+                x,
+                y,
+                a,
+                t,
+                z,
+                row,
+                prod,
+                scratch,
+            } = w;
             let rows = x.len() / n;
+            if let Some(name) = want.norms {
+                check_finite(x, y, n, s0, name)?;
+                let (dd, yy, _) = sums3(y, x, true);
+                acc.diff += dd;
+                acc.tuned += yy;
+            }
+            let mut sigma: Option<Vec<f32>> = None;
+            if want.residual || (component && want.step.is_some()) {
+                z.clear();
+                z.extend_from_slice(x);
+                if let Some(c) = &whole {
+                    c.apply_rows(z, s0, rows, scratch);
+                }
+            }
+            if want.residual {
+                if component {
+                    for (yr, zr) in y.chunks_exact(n).zip(z.chunks_exact(n)) {
+                        for c in 0..n {
+                            let (yv, zv) = (yr[c] as f64, zr[c] as f64);
+                            acc.yy[c] += yv * yv;
+                            acc.yz[c] += yv * zv;
+                            acc.zz[c] += zv * zv;
+                        }
+                    }
+                } else if scaled {
+                    let mut sig = Vec::with_capacity(rows);
+                    for (yr, zr) in y.chunks_exact(n).zip(z.chunks_exact(n)) {
+                        let (yy, yz, zz) = sums3(yr, zr, false);
+                        let s = if zz > 0.0 { (yz / zz) as f32 } else { 1.0 };
+                        sig.push(s);
+                        // Σ (y − s z)², from sums of exact f32 products in f64.
+                        let s = s as f64;
+                        acc.residual += (yy - 2.0 * s * yz + s * s * zz).max(0.0);
+                    }
+                    acc.sigma.push((s0, sig.clone()));
+                    sigma = Some(sig);
+                } else {
+                    acc.residual += sums3(y, z, true).0;
+                }
+            }
+            if want.step.is_none() {
+                return Ok(());
+            }
             a.clear();
-            a.extend_from_slice(x);
+            match (&state.scale, component) {
+                // The scale this pass re-fitted, else the state's, applied while copying.
+                (Some(s), false) => {
+                    let sig = sigma.as_deref().unwrap_or(&s[s0..s0 + rows]);
+                    for (xr, f) in x.chunks_exact(n).zip(sig) {
+                        a.extend(xr.iter().map(|v| v * f));
+                    }
+                }
+                _ => a.extend_from_slice(x),
+            }
             if let Some(c) = &before {
+                // σ A x = A (σ x): a per-sample scale commutes with the chain.
                 c.apply_rows(a, s0, rows, scratch);
             }
             t.clear();
             t.extend_from_slice(y);
-            match (&state.scale, on) {
-                (Some(s), ScaleOn::Vector) => {
-                    for (r, row) in a.chunks_exact_mut(n).enumerate() {
-                        let sigma = s[s0 + r];
-                        row.iter_mut().for_each(|v| *v *= sigma);
-                    }
-                }
-                (Some(s), ScaleOn::Component) => {
-                    let mut z = x.to_vec();
-                    if let Some(c) = &whole {
-                        c.apply_rows(&mut z, s0, rows, scratch);
-                    }
+            match (&state.scale, component) {
+                (Some(_), false) => {}
+                (Some(s), true) => {
                     for (tr, zr) in t.chunks_exact_mut(n).zip(z.chunks_exact(n)) {
                         for ((tv, zv), sc) in tr.iter_mut().zip(zr).zip(s) {
                             *tv = sc * *tv + (lambda - sc * sc) * zv;
@@ -373,9 +544,10 @@ fn factor_step(data: &Data, state: &State, k: usize) -> Result<Vec<f32>> {
                 c.apply_rows(t, s0, rows, scratch);
             }
             if let Some(p) = perm {
-                gather(a, p, n);
-                gather(t, p, n);
+                gather(a, p, n, row);
+                gather(t, p, n, row);
             }
+            prod.resize(h * h, 0.0);
             for j in 0..d {
                 // K_j += T_jᵀ A_j: (h × rows) · (rows × h), both read in place with strides.
                 // SAFETY: the views stay inside `t`/`a` (rows × n, block columns j·h..j·h+h)
@@ -398,122 +570,39 @@ fn factor_step(data: &Data, state: &State, k: usize) -> Result<Vec<f32>> {
                         1,
                     );
                 }
-                for (o, v) in acc[j * h * h..(j + 1) * h * h].iter_mut().zip(prod.iter()) {
+                for (o, v) in acc.k[j * h * h..(j + 1) * h * h]
+                    .iter_mut()
+                    .zip(prod.iter())
+                {
                     *o += *v as f64;
                 }
             }
             Ok(())
         },
         |mut a, b| {
-            a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
-            a
-        },
-    )?;
-    let blocks: Vec<Vec<f32>> = k_sum
-        .0
-        .par_chunks_exact(h * h)
-        .map(|kj| {
-            procrustes::rotation(h, kj)
-                .0
-                .into_iter()
-                .map(|v| v as f32)
-                .collect()
-        })
-        .collect();
-    Ok(blocks.concat())
-}
-
-/// `v[j] = v[p[j]]` on every row.
-fn gather(v: &mut [f32], p: &[u32], n: usize) {
-    let mut tmp = vec![0f32; n];
-    for row in v.chunks_exact_mut(n) {
-        for (o, &i) in tmp.iter_mut().zip(p) {
-            *o = row[i as usize];
-        }
-        row.copy_from_slice(&tmp);
-    }
-}
-
-/// The residual `‖y − scale ∘ M x‖²` summed in f64, with the scale re-fitted in closed form
-/// first when the state has one (returned; empty otherwise).
-pub fn residual_pass(data: &Data, state: &State) -> Result<(f64, Vec<f32>)> {
-    let n = data.n();
-    let whole = state.chain(n, 0..state.factors.len());
-    let scaled = state.scale.is_some();
-    let component = scaled && data.scale_on() == ScaleOn::Component;
-    struct Acc {
-        residual: f64,
-        // Per-sample scales as (first sample, values), chunk by chunk.
-        sigma: Vec<(usize, Vec<f32>)>,
-        // Per-component Σ y², Σ y z, Σ z².
-        yy: Vec<f64>,
-        yz: Vec<f64>,
-        zz: Vec<f64>,
-        scratch: Scratch,
-        z: Vec<f32>,
-    }
-    let init = || Acc {
-        residual: 0.0,
-        sigma: Vec::new(),
-        yy: vec![0.0; if component { n } else { 0 }],
-        yz: vec![0.0; if component { n } else { 0 }],
-        zz: vec![0.0; if component { n } else { 0 }],
-        scratch: Scratch::default(),
-        z: Vec::new(),
-    };
-    let acc = data.pass(
-        if component { 3 * n * 8 } else { 64 },
-        init,
-        |acc, s0, x, y| {
-            let rows = x.len() / n;
-            acc.z.clear();
-            acc.z.extend_from_slice(x);
-            if let Some(c) = &whole {
-                c.apply_rows(&mut acc.z, s0, rows, &mut acc.scratch);
-            }
-            if component {
-                for (yr, zr) in y.chunks_exact(n).zip(acc.z.chunks_exact(n)) {
-                    for c in 0..n {
-                        let (yv, zv) = (yr[c] as f64, zr[c] as f64);
-                        acc.yy[c] += yv * yv;
-                        acc.yz[c] += yv * zv;
-                        acc.zz[c] += zv * zv;
-                    }
-                }
-            } else if scaled {
-                let mut sig = Vec::with_capacity(rows);
-                for (yr, zr) in y.chunks_exact(n).zip(acc.z.chunks_exact(n)) {
-                    let (mut yz, mut zz) = (0f64, 0f64);
-                    for (yv, zv) in yr.iter().zip(zr) {
-                        yz += *yv as f64 * *zv as f64;
-                        zz += *zv as f64 * *zv as f64;
-                    }
-                    let s = if zz > 0.0 { (yz / zz) as f32 } else { 1.0 };
-                    sig.push(s);
-                    for (yv, zv) in yr.iter().zip(zr) {
-                        let e = *yv as f64 - s as f64 * *zv as f64;
-                        acc.residual += e * e;
-                    }
-                }
-                acc.sigma.push((s0, sig));
-            } else {
-                for (yv, zv) in y.iter().zip(acc.z.iter()) {
-                    let e = *yv as f64 - *zv as f64;
-                    acc.residual += e * e;
-                }
-            }
-            Ok(())
-        },
-        |mut a, b| {
+            a.diff += b.diff;
+            a.tuned += b.tuned;
             a.residual += b.residual;
             a.sigma.extend(b.sigma);
-            for (v, w) in [(&mut a.yy, &b.yy), (&mut a.yz, &b.yz), (&mut a.zz, &b.zz)] {
+            for (v, w) in [
+                (&mut a.yy, &b.yy),
+                (&mut a.yz, &b.yz),
+                (&mut a.zz, &b.zz),
+                (&mut a.k, &b.k),
+            ] {
                 v.iter_mut().zip(w).for_each(|(p, q)| *p += q);
             }
             a
         },
     )?;
-    if component {
+    let mut out = Sums {
+        diff: acc.diff,
+        tuned: acc.tuned,
+        residual: acc.residual,
+        scale: None,
+        k: acc.k,
+    };
+    if want.residual && component {
         let mut residual = 0.0;
         let mut scale = Vec::with_capacity(n);
         for c in 0..n {
@@ -527,14 +616,90 @@ pub fn residual_pass(data: &Data, state: &State) -> Result<(f64, Vec<f32>)> {
             residual += (acc.yy[c] - 2.0 * s * acc.yz[c] + s * s * acc.zz[c]).max(0.0);
             scale.push(s as f32);
         }
-        return Ok((residual, scale));
+        out.residual = residual;
+        out.scale = Some(scale);
+    } else if want.residual && scaled {
+        let mut sigma = acc.sigma;
+        sigma.sort_by_key(|(s0, _)| *s0);
+        out.scale = Some(sigma.into_iter().flat_map(|(_, v)| v).collect());
     }
-    let mut sigma = acc.sigma;
-    sigma.sort_by_key(|(s0, _)| *s0);
-    Ok((
-        acc.residual,
-        sigma.into_iter().flat_map(|(_, v)| v).collect(),
+    Ok(out)
+}
+
+/// `(Σ (y − z)², Σ y², Σ y z)` when `diff`, else `(Σ y², Σ y z, Σ z²)`: products of f32 values
+/// (exact in f64) summed in f64 over four lanes, compiled for AVX2 where the CPU has it (these
+/// sums are a large part of every pass).
+fn sums3(y: &[f32], z: &[f32], diff: bool) -> (f64, f64, f64) {
+    #[inline(always)]
+    fn run(y: &[f32], z: &[f32], diff: bool) -> (f64, f64, f64) {
+        let (mut a, mut b, mut c) = ([0f64; 4], [0f64; 4], [0f64; 4]);
+        let (yc, zc) = (y.chunks_exact(4), z.chunks_exact(4));
+        let (yr, zr) = (yc.remainder(), zc.remainder());
+        for (yv, zv) in yc.zip(zc) {
+            for l in 0..4 {
+                let (p, q) = (yv[l] as f64, zv[l] as f64);
+                if diff {
+                    a[l] += (p - q) * (p - q);
+                    b[l] += p * p;
+                    c[l] += p * q;
+                } else {
+                    a[l] += p * p;
+                    b[l] += p * q;
+                    c[l] += q * q;
+                }
+            }
+        }
+        let mut out = (
+            a.iter().sum::<f64>(),
+            b.iter().sum::<f64>(),
+            c.iter().sum::<f64>(),
+        );
+        for (p, q) in yr.iter().zip(zr) {
+            let (p, q) = (*p as f64, *q as f64);
+            if diff {
+                out.0 += (p - q) * (p - q);
+                out.1 += p * p;
+                out.2 += p * q;
+            } else {
+                out.0 += p * p;
+                out.1 += p * q;
+                out.2 += q * q;
+            }
+        }
+        out
+    }
+    let mut out = (0.0, 0.0, 0.0);
+    crate::checkpoint::dtype::simd(|| out = run(y, z, diff));
+    out
+}
+
+fn check_finite(x: &[f32], y: &[f32], n: usize, s0: usize, name: &str) -> Result<()> {
+    let Some(i) = x.iter().chain(y).position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let (which, i, v) = if i < x.len() {
+        ("base", i, x[i])
+    } else {
+        ("tuned", i - x.len(), y[i - x.len()])
+    };
+    Err(Error::bare(
+        Class::NonFinite,
+        format!(
+            "{name}: the {which} tensor holds {v} (sample {}), nothing to fit",
+            s0 + i / n
+        ),
     ))
+}
+
+/// `v[j] = v[p[j]]` on every row (`tmp` a buffer to reuse).
+fn gather(v: &mut [f32], p: &[u32], n: usize, tmp: &mut Vec<f32>) {
+    tmp.resize(n, 0.0);
+    for row in v.chunks_exact_mut(n) {
+        for (o, &i) in tmp.iter_mut().zip(p) {
+            *o = row[i as usize];
+        }
+        row.copy_from_slice(tmp);
+    }
 }
 
 #[cfg(test)]
@@ -652,7 +817,7 @@ mod tests {
             tuned: m(&t),
             columns,
         };
-        let norms = norms(&data, "t").unwrap();
+        let (norms, _) = norms(&data, "t", None).unwrap();
         // One scale per output row on either side.
         let scale_len = scaled.then_some(rows);
         let start = State::identity(data.n(), h, perms, scale_len);
@@ -661,7 +826,10 @@ mod tests {
             reference: norms.diff,
             max_sweeps: 200,
         };
-        (fit(&data, start, norms.diff, stop).unwrap(), norms.diff)
+        (
+            fit(&data, start, norms.diff, stop, None).unwrap(),
+            norms.diff,
+        )
     }
 
     #[test]

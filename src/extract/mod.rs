@@ -356,21 +356,21 @@ struct One {
     fit: TensorFit,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn fit_one(
+/// Where a fit of `m` factors of blocks of `h` starts: the identity, or `warm`'s chain (with its
+/// residual) followed by identity factors.
+fn start(
     pair: &Pair,
-    data: &Data,
-    norms: &fit::Norms,
+    n: usize,
+    norms_diff: f64,
     h: usize,
     m: usize,
     settings: &Settings,
     warm: Option<(&State, f64)>,
-) -> Result<One> {
-    let n = data.n();
+) -> (State, f64) {
     let conv = Convention::of(settings.side);
     let perms = conv.perms(n, h, m);
     let scale_len = settings.row_scale.then_some(pair.shape[0]);
-    let (start, start_residual) = match warm {
+    match warm {
         Some((s, r)) => {
             // The smaller chain followed by identity factors: the same transform, so the
             // larger structure starts where the smaller one ended.
@@ -382,9 +382,28 @@ fn fit_one(
             st.scale = s.scale.clone();
             (st, r)
         }
-        None => (State::identity(n, h, perms, scale_len), norms.diff),
-    };
-    let fitted = fit::fit(data, start, start_residual, settings.stop(norms.diff))?;
+        None => (State::identity(n, h, perms, scale_len), norms_diff),
+    }
+}
+
+/// Fit from `start` (`first`: its factor 0 cross products, if a pass already gathered them).
+fn fit_one(
+    pair: &Pair,
+    data: &Data,
+    norms: &fit::Norms,
+    settings: &Settings,
+    (start, start_residual): (State, f64),
+    first: Option<Vec<f64>>,
+) -> Result<One> {
+    let n = data.n();
+    let (h, m) = (start.factors[0].h, start.factors.len());
+    let fitted = fit::fit(
+        data,
+        start,
+        start_residual,
+        settings.stop(norms.diff),
+        first,
+    )?;
     let d = (n / h) as u64;
     let dof = m as u64 * d * (h as u64 * (h as u64 - 1) / 2)
         + if settings.row_scale {
@@ -470,8 +489,8 @@ pub fn extract(
     let mut total = Total::default();
     for pair in &pairs {
         let data = pair.data(settings.side);
-        let norms = fit::norms(&data, &pair.name)?;
         if let Some(why) = unfit(data.n(), h, m, settings.destination, settings.side) {
+            let (norms, _) = fit::norms(&data, &pair.name, None)?;
             skipped.push(Skipped {
                 name: pair.name.clone(),
                 reason: why,
@@ -480,7 +499,10 @@ pub fn extract(
             progress.advance(pair.bytes());
             continue;
         }
-        let one = fit_one(pair, &data, &norms, h, m, settings, None)?;
+        // The cold start's first step is gathered in the pass that measures the pair.
+        let (state, _) = start(pair, data.n(), 0.0, h, m, settings, None);
+        let (norms, first) = fit::norms(&data, &pair.name, Some(&state))?;
+        let one = fit_one(pair, &data, &norms, settings, (state, norms.diff), first)?;
         total.add(&one.fit);
         targets.push(target(pair, settings.side, one.state, h));
         fits.push(one.fit);
@@ -579,7 +601,7 @@ pub fn sweep(
     progress.start(pairs.iter().map(Pair::bytes).sum());
     for pair in &pairs {
         let data = pair.data(settings.side);
-        let norms = fit::norms(&data, &pair.name)?;
+        let (norms, _) = fit::norms(&data, &pair.name, None)?;
         let n = data.n();
         for (hi, &h) in sizes.iter().enumerate() {
             let mut warm: Option<(State, f64)> = None;
@@ -593,15 +615,16 @@ pub fn sweep(
                     row.total.tuned_sq += norms.tuned;
                     continue;
                 }
-                let one = fit_one(
+                let from = start(
                     pair,
-                    &data,
-                    &norms,
+                    n,
+                    norms.diff,
                     h,
                     m,
                     settings,
                     warm.as_ref().map(|(s, r)| (s, *r)),
-                )?;
+                );
+                let one = fit_one(pair, &data, &norms, settings, from, None)?;
                 row.total.add(&one.fit);
                 row.max_sweeps = row.max_sweeps.max(one.fit.sweeps);
                 warm = Some((one.state, one.fit.residual_sq));
@@ -613,7 +636,8 @@ pub fn sweep(
                     destination: Destination::Canonical,
                     ..settings.clone()
                 };
-                let one = fit_one(pair, &data, &norms, n, 1, &dense, None)?;
+                let from = start(pair, n, norms.diff, n, 1, &dense, None);
+                let one = fit_one(pair, &data, &norms, &dense, from, None)?;
                 c.add(&one.fit);
             } else {
                 ceiling = None;
