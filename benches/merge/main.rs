@@ -3,12 +3,14 @@
 //! ```sh
 //! cargo bench --bench merge -- run                      # the full benchmark -> docs/BENCHMARKS.md
 //! cargo bench --bench merge -- run --multi-only --sizes 230   # several adapters -> docs/BENCHMARKS-compose.md
+//! cargo bench --bench merge -- run --extract-only --sizes 230 # boft-extract -> docs/BENCHMARKS-extract.md
 //! cargo bench --bench merge -- gen --size 230 --out bench-data/m230
 //! cargo bench --bench merge -- copy --mode cfr SRC DST  # one floor copy
 //! cargo bench --bench merge -- measure -- CMD ARGS...   # time + peak memory of any command
 //! ```
 //! Run with no subcommand (as plain `cargo bench` or `cargo test --benches` do) it only prints help.
 
+mod extract;
 mod gen;
 mod measure;
 mod multi;
@@ -39,7 +41,8 @@ enum Cmd {
     /// adapter targeting every linear layer (OUT/adapter).
     Gen(gen::GenArgs),
     /// Generate, measure and report: writes docs/BENCHMARKS.md, docs/bench.csv, docs/bench.png,
-    /// and (unless --no-multi) docs/BENCHMARKS-compose.md and docs/bench-compose.csv.
+    /// (unless --no-multi) docs/BENCHMARKS-compose.md and docs/bench-compose.csv, and (unless
+    /// --no-extract) docs/BENCHMARKS-extract.md and docs/bench-extract.csv.
     Run(run::RunArgs),
     /// Floor copy of a folder (used by `run` as a child process): copy every file, fsync each;
     /// to several destinations in turn if given several.

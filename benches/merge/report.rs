@@ -1,5 +1,6 @@
-//! docs/bench.csv (one row per timed run), docs/BENCHMARKS.md and docs/bench.png; and for the
-//! multi-adapter measurements docs/bench-compose.csv and docs/BENCHMARKS-compose.md.
+//! docs/bench.csv (one row per timed run), docs/BENCHMARKS.md and docs/bench.png; for the
+//! multi-adapter measurements docs/bench-compose.csv and docs/BENCHMARKS-compose.md; for the
+//! extractions docs/bench-extract.csv and docs/BENCHMARKS-extract.md.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -9,6 +10,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
+use crate::extract;
 use crate::gen::Spec;
 use crate::measure::Sample;
 use crate::multi;
@@ -36,6 +38,8 @@ pub struct Meta {
     pub sample_ms: u64,
     /// The multi-adapter commands were measured (BENCHMARKS-compose.md).
     pub multi: bool,
+    /// The boft-extract measured (BENCHMARKS-extract.md), if the extractions were.
+    pub extract_bin: Option<PathBuf>,
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Option<String> {
@@ -106,6 +110,8 @@ pub struct Asked<'a> {
     pub repeats: usize,
     pub sample_ms: u64,
     pub multi: bool,
+    /// The boft-extract to measure; None when the extractions are not.
+    pub extract_bin: Option<&'a Path>,
 }
 
 impl Meta {
@@ -179,6 +185,7 @@ impl Meta {
             repeats: a.repeats,
             sample_ms: a.sample_ms,
             multi: a.multi,
+            extract_bin: a.extract_bin.map(Path::to_path_buf),
         }
     }
 }
@@ -196,6 +203,8 @@ pub struct SizeInfo {
     /// Bytes of adapters A1..A4 of the multi-adapter runs (empty if not run).
     pub multi_adapter_bytes: Vec<u64>,
     pub multi_sanity: String,
+    /// The untimed `--json` run of each extraction (empty if not run).
+    pub extract_fits: Vec<extract::Fit>,
     pub load_before: String,
     pub load_after: String,
 }
@@ -438,10 +447,13 @@ fn plot(doc_dir: &Path, meta: &Meta, csv_path: &Path) -> String {
 
 pub fn write_all(doc_dir: &Path, meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> Result<()> {
     let csv_path = doc_dir.join("bench.csv");
-    // The multi-adapter rows go to bench-compose.csv (write_compose).
+    // The multi-adapter rows go to bench-compose.csv (write_compose), the extractions to
+    // bench-extract.csv (write_extract).
     fs::write(
         &csv_path,
-        csv(rows.iter().filter(|r| !multi::is_multi(&r.mode))),
+        csv(rows
+            .iter()
+            .filter(|r| !multi::is_multi(&r.mode) && !extract::is_extract(&r.mode))),
     )?;
     let plot_md = plot(doc_dir, meta, &csv_path);
     fs::write(
@@ -462,6 +474,9 @@ fn machine(w: &mut String, meta: &Meta, infos: &[SizeInfo]) {
     let _ = writeln!(w, "| Commit | `{}` |", meta.commit);
     let _ = writeln!(w, "| Compiler | {} |", meta.rustc);
     let _ = writeln!(w, "| Binary measured | `{}` |", meta.bin.display());
+    if let Some(b) = &meta.extract_bin {
+        let _ = writeln!(w, "| Extraction binary | `{}` |", b.display());
+    }
     let _ = writeln!(w, "| PEFT recipe | {} |", meta.python);
     let _ = writeln!(
         w,
@@ -559,6 +574,15 @@ fn markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row], plot_md: &str) -> Str
             w,
             "* **Several adapters in one pass** (issue 13: two adapters, a switch, a batch of {})              were measured in the same repeats and cache states, interleaved with the commands              above; their method, targets and numbers are in [{COMPOSE_MD}]({COMPOSE_MD}) and              their runs in [{COMPOSE_CSV}]({COMPOSE_CSV}).\n",
             multi::N
+        );
+    }
+    if meta.extract_bin.is_some() {
+        let _ = writeln!(
+            w,
+            "* **Extraction** (`boft-extract`, OFT and BOFT fits of the base merged with the \
+             adapter) was measured in the same repeats and cache states; its method, targets and \
+             numbers are in [{EXTRACT_MD}]({EXTRACT_MD}) and its runs in \
+             [{EXTRACT_CSV}]({EXTRACT_CSV}).\n"
         );
     }
 
@@ -1261,6 +1285,302 @@ fn compose_markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> String {
                 notes.join("; ")
             );
         }
+    }
+    m
+}
+
+// ------------------------------------------------------------------------------------------
+// Extraction: BENCHMARKS-extract.md and bench-extract.csv
+// ------------------------------------------------------------------------------------------
+
+pub const EXTRACT_MD: &str = "BENCHMARKS-extract.md";
+pub const EXTRACT_CSV: &str = "bench-extract.csv";
+
+/// Rows of the extraction report: mode, label.
+const EXTRACT_ROWS: [(&str, &str); 5] = [
+    ("floor_rw", "floor: read/write + fsync"),
+    ("floor_cfr", "floor: copy_file_range + fsync"),
+    ("merge", "`boft-merge` (the reference)"),
+    ("extract_oft", "`boft-extract` OFT (m = 1)"),
+    ("extract_boft", "`boft-extract` BOFT (m = 2)"),
+];
+
+/// "Does not grow with the model": the extractions' peak anonymous memory varies by at most this
+/// factor (max/min) across the sizes run.
+const EXTRACT_ANON_GROWTH: f64 = 1.25;
+
+pub fn write_extract(doc_dir: &Path, meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> Result<()> {
+    // Every run this report uses: the extractions and the floor and merge measured beside them.
+    fs::write(
+        doc_dir.join(EXTRACT_CSV),
+        csv(rows
+            .iter()
+            .filter(|r| r.threads == 0 && EXTRACT_ROWS.iter().any(|c| c.0 == r.mode))),
+    )?;
+    fs::write(
+        doc_dir.join(EXTRACT_MD),
+        extract_markdown(meta, infos, rows),
+    )?;
+    Ok(())
+}
+
+/// Largest peak anon (MiB) of the extractions at `size`, over both cache states.
+fn extract_anon(rows: &[Row], size: u64) -> Option<f64> {
+    extract::Kind::ALL
+        .iter()
+        .flat_map(|k| ["warm", "cold"].map(|c| agg(rows, size, k.key(), c, 0)))
+        .flatten()
+        .map(|a| a.anon)
+        .reduce(f64::max)
+}
+
+fn extract_markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> String {
+    let mut m = String::new();
+    let w = &mut m;
+    let measured: Vec<&SizeInfo> = infos
+        .iter()
+        .filter(|i| !i.extract_fits.is_empty())
+        .collect();
+    let _ = writeln!(
+        w,
+        "# Benchmarks: extracting an adapter (`boft-extract`) against the merge\n"
+    );
+    let _ = writeln!(
+        w,
+        "_Written by the benchmark harness (`benches/merge/`, `run`) from {} to {}. Do not edit by \
+         hand: rerun the command below. Every timed run is in [{EXTRACT_CSV}]({EXTRACT_CSV}). The \
+         merge benchmark (all sizes, PEFT, thread scaling) is [BENCHMARKS.md](BENCHMARKS.md), \
+         which a plain `run` rewrites and `--extract-only` leaves as it is._\n",
+        meta.started, meta.finished
+    );
+    machine(w, meta, infos);
+
+    let _ = writeln!(w, "## Reproduce\n");
+    let _ = writeln!(w, "```sh\n{}\n```\n", meta.command);
+    let _ = writeln!(
+        w,
+        "A plain `cargo bench --bench merge -- run` measures these commands too and writes this \
+         file beside BENCHMARKS.md (`--no-extract` skips them). `--extract-only` measures only \
+         the floor copies, the merge and the two extractions (no un-merge, no multi-adapter \
+         commands, no PEFT, no thread scaling) and writes only this file and {EXTRACT_CSV}. \
+         `boft-extract` is the one in the folder of the `boft-merge` measured (`--bin`). Options: \
+         `cargo bench --bench merge -- run --help`.\n"
+    );
+
+    let _ = writeln!(w, "## Method\n");
+    let _ = writeln!(
+        w,
+        "* **Data.** The base *B* and adapter *A* are the ones BENCHMARKS.md describes (synthetic \
+         sharded Llama checkpoint; PEFT BOFT adapter with `boft_s`, targeting all seven linear \
+         layers of every layer). The fine-tuned checkpoint *T* is `boft-merge --base B --adapter \
+         A -o T`, made once per size, untimed (the copy the un-merge row of BENCHMARKS.md \
+         reads). T differs from B in the targeted weights only (embeddings, `lm_head` and the \
+         norms are equal), so those are what `boft-extract` fits; T is exactly a BOFT of the \
+         adapter's geometry applied to B, then rounded to B's dtype.\n\
+         * **Commands**, each a separate child process on the same files, interleaved within \
+         each repeat:\n  \
+         * `boft-merge --base B --adapter A -o OUT -q` (it fsyncs its output): the reference \
+         time;\n  \
+         * `boft-extract --base B --tuned T -o OUT.safetensors --side input --block-size b \
+         --factors 1 --row-scale -q`: plain OFT, b = the adapter's block size;\n  \
+         * the same with `--factors 2`: BOFT with two butterfly factors;\n  \
+         * the floor copies of BENCHMARKS.md (`copy --mode rw` / `--mode cfr` of B, fsynced), \
+         for scale.\n  \
+         Both extractions run with their defaults otherwise (`--tol`, `--max-sweeps`, all \
+         cores) and write a canonical adapter file of a few MB.\n\
+         * **Fit quality.** Before the timed runs, each extraction runs once more, untimed, warm, \
+         with `--json` added: *captured* = its `total.captured`, 1 − ‖T − F(B)‖² / ‖T − B‖² over \
+         all fitted tensors; *most sweeps* = the largest `sweeps` over `tensors[]` (sweeps of \
+         block-coordinate descent accepted for the slowest tensor). The timed rows carry these \
+         in the note column of {EXTRACT_CSV}.\n\
+         * **Cache states.** Before every run its previous output is deleted and `sync` is \
+         called (untimed). *warm*: the inputs read into the page cache just before the run (B \
+         and A for the merge, B and T for the extractions); *cold*: `sync` and `echo 3 > \
+         /proc/sys/vm/drop_caches` just before the run.\n\
+         * **Numbers.** Wall time: spawn to reap. {} runs per command and cache state; tables \
+         give the **median** (and the minimum). × merge = median / the merge's median in the \
+         same cache state; × floor likewise against the faster floor copy. CPU = user + sys of \
+         the child (CPU / wall: the cores it kept busy). Peak anon = the largest `RssAnon` in \
+         `/proc/<pid>/status`, sampled every {} ms (heap and buffers, not the page cache; a \
+         spike shorter than the interval can be missed). Peak RSS = the largest `VmHWM`, which \
+         also counts the pages of memory-mapped inputs. Run-queue wait = time the child's \
+         threads were runnable but had no CPU (other load on the machine).\n",
+        meta.repeats, meta.sample_ms
+    );
+
+    // ---- targets at the size closest to 230 MB
+    let _ = writeln!(w, "## Targets\n");
+    let _ = writeln!(w, "| target | measured | status |\n|---|---|---|");
+    if let Some(r) = measured.iter().min_by_key(|i| i.size_mb.abs_diff(230)) {
+        let sz = r.size_mb;
+        for cache in ["warm", "cold"] {
+            let Some(mg) = agg(rows, sz, "merge", cache, 0) else {
+                continue;
+            };
+            for kind in extract::Kind::ALL {
+                if let Some(x) = agg(rows, sz, kind.key(), cache, 0) {
+                    let ratio = x.med / mg.med;
+                    let t = kind.target();
+                    let verdict = if ratio <= t {
+                        pass(true).to_string()
+                    } else {
+                        format!("{} ({:.0}% over)", pass(false), (ratio / t - 1.0) * 100.0)
+                    };
+                    let _ = writeln!(
+                        w,
+                        "| {} ≤ {t}× the merge, {} ({cache} cache) | {:.3} s vs merge {:.3} s: **{ratio:.2}×** | {verdict} |",
+                        kind.label(),
+                        gb(r.base_bytes),
+                        x.med,
+                        mg.med,
+                    );
+                }
+            }
+        }
+    }
+    for i in &measured {
+        let sz = i.size_mb;
+        let merge_anon = ["warm", "cold"]
+            .iter()
+            .filter_map(|c| agg(rows, sz, "merge", c, 0).map(|a| a.anon))
+            .reduce(f64::max);
+        let per_kind: Vec<String> = extract::Kind::ALL
+            .iter()
+            .filter_map(|k| {
+                ["warm", "cold"]
+                    .iter()
+                    .filter_map(|c| agg(rows, sz, k.key(), c, 0).map(|a| a.anon))
+                    .reduce(f64::max)
+                    .map(|a| format!("{} {a:.1} MiB", k.label()))
+            })
+            .collect();
+        let (Some(anon), Some(merge_anon)) = (extract_anon(rows, sz), merge_anon) else {
+            continue;
+        };
+        let bound = i.bound() / MIB;
+        let _ = writeln!(
+            w,
+            "| peak anon bounded like the merge's: ≤ 2× largest tensor + 64 MiB (the merge's bound, \
+             BENCHMARKS.md), {} | {}; merge {merge_anon:.1} MiB (**{:.2}×** the merge's); bound \
+             {bound:.1} MiB | {} |",
+            gb(i.base_bytes),
+            per_kind.join(", "),
+            anon / merge_anon,
+            pass(anon <= bound)
+        );
+    }
+    let per_size: Vec<(u64, u64, f64)> = measured
+        .iter()
+        .filter_map(|i| extract_anon(rows, i.size_mb).map(|a| (i.size_mb, i.base_bytes, a)))
+        .collect();
+    if per_size.len() >= 2 {
+        let lo = per_size.iter().map(|x| x.2).fold(f64::INFINITY, f64::min);
+        let hi = per_size.iter().map(|x| x.2).fold(0f64, f64::max);
+        let list: Vec<String> = per_size
+            .iter()
+            .map(|(_, b, a)| format!("{}: {a:.1} MiB", gb(*b)))
+            .collect();
+        let _ = writeln!(
+            w,
+            "| peak anon of the extractions does not grow with the model (pass: max/min over sizes \
+             ≤ {EXTRACT_ANON_GROWTH}) | {}; max/min **{:.2}** | {} |",
+            list.join(", "),
+            hi / lo,
+            pass(hi / lo <= EXTRACT_ANON_GROWTH)
+        );
+    } else {
+        let _ = writeln!(
+            w,
+            "| peak anon of the extractions does not grow with the model | one size measured: \
+             growth not tested (run `--sizes 100,230,1000` to test it) | — |"
+        );
+    }
+    let _ = writeln!(w);
+
+    // ---- per size
+    let _ = writeln!(w, "## Results by size\n");
+    for i in &measured {
+        let sz = i.size_mb;
+        let sp = &i.spec;
+        let _ = writeln!(
+            w,
+            "### {} MB requested: {} in {} shard(s)\n",
+            sz,
+            gb(i.base_bytes),
+            i.shards
+        );
+        let _ = writeln!(
+            w,
+            "{} layers, hidden {}, intermediate {}, {}; adapter A: BOFT b={}, {} factor(s), \
+             `boft_s`, {} targets, {}. Largest tensor {:.1} MiB (largest targeted {:.1} MiB); the \
+             merge's memory bound 2× largest + 64 MiB = {:.1} MiB.\n",
+            sp.layers,
+            sp.hidden,
+            sp.intermediate,
+            sp.dtype.cli_name(),
+            sp.block_size,
+            sp.factors,
+            sp.layers * crate::gen::MODULES.len(),
+            gb(i.adapter_bytes),
+            i.largest() as f64 / MIB,
+            sp.largest_tensor_bytes(true) as f64 / MIB,
+            i.bound() / MIB,
+        );
+        let _ = writeln!(
+            w,
+            "Fit quality (the untimed `--json` run of each extraction):\n\n\
+             | extraction | command | tensors fitted | skipped | captured | relative residual | most sweeps | adapter file MB | `--json` run s |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|--:|"
+        );
+        for f in &i.extract_fits {
+            let _ = writeln!(
+                w,
+                "| {} | `{}` | {} | {} | {:.6} | {:.3e} | {} | {:.1} | {:.3} |",
+                f.kind.label(),
+                extract::shown(f.kind, sp.block_size),
+                f.tensors,
+                f.skipped,
+                f.captured,
+                f.relative_residual,
+                f.max_sweeps,
+                f.output_bytes as f64 / 1e6,
+                f.wall_s
+            );
+        }
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "| command | cache | median s | min s | runs | × merge | × floor | CPU s (user+sys) | CPU / wall | run-queue wait s | peak RSS MiB | peak anon MiB | read from storage MB |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+        );
+        for cache in ["warm", "cold"] {
+            let merge = agg(rows, sz, "merge", cache, 0);
+            for (mode, label) in EXTRACT_ROWS {
+                let Some(a) = agg(rows, sz, mode, cache, 0) else {
+                    continue;
+                };
+                let xm = merge
+                    .map(|m| format!("{:.2}", a.med / m.med))
+                    .unwrap_or("—".into());
+                let xf = floor(rows, sz, cache)
+                    .map(|(f, _)| format!("{:.2}", a.med / f))
+                    .unwrap_or("—".into());
+                let _ = writeln!(
+                    w,
+                    "| {label} | {cache} | {:.3} | {:.3} | {} | {xm} | {xf} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {} |",
+                    a.med,
+                    a.min,
+                    a.n,
+                    a.cpu,
+                    a.cpu / a.med,
+                    a.wait,
+                    a.rss,
+                    a.anon,
+                    mb(a.read)
+                );
+            }
+        }
+        let _ = writeln!(w);
     }
     m
 }

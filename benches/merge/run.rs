@@ -1,7 +1,7 @@
 //! The `run` subcommand: for each size, generate (or reuse) the data, then time on the same files
 //! the floor copies, `boft-merge`, `boft-merge --unmerge`, the multi-adapter commands (see
-//! `multi`) and optionally the PEFT recipe, warm and cold, and rewrite the reports after each
-//! size.
+//! `multi`), the extractions (see `extract`) and optionally the PEFT recipe, warm and cold, and
+//! rewrite the reports after each size.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
+use crate::extract;
 use crate::gen::{self, Generated, ShapeArgs, Spec};
 use crate::measure::{self, Sample};
 use crate::multi::{self, Kind};
@@ -64,11 +65,13 @@ pub struct RunArgs {
     /// geometry). Outputs are always deleted.
     #[arg(long)]
     pub keep_data: bool,
-    /// Folder for BENCHMARKS.md, bench.csv, bench.png, BENCHMARKS-compose.md and
-    /// bench-compose.csv (default: docs/ in the repository).
+    /// Folder for BENCHMARKS.md, bench.csv, bench.png, BENCHMARKS-compose.md,
+    /// bench-compose.csv, BENCHMARKS-extract.md and bench-extract.csv (default: docs/ in the
+    /// repository).
     #[arg(long)]
     pub doc_dir: Option<PathBuf>,
-    /// boft-merge binary to measure (default: the one cargo built beside this bench).
+    /// boft-merge binary to measure (default: the one cargo built beside this bench). The
+    /// extraction rows run the boft-extract in the same folder.
     #[arg(long)]
     pub bin: Option<PathBuf>,
     /// Memory sampling interval in milliseconds.
@@ -83,6 +86,15 @@ pub struct RunArgs {
     /// BENCHMARKS.md, bench.csv and bench.png are left as they are.
     #[arg(long, conflicts_with = "no_multi")]
     pub multi_only: bool,
+    /// Do not measure `boft-extract` (OFT and BOFT fits of the base merged with the adapter);
+    /// nor write BENCHMARKS-extract.md.
+    #[arg(long)]
+    pub no_extract: bool,
+    /// Measure only the floor, the single merge and the extractions (no un-merge, no
+    /// multi-adapter commands, no PEFT, no thread scaling), and write only BENCHMARKS-extract.md
+    /// and bench-extract.csv: the other reports are left as they are.
+    #[arg(long, conflicts_with_all = ["no_extract", "multi_only"])]
+    pub extract_only: bool,
 }
 
 /// Which of the measured commands a row belongs to.
@@ -309,11 +321,14 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         }
         Cold::Auto => measure::can_drop_caches(),
     };
-    let (python, python_note) = if a.no_peft || a.peft_max_mb == 0 || a.multi_only {
+    let (python, python_note) = if a.no_peft || a.peft_max_mb == 0 || a.multi_only || a.extract_only
+    {
         (
             None,
             if a.multi_only {
                 "not run (--multi-only)"
+            } else if a.extract_only {
+                "not run (--extract-only)"
             } else {
                 "not run (--no-peft)"
             }
@@ -339,11 +354,18 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             ),
         }
     };
+    let run_multi = !a.no_multi && !a.extract_only;
+    let extract_bin = if a.no_extract || a.multi_only {
+        None
+    } else {
+        Some(extract::find_bin(&bin)?)
+    };
     let asked = Asked {
         python: a.python.as_deref(),
         repeats: a.repeats,
         sample_ms: a.sample_ms,
-        multi: !a.no_multi,
+        multi: run_multi,
+        extract_bin: extract_bin.as_deref(),
     };
     let mut meta = Meta::collect(&data, &bin, argv, cold, &python_note, &asked);
     let ctx = Ctx {
@@ -354,7 +376,7 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         every: Duration::from_millis(a.sample_ms.max(1)),
         logs,
     };
-    let threads_at = if a.threads_at == 0 || a.multi_only {
+    let threads_at = if a.threads_at == 0 || a.multi_only || a.extract_only {
         None
     } else {
         a.sizes
@@ -408,11 +430,23 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             None,
         )?;
         // Adapters A2..A4 and the batch's jobs file.
-        let multi = if a.no_multi {
-            None
-        } else {
+        let multi = if run_multi {
             Some(multi::Data::prepare(&spec, &g, &dir)?)
+        } else {
+            None
         };
+        // The extractions' tuned checkpoint is that merged copy; each fit runs once untimed
+        // with --json first (its captured share and sweeps; and a failure before any timing).
+        let extract = match &extract_bin {
+            Some(b) => Some(extract::Data::prepare(b, &merged, spec.block_size, &dir)?),
+            None => None,
+        };
+        let mut fits = Vec::new();
+        if let Some(d) = &extract {
+            for kind in extract::Kind::ALL {
+                fits.push(extract::fit(&ctx, d, kind, &g, &size.to_string())?);
+            }
+        }
 
         let info_base = SizeInfo {
             size_mb: size,
@@ -427,6 +461,7 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
                 .map(|d| d.adapter_bytes.clone())
                 .unwrap_or_default(),
             multi_sanity: String::new(),
+            extract_fits: fits.clone(),
             load_before: load_before.clone(),
             load_after: String::new(),
         };
@@ -440,7 +475,11 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             rows.push(Row::new(&info_base, mode, cache, threads, rep, s, note));
         };
 
-        let modes = [Mode::FloorRw, Mode::FloorCfr, Mode::Merge, Mode::Unmerge];
+        let modes: &[Mode] = if a.extract_only {
+            &[Mode::FloorRw, Mode::FloorCfr, Mode::Merge]
+        } else {
+            &[Mode::FloorRw, Mode::FloorCfr, Mode::Merge, Mode::Unmerge]
+        };
         let mut sanity_note = String::new();
         let mut multi_sanity = String::new();
         let caches: &[bool] = if cold { &[false, true] } else { &[false] };
@@ -448,7 +487,7 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             let cache = if is_cold { "cold" } else { "warm" };
             // Interleave the commands so slow drifts in machine load hit them alike.
             for rep in 0..a.repeats {
-                for mode in modes {
+                for &mode in modes {
                     let tag = format!("{size}-{cache}-{rep}");
                     let s = ctx.timed(mode, is_cold, &g, &merged, &out, 0, &tag)?;
                     if mode == Mode::Unmerge && sanity_note.is_empty() {
@@ -469,6 +508,14 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
                     if keep {
                         multi_sanity = multi::sanity(d, &g.base)?;
                         d.clear_all()?;
+                    }
+                }
+                // The extractions, in the same repeat and cache state.
+                if let Some(d) = &extract {
+                    for (kind, fit) in extract::Kind::ALL.into_iter().zip(&fits) {
+                        let tag = format!("{size}-{cache}-{rep}");
+                        let s = extract::timed(&ctx, d, kind, is_cold, &g, &tag)?;
+                        push(&mut rows, kind.key(), cache, 0, rep, s, fit.note());
                     }
                 }
             }
@@ -522,6 +569,9 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         if let Some(d) = &multi {
             d.clear_all()?;
         }
+        if let Some(d) = &extract {
+            d.clear()?;
+        }
         if !a.keep_data {
             measure::remove(&dir)?;
         }
@@ -531,7 +581,7 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
         info.load_after = loadavg();
         infos.push(info);
         meta.finished = report::now();
-        if !a.multi_only {
+        if !a.multi_only && !a.extract_only {
             report::write_all(&doc_dir, &meta, &infos, &rows)?;
             eprintln!(
                 "  report updated: {}",
@@ -543,6 +593,13 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
             eprintln!(
                 "  report updated: {}",
                 doc_dir.join(report::COMPOSE_MD).display()
+            );
+        }
+        if extract.is_some() {
+            report::write_extract(&doc_dir, &meta, &infos, &rows)?;
+            eprintln!(
+                "  report updated: {}",
+                doc_dir.join(report::EXTRACT_MD).display()
             );
         }
     }
