@@ -34,6 +34,8 @@ pub const BIN: &str = "boft-extract";
 /// One extraction measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// `--factors 1` without `--row-scale`: a pure rotation, one exact Procrustes step.
+    OftPlain,
     /// `--factors 1`: block-diagonal OFT.
     Oft,
     /// `--factors 2`: BOFT with two butterfly factors.
@@ -41,10 +43,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Oft, Kind::Boft];
+    pub const ALL: [Kind; 3] = [Kind::OftPlain, Kind::Oft, Kind::Boft];
 
     pub fn key(self) -> &'static str {
         match self {
+            Kind::OftPlain => "extract_oft_plain",
             Kind::Oft => "extract_oft",
             Kind::Boft => "extract_boft",
         }
@@ -53,21 +56,27 @@ impl Kind {
     /// Butterfly factors fitted (`--factors`).
     pub fn factors(self) -> usize {
         match self {
-            Kind::Oft => 1,
+            Kind::OftPlain | Kind::Oft => 1,
             Kind::Boft => 2,
         }
+    }
+
+    /// Whether `--row-scale` is fitted (the generated adapter has PEFT's `boft_s`).
+    pub fn row_scale(self) -> bool {
+        self != Kind::OftPlain
     }
 
     /// Target: median wall time at most this many times the merge's (same cache state).
     pub fn target(self) -> f64 {
         match self {
-            Kind::Oft => 3.0,
+            Kind::OftPlain | Kind::Oft => 3.0,
             Kind::Boft => 20.0,
         }
     }
 
     pub fn label(self) -> &'static str {
         match self {
+            Kind::OftPlain => "OFT (m = 1), no scale",
             Kind::Oft => "OFT (m = 1)",
             Kind::Boft => "BOFT (m = 2)",
         }
@@ -78,8 +87,9 @@ impl Kind {
 pub fn shown(kind: Kind, block_size: usize) -> String {
     format!(
         "{BIN} --base B --tuned T -o OUT.safetensors --side input --block-size {block_size} \
-         --factors {} --row-scale -q",
-        kind.factors()
+         --factors {}{} -q",
+        kind.factors(),
+        if kind.row_scale() { " --row-scale" } else { "" }
     )
 }
 
@@ -171,7 +181,10 @@ impl Data {
             .arg(self.block_size.to_string())
             .arg("--factors")
             .arg(kind.factors().to_string())
-            .args(["--row-scale", "-q"]);
+            .arg("-q");
+        if kind.row_scale() {
+            c.arg("--row-scale");
+        }
         if json {
             c.arg("--json");
         }

@@ -1297,10 +1297,11 @@ pub const EXTRACT_MD: &str = "BENCHMARKS-extract.md";
 pub const EXTRACT_CSV: &str = "bench-extract.csv";
 
 /// Rows of the extraction report: mode, label.
-const EXTRACT_ROWS: [(&str, &str); 5] = [
+const EXTRACT_ROWS: [(&str, &str); 6] = [
     ("floor_rw", "floor: read/write + fsync"),
     ("floor_cfr", "floor: copy_file_range + fsync"),
     ("merge", "`boft-merge` (the reference)"),
+    ("extract_oft_plain", "`boft-extract` OFT (m = 1), no scale"),
     ("extract_oft", "`boft-extract` OFT (m = 1)"),
     ("extract_boft", "`boft-extract` BOFT (m = 2)"),
 ];
@@ -1361,7 +1362,7 @@ fn extract_markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> String {
         w,
         "A plain `cargo bench --bench merge -- run` measures these commands too and writes this \
          file beside BENCHMARKS.md (`--no-extract` skips them). `--extract-only` measures only \
-         the floor copies, the merge and the two extractions (no un-merge, no multi-adapter \
+         the floor copies, the merge and the extractions (no un-merge, no multi-adapter \
          commands, no PEFT, no thread scaling) and writes only this file and {EXTRACT_CSV}. \
          `boft-extract` is the one in the folder of the `boft-merge` measured (`--bin`). Options: \
          `cargo bench --bench merge -- run --help`.\n"
@@ -1382,11 +1383,13 @@ fn extract_markdown(meta: &Meta, infos: &[SizeInfo], rows: &[Row]) -> String {
          * `boft-merge --base B --adapter A -o OUT -q` (it fsyncs its output): the reference \
          time;\n  \
          * `boft-extract --base B --tuned T -o OUT.safetensors --side input --block-size b \
-         --factors 1 --row-scale -q`: plain OFT, b = the adapter's block size;\n  \
-         * the same with `--factors 2`: BOFT with two butterfly factors;\n  \
+         --factors 1 -q`: OFT as a pure rotation (one exact Procrustes step per block), b = \
+         the adapter's block size;\n  \
+         * the same with `--row-scale` (OFT with PEFT's per-row scale: alternating rotation and \
+         scale), and with `--factors 2 --row-scale`: BOFT with two butterfly factors;\n  \
          * the floor copies of BENCHMARKS.md (`copy --mode rw` / `--mode cfr` of B, fsynced), \
          for scale.\n  \
-         Both extractions run with their defaults otherwise (`--tol`, `--max-sweeps`, all \
+         The extractions run with their defaults otherwise (`--tol`, `--max-sweeps`, all \
          cores) and write a canonical adapter file of a few MB.\n\
          * **Fit quality.** Before the timed runs, each extraction runs once more, untimed, warm, \
          with `--json` added: *captured* = its `total.captured`, 1 − ‖T − F(B)‖² / ‖T − B‖² over \
