@@ -359,8 +359,8 @@ fn plot_series(r: &SweepReport) -> Vec<super::plot::Series> {
                 .iter()
                 .filter(|x| x.factors == m && x.unfit.is_empty())
                 .map(|x| super::plot::Point {
-                    x: x.total.parameters as f64,
-                    y: x.total.captured,
+                    x: x.total.measure.parameters as f64,
+                    y: x.total.measure.captured,
                     tag: format!("b={}", x.block_size),
                 })
                 .collect(),
@@ -370,8 +370,8 @@ fn plot_series(r: &SweepReport) -> Vec<super::plot::Series> {
 
 fn ceiling_point(r: &SweepReport) -> Option<super::plot::Point> {
     r.ceiling.as_ref().map(|c| super::plot::Point {
-        x: c.parameters as f64,
-        y: c.captured,
+        x: c.measure.parameters as f64,
+        y: c.measure.captured,
         tag: "dense Procrustes".into(),
     })
 }
@@ -419,8 +419,8 @@ pub fn render(done: &Extracted, json: bool) -> String {
                     "{:<48} {:>6} {:>9.6} {:>9.2e} {:>6} {:>9.3} {:>8.3}",
                     t.name,
                     t.n,
-                    t.captured,
-                    t.relative_residual,
+                    t.measure.captured,
+                    t.measure.relative_residual,
                     t.sweeps,
                     t.angle_mean_deg,
                     t.angle_max_deg
@@ -433,7 +433,7 @@ pub fn render(done: &Extracted, json: bool) -> String {
             let _ = writeln!(
                 s,
                 "total: {} tensors, {} parameters, captured {:.6}, relative residual {:.3e}",
-                t.tensors, t.parameters, t.captured, t.relative_residual
+                t.tensors, t.measure.parameters, t.measure.captured, t.measure.relative_residual
             );
             let _ = writeln!(
                 s,
@@ -468,9 +468,9 @@ pub fn render(done: &Extracted, json: bool) -> String {
                     "{:>6} {:>3} {:>12} {:>10.6} {:>10.3e} {:>7} {:>6}",
                     r.block_size,
                     r.factors,
-                    r.total.parameters,
-                    r.total.captured,
-                    r.total.relative_residual,
+                    r.total.measure.parameters,
+                    r.total.measure.captured,
+                    r.total.measure.relative_residual,
                     r.max_sweeps,
                     r.unfit.len()
                 );
@@ -480,7 +480,7 @@ pub fn render(done: &Extracted, json: bool) -> String {
                     let _ = writeln!(
                         s,
                         "{:>6} {:>3} {:>12} {:>10.6} {:>10.3e}   dense orthogonal Procrustes (ceiling)",
-                        "n", 1, c.parameters, c.captured, c.relative_residual
+                        "n", 1, c.measure.parameters, c.measure.captured, c.measure.relative_residual
                     );
                 }
                 None => {

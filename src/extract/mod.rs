@@ -254,6 +254,22 @@ pub struct TensorFit {
     pub block_size: usize,
     /// Butterfly factors m.
     pub factors: usize,
+    /// How much of the fine-tune it holds.
+    #[serde(flatten)]
+    pub measure: Measure,
+    /// Sweeps accepted (1 for one exact factor).
+    pub sweeps: usize,
+    /// Residual after each accepted sweep.
+    pub history: Vec<f64>,
+    /// Mean block angle, degrees (`procrustes::mean_angle`).
+    pub angle_mean_deg: f64,
+    /// Largest block angle, degrees.
+    pub angle_max_deg: f64,
+}
+
+/// How much of a fine-tune a fit holds: of one tensor, or summed over tensors.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Measure {
     /// Degrees of freedom: b(b−1)/2 per block and factor, plus the scale's entries.
     pub parameters: u64,
     /// ‖T − B‖².
@@ -266,48 +282,49 @@ pub struct TensorFit {
     pub captured: f64,
     /// ‖T − F(B)‖ / ‖T‖.
     pub relative_residual: f64,
-    /// Sweeps accepted (1 for one exact factor).
-    pub sweeps: usize,
-    /// Residual after each accepted sweep.
-    pub history: Vec<f64>,
-    /// Mean block angle, degrees (`procrustes::mean_angle`).
-    pub angle_mean_deg: f64,
-    /// Largest block angle, degrees.
-    pub angle_max_deg: f64,
 }
 
-/// Totals over the fitted tensors.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Total {
-    /// Per fitted tensor.
-    pub tensors: usize,
-    /// Degrees of freedom.
-    pub parameters: u64,
-    /// ‖T − B‖².
-    pub diff_sq: f64,
-    /// ‖T − F(B)‖².
-    pub residual_sq: f64,
-    /// ‖T‖².
-    pub tuned_sq: f64,
-    /// 1 − residual / diff.
-    pub captured: f64,
-    /// ‖T − F(B)‖ / ‖T‖.
-    pub relative_residual: f64,
-}
+impl Measure {
+    fn new(parameters: u64, diff_sq: f64, residual_sq: f64, tuned_sq: f64) -> Measure {
+        let mut m = Measure {
+            parameters,
+            diff_sq,
+            residual_sq,
+            tuned_sq,
+            ..Default::default()
+        };
+        m.finish();
+        m
+    }
 
-impl Total {
-    fn add(&mut self, t: &TensorFit) {
-        self.tensors += 1;
-        self.parameters += t.parameters;
-        self.diff_sq += t.diff_sq;
-        self.residual_sq += t.residual_sq;
-        self.tuned_sq += t.tuned_sq;
+    fn add(&mut self, o: &Measure) {
+        self.parameters += o.parameters;
+        self.diff_sq += o.diff_sq;
+        self.residual_sq += o.residual_sq;
+        self.tuned_sq += o.tuned_sq;
         self.finish();
     }
 
     fn finish(&mut self) {
         self.captured = captured(self.residual_sq, self.diff_sq);
         self.relative_residual = ratio(self.residual_sq, self.tuned_sq).sqrt();
+    }
+}
+
+/// Totals over the fitted tensors.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Total {
+    /// Tensors fitted.
+    pub tensors: usize,
+    /// Their sums.
+    #[serde(flatten)]
+    pub measure: Measure,
+}
+
+impl Total {
+    fn add(&mut self, t: &TensorFit) {
+        self.tensors += 1;
+        self.measure.add(&t.measure);
     }
 }
 
@@ -423,12 +440,7 @@ fn fit_one(
         n,
         block_size: h,
         factors: m,
-        parameters: dof,
-        diff_sq: norms.diff,
-        residual_sq: fitted.residual,
-        tuned_sq: norms.tuned,
-        captured: captured(fitted.residual, norms.diff),
-        relative_residual: ratio(fitted.residual, norms.tuned).sqrt(),
+        measure: Measure::new(dof, norms.diff, fitted.residual, norms.tuned),
         sweeps: fitted.history.len(),
         history: fitted.history,
         angle_mean_deg: angles.iter().sum::<f64>() / angles.len().max(1) as f64,
@@ -509,7 +521,6 @@ pub fn extract(
         progress.advance(pair.bytes());
     }
     progress.finish();
-    total.finish();
     let adapter = Adapter {
         targets,
         replacements: Vec::new(),
@@ -610,9 +621,9 @@ pub fn sweep(
                 if let Some(_why) = unfit(n, h, m, settings.destination, settings.side) {
                     row.unfit.push(pair.name.clone());
                     // Counted as not captured, so every row sums over the same tensors.
-                    row.total.diff_sq += norms.diff;
-                    row.total.residual_sq += norms.diff;
-                    row.total.tuned_sq += norms.tuned;
+                    row.total
+                        .measure
+                        .add(&Measure::new(0, norms.diff, norms.diff, norms.tuned));
                     continue;
                 }
                 let from = start(
@@ -627,7 +638,7 @@ pub fn sweep(
                 let one = fit_one(pair, &data, &norms, settings, from, None)?;
                 row.total.add(&one.fit);
                 row.max_sweeps = row.max_sweeps.max(one.fit.sweeps);
-                warm = Some((one.state, one.fit.residual_sq));
+                warm = Some((one.state, one.fit.measure.residual_sq));
             }
         }
         if let Some(c) = &mut ceiling {
@@ -646,12 +657,6 @@ pub fn sweep(
         progress.advance(pair.bytes());
     }
     progress.finish();
-    for r in &mut rows {
-        r.total.finish();
-    }
-    if let Some(c) = &mut ceiling {
-        c.finish();
-    }
     Ok(SweepReport {
         side: settings.side,
         convention: Convention::of(settings.side),
