@@ -309,12 +309,36 @@ pub fn fit(
             break;
         }
         let before = state.clone();
+        // One factor with a per-sample scale: the residual pass gathered the next rotation
+        // step's cross products K, and that step lowers the residual by exactly
+        // 2 Σ tr((R' − R)ᵀ K). Below the tolerance the scale, fitted to R, is as good as
+        // settled (its own gain is of second order in R' − R): stop without another pass.
+        let predicted = (m == 1 && !history.is_empty())
+            .then(|| pending.as_ref())
+            .flatten()
+            .map(|sums| {
+                let (blocks, best) = solve(&state.factors[0], sums);
+                let now = value(&state.factors[0], sums);
+                (blocks, 2.0 * (best - now))
+            });
+        if let Some((_, gain)) = &predicted {
+            if *gain <= stop.tol * stop.reference {
+                break;
+            }
+        }
+        let mut predicted = predicted.map(|(blocks, _)| blocks);
         for k in 0..m {
-            let sums = match pending.take().filter(|_| k == 0) {
-                Some(sum) => sum,
-                None => sweep_pass(data, &state, Want::step(k))?.k,
+            let blocks = match predicted.take() {
+                Some(blocks) => blocks,
+                None => {
+                    let sums = match pending.take().filter(|_| k == 0) {
+                        Some(sum) => sum,
+                        None => sweep_pass(data, &state, Want::step(k))?.k,
+                    };
+                    solve(&state.factors[k], &sums).0
+                }
             };
-            state.factors[k].blocks = solve(&state.factors[k], &sums);
+            state.factors[k].blocks = blocks;
             state.identity[k] = false;
         }
         let sums = sweep_pass(
@@ -350,20 +374,24 @@ pub fn fit(
     })
 }
 
-/// The best blocks of a factor for its cross products: one Procrustes rotation per block.
-fn solve(f: &Factor, sums: &[f64]) -> Vec<f32> {
+/// The best blocks of a factor for its cross products (one Procrustes rotation per block) and
+/// their value `Σ_j tr(Q_jᵀ K_j)`.
+fn solve(f: &Factor, sums: &[f64]) -> (Vec<f32>, f64) {
     let h = f.h;
-    let blocks: Vec<Vec<f32>> = sums
+    let blocks: Vec<(Vec<f32>, f64)> = sums
         .par_chunks_exact(h * h)
         .map(|kj| {
-            procrustes::rotation(h, kj)
-                .0
-                .into_iter()
-                .map(|v| v as f32)
-                .collect()
+            let (r, v) = procrustes::rotation(h, kj);
+            (r.into_iter().map(|v| v as f32).collect(), v)
         })
         .collect();
-    blocks.concat()
+    let total = blocks.iter().map(|b| b.1).sum();
+    (blocks.into_iter().flat_map(|b| b.0).collect(), total)
+}
+
+/// `Σ_j tr(Q_jᵀ K_j)` of a factor's blocks against cross products.
+fn value(f: &Factor, sums: &[f64]) -> f64 {
+    f.blocks.iter().zip(sums).map(|(q, k)| *q as f64 * k).sum()
 }
 
 /// What one pass over a pair computes.
