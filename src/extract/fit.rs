@@ -314,7 +314,7 @@ pub fn fit(
         // 2 Σ tr((R' − R)ᵀ K). Below the tolerance the scale, fitted to R, is as good as
         // settled (its own gain is of second order in R' − R): stop without another pass.
         let predicted = (m == 1 && !history.is_empty())
-            .then(|| pending.as_ref())
+            .then_some(pending.as_ref())
             .flatten()
             .map(|sums| {
                 let (blocks, best) = solve(&state.factors[0], sums);
