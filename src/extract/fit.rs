@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::checkpoint::dtype::decode_f32;
 use crate::checkpoint::Dtype;
 use crate::error::{Class, Error, Result};
-use crate::math::kernel::{Chain, Factor, ScaleOn, Scratch};
+use crate::math::kernel::{self, Chain, Factor, ScaleOn, Scratch};
 use crate::math::procrustes;
 
 /// A 2-D view of one tensor's bytes (4-D weights flattened to `(out, rest)`).
@@ -148,7 +148,7 @@ pub struct Work {
     a: Vec<f32>,
     t: Vec<f32>,
     z: Vec<f32>,
-    row: Vec<f32>,
+    gathered: Vec<f32>,
     prod: Vec<f32>,
     scratch: Scratch,
 }
@@ -443,7 +443,7 @@ fn sweep_pass(data: &Data, state: &State, want: Want) -> Result<Sums> {
     let whole = state.chain(n, 0..m);
     let scaled = state.scale.is_some();
     let component = scaled && data.scale_on() == ScaleOn::Component;
-    let (before, after, h, d, perm) = match want.step {
+    let (before, after, h, d, runs) = match want.step {
         Some(k) => {
             let f = &state.factors[k];
             (
@@ -451,7 +451,13 @@ fn sweep_pass(data: &Data, state: &State, want: Want) -> Result<Sums> {
                 state.chain(n, k + 1..m).map(|c| c.transposed()),
                 f.h,
                 f.d,
-                f.perm.as_deref(),
+                // The permutation as runs of consecutive indices, copied a run at a time (the
+                // kernel's own gather).
+                f.perm.as_deref().map(|p| {
+                    let mut r = Vec::new();
+                    kernel::runs(p, &mut r);
+                    r
+                }),
             )
         }
         None => (None, None, 0, 0, None),
@@ -492,7 +498,7 @@ fn sweep_pass(data: &Data, state: &State, want: Want) -> Result<Sums> {
                 a,
                 t,
                 z,
-                row,
+                gathered,
                 prod,
                 scratch,
             } = w;
@@ -571,9 +577,12 @@ fn sweep_pass(data: &Data, state: &State, want: Want) -> Result<Sums> {
             if let Some(c) = &after {
                 c.apply_rows(t, s0, rows, scratch);
             }
-            if let Some(p) = perm {
-                gather(a, p, n, row);
-                gather(t, p, n, row);
+            if let Some(r) = &runs {
+                for v in [&mut *a, &mut *t] {
+                    gathered.resize(v.len(), 0.0);
+                    kernel::gather(v, gathered, r, rows, n);
+                    std::mem::swap(v, gathered);
+                }
             }
             prod.resize(h * h, 0.0);
             for j in 0..d {
@@ -717,17 +726,6 @@ fn check_finite(x: &[f32], y: &[f32], n: usize, s0: usize, name: &str) -> Result
             s0 + i / n
         ),
     ))
-}
-
-/// `v[j] = v[p[j]]` on every row (`tmp` a buffer to reuse).
-fn gather(v: &mut [f32], p: &[u32], n: usize, tmp: &mut Vec<f32>) {
-    tmp.resize(n, 0.0);
-    for row in v.chunks_exact_mut(n) {
-        for (o, &i) in tmp.iter_mut().zip(p) {
-            *o = row[i as usize];
-        }
-        row.copy_from_slice(tmp);
-    }
 }
 
 #[cfg(test)]

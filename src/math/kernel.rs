@@ -172,7 +172,7 @@ impl Chain {
 
 /// A permutation as maximal runs `(j, p[j], len)` with `p[j + k] = p[j] + k`: butterfly
 /// permutations move half-blocks, so gathers and scatters become a few memcpys per row.
-fn runs(p: &[u32], out: &mut Vec<(usize, usize, usize)>) {
+pub(crate) fn runs(p: &[u32], out: &mut Vec<(usize, usize, usize)>) {
     out.clear();
     let mut j = 0;
     while j < p.len() {
@@ -185,7 +185,14 @@ fn runs(p: &[u32], out: &mut Vec<(usize, usize, usize)>) {
     }
 }
 
-fn gather(x: &[f32], out: &mut [f32], runs: &[(usize, usize, usize)], rows: usize, n: usize) {
+/// `out[r, j] = x[r, p[j]]` for every row r, `p` given as its `runs`.
+pub(crate) fn gather(
+    x: &[f32],
+    out: &mut [f32],
+    runs: &[(usize, usize, usize)],
+    rows: usize,
+    n: usize,
+) {
     for r in 0..rows {
         let (src, dst) = (&x[r * n..(r + 1) * n], &mut out[r * n..(r + 1) * n]);
         for &(j, pj, len) in runs {
