@@ -66,6 +66,9 @@ pub enum Class {
     NoDevice,
     /// An export that could not be exact.
     NotExportable,
+    /// `boft-merge --finalize`: a unit of a split merge has not run, ran for another plan, or its
+    /// output is not what its record says.
+    UnitsIncomplete,
 }
 
 impl Class {
@@ -100,6 +103,7 @@ impl Class {
             Class::Interrupted => "interrupted",
             Class::NoDevice => "no-device",
             Class::NotExportable => "not-exportable",
+            Class::UnitsIncomplete => "units-incomplete",
         }
     }
 }

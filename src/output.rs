@@ -47,7 +47,7 @@ const PID_MAX_DIGITS: usize = 10;
 /// digits of its SHA-256, so every valid output name has a valid staged name, still recognisable
 /// and still distinct for distinct names. Depends only on the name and the tag, so a later run
 /// finds the staged names an earlier one left (`reclaim`).
-fn staged_prefix(dest: &Path, tag: &str) -> Vec<u8> {
+pub(crate) fn staged_prefix(dest: &Path, tag: &str) -> Vec<u8> {
     use sha2::{Digest, Sha256};
     use std::os::unix::ffi::OsStrExt;
     let name: &[u8] = dest.file_name().map(|n| n.as_bytes()).unwrap_or(b"output");
@@ -75,7 +75,7 @@ fn staged_prefix(dest: &Path, tag: &str) -> Vec<u8> {
     out
 }
 
-fn parent_of(dest: &Path) -> &Path {
+pub(crate) fn parent_of(dest: &Path) -> &Path {
     dest.parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
@@ -96,7 +96,7 @@ fn sibling(dest: &Path, tag: &str) -> PathBuf {
 /// on its staged output for as long as the process lives (the kernel drops it when the process
 /// dies, however it dies), so a lock that can be taken means its owner is gone. `false` when the
 /// lock is held elsewhere or the filesystem has no locks.
-fn try_lock(f: &File) -> bool {
+pub(crate) fn try_lock(f: &File) -> bool {
     // SAFETY: plain syscall on an open descriptor we own.
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
@@ -390,6 +390,100 @@ impl Staged {
         &self.handle
     }
 
+    /// Stage a file as a second name (a hard link) of the finished file `name` in the folder
+    /// `dir`, whose inode is `ino`, instead of writing a copy. `None` when that cannot be done (a
+    /// filesystem without hard links, the file gone): the caller stages a copy with `file`.
+    pub fn file_linked(
+        dest: &Path,
+        dir: BorrowedFd,
+        name: &CStr,
+        ino: u64,
+    ) -> Result<Option<Staged>> {
+        use std::os::unix::fs::MetadataExt;
+        reclaim(dest);
+        let temp = sibling(dest, "partial");
+        let ctemp = c_name(temp.as_os_str()).map_err(|e| Error::io(dest, e))?;
+        // SAFETY: plain syscall on an open descriptor and NUL-terminated names that outlive it.
+        // Flags 0: a symlink at `name` would be linked itself, and is refused below.
+        let rc = unsafe {
+            libc::linkat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                libc::AT_FDCWD,
+                ctemp.as_ptr(),
+                0,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                return Err(staging_failed(dest, &temp, e));
+            }
+            return Ok(None);
+        }
+        let handle = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temp);
+        match handle {
+            Ok(h) if h.metadata().is_ok_and(|m| m.is_file() && m.ino() == ino) => {
+                try_lock(&h);
+                Ok(Some(Staged {
+                    dest: dest.to_path_buf(),
+                    _fault: crate::fault::register_staged(&temp, false),
+                    temp,
+                    is_dir: false,
+                    committed: false,
+                    handle: h,
+                }))
+            }
+            _ => {
+                let _ = fs::remove_file(&temp);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Give the finished file `name` in the folder `dir`, whose inode is `ino`, the name `rel`
+    /// inside a staged folder (a hard link), instead of writing a copy. `false` when that cannot
+    /// be done (a filesystem without hard links, the file replaced or gone): the caller writes
+    /// `rel` with `create`, which reports whatever is really wrong.
+    pub fn adopt(&self, dir: BorrowedFd, name: &CStr, ino: u64, rel: &Path) -> bool {
+        let Ok((to_dir, to, _)) = self.parent_at(rel, true) else {
+            return false;
+        };
+        // SAFETY: plain syscall on open descriptors and NUL-terminated names that outlive it.
+        let linked = unsafe {
+            libc::linkat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                to_dir.as_raw_fd(),
+                to.as_ptr(),
+                0,
+            ) == 0
+        };
+        if !linked {
+            return false;
+        }
+        // Still the file that was checked (not one renamed over it since)?
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: plain syscall on an open descriptor, a NUL-terminated name and a live struct.
+        let ok = unsafe {
+            libc::fstatat(
+                to_dir.as_raw_fd(),
+                to.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ) == 0
+        };
+        if ok && st.st_ino == ino && (st.st_mode & libc::S_IFMT) == libc::S_IFREG {
+            return true;
+        }
+        // SAFETY: as above.
+        unsafe { libc::unlinkat(to_dir.as_raw_fd(), to.as_ptr(), 0) };
+        false
+    }
+
     /// The folder that holds `rel` inside a staged folder, opened, and `rel`'s last name in it;
     /// missing folders on the way are made when `make`. Everything is reached from the handle
     /// taken when the staged folder was made, one name at a time and never through a symlink: the
@@ -639,7 +733,7 @@ fn rename_noreplace(a: &Path, b: &Path) -> std::io::Result<()> {
     }
 }
 
-fn c_name(name: &OsStr) -> std::io::Result<CString> {
+pub(crate) fn c_name(name: &OsStr) -> std::io::Result<CString> {
     use std::os::unix::ffi::OsStrExt;
     CString::new(name.as_bytes()).map_err(|_| {
         std::io::Error::new(
@@ -649,7 +743,7 @@ fn c_name(name: &OsStr) -> std::io::Result<CString> {
     })
 }
 
-fn fd_result(fd: libc::c_int) -> std::io::Result<OwnedFd> {
+pub(crate) fn fd_result(fd: libc::c_int) -> std::io::Result<OwnedFd> {
     if fd < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -659,7 +753,7 @@ fn fd_result(fd: libc::c_int) -> std::io::Result<OwnedFd> {
 }
 
 /// Open the folder `name` in `dir`, refusing a symlink there.
-fn open_dir_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_dir_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<OwnedFd> {
     // SAFETY: plain syscall on an open descriptor and a NUL-terminated name that outlive it.
     fd_result(unsafe {
         libc::openat(
@@ -670,7 +764,7 @@ fn open_dir_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<OwnedFd> {
     })
 }
 
-fn mkdir_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<()> {
+pub(crate) fn mkdir_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<()> {
     // SAFETY: plain syscall on an open descriptor and a NUL-terminated name that outlive it.
     if unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o777) } == 0 {
         Ok(())
@@ -680,7 +774,7 @@ fn mkdir_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<()> {
 }
 
 /// `create_new_file` relative to an open folder.
-fn create_new_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<File> {
+pub(crate) fn create_new_at(dir: BorrowedFd, name: &CStr) -> std::io::Result<File> {
     // SAFETY: plain syscall on an open descriptor and a NUL-terminated name that outlive it.
     let fd = fd_result(unsafe {
         libc::openat(

@@ -137,6 +137,19 @@ mod native {
             outputs.append(o)?;
         }
         d.set_item("outputs", outputs)?;
+        if let Some(plan) = &done.plan {
+            let json = py.import("json")?;
+            d.set_item("plan", json.call_method1("loads", (plan.as_str(),))?)?;
+        }
+        if let Some(u) = &done.units {
+            let units = PyDict::new(py);
+            let index =
+                |v: &[crate::merge::units::Unit]| v.iter().map(|u| u.index).collect::<Vec<_>>();
+            units.set_item("ran", index(&u.ran))?;
+            units.set_item("skipped", index(&u.skipped))?;
+            units.set_item("total", u.total)?;
+            d.set_item("units", units)?;
+        }
         Ok(d)
     }
 

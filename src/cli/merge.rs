@@ -98,10 +98,34 @@ pub struct Args {
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Write nothing; print the merge's independent units as JSON on stdout: one per output
+    /// file (for a batch, per job and file), with the ranges it reads, the file it writes, its
+    /// tensors and bytes (docs/SCALE.md). With --unit K/N, only worker K's share.
+    #[arg(long, conflicts_with = "finalize")]
+    pub plan: bool,
+    /// Run only worker K's share of the units when the merge is split among N workers (K = 0 …
+    /// N−1, as SLURM_ARRAY_TASK_ID counts; every worker names the same output), into the
+    /// staging folder .OUT.boft-units beside the output; then --finalize. A unit already done
+    /// for this merge is skipped.
+    #[arg(long, value_name = "K/N", conflicts_with = "finalize")]
+    pub unit: Option<merge::units::Share>,
+    /// Put together the output from its units once all have run: every unit's record must
+    /// belong to this merge and its file be the one recorded; then the output is moved into
+    /// place and the staging folder removed. Otherwise one line names a unit and nothing moves.
+    #[arg(long)]
+    pub finalize: bool,
+    /// With --finalize: also read every unit's file again and check it against the SHA-256 its
+    /// record holds.
+    #[arg(long, requires = "finalize")]
+    pub rehash: bool,
 }
 
 /// What a merge did.
 pub struct Merged {
+    /// What `--plan` printed (JSON), `--plan` only.
+    pub plan: Option<String>,
+    /// What `--unit K/N` did, `--unit` only.
+    pub units: Option<merge::units::UnitsDone>,
     /// What was written (the first output's, for a batch).
     pub stats: Stats,
     /// Every output and what was written to it, in the order given.
@@ -118,6 +142,40 @@ where
 {
     super::main_with(PROGRAM, argv, |args: &Args| {
         let done = run(args)?;
+        if let Some(plan) = &done.plan {
+            println!("{plan}");
+            return Ok(0);
+        }
+        if let (Some(u), Some(share)) = (&done.units, args.unit) {
+            if !args.quiet {
+                let list = |v: &[merge::units::Unit]| {
+                    v.iter()
+                        .map(|u| u.index.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let bytes: u64 = u.ran.iter().map(|u| u.bytes).sum();
+                eprintln!(
+                    "unit {}/{}: {} of the merge's {} units written ({bytes} bytes){}{}; \
+                     --finalize puts the output together once all have run",
+                    share.k,
+                    share.n,
+                    u.ran.len(),
+                    u.total,
+                    if u.ran.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", list(&u.ran))
+                    },
+                    if u.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; already done: {}", list(&u.skipped))
+                    },
+                );
+            }
+            return Ok(0);
+        }
         if !args.quiet {
             let verb = if args.unmerge && args.unmerge_adapter.is_empty() {
                 "unmerged"
@@ -349,6 +407,18 @@ pub fn run(args: &Args) -> Result<Merged, Error> {
     inputs.extend(loaded.iter().map(|l| l.2.as_path()));
     // The jobs file is an input too: no job may write over it.
     inputs.extend(args.batch.as_deref());
+    let split = args.plan || args.unit.is_some() || args.finalize;
+    if split {
+        return run_split(
+            args,
+            &base,
+            &jobs,
+            &recipes,
+            &loaded,
+            &inputs,
+            backend.as_ref(),
+        );
+    }
     // Every output's files are open at once: two descriptors a file of the base (the output and
     // its copy source), plus what the inputs and the runtime hold.
     open_files(jobs.len() * base.files.len() * 2 + loaded.len() * 4 + 64)?;
@@ -358,8 +428,102 @@ pub fn run(args: &Args) -> Result<Merged, Error> {
     })?;
     let outputs: Vec<(PathBuf, Stats)> = jobs.iter().map(|j| j.dest.clone()).zip(stats).collect();
     Ok(Merged {
+        plan: None,
+        units: None,
         stats: outputs[0].1.clone(),
         outputs,
         backend: backend.name(),
     })
+}
+
+/// The adapters a merge reads: (as named, reader, where found, fitted).
+type Loaded = Vec<(PathBuf, super::values::From, PathBuf, Adapter)>;
+/// Each job's output and its layers: (adapter index in `Loaded`, direction, strength).
+type Recipes = Vec<(PathBuf, Vec<(usize, Direction, Strength)>)>;
+
+/// `--plan`, `--unit K/N`, `--finalize` (docs/SCALE.md).
+fn run_split(
+    args: &Args,
+    base: &Checkpoint,
+    jobs: &[Job],
+    recipes: &Recipes,
+    loaded: &Loaded,
+    inputs: &[&Path],
+    backend: &dyn merge::Backend,
+) -> Result<Merged, Error> {
+    use merge::units;
+    // What each job does, in the terms its plan id is made of: each adapter by its files'
+    // bytes and how it is applied, and what decides which tensors it reaches.
+    let digests = loaded
+        .iter()
+        .map(|l| units::adapter_digest(&l.2))
+        .collect::<Result<Vec<_>, _>>()?;
+    let base_id = units::base_digest(base);
+    let ids: Vec<String> = recipes
+        .iter()
+        .map(|(_, layers)| {
+            let mut recipe = Vec::new();
+            recipe.extend(format!("component={:?}\0", args.component).into_bytes());
+            for &(i, direction, strength) in layers {
+                recipe.extend_from_slice(&digests[i]);
+                recipe.extend(
+                    format!(
+                        "{:?} {:?} {:?} {}\0",
+                        loaded[i].1,
+                        direction,
+                        strength.mode,
+                        strength.t.to_bits()
+                    )
+                    .into_bytes(),
+                );
+            }
+            units::plan_id(&base_id, &recipe)
+        })
+        .collect();
+    let stats_of = |stats: Vec<Stats>| {
+        let outputs: Vec<(PathBuf, Stats)> =
+            jobs.iter().map(|j| j.dest.clone()).zip(stats).collect();
+        Merged {
+            plan: None,
+            units: None,
+            stats: outputs[0].1.clone(),
+            outputs,
+            backend: backend.name(),
+        }
+    };
+    if args.plan {
+        let files: Vec<Vec<PathBuf>> = recipes
+            .iter()
+            .map(|(_, layers)| {
+                let mut v: Vec<PathBuf> = Vec::new();
+                for &(i, _, _) in layers {
+                    for p in crate::formats::read_alongside(&loaded[i].2) {
+                        if p.is_file() && !v.contains(&p) {
+                            v.push(p);
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        let doc = units::plan_doc(base, jobs, &ids, &files, args.unit)?;
+        let mut done = stats_of(vec![Stats::default(); jobs.len()]);
+        done.plan = Some(serde_json::to_string_pretty(&doc).expect("a plan serialises"));
+        return Ok(done);
+    }
+    if args.finalize {
+        let stats = super::with_threads(args.threads, || {
+            units::finalize(base, jobs, &ids, inputs, args.force, args.rehash)
+        })?;
+        return Ok(stats_of(stats));
+    }
+    let share = args.unit.expect("one of the three");
+    open_files(jobs.len() * base.files.len() * 3 + loaded.len() * 4 + 64)?;
+    let bar = super::progress::Bar::new(!args.quiet);
+    let done = super::with_threads(args.threads, || {
+        units::run(base, jobs, &ids, share, inputs, args.force, backend, &bar)
+    })?;
+    let mut out = stats_of(done.stats.clone());
+    out.units = Some(done);
+    Ok(out)
 }

@@ -11,6 +11,7 @@ pub mod candle;
 mod expect;
 mod pipeline;
 pub mod progress;
+pub mod units;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -386,6 +387,37 @@ pub fn merge_batch(
     backend: &dyn Backend,
     progress: &dyn Progress,
 ) -> Result<Vec<Stats>> {
+    check_outputs(base, jobs, inputs, force)?;
+    let plans = jobs
+        .iter()
+        .map(|j| plan_layers(base, &j.layers))
+        .collect::<Result<Vec<_>>>()?;
+    let mut staged = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        staged.push(if base.is_folder() {
+            Staged::dir(&job.dest)?
+        } else {
+            Staged::file(&job.dest)?
+        });
+    }
+    let pairs: Vec<(&Plan, &Staged)> = plans.iter().zip(&staged).collect();
+    let stats = pipeline::execute(&pairs, backend, progress)
+        .map_err(|e| staged.iter().fold(e, |e, s| s.blame_dest(e)))?;
+    // All or none, as far as renames allow: every output is checked before any is moved, and
+    // once moving starts a signal no longer stops it.
+    output::check_interrupted()?;
+    for s in &staged {
+        s.check_commit()?;
+    }
+    for s in staged {
+        s.commit_checked()?;
+    }
+    Ok(stats)
+}
+
+/// What every merge of `jobs` checks before it writes: no output is (or holds, or lies inside)
+/// an input or another job's output, and none exists unless `force`.
+fn check_outputs(base: &Checkpoint, jobs: &[Job], inputs: &[&Path], force: bool) -> Result<()> {
     // The base's own files count as inputs too: some may be symlinks to elsewhere.
     let base_files = base.input_paths();
     let all: Vec<PathBuf> = inputs
@@ -417,29 +449,5 @@ pub fn merge_batch(
             ));
         }
     }
-    let plans = jobs
-        .iter()
-        .map(|j| plan_layers(base, &j.layers))
-        .collect::<Result<Vec<_>>>()?;
-    let mut staged = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        staged.push(if base.is_folder() {
-            Staged::dir(&job.dest)?
-        } else {
-            Staged::file(&job.dest)?
-        });
-    }
-    let pairs: Vec<(&Plan, &Staged)> = plans.iter().zip(&staged).collect();
-    let stats = pipeline::execute(&pairs, backend, progress)
-        .map_err(|e| staged.iter().fold(e, |e, s| s.blame_dest(e)))?;
-    // All or none, as far as renames allow: every output is checked before any is moved, and
-    // once moving starts a signal no longer stops it.
-    output::check_interrupted()?;
-    for s in &staged {
-        s.check_commit()?;
-    }
-    for s in staged {
-        s.commit_checked()?;
-    }
-    Ok(stats)
+    Ok(())
 }

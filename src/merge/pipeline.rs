@@ -18,12 +18,41 @@ use super::apply::tensor_bytes;
 use super::{Action, Backend, Plan, Progress, Stats};
 
 /// One output file being written at the same offsets as its input.
-struct OutFile<'a> {
+pub(super) struct OutFile<'a> {
+    /// The plan (of those `write` is given) whose result this file holds.
+    job: usize,
+    /// Which file of the base it is.
+    file: usize,
     src: &'a SafeFile,
     dst: File,
     dst_path: PathBuf,
     /// Held by whoever writes a transformed chunk (`tensor_bytes`'s sink).
     write_lock: Mutex<()>,
+}
+
+impl<'a> OutFile<'a> {
+    /// Make `dst` (new and empty) the output of file `file` of `base` for plan `job`: its whole
+    /// length reserved and the base's header written.
+    pub(super) fn new(
+        base: &'a Checkpoint,
+        job: usize,
+        file: usize,
+        dst: File,
+        dst_path: PathBuf,
+    ) -> Result<OutFile<'a>> {
+        let f = &base.files[file].1;
+        reserve(&dst, f.len() as u64).map_err(|e| Error::io(&dst_path, e))?;
+        dst.write_all_at(f.header_bytes(), 0)
+            .map_err(|e| Error::io(&dst_path, e))?;
+        Ok(OutFile {
+            job,
+            file,
+            src: f,
+            dst,
+            dst_path,
+            write_lock: Mutex::new(()),
+        })
+    }
 }
 
 /// One piece of an output, in file and offset order.
@@ -54,11 +83,11 @@ struct CopyRun {
     len: usize,
 }
 
-/// Create every file of `base` under `staged` (headers written, data reserved) and copy the
-/// folder's other files.
-fn open_outputs<'a>(base: &'a Checkpoint, staged: &Staged) -> Result<Vec<OutFile<'a>>> {
+/// Create every file of `base` under `staged` (headers written, data reserved) for plan `job`,
+/// and copy the folder's other files.
+fn open_outputs<'a>(base: &'a Checkpoint, job: usize, staged: &Staged) -> Result<Vec<OutFile<'a>>> {
     let mut outs = Vec::with_capacity(base.files.len());
-    for (rel, f) in &base.files {
+    for (fi, (rel, _)) in base.files.iter().enumerate() {
         // Created once, exclusively and not through a symlink, and written only through
         // this handle (`Staged`).
         let (path, dst) = if base.is_folder() {
@@ -71,16 +100,15 @@ fn open_outputs<'a>(base: &'a Checkpoint, staged: &Staged) -> Result<Vec<OutFile
                 .map_err(|e| Error::io(&path, e))?;
             (path, dst)
         };
-        reserve(&dst, f.len() as u64).map_err(|e| Error::io(&path, e))?;
-        dst.write_all_at(f.header_bytes(), 0)
-            .map_err(|e| Error::io(&path, e))?;
-        outs.push(OutFile {
-            src: f,
-            dst,
-            dst_path: path,
-            write_lock: Mutex::new(()),
-        });
+        outs.push(OutFile::new(base, job, fi, dst, path)?);
     }
+    copy_others(base, staged)?;
+    Ok(outs)
+}
+
+/// Copy the base folder's files other than its weights (configs, the index, tokenizer files)
+/// into a staged folder; nothing for a single-file base.
+pub(super) fn copy_others(base: &Checkpoint, staged: &Staged) -> Result<()> {
     if base.is_folder() {
         // Several names for one file (a Hugging Face snapshot's links to one blob) keep every
         // name in the output but its bytes once: later names become hard links to the first
@@ -113,7 +141,7 @@ fn open_outputs<'a>(base: &'a Checkpoint, staged: &Staged) -> Result<Vec<OutFile
             })?;
         }
     }
-    Ok(outs)
+    Ok(())
 }
 
 /// Write every plan's output under its staged name, all from one pass over the base (the plans
@@ -126,23 +154,43 @@ pub(super) fn execute(
     bar: &dyn Progress,
 ) -> Result<Vec<Stats>> {
     let base = jobs[0].0.base;
-    debug_assert!(jobs.iter().all(|(p, _)| std::ptr::eq(p.base, base)));
-    let files = base.files.len();
-    let mut outs = Vec::with_capacity(jobs.len() * files);
-    for (_, staged) in jobs {
-        outs.extend(open_outputs(base, staged)?);
+    let mut outs = Vec::with_capacity(jobs.len() * base.files.len());
+    for (j, (_, staged)) in jobs.iter().enumerate() {
+        outs.extend(open_outputs(base, j, staged)?);
+    }
+    let plans: Vec<&Plan> = jobs.iter().map(|(p, _)| *p).collect();
+    let dests: Vec<&Path> = jobs.iter().map(|(_, s)| s.dest()).collect();
+    write(&plans, &dests, outs, backend, bar)
+}
+
+/// Write `outs` (any files of the base, for any of `plans`, each output file at most once) in
+/// one pass over the base, as `execute` does; `dests` name each plan's output in messages.
+/// Returns each plan's statistics over the files it was given.
+pub(super) fn write(
+    plans: &[&Plan],
+    dests: &[&Path],
+    outs: Vec<OutFile>,
+    backend: &dyn Backend,
+    bar: &dyn Progress,
+) -> Result<Vec<Stats>> {
+    let base = plans[0].base;
+    debug_assert!(plans.iter().all(|p| std::ptr::eq(p.base, base)));
+    // The outputs of each base file, in plan order.
+    let mut by_file: Vec<Vec<usize>> = vec![Vec::new(); base.files.len()];
+    for (o, out) in outs.iter().enumerate() {
+        by_file[out.file].push(o);
     }
 
     // Every output file is written front to back in one stream (untouched runs copied, targeted
     // tensors transformed, in offset order) so that writeback stays sequential.
-    let cap = if jobs.len() > 1 {
+    let cap = if plans.len() > 1 {
         COPY_CHUNK
     } else {
         usize::MAX
     };
     let mut steps: Vec<Step> = Vec::new();
     let mut last: Vec<Option<usize>> = vec![None; outs.len()];
-    let mut stats: Vec<Stats> = (0..jobs.len())
+    let mut stats: Vec<Stats> = (0..plans.len())
         .map(|_| Stats {
             left_out: base.left_out.clone(),
             ..Stats::default()
@@ -150,8 +198,9 @@ pub(super) fn execute(
         .collect();
     for (fi, (_, f)) in base.files.iter().enumerate() {
         for t in &f.tensors {
-            for (j, (plan, _)) in jobs.iter().enumerate() {
-                let out = j * files + fi;
+            for &out in &by_file[fi] {
+                let j = outs[out].job;
+                let plan = plans[j];
                 let st = &mut stats[j];
                 st.bytes += (t.end - t.start) as u64;
                 if let Some(action) = plan.action(&t.name) {
@@ -213,7 +262,7 @@ pub(super) fn execute(
         s.spawn(move || {
             for step in steps {
                 if let Step::Work { job, action, .. } = step {
-                    if stop() || built_tx.send(jobs[*job].0.build(action)).is_err() {
+                    if stop() || built_tx.send(plans[*job].build(action)).is_err() {
                         return;
                     }
                 }
@@ -334,8 +383,8 @@ pub(super) fn execute(
                 })
                 .map_err(|mut e| {
                     // In a batch, say whose merge it was.
-                    if jobs.len() > 1 {
-                        let dest = jobs[*job].1.dest().display();
+                    if plans.len() > 1 {
+                        let dest = dests[*job].display();
                         e.message = format!("{} (job {}, output {dest})", e.message, job + 1);
                     }
                     e
