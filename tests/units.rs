@@ -560,3 +560,49 @@ fn the_plan_says_what_each_unit_reads_and_writes() {
     // Nothing was written.
     assert_eq!(dir_entries(tmp.path()), Vec::<String>::new());
 }
+
+/// Split `base` + `adapter` into `n` workers (environment `env` for every run) and finalize;
+/// the output must be the single merge's, byte for byte.
+fn split_equals_single(dir: &Path, base: &OsStr, adapter: &OsStr, n: usize, env: &[(&str, &Path)]) {
+    let run = |out: &Path, extra: &[String]| {
+        let mut c = bin("boft-merge");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.arg("--base").arg(base).arg("--adapter").arg(adapter);
+        c.arg("-o").arg(out).args(extra).arg("-q");
+        ok(&c.output().unwrap());
+    };
+    let (want, got) = (dir.join("want"), dir.join("got"));
+    run(&want, &[]);
+    for k in order(n, 7) {
+        run(&got, &["--unit".into(), format!("{k}/{n}")]);
+    }
+    run(&got, &["--finalize".into()]);
+    assert_same(&got, &want);
+    assert_eq!(dir_entries(dir), ["got", "want"]);
+}
+
+#[test]
+fn a_diffusers_pipeline_splits_per_component_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("sdxl_pipeline/base");
+    let adapter = fixtures().join("sdxl_pipeline/adapters/sdxl_lycoris_diag_oft.safetensors");
+    let p = plan(&base, &adapter, &tmp.path().join("x"), &[]);
+    let n = p["units_total"].as_u64().unwrap() as usize;
+    assert!(n >= 3, "unet, text encoders, vae: {n} units");
+    split_equals_single(tmp.path(), base.as_os_str(), adapter.as_os_str(), n, &[]);
+}
+
+#[test]
+fn hub_ids_in_the_cache_split_and_keep_the_snapshot_links() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = fixtures().join("hf_cache/hub");
+    split_equals_single(
+        tmp.path(),
+        OsStr::new("boft-test/tiny-llama"),
+        OsStr::new("boft-test/tiny-llama-boft"),
+        2,
+        &[("HF_HUB_CACHE", &cache)],
+    );
+}

@@ -5,6 +5,7 @@
 //! cargo bench --bench merge -- run --multi-only --sizes 230   # several adapters -> docs/BENCHMARKS-compose.md
 //! cargo bench --bench merge -- run --extract-only --sizes 230 # boft-extract -> docs/BENCHMARKS-extract.md
 //! cargo bench --bench merge -- gen --size 230 --out bench-data/m230
+//! cargo bench --bench merge -- units --size 1000       # split merges -> docs/BENCHMARKS-units.md
 //! cargo bench --bench merge -- copy --mode cfr SRC DST  # one floor copy
 //! cargo bench --bench merge -- measure -- CMD ARGS...   # time + peak memory of any command
 //! ```
@@ -17,6 +18,7 @@ mod multi;
 mod repo;
 mod report;
 mod run;
+mod units;
 
 use std::process::Command;
 use std::time::Duration;
@@ -44,6 +46,9 @@ enum Cmd {
     /// (unless --no-multi) docs/BENCHMARKS-compose.md and docs/bench-compose.csv, and (unless
     /// --no-extract) docs/BENCHMARKS-extract.md and docs/bench-extract.csv.
     Run(run::RunArgs),
+    /// A merge split into units (--unit K/N, --finalize) against the single merge, in one run:
+    /// writes docs/BENCHMARKS-units.md and docs/bench-units.csv (docs/SCALE.md).
+    Units(units::UnitsArgs),
     /// Floor copy of a folder (used by `run` as a child process): copy every file, fsync each;
     /// to several destinations in turn if given several.
     Copy(measure::CopyArgs),
@@ -69,6 +74,7 @@ fn main() -> Result<()> {
         }
         Some(Cmd::Gen(a)) => gen::main(a),
         Some(Cmd::Run(a)) => run::main(a, &args[1..]),
+        Some(Cmd::Units(a)) => units::main(a, &args[1..]),
         Some(Cmd::Copy(a)) => measure::copy_main(a),
         Some(Cmd::Measure { sample_ms, cmd }) => {
             let mut c = Command::new(&cmd[0]);

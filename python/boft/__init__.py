@@ -67,6 +67,10 @@ def merge(base, adapter=None, output=None, **options):
     ``transformed``, ``replaced``, ``copied``, ``bytes`` (tensor data written), ``backend``,
     ``left_out`` (stale weight files not written) and ``outputs`` (one dict of these counts per
     output, with its ``path``). Raises BoftError.
+
+    A split merge (docs/SCALE.md): ``plan=True`` writes nothing and adds ``plan``, the units as
+    a dict (``--plan``); ``unit="K/N"`` runs worker K's share of them and adds ``units``
+    (``ran``, ``skipped``: unit numbers; ``total``); ``finalize=True`` puts the output together.
     """
     argv = _argv("boft-merge", "merge", options)
     argv.append(f"--base={_text(base)}")

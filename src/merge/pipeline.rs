@@ -160,11 +160,12 @@ pub(super) fn execute(
     }
     let plans: Vec<&Plan> = jobs.iter().map(|(p, _)| *p).collect();
     let dests: Vec<&Path> = jobs.iter().map(|(_, s)| s.dest()).collect();
-    write(&plans, &dests, outs, backend, bar)
+    write(&plans, &dests, outs, backend, bar, &|_| Ok(()))
 }
 
 /// Write `outs` (any files of the base, for any of `plans`, each output file at most once) in
 /// one pass over the base, as `execute` does; `dests` name each plan's output in messages.
+/// `done(i)` runs once `outs[i]` is complete and synced, while the others are still written.
 /// Returns each plan's statistics over the files it was given.
 pub(super) fn write(
     plans: &[&Plan],
@@ -172,6 +173,7 @@ pub(super) fn write(
     outs: Vec<OutFile>,
     backend: &dyn Backend,
     bar: &dyn Progress,
+    done: &(dyn Fn(usize) -> Result<()> + Sync),
 ) -> Result<Vec<Stats>> {
     let base = plans[0].base;
     debug_assert!(plans.iter().all(|p| std::ptr::eq(p.base, base)));
@@ -268,15 +270,27 @@ pub(super) fn write(
                 }
             }
         });
-        let (outs, fail) = (&outs, &fail);
+        let (outs, fail, done) = (&outs, &fail, done);
         // Each file is fsynced as soon as its last byte is written, on a thread of its own,
         // so that flushing one file overlaps the work on the next.
         let (sync_tx, sync_rx) = std::sync::mpsc::channel::<usize>();
+        // And handed to `done` on another thread, so that what it does (a unit hashes the file)
+        // overlaps the next file's sync.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<usize>();
         s.spawn(move || {
             for fi in sync_rx {
                 let o = &outs[fi];
                 if let Err(e) = o.dst.sync_all() {
                     fail(Error::io(&o.dst_path, e));
+                    return;
+                }
+                let _ = done_tx.send(fi);
+            }
+        });
+        s.spawn(move || {
+            for fi in done_rx {
+                if let Err(e) = done(fi) {
+                    fail(e);
                     return;
                 }
             }

@@ -562,30 +562,43 @@ pub fn run(
     }
     let plan_refs: Vec<&Plan> = plans.iter().collect();
     let dests: Vec<&Path> = jobs.iter().map(|j| j.dest.as_path()).collect();
-    // Every file is synced by the writer once complete.
-    pipeline::write(&plan_refs, &dests, outs, backend, progress)?;
+    // Each file is hashed as soon as the writer has synced it, while the next ones are written.
+    let record = |p: &Pending| -> Result<Record> {
+        use std::os::unix::fs::MetadataExt;
+        let sum = hash_file(&p.handle, p.unit.bytes).map_err(|e| Error::io(&p.path, e))?;
+        let m = p.handle.metadata().map_err(|e| Error::io(&p.path, e))?;
+        Ok(Record {
+            format: store::RECORD_FORMAT.into(),
+            version: store::RECORD_VERSION,
+            plan: ids[p.unit.job].clone(),
+            file: base.files[p.unit.file].0.to_string_lossy().into_owned(),
+            data: p.name.clone(),
+            size: m.len(),
+            sha256: hex(&sum),
+            ino: m.ino(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        })
+    };
+    let made: Vec<std::sync::Mutex<Option<Record>>> = pending
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    pipeline::write(&plan_refs, &dests, outs, backend, progress, &|i| {
+        let r = record(&pending[i])?;
+        *made[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        Ok(())
+    })?;
     for s in stores.iter().flatten() {
         s.sync_data();
     }
-    let records: Vec<Record> = pending
-        .par_iter()
-        .map(|p| -> Result<Record> {
-            use std::os::unix::fs::MetadataExt;
-            let sum = hash_file(&p.handle, p.unit.bytes).map_err(|e| Error::io(&p.path, e))?;
-            let m = p.handle.metadata().map_err(|e| Error::io(&p.path, e))?;
-            Ok(Record {
-                format: store::RECORD_FORMAT.into(),
-                version: store::RECORD_VERSION,
-                plan: ids[p.unit.job].clone(),
-                file: base.files[p.unit.file].0.to_string_lossy().into_owned(),
-                data: p.name.clone(),
-                size: m.len(),
-                sha256: hex(&sum),
-                ino: m.ino(),
-                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            })
+    let records: Vec<Record> = made
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .expect("the writer reports every file it completes")
         })
-        .collect::<Result<_>>()?;
+        .collect();
     crate::output::check_interrupted()?;
     for (p, r) in pending.iter_mut().zip(&records) {
         p.store.write_record(p.unit.file, r)?;
