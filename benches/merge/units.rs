@@ -213,6 +213,8 @@ pub fn main(a: UnitsArgs, argv: &[String]) -> Result<()> {
         measure::remove(&out)?;
     }
 
+    let robust = robustness(&bin, &base, &adapter, &outs, &want_digest, g.shards)?;
+
     let mut rows = Vec::new();
     for repeat in 0..a.repeats {
         for kind in Kind::ALL {
@@ -265,7 +267,7 @@ pub fn main(a: UnitsArgs, argv: &[String]) -> Result<()> {
         }
     }
     let doc_dir = a.doc_dir.clone().unwrap_or_else(|| root.join("docs"));
-    write(&doc_dir, &meta, &spec, &g, &splits, &rows)?;
+    write(&doc_dir, &meta, &spec, &g, &splits, &robust, &rows)?;
     if !a.keep_data {
         measure::remove(&data)?;
     }
@@ -278,6 +280,7 @@ fn write(
     spec: &Spec,
     g: &gen::Generated,
     splits: &[(usize, bool)],
+    robust: &[(String, String)],
     rows: &[Timed],
 ) -> Result<()> {
     let mut csv = String::from("kind,repeat,work_s,finalize_s,total_s\n");
@@ -347,6 +350,15 @@ fn write(
     }
     let _ = writeln!(
         w,
+        "\n## Killed, tampered, incomplete\n\nOn the same model, split into {} workers \
+         (one unit each):\n\n| what was done | what happened |\n|---|---|",
+        g.shards
+    );
+    for (what, happened) in robust {
+        let _ = writeln!(w, "| {what} | {happened} |");
+    }
+    let _ = writeln!(
+        w,
         "\n## Times (warm page cache)\n\nBefore each run the previous output is removed, `sync` \
          is called and the base and adapter are read into the page cache (untimed); the kinds \
          are interleaved within each repeat. Median of {} runs (min in brackets); every merged \
@@ -386,4 +398,119 @@ fn write(
     }
     fs::write(doc_dir.join("BENCHMARKS-units.md"), w).context("writing BENCHMARKS-units.md")?;
     Ok(())
+}
+
+/// The split into one unit per worker with a unit killed mid-write, a unit missing and a unit
+/// tampered with: finalize must refuse the incomplete and tampered sets (exit 2, nothing moved)
+/// and, once the units are run again, write the single merge's bytes. Returns (what was done,
+/// what happened) rows.
+fn robustness(
+    bin: &Path,
+    base: &Path,
+    adapter: &Path,
+    outs: &Path,
+    want: &[(PathBuf, [u8; 32])],
+    n: usize,
+) -> Result<Vec<(String, String)>> {
+    let out = outs.join("robust");
+    let staging = outs.join(".robust.boft-units");
+    let unit = |k: usize| {
+        let mut c = cmd(bin, base, adapter, &out);
+        c.arg("--unit").arg(format!("{k}/{n}"));
+        c
+    };
+    let finalize = || -> Result<(bool, String)> {
+        let mut c = cmd(bin, base, adapter, &out);
+        c.arg("--finalize");
+        let o = c.stderr(Stdio::piped()).output()?;
+        Ok((
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        ))
+    };
+    let refused = |(ok, line): (bool, String)| -> Result<String> {
+        if ok || out.exists() {
+            bail!("finalize accepted a broken set");
+        }
+        // The line without the output's path, which differs between machines.
+        Ok(line
+            .split_once("] ")
+            .map_or(line.clone(), |(_, m)| m.to_string()))
+    };
+    let mut rows = Vec::new();
+    for k in 1..n {
+        check(unit(k), "a unit")?;
+    }
+    // Worker 0 killed once its file exists (mid-write: its record comes after the whole file).
+    let data = staging.join("data");
+    let count = |d: &Path| fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+    let before = count(&data);
+    let mut child = unit(0).stderr(Stdio::null()).spawn()?;
+    let t0 = Instant::now();
+    while count(&data) == before {
+        if t0.elapsed().as_secs() > 120 {
+            bail!("the unit made no file");
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    child.kill()?;
+    child.wait()?;
+    let records = count(&staging.join("records"));
+    rows.push((
+        format!("worker 0 of {n} killed (SIGKILL) once its file existed"),
+        format!("{records} of {n} records; a file of the killed unit left in data/"),
+    ));
+    rows.push((
+        "`--finalize` then".into(),
+        format!("refused: `{}`", refused(finalize()?)?),
+    ));
+    check(unit(0), "the unit run again")?;
+    let (ok, _) = finalize()?;
+    let same = ok && digest(&out)? == want;
+    rows.push((
+        "worker 0 run again, then `--finalize`".into(),
+        if same {
+            "identical to the single merge"
+        } else {
+            "**DIFFERS**"
+        }
+        .into(),
+    ));
+    measure::remove(&out)?;
+    // Every unit run, then one byte of one unit's file flipped (after a clock tick).
+    for k in 0..n {
+        check(unit(k), "a unit")?;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let victim = fs::read_dir(&data)?.next().context("no unit file")??.path();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&victim)?;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 4096)?;
+        f.write_all_at(&[b[0] ^ 0x40], 4096)?;
+    }
+    rows.push((
+        "every unit run, then one byte of one unit's file flipped; `--finalize`".into(),
+        format!("refused: `{}`", refused(finalize()?)?),
+    ));
+    for k in 0..n {
+        check(unit(k), "a unit")?;
+    }
+    let (ok, _) = finalize()?;
+    let same = ok && digest(&out)? == want;
+    rows.push((
+        "every worker run again (the others skip: already done), then `--finalize`".into(),
+        if same {
+            "identical to the single merge"
+        } else {
+            "**DIFFERS**"
+        }
+        .into(),
+    ));
+    measure::remove(&out)?;
+    Ok(rows)
 }
