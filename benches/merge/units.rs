@@ -433,9 +433,11 @@ fn robustness(
             bail!("finalize accepted a broken set");
         }
         // The line without the output's path, which differs between machines.
-        Ok(line
-            .split_once("] ")
-            .map_or(line.clone(), |(_, m)| m.to_string()))
+        let after_class = line.split_once("] ").map_or(line.as_str(), |(_, m)| m);
+        Ok(after_class
+            .split_once(": ")
+            .map_or(after_class, |(_, m)| m)
+            .to_string())
     };
     let mut rows = Vec::new();
     for k in 1..n {
