@@ -463,8 +463,8 @@ pub fn write_all(doc_dir: &Path, meta: &Meta, infos: &[SizeInfo], rows: &[Row]) 
     Ok(())
 }
 
-/// The Machine section, shared by both reports.
-fn machine(w: &mut String, meta: &Meta, infos: &[SizeInfo]) {
+/// The heading and the rows of the Machine section every report has.
+pub fn machine_rows(w: &mut String, meta: &Meta) {
     let _ = writeln!(w, "## Machine\n");
     let _ = writeln!(w, "| | |\n|---|---|");
     let _ = writeln!(w, "| CPU | {} ({} cores available) |", meta.cpu, meta.cores);
@@ -474,6 +474,11 @@ fn machine(w: &mut String, meta: &Meta, infos: &[SizeInfo]) {
     let _ = writeln!(w, "| Commit | `{}` |", meta.commit);
     let _ = writeln!(w, "| Compiler | {} |", meta.rustc);
     let _ = writeln!(w, "| Binary measured | `{}` |", meta.bin.display());
+}
+
+/// The Machine section, shared by both reports.
+fn machine(w: &mut String, meta: &Meta, infos: &[SizeInfo]) {
+    machine_rows(w, meta);
     if let Some(b) = &meta.extract_bin {
         let _ = writeln!(w, "| Extraction binary | `{}` |", b.display());
     }

@@ -310,14 +310,8 @@ fn write(
         meta.started,
         report::now()
     );
-    let _ = writeln!(w, "## Machine\n\n| | |\n|---|---|");
-    let _ = writeln!(w, "| CPU | {} ({} cores available) |", meta.cpu, meta.cores);
-    let _ = writeln!(w, "| RAM | {} |", meta.ram);
-    let _ = writeln!(w, "| Storage of the data folder | {} |", meta.storage);
-    let _ = writeln!(w, "| Kernel | Linux {} |", meta.kernel);
-    let _ = writeln!(w, "| Commit | `{}` |", meta.commit);
-    let _ = writeln!(w, "| Compiler | {} |", meta.rustc);
-    let _ = writeln!(w, "| Binary measured | `{}` |\n", meta.bin.display());
+    report::machine_rows(&mut w, meta);
+    let _ = writeln!(w);
     let _ = writeln!(w, "## Reproduce\n\n```sh\n{}\n```\n", meta.command);
     let _ = writeln!(
         w,
@@ -467,16 +461,9 @@ fn robustness(
         format!("refused: `{}`", refused(finalize()?)?),
     ));
     check(unit(0), "the unit run again")?;
-    let (ok, _) = finalize()?;
-    let same = ok && digest(&out)? == want;
     rows.push((
         "worker 0 run again, then `--finalize`".into(),
-        if same {
-            "identical to the single merge"
-        } else {
-            "**DIFFERS**"
-        }
-        .into(),
+        verdict(finalize()?.0 && digest(&out)? == want),
     ));
     measure::remove(&out)?;
     // Every unit run, then one byte of one unit's file flipped (after a clock tick).
@@ -502,17 +489,18 @@ fn robustness(
     for k in 0..n {
         check(unit(k), "a unit")?;
     }
-    let (ok, _) = finalize()?;
-    let same = ok && digest(&out)? == want;
     rows.push((
         "every worker run again (the others skip: already done), then `--finalize`".into(),
-        if same {
-            "identical to the single merge"
-        } else {
-            "**DIFFERS**"
-        }
-        .into(),
+        verdict(finalize()?.0 && digest(&out)? == want),
     ));
     measure::remove(&out)?;
     Ok(rows)
+}
+
+fn verdict(same: bool) -> String {
+    if same {
+        "identical to the single merge".into()
+    } else {
+        "**DIFFERS**".into()
+    }
 }

@@ -25,7 +25,8 @@ pub const PROGRAM: &str = "boft-merge";
     after_help = "Examples:\n  boft-merge --base fixtures/peft_boft/bases/llama_f32 \\\n             --adapter fixtures/peft_boft/adapters/llama_f32_f2 -o merged-llama\n  \
 boft-merge --base B --adapter A1 --adapter 'A2,strength=0.5,mode=geodesic' -o OUT\n  \
 boft-merge --base merged-with-A --unmerge-adapter A --adapter B -o merged-with-B\n  \
-boft-merge --base B --batch jobs.json\n\n\
+boft-merge --base B --batch jobs.json\n  \
+boft-merge --base B --adapter A -o OUT --unit 3/8   (worker 3 of 8; then --finalize: docs/SCALE.md)\n\n\
 Adapters apply in the order given, after every --unmerge-adapter is taken out (in reverse order);\n\
 each tensor is read once, transformed in f32 by all of them and rounded once (docs/COMPOSE.md).\n\
 The output keeps the base's layout (same files, shards, index and metadata); tensors no adapter\n\
