@@ -296,10 +296,11 @@ fn a_unit_killed_mid_write_runs_again_and_finalizes() {
     let e = fails_with(&o, "units-incomplete");
     assert!(e.contains("has not run"), "{e}");
     assert!(!out.exists());
-    // Run again: a new file, a record, the dead run's file swept away.
+    // Run again: a new file and a record; the dead run's file is left (it was written less
+    // than SWEEP_AFTER ago) until finalize removes the folder.
     ok(&m(&base, &adapter, &out, &["--unit", "0/4"]));
     assert_eq!(entries(&records).len(), 4);
-    assert_eq!(entries(&data).len(), 4, "the dead run's file was not swept");
+    assert_eq!(entries(&data).len(), 5);
     ok(&m(&base, &adapter, &out, &["--finalize"]));
     assert_same(&out, &want);
     assert!(!staging(&out).exists());
@@ -605,4 +606,71 @@ fn hub_ids_in_the_cache_split_and_keep_the_snapshot_links() {
         2,
         &[("HF_HUB_CACHE", &cache)],
     );
+}
+
+#[test]
+fn units_of_a_base_whose_values_changed_are_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    copy_tree(&fixtures().join(BASE), &base);
+    let adapter = fixtures().join(ADAPTER);
+    let out = tmp.path().join("out");
+    for k in 0..2 {
+        ok(&m(&base, &adapter, &out, &["--unit", &format!("{k}/2")]));
+    }
+    // The same architecture with other values in one tensor (a norm-only fine-tune, say): same
+    // names, sizes and headers.
+    let name = "model.norm.weight";
+    let (shard, at, len) = {
+        let ck = boft::checkpoint::Checkpoint::open(&base).unwrap();
+        let (f, t) = ck.get(name).unwrap();
+        (
+            f.path.clone(),
+            (f.data_offset + t.start) as u64,
+            t.end - t.start,
+        )
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&shard)
+            .unwrap();
+        let mut v = vec![0u8; len];
+        f.read_exact_at(&mut v, at).unwrap();
+        v.iter_mut().for_each(|b| *b ^= 0x01);
+        f.write_all_at(&v, at).unwrap();
+    }
+    refused(&base, &adapter, &out, &[], "ran for another merge");
+    // Running every worker again rewrites that unit (the others are still this base's).
+    let o = m(&base, &adapter, &out, &["--unit", "0/1"]);
+    ok(&o);
+    ok(&m(&base, &adapter, &out, &["--finalize"]));
+    let want = tmp.path().join("want");
+    ok(&m(&base, &adapter, &want, &[]));
+    assert_same(&out, &want);
+}
+
+#[test]
+fn a_unit_file_with_another_name_is_copied_not_linked() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter, out) = all_units(tmp.path(), &[]);
+    // Another name for one unit's file, kept outside: whoever holds it could rewrite the
+    // output later if finalize linked that inode into it.
+    let (_, r, data) = record(&out, 0);
+    let other = tmp.path().join("other-name");
+    std::fs::hard_link(&data, &other).unwrap();
+    ok(&m(&base, &adapter, &out, &["--finalize"]));
+    let file = r["file"].as_str().unwrap();
+    let (a, b) = (
+        std::fs::metadata(out.join(file)).unwrap(),
+        std::fs::metadata(&other).unwrap(),
+    );
+    assert_ne!(a.ino(), b.ino(), "linked an inode with another name");
+    // The others were linked: one name each now that the staging folder is gone.
+    let want = tmp.path().join("want");
+    ok(&m(&base, &adapter, &want, &[]));
+    assert_same(&out, &want);
 }

@@ -519,7 +519,11 @@ fn run_split(
         return Ok(stats_of(stats));
     }
     let share = args.unit.expect("one of the three");
-    open_files(jobs.len() * base.files.len() * 3 + loaded.len() * 4 + 64)?;
+    // Three descriptors a unit of this worker's share (its file, a second handle on it, the
+    // base file), plus what the inputs and the runtime hold.
+    let who = units::assign(&units::units(base, jobs.len()), share.n);
+    let mine = who.iter().filter(|&&w| w == share.k).count();
+    open_files(mine * 3 + loaded.len() * 4 + 64)?;
     let bar = super::progress::Bar::new(!args.quiet);
     let done = super::with_threads(args.threads, || {
         units::run(base, jobs, &ids, share, inputs, args.force, backend, &bar)

@@ -84,13 +84,16 @@ pub fn units(base: &Checkpoint, jobs: usize) -> Vec<Unit> {
 /// worker with the fewest bytes so far (the lowest-numbered on a tie). Deterministic, so every
 /// worker computes the same split without talking to the others.
 pub fn assign(units: &[Unit], n: usize) -> Vec<usize> {
+    use std::cmp::Reverse;
     let mut order: Vec<&Unit> = units.iter().collect();
     order.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.index.cmp(&b.index)));
-    let mut load = vec![0u64; n];
+    // Workers by (bytes so far, number), least first.
+    let mut load: std::collections::BinaryHeap<Reverse<(u64, usize)>> =
+        (0..n.max(1)).map(|w| Reverse((0, w))).collect();
     let mut who = vec![0; units.iter().map(|u| u.index + 1).max().unwrap_or(0)];
     for u in order {
-        let w = (0..n).min_by_key(|&w| (load[w], w)).unwrap_or(0);
-        load[w] += u.bytes;
+        let Reverse((bytes, w)) = load.pop().expect("at least one worker");
+        load.push(Reverse((bytes + u.bytes, w)));
         who[u.index] = w;
     }
     who
@@ -100,35 +103,59 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Bytes of the base's data hashed into its identity, in windows spread over each file.
-const SAMPLE_WINDOWS: usize = 16;
-const SAMPLE_WINDOW: usize = 64 << 10;
-
-/// What identifies the base without reading all of it: every weight file's name, size and
-/// header, and 1 MiB of its data in 16 windows spread over it (another fine-tune of the same
-/// architecture has the same headers, not the same values). A copy of the base elsewhere (a
-/// node's local disk) has the same identity.
+/// What identifies the base's layout: every weight file's name, size and header. The values
+/// are each unit's own business (`file_fingerprint`), so that no worker reads beyond its files.
 pub fn base_digest(base: &Checkpoint) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(b"boft-merge base v1\0");
+    h.update(b"boft-merge base v2\0");
     h.update((base.files.len() as u64).to_le_bytes());
     for (rel, f) in &base.files {
         h.update(rel.to_string_lossy().as_bytes());
         h.update([0]);
         h.update((f.len() as u64).to_le_bytes());
         h.update(f.header_bytes());
-        let data = &f.bytes()[f.data_offset..];
-        if data.len() <= SAMPLE_WINDOWS * SAMPLE_WINDOW {
-            h.update(data);
-        } else {
-            let last = data.len() - SAMPLE_WINDOW;
-            for i in 0..SAMPLE_WINDOWS {
-                let at = last / (SAMPLE_WINDOWS - 1) * i;
-                h.update(&data[at..at + SAMPLE_WINDOW]);
-            }
-        }
     }
     h.finalize().into()
+}
+
+/// Bytes of each tensor's start and of its end hashed into a file's fingerprint.
+const SAMPLE_EDGE: usize = 4 << 10;
+/// Windows of the file's data hashed besides, spread over it.
+const SAMPLE_WINDOWS: usize = 16;
+const SAMPLE_WINDOW: usize = 64 << 10;
+
+/// What identifies the values of base file `file` without reading all of it: its name, size and
+/// header, the first and last 4 KiB of every tensor (all of a small one), and 1 MiB in 16
+/// windows spread over its data. A fine-tune, a model edit, a merged LoRA or a norm- or
+/// bias-only change moves the edges of every tensor it touches; a change confined to the
+/// interior of large tensors (a repaired download) is not seen. A copy of the file elsewhere (a
+/// node's local disk) has the same fingerprint.
+pub fn file_fingerprint(base: &Checkpoint, file: usize) -> String {
+    let (rel, f) = &base.files[file];
+    let mut h = Sha256::new();
+    h.update(b"boft-merge base file v1\0");
+    h.update(rel.to_string_lossy().as_bytes());
+    h.update([0]);
+    h.update((f.len() as u64).to_le_bytes());
+    h.update(f.header_bytes());
+    for t in &f.tensors {
+        let d = f.data(t);
+        if d.len() <= 2 * SAMPLE_EDGE {
+            h.update(d);
+        } else {
+            h.update(&d[..SAMPLE_EDGE]);
+            h.update(&d[d.len() - SAMPLE_EDGE..]);
+        }
+    }
+    let data = &f.bytes()[f.data_offset..];
+    if data.len() > SAMPLE_WINDOWS * SAMPLE_WINDOW {
+        let last = data.len() - SAMPLE_WINDOW;
+        for i in 0..SAMPLE_WINDOWS {
+            let at = last / (SAMPLE_WINDOWS - 1) * i;
+            h.update(&data[at..at + SAMPLE_WINDOW]);
+        }
+    }
+    hex(&h.finalize())
 }
 
 /// SHA-256 of every file a reader opens for the adapter at `path` (`formats::read_alongside`):
@@ -427,34 +454,44 @@ enum Problem {
     Stale,
     /// The record's file is gone, changed or replaced since the record was written.
     Changed(&'static str),
-    /// The record itself cannot be read.
+    /// The record itself is not one.
     Bad(Error),
+    /// The record or its file could not be read (not the unit's fault: said as it is).
+    Io(Error),
 }
 
-/// Check unit `u`'s record against the plan: its file, opened, when all is well.
+/// Check unit `u`'s record against the plan (`id`) and the base file's fingerprint (`base_id`):
+/// the record, when all is well. No handle is kept: finalize links by name and checks the inode
+/// it linked.
 fn check_unit(
     store: &Store,
     base: &Checkpoint,
     u: &Unit,
     id: &str,
+    base_id: &str,
     rehash: bool,
-) -> std::result::Result<(Record, std::fs::File), Problem> {
+) -> std::result::Result<Record, Problem> {
     use std::os::unix::fs::MetadataExt;
     let r = match store.read_record(u.file) {
         Ok(Some(r)) => r,
         Ok(None) => return Err(Problem::Missing),
+        Err(e) if e.class == Class::Io => return Err(Problem::Io(e)),
         Err(e) => return Err(Problem::Bad(e)),
     };
     let rel = base.files[u.file].0.to_string_lossy();
-    if r.plan != id || r.file != rel || r.size != u.bytes {
+    if r.plan != id || r.base != base_id || r.file != rel || r.size != u.bytes {
         return Err(Problem::Stale);
     }
-    let f = store
-        .open_data(&r.data)
-        .map_err(|_| Problem::Changed("its file is missing"))?;
+    let f = match store.open_data(&r.data) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Problem::Changed("its file is missing"))
+        }
+        Err(e) => return Err(Problem::Io(Error::io(store.data_path(&r.data), e))),
+    };
     let m = f
         .metadata()
-        .map_err(|_| Problem::Changed("its file cannot be read"))?;
+        .map_err(|e| Problem::Io(Error::io(store.data_path(&r.data), e)))?;
     let mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
     if !m.is_file() || m.len() != r.size || m.ino() != r.ino || mtime_ns != r.mtime_ns {
         return Err(Problem::Changed(
@@ -462,14 +499,15 @@ fn check_unit(
         ));
     }
     if rehash {
-        let sum = hash_file(&f, r.size).map_err(|_| Problem::Changed("its file cannot be read"))?;
+        let sum = hash_file(&f, r.size)
+            .map_err(|e| Problem::Io(Error::io(store.data_path(&r.data), e)))?;
         if hex(&sum) != r.sha256 {
             return Err(Problem::Changed(
                 "its file's SHA-256 differs from the record's",
             ));
         }
     }
-    Ok((r, f))
+    Ok(r)
 }
 
 /// Refuse before anything is written (`--unit` and `--finalize` alike) what a whole merge would.
@@ -532,9 +570,17 @@ pub fn run(
         }
     }
     let store = |j: usize| stores[j].as_ref().expect("opened above");
+    // Each base file's fingerprint, once, for those of this share.
+    let mut prints: Vec<Option<String>> = vec![None; base.files.len()];
+    for u in &mine {
+        if prints[u.file].is_none() {
+            prints[u.file] = Some(file_fingerprint(base, u.file));
+        }
+    }
+    let print = |f: usize| prints[f].as_deref().expect("computed above");
     let mut todo = Vec::new();
     for u in mine {
-        if check_unit(store(u.job), base, &u, &ids[u.job], false).is_ok() {
+        if check_unit(store(u.job), base, &u, &ids[u.job], print(u.file), false).is_ok() {
             done.skipped.push(u);
         } else {
             todo.push(u);
@@ -571,6 +617,7 @@ pub fn run(
             format: store::RECORD_FORMAT.into(),
             version: store::RECORD_VERSION,
             plan: ids[p.unit.job].clone(),
+            base: print(p.unit.file).to_string(),
             file: base.files[p.unit.file].0.to_string_lossy().into_owned(),
             data: p.name.clone(),
             size: m.len(),
@@ -613,7 +660,16 @@ pub fn run(
 }
 
 /// The one line finalize refuses with: the first unit that is not ready, and how many others.
-fn incomplete(base: &Checkpoint, jobs: &[Job], problems: Vec<(Unit, Problem)>) -> Error {
+fn incomplete(base: &Checkpoint, jobs: &[Job], mut problems: Vec<(Unit, Problem)>) -> Error {
+    if let Some(i) = problems
+        .iter()
+        .position(|(_, p)| matches!(p, Problem::Io(_)))
+    {
+        let Problem::Io(e) = problems.swap_remove(i).1 else {
+            unreachable!("matched above")
+        };
+        return e;
+    }
     let total = units(base, jobs.len()).len();
     let (u, p) = &problems[0];
     let what = format!(
@@ -629,6 +685,7 @@ fn incomplete(base: &Checkpoint, jobs: &[Job], problems: Vec<(Unit, Problem)>) -
         }
         Problem::Changed(why) => format!("does not match its record: {why}"),
         Problem::Bad(e) => format!("has a bad record: {e}"),
+        Problem::Io(_) => unreachable!("reported as it is, above"),
     };
     let others = if problems.len() > 1 {
         let list: Vec<String> = problems[1..]
@@ -676,18 +733,22 @@ pub fn finalize(
         .map(|j| Store::open(&j.dest, false))
         .collect::<Result<Vec<_>>>()?;
     let all = units(base, jobs.len());
-    let checked: Vec<std::result::Result<(Record, std::fs::File), Problem>> = all
+    let prints: Vec<String> = (0..base.files.len())
+        .into_par_iter()
+        .map(|f| file_fingerprint(base, f))
+        .collect();
+    let checked: Vec<std::result::Result<Record, Problem>> = all
         .par_iter()
         .map(|u| match &stores[u.job] {
-            Some(s) => check_unit(s, base, u, &ids[u.job], rehash),
+            Some(s) => check_unit(s, base, u, &ids[u.job], &prints[u.file], rehash),
             None => Err(Problem::Missing),
         })
         .collect();
-    let mut files = Vec::with_capacity(all.len());
+    let mut records = Vec::with_capacity(all.len());
     let mut problems = Vec::new();
     for (u, c) in all.iter().zip(checked) {
         match c {
-            Ok(f) => files.push(f),
+            Ok(r) => records.push(r),
             Err(p) => problems.push((*u, p)),
         }
     }
@@ -698,26 +759,31 @@ pub fn finalize(
     let mut stats = vec![Stats::default(); jobs.len()];
     for (j, job) in jobs.iter().enumerate() {
         let store = stores[j].as_ref().expect("checked above");
-        let ours = |u: &&Unit| u.job == j;
+        let mine = all.iter().zip(&records).filter(|(u, _)| u.job == j);
         let s = if base.is_folder() {
             let s = Staged::dir(&job.dest)?;
-            for (u, (r, f)) in all.iter().zip(&files).filter(|(u, _)| ours(u)) {
-                place(store, &s, r, f, &base.files[u.file].0)?;
+            for (u, r) in mine {
+                place(store, &s, u, r, &base.files[u.file].0)?;
             }
             pipeline::copy_others(base, &s)?;
             s
         } else {
-            let (_, (r, f)) = all
-                .iter()
-                .zip(&files)
-                .find(|(u, _)| ours(u))
+            let (u, r) = mine
+                .into_iter()
+                .next()
                 .expect("a file base has one unit per job");
+            let (f, linkable) = open_checked(store, u, r)?;
             let name = std::ffi::CString::new(r.data.as_str()).expect("a plain name");
-            match Staged::file_linked(&job.dest, store.data_dir(), &name, r.ino)? {
+            let linked = if linkable {
+                Staged::file_linked(&job.dest, store.data_dir(), &name, r.ino)?
+            } else {
+                None
+            };
+            match linked {
                 Some(s) => s,
                 None => {
                     let s = Staged::file(&job.dest)?;
-                    copy_into(f, s.file_handle(), s.path())?;
+                    copy_into(&f, s.file_handle(), s.path())?;
                     s
                 }
             }
@@ -741,14 +807,40 @@ pub fn finalize(
     Ok(stats)
 }
 
+/// Open the file a checked record names, still the inode checked; and whether it may become
+/// the output's by a hard link: only when this user owns it and it has no other name, since
+/// whoever holds a name for an inode can rewrite it after finalize (a unit file planted by
+/// another account of a shared staging folder is copied instead).
+fn open_checked(store: &Store, u: &Unit, r: &Record) -> Result<(std::fs::File, bool)> {
+    use std::os::unix::fs::MetadataExt;
+    let at = store.data_path(&r.data);
+    let f = store.open_data(&r.data).map_err(|e| Error::io(&at, e))?;
+    let m = f.metadata().map_err(|e| Error::io(&at, e))?;
+    if m.ino() != r.ino || m.len() != r.size {
+        return Err(err(
+            Class::UnitsIncomplete,
+            &at,
+            format!(
+                "unit {} changed while finalize ran (a unit running again?): run --finalize \
+                 again; nothing was moved",
+                u.index
+            ),
+        ));
+    }
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    Ok((f, m.nlink() == 1 && m.uid() == me))
+}
+
 /// Put a checked unit file at `rel` in the staged folder: a hard link to it, or a copy.
-fn place(store: &Store, staged: &Staged, r: &Record, f: &std::fs::File, rel: &Path) -> Result<()> {
+fn place(store: &Store, staged: &Staged, u: &Unit, r: &Record, rel: &Path) -> Result<()> {
+    let (f, linkable) = open_checked(store, u, r)?;
     let name = std::ffi::CString::new(r.data.as_str()).expect("a plain name");
-    if staged.adopt(store.data_dir(), &name, r.ino, rel) {
+    if linkable && staged.adopt(store.data_dir(), &name, r.ino, rel) {
         return Ok(());
     }
     let dst = staged.create(rel)?;
-    copy_into(f, &dst, &staged.path().join(rel)).map_err(|e| staged.blame_dest(e))
+    copy_into(&f, &dst, &staged.path().join(rel)).map_err(|e| staged.blame_dest(e))
 }
 
 /// Copy the whole of `from` into `to` (in the kernel where it can), then sync it.

@@ -27,8 +27,10 @@ pub struct Record {
     pub format: String,
     /// `RECORD_VERSION`.
     pub version: u32,
-    /// The plan id of the job the file belongs to (`super::plan_ids`).
+    /// The plan id of the job the file belongs to (`super::plan_id`).
     pub plan: String,
+    /// The fingerprint of the base file it was made from (`super::file_fingerprint`).
+    pub base: String,
     /// The base file it is the merged copy of (relative to the base folder).
     pub file: String,
     /// Its name in `data/`.
@@ -48,6 +50,8 @@ pub struct Record {
 pub const RECORD_FORMAT: &str = "boft-merge-unit";
 /// The version of the record layout.
 pub const RECORD_VERSION: u32 = 1;
+/// How long a data file nobody holds must have gone unwritten before a unit run removes it.
+pub const SWEEP_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 /// A record is a few hundred bytes: past this it is not one.
 const RECORD_MAX: u64 = 64 << 10;
 
@@ -205,6 +209,11 @@ impl Store {
         Ok((f, name, path))
     }
 
+    /// Where a data file is, for messages.
+    pub fn data_path(&self, name: &str) -> PathBuf {
+        self.path.join("data").join(name)
+    }
+
     /// Open a data file named by a record, not through a symlink.
     pub fn open_data(&self, name: &str) -> std::io::Result<File> {
         if !is_plain_name(name) {
@@ -284,14 +293,20 @@ impl Store {
         fsync_dir(self.data.as_fd());
     }
 
-    /// Remove the data files of base file `file` other than `keep` that no live writer holds
-    /// (left by killed runs or by a duplicate run whose record lost). Best effort: where the
-    /// filesystem has no locks, they stay until finalize removes the folder.
+    /// Remove the data files of base file `file` left by runs that are over (killed, or a
+    /// duplicate run whose record lost): not `keep`, not the file the record names, not one a
+    /// live writer holds locked, and not one written in the last `SWEEP_AFTER` (where `flock`
+    /// is local to each node, another node's live writer does not hold a lock seen here, but
+    /// its file is being written). Best effort: what is left goes with the folder at finalize.
     pub fn sweep(&self, file: usize, keep: &str) {
+        use std::os::unix::fs::MetadataExt;
         let prefix = data_prefix(file);
         let Ok(rd) = std::fs::read_dir(self.path.join("data")) else {
             return;
         };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         for entry in rd.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
@@ -299,11 +314,21 @@ impl Store {
                 continue;
             }
             let c = cname(name);
-            if let Ok(f) = open_at(self.data.as_fd(), &c) {
-                if f.metadata().is_ok_and(|m| m.is_file()) && try_lock(&f) {
-                    unlink_at(self.data.as_fd(), &c);
-                }
+            let Ok(f) = open_at(self.data.as_fd(), &c) else {
+                continue;
+            };
+            let old = f
+                .metadata()
+                .is_ok_and(|m| m.is_file() && now - m.mtime() > SWEEP_AFTER.as_secs() as i64);
+            // The lock first, then the record: a writer publishes its record before it lets go
+            // of its file, so a record read after the lock is taken names it if it won.
+            if !old || !try_lock(&f) {
+                continue;
             }
+            if matches!(self.read_record(file), Ok(Some(r)) if r.data == name) {
+                continue;
+            }
+            unlink_at(self.data.as_fd(), &c);
         }
     }
 
