@@ -853,3 +853,43 @@ fn copy_into(from: &std::fs::File, to: &std::fs::File, to_path: &Path) -> Result
     std::io::copy(&mut src, &mut dst).map_err(|e| Error::io(to_path, e))?;
     dst.sync_all().map_err(|e| Error::io(to_path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sized(bytes: &[u64]) -> Vec<Unit> {
+        bytes
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| Unit {
+                index: i,
+                job: 0,
+                file: i,
+                bytes: b,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_split_is_largest_first_to_the_least_loaded() {
+        // 5 → w0, 4 → w1, then each 3 to the lighter: w1 (4 < 5), w0 (5 < 7), w1 (7 < 8).
+        assert_eq!(assign(&sized(&[5, 4, 3, 3, 3]), 2), [0, 1, 1, 0, 1]);
+        // Ties in size go by unit number; ties in load by worker number.
+        assert_eq!(assign(&sized(&[1, 1, 1, 1]), 2), [0, 1, 0, 1]);
+        // More workers than units: one unit each, the rest idle.
+        let who = assign(&sized(&[3, 9, 1]), 5);
+        assert_eq!(who, [1, 0, 2]);
+        // One worker takes everything.
+        assert_eq!(assign(&sized(&[3, 9, 1]), 1), [0, 0, 0]);
+    }
+
+    #[test]
+    fn shares_parse_as_k_of_n() {
+        assert_eq!("3/8".parse(), Ok(Share { k: 3, n: 8 }));
+        assert_eq!("0/1".parse(), Ok(Share { k: 0, n: 1 }));
+        for bad in ["8/8", "1/0", "-1/2", "a/2", "2", "", "1/2/3", "0/1048577"] {
+            assert!(bad.parse::<Share>().is_err(), "{bad}");
+        }
+    }
+}
