@@ -471,7 +471,10 @@ fn robustness(
         check(unit(k), "a unit")?;
     }
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let victim = fs::read_dir(&data)?.next().context("no unit file")??.path();
+    // A file a record names (leftovers of the killed run are in data/ too).
+    let record: serde_json::Value =
+        serde_json::from_slice(&fs::read(staging.join("records").join("f0.json"))?)?;
+    let victim = data.join(record["data"].as_str().context("no data in the record")?);
     {
         use std::os::unix::fs::FileExt;
         let f = fs::OpenOptions::new()
