@@ -60,6 +60,34 @@ fn assert_same(got: &Path, want: &Path) {
     }
 }
 
+/// `out` is what a single `boft-merge` of the same inputs (with `extra`) writes, byte for byte.
+fn matches_single(dir: &Path, base: &Path, adapter: &Path, out: &Path, extra: &[&str]) {
+    let want = dir.join("want");
+    ok(&m(base, adapter, &want, extra));
+    assert_same(out, &want);
+}
+
+/// Every worker run again (units already done are skipped), then finalize: the single merge.
+fn rerun_and_finalize(dir: &Path, base: &Path, adapter: &Path, out: &Path) {
+    ok(&m(base, adapter, out, &["--unit", "0/1"]));
+    ok(&m(base, adapter, out, &["--finalize"]));
+    matches_single(dir, base, adapter, out, &[]);
+}
+
+/// Flip `len` bytes of `path` in place at `at` (its size, name and inode unchanged).
+fn flip(path: &Path, at: u64, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut v = vec![0u8; len];
+    f.read_exact_at(&mut v, at).unwrap();
+    v.iter_mut().for_each(|b| *b ^= 0x01);
+    f.write_all_at(&v, at).unwrap();
+}
+
 fn plan(base: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Value {
     let mut args = vec!["--plan"];
     args.extend_from_slice(extra);
@@ -410,37 +438,22 @@ fn finalize_refuses_units_of_another_merge() {
         &out,
         &["--finalize", "--strength", "0.5"],
     ));
-    let want = tmp.path().join("want");
-    ok(&m(&base, &adapter, &want, &["--strength", "0.5"]));
-    assert_same(&out, &want);
+    matches_single(tmp.path(), &base, &adapter, &out, &["--strength", "0.5"]);
 }
 
 #[test]
 fn finalize_refuses_a_tampered_unit() {
-    use std::os::unix::fs::FileExt;
     let tmp = tempfile::tempdir().unwrap();
     let (base, adapter, out) = all_units(tmp.path(), &[]);
     let (_, _, data) = record(&out, 2);
     // Timestamps have a coarse clock on some filesystems: leave a tick between the unit's
     // record and the change.
     std::thread::sleep(Duration::from_millis(50));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&data)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, 1000).unwrap();
-    f.write_all_at(&[b[0] ^ 1], 1000).unwrap();
-    drop(f);
+    flip(&data, 1000, 1);
     refused(&base, &adapter, &out, &[], "unit 2 of 4");
     refused(&base, &adapter, &out, &[], "changed or replaced");
     // Run again, it is rewritten.
-    ok(&m(&base, &adapter, &out, &["--unit", "0/1"]));
-    ok(&m(&base, &adapter, &out, &["--finalize"]));
-    let want = tmp.path().join("want");
-    ok(&m(&base, &adapter, &want, &[]));
-    assert_same(&out, &want);
+    rerun_and_finalize(tmp.path(), &base, &adapter, &out);
 }
 
 #[test]
@@ -630,26 +643,10 @@ fn units_of_a_base_whose_values_changed_are_stale() {
             t.end - t.start,
         )
     };
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&shard)
-            .unwrap();
-        let mut v = vec![0u8; len];
-        f.read_exact_at(&mut v, at).unwrap();
-        v.iter_mut().for_each(|b| *b ^= 0x01);
-        f.write_all_at(&v, at).unwrap();
-    }
+    flip(&shard, at, len);
     refused(&base, &adapter, &out, &[], "ran for another merge");
     // Running every worker again rewrites that unit (the others are still this base's).
-    let o = m(&base, &adapter, &out, &["--unit", "0/1"]);
-    ok(&o);
-    ok(&m(&base, &adapter, &out, &["--finalize"]));
-    let want = tmp.path().join("want");
-    ok(&m(&base, &adapter, &want, &[]));
-    assert_same(&out, &want);
+    rerun_and_finalize(tmp.path(), &base, &adapter, &out);
 }
 
 #[test]
@@ -669,8 +666,5 @@ fn a_unit_file_with_another_name_is_copied_not_linked() {
         std::fs::metadata(&other).unwrap(),
     );
     assert_ne!(a.ino(), b.ino(), "linked an inode with another name");
-    // The others were linked: one name each now that the staging folder is gone.
-    let want = tmp.path().join("want");
-    ok(&m(&base, &adapter, &want, &[]));
-    assert_same(&out, &want);
+    matches_single(tmp.path(), &base, &adapter, &out, &[]);
 }
