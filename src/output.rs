@@ -403,19 +403,8 @@ impl Staged {
         reclaim(dest);
         let temp = sibling(dest, "partial");
         let ctemp = c_name(temp.as_os_str()).map_err(|e| Error::io(dest, e))?;
-        // SAFETY: plain syscall on an open descriptor and NUL-terminated names that outlive it.
-        // Flags 0: a symlink at `name` would be linked itself, and is refused below.
-        let rc = unsafe {
-            libc::linkat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::AT_FDCWD,
-                ctemp.as_ptr(),
-                0,
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        // A symlink at `name` would be linked itself, and is refused below.
+        if let Err(e) = link_at(dir.as_raw_fd(), name, libc::AT_FDCWD, &ctemp) {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 return Err(staging_failed(dest, &temp, e));
             }
@@ -452,17 +441,7 @@ impl Staged {
         let Ok((to_dir, to, _)) = self.parent_at(rel, true) else {
             return false;
         };
-        // SAFETY: plain syscall on open descriptors and NUL-terminated names that outlive it.
-        let linked = unsafe {
-            libc::linkat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                to_dir.as_raw_fd(),
-                to.as_ptr(),
-                0,
-            ) == 0
-        };
-        if !linked {
+        if link_at(dir.as_raw_fd(), name, to_dir.as_raw_fd(), &to).is_err() {
             return false;
         }
         // Still the file that was checked (not one renamed over it since)?
@@ -564,17 +543,7 @@ impl Staged {
         let Ok((to_dir, to, _)) = self.parent_at(rel, true) else {
             return false;
         };
-        // SAFETY: plain syscall on open descriptors and NUL-terminated names that outlive it.
-        // Flags 0: a symlink at `existing` would be linked itself, never followed.
-        unsafe {
-            libc::linkat(
-                from_dir.as_raw_fd(),
-                from.as_ptr(),
-                to_dir.as_raw_fd(),
-                to.as_ptr(),
-                0,
-            ) == 0
-        }
+        link_at(from_dir.as_raw_fd(), &from, to_dir.as_raw_fd(), &to).is_ok()
     }
 
     /// Where the output goes once committed.
@@ -713,6 +682,22 @@ impl Staged {
     }
 }
 
+/// `linkat` without flags: `from` in the folder `from_dir` gets the second name `to` in `to_dir`
+/// (either may be `AT_FDCWD`); a symlink at `from` is linked itself, never followed.
+fn link_at(
+    from_dir: libc::c_int,
+    from: &CStr,
+    to_dir: libc::c_int,
+    to: &CStr,
+) -> std::io::Result<()> {
+    // SAFETY: plain syscall on descriptors and NUL-terminated names that outlive it.
+    if unsafe { libc::linkat(from_dir, from.as_ptr(), to_dir, to.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// `renameat2(RENAME_NOREPLACE)`: move `a` to `b` only if nothing is at `b`.
 fn rename_noreplace(a: &Path, b: &Path) -> std::io::Result<()> {
     let (ca, cb) = (c_name(a.as_os_str())?, c_name(b.as_os_str())?);
@@ -733,7 +718,7 @@ fn rename_noreplace(a: &Path, b: &Path) -> std::io::Result<()> {
     }
 }
 
-pub(crate) fn c_name(name: &OsStr) -> std::io::Result<CString> {
+fn c_name(name: &OsStr) -> std::io::Result<CString> {
     use std::os::unix::ffi::OsStrExt;
     CString::new(name.as_bytes()).map_err(|_| {
         std::io::Error::new(

@@ -292,6 +292,18 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// The boft-merge to measure: `--bin`, or the one cargo built beside this bench.
+pub fn merge_bin(bin: Option<PathBuf>) -> Result<PathBuf> {
+    let bin = bin.unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_boft-merge")));
+    if !bin.is_file() {
+        bail!(
+            "{} does not exist; build it with cargo build --release",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
     if a.sizes.is_empty() || a.repeats == 0 {
         bail!("--sizes and --repeats must not be empty/zero");
@@ -303,16 +315,7 @@ pub fn main(a: RunArgs, argv: &[String]) -> Result<()> {
     let data = data.canonicalize()?;
     let logs = data.join("logs");
     fs::create_dir_all(&logs)?;
-    let bin = a
-        .bin
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_boft-merge")));
-    if !bin.is_file() {
-        bail!(
-            "{} does not exist; build it with cargo build --release",
-            bin.display()
-        );
-    }
+    let bin = merge_bin(a.bin.clone())?;
     let cold = match a.cold {
         Cold::Off => false,
         Cold::On => {

@@ -37,7 +37,7 @@ pub struct UnitsArgs {
     /// Where the report goes (default: docs/ of this repository).
     #[arg(long)]
     pub doc_dir: Option<PathBuf>,
-    /// The boft-merge to measure (default: target/release/boft-merge).
+    /// The boft-merge to measure (default: the one cargo built beside this bench).
     #[arg(long)]
     pub bin: Option<PathBuf>,
 }
@@ -149,16 +149,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn main(a: UnitsArgs, argv: &[String]) -> Result<()> {
     let root = crate::repo::root();
-    let bin = a
-        .bin
-        .clone()
-        .unwrap_or_else(|| root.join("target/release/boft-merge"));
-    if !bin.is_file() {
-        bail!(
-            "{} does not exist; build it with cargo build --release",
-            bin.display()
-        );
-    }
+    let bin = crate::run::merge_bin(a.bin.clone())?;
     let me = std::env::current_exe()?;
     let data = a
         .data

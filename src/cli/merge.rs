@@ -498,8 +498,8 @@ fn run_split(
             .map(|(_, layers)| {
                 let mut v: Vec<PathBuf> = Vec::new();
                 for &(i, _, _) in layers {
-                    for p in crate::formats::read_alongside(&loaded[i].2) {
-                        if p.is_file() && !v.contains(&p) {
+                    for p in units::adapter_files(&loaded[i].2) {
+                        if !v.contains(&p) {
                             v.push(p);
                         }
                     }

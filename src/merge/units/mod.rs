@@ -14,7 +14,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::pipeline::{self, OutFile};
-use super::{plan_layers, Backend, Job, Plan, Progress, Stats};
+use super::{plan_layers, Backend, Fate, Job, Plan, Progress, Stats};
 use crate::checkpoint::Checkpoint;
 use crate::error::{err, Class, Error, Result};
 use crate::output::Staged;
@@ -99,10 +99,6 @@ pub fn assign(units: &[Unit], n: usize) -> Vec<usize> {
     who
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// What identifies the base's layout: every weight file's name, size and header. The values
 /// are each unit's own business (`file_fingerprint`), so that no worker reads beyond its files.
 pub fn base_digest(base: &Checkpoint) -> [u8; 32] {
@@ -155,18 +151,23 @@ pub fn file_fingerprint(base: &Checkpoint, file: usize) -> String {
             h.update(&data[at..at + SAMPLE_WINDOW]);
         }
     }
-    hex(&h.finalize())
+    format!("{:x}", h.finalize())
 }
 
-/// SHA-256 of every file a reader opens for the adapter at `path` (`formats::read_alongside`):
-/// their names and bytes.
+/// The files a reader opens for the adapter at `path` (`formats::read_alongside`, folders left
+/// out).
+pub fn adapter_files(path: &Path) -> Vec<PathBuf> {
+    let mut v = crate::formats::read_alongside(path);
+    v.retain(|p| p.is_file());
+    v
+}
+
+/// SHA-256 of every file a reader opens for the adapter at `path` (`adapter_files`): their
+/// names and bytes.
 pub fn adapter_digest(path: &Path) -> Result<[u8; 32]> {
     let mut h = Sha256::new();
     h.update(b"boft-merge adapter v1\0");
-    for p in crate::formats::read_alongside(path) {
-        if !p.is_file() {
-            continue;
-        }
+    for p in adapter_files(path) {
         let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
         h.update(name.unwrap_or_default().as_bytes());
@@ -188,11 +189,11 @@ pub fn plan_id(base: &[u8; 32], recipe: &[u8]) -> String {
     h.update([0]);
     h.update(base);
     h.update(recipe);
-    hex(&h.finalize())
+    format!("{:x}", h.finalize())
 }
 
 /// SHA-256 of the first `len` bytes of `f`, read by offset (the file's position is left alone).
-fn hash_file(f: &std::fs::File, len: u64) -> std::io::Result<[u8; 32]> {
+fn hash_file(f: &std::fs::File, len: u64) -> std::io::Result<sha2::digest::Output<Sha256>> {
     use std::os::unix::fs::FileExt;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
@@ -203,7 +204,7 @@ fn hash_file(f: &std::fs::File, len: u64) -> std::io::Result<[u8; 32]> {
         h.update(&buf[..want]);
         at += want as u64;
     }
-    Ok(h.finalize().into())
+    Ok(h.finalize())
 }
 
 /// What a plan says a unit reads: a range of a file.
@@ -297,14 +298,23 @@ pub struct PlanDoc {
     pub finalize: Vec<FinalizeDoc>,
 }
 
+/// What `plan` does to tensor `name`, as `--plan` says it.
+fn action_name(plan: &Plan, name: &str) -> &'static str {
+    match plan.fate(name) {
+        Fate::Transformed => "transform",
+        Fate::Replaced(_) => "replace",
+        Fate::Untouched => "copy",
+    }
+}
+
 /// Transformed, replaced and copied tensors of file `file` under `plan`, with their bytes.
 fn file_stats(plan: &Plan, file: usize, st: &mut Stats) {
     for t in &plan.base.files[file].1.tensors {
         st.bytes += (t.end - t.start) as u64;
-        match plan.action(&t.name) {
-            Some(a) if a.groups.is_empty() => st.replaced += 1,
-            Some(_) => st.transformed += 1,
-            None => st.copied += 1,
+        match plan.fate(&t.name) {
+            Fate::Transformed => st.transformed += 1,
+            Fate::Replaced(_) => st.replaced += 1,
+            Fate::Untouched => st.copied += 1,
         }
     }
 }
@@ -339,8 +349,9 @@ pub fn plan_doc(
             start: 0,
             end: f.data_offset as u64,
         }];
+        let mut counts = Stats::default();
+        file_stats(plan, u.file, &mut counts);
         let mut tensors = Vec::with_capacity(f.tensors.len());
-        let (mut transformed, mut replaced, mut copied) = (0, 0, 0);
         let mut sorted: Vec<_> = f.tensors.iter().collect();
         sorted.sort_by_key(|t| t.start);
         for t in sorted {
@@ -358,27 +369,13 @@ pub fn plan_doc(
                     end,
                 });
             }
-            let action = match plan.action(&t.name) {
-                Some(a) if a.groups.is_empty() => {
-                    replaced += 1;
-                    "replace"
-                }
-                Some(_) => {
-                    transformed += 1;
-                    "transform"
-                }
-                None => {
-                    copied += 1;
-                    "copy"
-                }
-            };
             tensors.push(TensorDoc {
                 name: t.name.clone(),
-                action,
+                action: action_name(plan, &t.name),
                 bytes: (t.end - t.start) as u64,
             });
         }
-        if transformed + replaced > 0 {
+        if counts.transformed + counts.replaced > 0 {
             for p in &adapter_files[u.job] {
                 let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
                 reads.push(Range {
@@ -402,9 +399,9 @@ pub fn plan_doc(
             staging: staging_path(dest),
             bytes: u.bytes,
             reads,
-            transformed,
-            replaced,
-            copied,
+            transformed: counts.transformed,
+            replaced: counts.replaced,
+            copied: counts.copied,
             tensors,
         });
     }
@@ -460,6 +457,12 @@ enum Problem {
     Io(Error),
 }
 
+/// A file's modification time in nanoseconds since the epoch, as records hold it.
+fn mtime_ns(m: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
+}
+
 /// Check unit `u`'s record against the plan (`id`) and the base file's fingerprint (`base_id`):
 /// the record, when all is well. No handle is kept: finalize links by name and checks the inode
 /// it linked.
@@ -492,8 +495,7 @@ fn check_unit(
     let m = f
         .metadata()
         .map_err(|e| Problem::Io(Error::io(store.data_path(&r.data), e)))?;
-    let mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
-    if !m.is_file() || m.len() != r.size || m.ino() != r.ino || mtime_ns != r.mtime_ns {
+    if !m.is_file() || m.len() != r.size || m.ino() != r.ino || mtime_ns(&m) != r.mtime_ns {
         return Err(Problem::Changed(
             "its file was changed or replaced after the record was written",
         ));
@@ -501,18 +503,13 @@ fn check_unit(
     if rehash {
         let sum = hash_file(&f, r.size)
             .map_err(|e| Problem::Io(Error::io(store.data_path(&r.data), e)))?;
-        if hex(&sum) != r.sha256 {
+        if format!("{sum:x}") != r.sha256 {
             return Err(Problem::Changed(
                 "its file's SHA-256 differs from the record's",
             ));
         }
     }
     Ok(r)
-}
-
-/// Refuse before anything is written (`--unit` and `--finalize` alike) what a whole merge would.
-fn check(base: &Checkpoint, jobs: &[Job], inputs: &[&Path], force: bool) -> Result<()> {
-    super::check_outputs(base, jobs, inputs, force)
 }
 
 /// A data file being written, removed unless published.
@@ -549,7 +546,8 @@ pub fn run(
     backend: &dyn Backend,
     progress: &dyn Progress,
 ) -> Result<UnitsDone> {
-    check(base, jobs, inputs, force)?;
+    // Refused before anything is written, as a whole merge would be.
+    super::check_outputs(base, jobs, inputs, force)?;
     let plans = plans(base, jobs)?;
     let all = units(base, jobs.len());
     let who = assign(&all, share.n);
@@ -621,9 +619,9 @@ pub fn run(
             file: base.files[p.unit.file].0.to_string_lossy().into_owned(),
             data: p.name.clone(),
             size: m.len(),
-            sha256: hex(&sum),
+            sha256: format!("{sum:x}"),
             ino: m.ino(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            mtime_ns: mtime_ns(&m),
         })
     };
     let made: Vec<std::sync::Mutex<Option<Record>>> = pending
@@ -726,7 +724,8 @@ pub fn finalize(
     force: bool,
     rehash: bool,
 ) -> Result<Vec<Stats>> {
-    check(base, jobs, inputs, force)?;
+    // Refused before anything is written, as a whole merge would be.
+    super::check_outputs(base, jobs, inputs, force)?;
     let plans = plans(base, jobs)?;
     let stores = jobs
         .iter()

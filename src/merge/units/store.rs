@@ -87,10 +87,7 @@ fn nonce() -> String {
     h.update(std::process::id().to_le_bytes());
     h.update(now.as_nanos().to_le_bytes());
     h.update(COUNT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    format!("{:x}", h.finalize())[..16].to_string()
 }
 
 fn cname(s: &str) -> CString {
