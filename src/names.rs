@@ -238,7 +238,10 @@ pub fn resolve_in(
             Some([hit]) => {
                 if let Some((k, p)) = hit.part {
                     let rows = base.get(hit.name).map_or(0, |(_, i)| i.shape[0]);
-                    if t.side != crate::adapter::Side::Output || t.rows.is_some() || rows % p != 0 {
+                    if t.side != crate::adapter::Side::Output
+                        || t.rows.is_some()
+                        || !rows.is_multiple_of(p)
+                    {
                         return Err(err(
                             Class::ShapeMismatch,
                             &base.root,

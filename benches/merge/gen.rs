@@ -149,11 +149,11 @@ impl Spec {
             .intermediate
             .unwrap_or_else(|| (8 * h / 3).div_ceil(256) * 256);
         let heads = shape.heads.unwrap_or((h / 64).max(1));
-        if h % heads != 0 {
+        if !h.is_multiple_of(heads) {
             bail!("hidden {h} is not divisible by {heads} heads");
         }
         let kv_heads = shape.kv_heads.unwrap_or(heads);
-        if heads % kv_heads != 0 {
+        if !heads.is_multiple_of(kv_heads) {
             bail!("{heads} heads are not divisible by {kv_heads} key/value heads");
         }
         let mut spec = Spec {

@@ -6,6 +6,7 @@
 //! cargo bench --bench merge -- run --extract-only --sizes 230 # boft-extract -> docs/BENCHMARKS-extract.md
 //! cargo bench --bench merge -- gen --size 230 --out bench-data/m230
 //! cargo bench --bench merge -- units --size 1000       # split merges -> docs/BENCHMARKS-units.md
+//! cargo bench --bench merge -- memory                  # on tmpfs -> docs/BENCHMARKS-memory.md
 //! cargo bench --bench merge -- copy --mode cfr SRC DST  # one floor copy
 //! cargo bench --bench merge -- measure -- CMD ARGS...   # time + peak memory of any command
 //! ```
@@ -14,6 +15,7 @@
 mod extract;
 mod gen;
 mod measure;
+mod memory;
 mod multi;
 mod repo;
 mod report;
@@ -49,6 +51,10 @@ enum Cmd {
     /// A merge split into units (--unit K/N, --finalize) against the single merge, in one run:
     /// writes docs/BENCHMARKS-units.md and docs/bench-units.csv (docs/SCALE.md).
     Units(units::UnitsArgs),
+    /// The memory-speed regime: the Llama case and LyCORIS U-Net cases on tmpfs, the `cp`
+    /// floor, merges with one and all threads, verify, LyCORIS's own merge, and the block kernel
+    /// alone against the FMA peak: writes docs/BENCHMARKS-memory.md and docs/bench-memory.csv.
+    Memory(memory::MemoryArgs),
     /// Floor copy of a folder (used by `run` as a child process): copy every file, fsync each;
     /// to several destinations in turn if given several.
     Copy(measure::CopyArgs),
@@ -75,6 +81,7 @@ fn main() -> Result<()> {
         Some(Cmd::Gen(a)) => gen::main(a),
         Some(Cmd::Run(a)) => run::main(a, &args[1..]),
         Some(Cmd::Units(a)) => units::main(a, &args[1..]),
+        Some(Cmd::Memory(a)) => memory::main(a, &args[1..]),
         Some(Cmd::Copy(a)) => measure::copy_main(a),
         Some(Cmd::Measure { sample_ms, cmd }) => {
             let mut c = Command::new(&cmd[0]);

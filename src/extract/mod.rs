@@ -214,13 +214,13 @@ pub fn unfit(n: usize, h: usize, m: usize, dest: Destination, side: Side) -> Opt
     if h == 0 || m == 0 {
         return Some("empty structure".into());
     }
-    if n % h != 0 {
+    if !n.is_multiple_of(h) {
         return Some(format!(
             "block size {h} does not divide the {n} rotated features"
         ));
     }
     let d = n / h;
-    if m > 1 && (h % 2 != 0 || !perm::multiple_of_pow2(d, m - 1)) {
+    if m > 1 && (!h.is_multiple_of(2) || !perm::multiple_of_pow2(d, m - 1)) {
         return Some(format!(
             "{m} butterfly factors need an even block size and a block count divisible by {}; \
              {n} features make {d} blocks of {h}",
@@ -229,7 +229,8 @@ pub fn unfit(n: usize, h: usize, m: usize, dest: Destination, side: Side) -> Opt
     }
     if dest == Destination::Lycoris && side == Side::Output {
         let diag = m == 1 && h <= d;
-        let boft = h % 2 == 0 && d.is_power_of_two() && m <= d.trailing_zeros() as usize + 1;
+        let boft =
+            h.is_multiple_of(2) && d.is_power_of_two() && m <= d.trailing_zeros() as usize + 1;
         if !diag && !boft {
             return Some(format!(
                 "LyCORIS holds neither {d} blocks of {h} as diag-oft (blocks ≤ block count) nor \

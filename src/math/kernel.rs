@@ -97,6 +97,23 @@ impl Chain {
     /// Transform `rows` vectors stored row-major in `x` (`rows × n`). `row0` is the index of the
     /// first vector, for per-vector scales.
     pub fn apply_rows(&self, x: &mut Vec<f32>, row0: usize, rows: usize, scratch: &mut Scratch) {
+        self.apply_rows_isa(Isa::detect(), x, row0, rows, scratch)
+    }
+
+    /// `apply_rows` with a given compiled form of the block kernel (the benchmark harness
+    /// measures each form the CPU has). `isa` must be one the CPU runs: at most `Isa::best()`.
+    pub fn apply_rows_isa(
+        &self,
+        isa: Isa,
+        x: &mut Vec<f32>,
+        row0: usize,
+        rows: usize,
+        scratch: &mut Scratch,
+    ) {
+        assert!(
+            isa as u8 >= Isa::best() as u8,
+            "{isa:?} is not available on this CPU"
+        );
         let n = self.n;
         debug_assert_eq!(x.len(), rows * n);
         if self.blend != 1.0 {
@@ -114,11 +131,11 @@ impl Chain {
                 Some(p) => {
                     runs(p, &mut scratch.runs);
                     gather(x, &mut scratch.a, &scratch.runs, rows, n);
-                    blocks_times(f, &scratch.a, &mut scratch.b, rows);
+                    blocks_times_with(isa, f, &scratch.a, &mut scratch.b, rows);
                     scatter(&scratch.b, x, &scratch.runs, rows, n);
                 }
                 None => {
-                    blocks_times(f, x, &mut scratch.a, rows);
+                    blocks_times_with(isa, f, x, &mut scratch.a, rows);
                     std::mem::swap(x, &mut scratch.a);
                 }
             }
@@ -130,6 +147,90 @@ impl Chain {
             let t = self.blend;
             for (v, o) in x.iter_mut().zip(&scratch.orig) {
                 *v = o + t * (*v - o);
+            }
+        }
+    }
+
+    /// Transform the `t` columns of `x`, an `n × t` row-major tile (column `c` is vector
+    /// `col0 + c`), without transposing it: each block multiplies whole row pieces, and
+    /// permutations move rows. Every output is the same chain of fused multiply-adds as
+    /// `apply_rows` gives that column, so results are bit for bit the same on the fixed-size
+    /// kernels (to rounding on the GEMM path of other block sizes).
+    pub fn apply_cols(&self, x: &mut Vec<f32>, col0: usize, t: usize, scratch: &mut Scratch) {
+        self.apply_cols_isa(Isa::detect(), x, col0, t, scratch)
+    }
+
+    /// `apply_cols` with a given compiled form of the block kernel (see `apply_rows_isa`).
+    pub fn apply_cols_isa(
+        &self,
+        isa: Isa,
+        x: &mut Vec<f32>,
+        col0: usize,
+        t: usize,
+        scratch: &mut Scratch,
+    ) {
+        assert!(
+            isa as u8 >= Isa::best() as u8,
+            "{isa:?} is not available on this CPU"
+        );
+        let n = self.n;
+        debug_assert_eq!(x.len(), n * t);
+        if self.blend != 1.0 {
+            scratch.orig.clear();
+            scratch.orig.extend_from_slice(x);
+        }
+        if self.scale_first {
+            self.scale_cols(x, col0, t);
+        }
+        scratch.a.resize(n * t, 0.0);
+        scratch.b.resize(n * t, 0.0);
+        for f in &self.factors {
+            debug_assert_eq!(f.n(), n);
+            match &f.perm {
+                Some(p) => {
+                    runs(p, &mut scratch.runs);
+                    for &(j, pj, len) in &scratch.runs {
+                        scratch.a[j * t..(j + len) * t].copy_from_slice(&x[pj * t..(pj + len) * t]);
+                    }
+                    col_blocks_times(isa, f, &scratch.a, &mut scratch.b, t);
+                    for &(j, pj, len) in &scratch.runs {
+                        x[pj * t..(pj + len) * t].copy_from_slice(&scratch.b[j * t..(j + len) * t]);
+                    }
+                }
+                None => {
+                    col_blocks_times(isa, f, x, &mut scratch.a, t);
+                    std::mem::swap(x, &mut scratch.a);
+                }
+            }
+        }
+        if !self.scale_first {
+            self.scale_cols(x, col0, t);
+        }
+        if self.blend != 1.0 {
+            let b = self.blend;
+            for (v, o) in x.iter_mut().zip(&scratch.orig) {
+                *v = o + b * (*v - o);
+            }
+        }
+    }
+
+    /// `scale_rows` for a tile of columns (see `apply_cols`).
+    fn scale_cols(&self, x: &mut [f32], col0: usize, t: usize) {
+        let Some(s) = &self.scale else { return };
+        match self.scale_on {
+            ScaleOn::Vector => {
+                for row in x.chunks_exact_mut(t) {
+                    for (v, f) in row.iter_mut().zip(&s[col0..col0 + t]) {
+                        *v *= f;
+                    }
+                }
+            }
+            ScaleOn::Component => {
+                for (row, f) in x.chunks_exact_mut(t).zip(s) {
+                    for v in row {
+                        *v *= f;
+                    }
+                }
             }
         }
     }
@@ -210,21 +311,83 @@ fn scatter(h: &[f32], x: &mut [f32], runs: &[(usize, usize, usize)], rows: usize
     }
 }
 
-/// `out[r, block k] = Q_k · src[r, block k]` for every row r.
-fn blocks_times(f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features these functions are compiled for (checked above).
-        unsafe {
-            match f.h {
-                2 => return blocks_times_fixed_avx2::<2>(f, src, out, rows),
-                4 => return blocks_times_fixed_avx2::<4>(f, src, out, rows),
-                8 => return blocks_times_fixed_avx2::<8>(f, src, out, rows),
-                16 => return blocks_times_fixed_avx2::<16>(f, src, out, rows),
-                32 => return blocks_times_fixed_avx2::<32>(f, src, out, rows),
-                _ => {}
+/// Which compiled form of the block kernel runs, chosen once from what the CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// 512-bit vectors (AVX-512F with FMA).
+    Avx512,
+    /// 256-bit vectors (AVX2 with FMA).
+    Avx2,
+    /// The portable build (SSE2 on x86-64; whatever the target has elsewhere).
+    Portable,
+}
+
+impl Isa {
+    /// The best form this CPU runs; `BOFT_KERNEL=avx2|portable` asks for a narrower one (for
+    /// measuring and testing the fallbacks on a CPU that has more).
+    pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = Isa::best();
+            match std::env::var("BOFT_KERNEL").as_deref() {
+                Ok("portable") => Isa::Portable,
+                Ok("avx2") if best != Isa::Portable => Isa::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    /// The widest form this CPU runs, whatever `BOFT_KERNEL` says.
+    pub fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("fma") {
+                return Isa::Avx512;
+            }
+            if has!("avx2") && has!("fma") {
+                return Isa::Avx2;
             }
         }
+        Isa::Portable
+    }
+
+    /// Its name, as reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+fn blocks_times_with(isa: Isa, f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
+    macro_rules! fixed {
+        ($kernel:ident) => {
+            // SAFETY: `Isa::detect` chose this form only where the CPU has its features.
+            unsafe {
+                match f.h {
+                    2 => return $kernel::<2>(f, src, out, rows),
+                    4 => return $kernel::<4>(f, src, out, rows),
+                    8 => return $kernel::<8>(f, src, out, rows),
+                    10 => return $kernel::<10>(f, src, out, rows),
+                    12 => return $kernel::<12>(f, src, out, rows),
+                    16 => return $kernel::<16>(f, src, out, rows),
+                    20 => return $kernel::<20>(f, src, out, rows),
+                    24 => return $kernel::<24>(f, src, out, rows),
+                    32 => return $kernel::<32>(f, src, out, rows),
+                    _ => {}
+                }
+            }
+        };
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => fixed!(blocks_times_fixed_avx512),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => fixed!(blocks_times_fixed_avx2),
+        _ => {}
     }
     if f.h < 8 {
         return blocks_times_small(f, src, out, rows);
@@ -258,6 +421,20 @@ fn blocks_times_small(f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn blocks_times_fixed_avx2<const H: usize>(
+    f: &Factor,
+    src: &[f32],
+    out: &mut [f32],
+    rows: usize,
+) {
+    blocks_times_fixed::<H>(f, src, out, rows)
+}
+
+/// The same kernel compiled for AVX-512: a block row of 16 or 32 is one or two registers, and
+/// each output is the same chain of fused multiply-adds in the same order, so results are bit
+/// for bit those of the AVX2 form.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn blocks_times_fixed_avx512<const H: usize>(
     f: &Factor,
     src: &[f32],
     out: &mut [f32],
@@ -305,6 +482,152 @@ fn blocks_times_fixed<const H: usize>(f: &Factor, src: &[f32], out: &mut [f32], 
             }
             out[r * n + k * H..][..H].copy_from_slice(&a0);
         }
+    }
+}
+
+/// `out[block k rows, :] = Q_k · src[block k rows, :]` for an `n × t` row-major tile: the
+/// column form of `blocks_times`.
+fn col_blocks_times(isa: Isa, f: &Factor, src: &[f32], out: &mut [f32], t: usize) {
+    macro_rules! fixed {
+        ($kernel:ident) => {
+            // SAFETY: `Isa::detect` chose this form only where the CPU has its features.
+            unsafe {
+                match f.h {
+                    2 => return $kernel::<2>(f, src, out, t),
+                    4 => return $kernel::<4>(f, src, out, t),
+                    8 => return $kernel::<8>(f, src, out, t),
+                    10 => return $kernel::<10>(f, src, out, t),
+                    12 => return $kernel::<12>(f, src, out, t),
+                    16 => return $kernel::<16>(f, src, out, t),
+                    20 => return $kernel::<20>(f, src, out, t),
+                    24 => return $kernel::<24>(f, src, out, t),
+                    32 => return $kernel::<32>(f, src, out, t),
+                    _ => {}
+                }
+            }
+        };
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => fixed!(col_blocks_fixed_avx512),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => fixed!(col_blocks_fixed_avx2),
+        _ => {}
+    }
+    if f.h < 8 {
+        // Portable, small blocks: the same fused multiply-adds one element at a time.
+        let h = f.h;
+        for k in 0..f.d {
+            let q = f.block(k);
+            for i in 0..h {
+                let y = &mut out[(k * h + i) * t..][..t];
+                y.fill(0.0);
+                for j in 0..h {
+                    let (qij, x) = (q[i * h + j], &src[(k * h + j) * t..][..t]);
+                    for (yc, &xc) in y.iter_mut().zip(x) {
+                        *yc = xc.mul_add(qij, *yc);
+                    }
+                }
+            }
+        }
+        return;
+    }
+    let h = f.h;
+    for k in 0..f.d {
+        let q = f.block(k);
+        // SAFETY: every pointer and stride addresses inside `q` (h×h), and the h rows of block
+        // k of `src` and `out` (row stride t).
+        unsafe {
+            matrixmultiply::sgemm(
+                h,
+                h,
+                t,
+                1.0,
+                q.as_ptr(),
+                h as isize,
+                1,
+                src.as_ptr().add(k * h * t),
+                t as isize,
+                1,
+                0.0,
+                out.as_mut_ptr().add(k * h * t),
+                t as isize,
+                1,
+            );
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn col_blocks_fixed_avx2<const H: usize>(
+    f: &Factor,
+    src: &[f32],
+    out: &mut [f32],
+    t: usize,
+) {
+    col_blocks_fixed::<H>(f, src, out, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+unsafe fn col_blocks_fixed_avx512<const H: usize>(
+    f: &Factor,
+    src: &[f32],
+    out: &mut [f32],
+    t: usize,
+) {
+    col_blocks_fixed::<H>(f, src, out, t)
+}
+
+/// Columns per register tile of the column kernel: two output rows of this many columns are
+/// eight AVX-512 (sixteen AVX2) accumulators. Tiles narrower than this go 16, then 1 at a time.
+const COL_W: usize = 64;
+
+#[inline(always)]
+fn col_blocks_fixed<const H: usize>(f: &Factor, src: &[f32], out: &mut [f32], t: usize) {
+    for k in 0..f.d {
+        let q = f.block(k);
+        let src = &src[k * H * t..(k + 1) * H * t];
+        let out = &mut out[k * H * t..(k + 1) * H * t];
+        let mut c = 0;
+        while c + COL_W <= t {
+            col_piece::<H, COL_W>(q, src, out, t, c);
+            c += COL_W;
+        }
+        while c + 16 <= t {
+            col_piece::<H, 16>(q, src, out, t, c);
+            c += 16;
+        }
+        while c < t {
+            col_piece::<H, 1>(q, src, out, t, c);
+            c += 1;
+        }
+    }
+}
+
+/// Columns `c..c + W` of one block's `H` output rows.
+#[inline(always)]
+fn col_piece<const H: usize, const W: usize>(
+    q: &[f32],
+    src: &[f32],
+    out: &mut [f32],
+    t: usize,
+    c: usize,
+) {
+    // Two output rows at a time share every load of the input rows.
+    for i in (0..H).step_by(2) {
+        let (mut a0, mut a1) = ([0f32; W], [0f32; W]);
+        for j in 0..H {
+            let x: &[f32; W] = src[j * t + c..][..W].try_into().unwrap();
+            let (q0, q1) = (q[i * H + j], q[(i + 1) * H + j]);
+            for l in 0..W {
+                a0[l] = x[l].mul_add(q0, a0[l]);
+                a1[l] = x[l].mul_add(q1, a1[l]);
+            }
+        }
+        out[i * t + c..][..W].copy_from_slice(&a0);
+        out[(i + 1) * t + c..][..W].copy_from_slice(&a1);
     }
 }
 
@@ -388,7 +711,7 @@ mod tests {
     #[test]
     fn fixed_size_kernels_match_the_gemm() {
         let mut seed = 9u64;
-        for h in [2usize, 3, 4, 5, 7, 8, 16, 32] {
+        for h in [2usize, 3, 4, 5, 7, 8, 10, 12, 16, 20, 24, 32] {
             let d = 3;
             let f = Factor {
                 h,
@@ -401,10 +724,159 @@ mod tests {
                 let src: Vec<f32> = (0..rows * h * d).map(|_| rnd(&mut seed)).collect();
                 let mut a = vec![0f32; src.len()];
                 let mut b = vec![0f32; src.len()];
-                blocks_times(&f, &src, &mut a, rows);
+                blocks_times_with(Isa::detect(), &f, &src, &mut a, rows);
                 blocks_times_gemm(&f, &src, &mut b, rows);
                 for (x, y) in a.iter().zip(&b) {
                     assert!((x - y).abs() < 1e-5, "h={h} rows={rows}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    /// The block sizes with kernels of their own (LyCORIS picks 10 and 20 for SD's 320- and
+    /// 640-wide layers at dim 32).
+    const FIXED: [usize; 9] = [2, 4, 8, 10, 12, 16, 20, 24, 32];
+
+    #[test]
+    fn every_kernel_form_this_cpu_runs_gives_the_same_bits() {
+        // Each output is the same sequence of fused multiply-adds whatever the vector width, so
+        // AVX-512, AVX2 and the portable build agree bit for bit (portable: on the fixed sizes
+        // from 8 on, which it runs through the GEMM, only to rounding).
+        let mut seed = 21u64;
+        let forms: Vec<Isa> = [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .filter(|&i| i as u8 >= Isa::best() as u8)
+            .collect();
+        for h in FIXED {
+            let d = 3;
+            let f = Factor {
+                h,
+                d,
+                blocks: (0..d * h * h).map(|_| rnd(&mut seed)).collect(),
+                repeat: 0,
+                perm: None,
+            };
+            let rows = 5;
+            let src: Vec<f32> = (0..rows * h * d).map(|_| rnd(&mut seed)).collect();
+            let outs: Vec<Vec<f32>> = forms
+                .iter()
+                .map(|&isa| {
+                    let mut o = vec![0f32; src.len()];
+                    blocks_times_with(isa, &f, &src, &mut o, rows);
+                    o
+                })
+                .collect();
+            for (isa, o) in forms.iter().zip(&outs) {
+                if *isa == Isa::Portable && h >= 8 {
+                    for (x, y) in o.iter().zip(&outs[0]) {
+                        assert!((x - y).abs() < 1e-5, "h={h} {isa:?}");
+                    }
+                } else {
+                    assert_eq!(o, &outs[0], "h={h} {isa:?} vs {:?}", forms[0]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_tile_of_columns_gives_what_each_column_as_a_row_gives() {
+        // apply_cols on an n × t tile against apply_rows on its transpose: permutations, both
+        // kinds of scale before and after, a linear blend, shared blocks; every kernel form
+        // this CPU has. Bit for bit on the fixed sizes and the portable small blocks, to
+        // rounding on the GEMM sizes.
+        let mut seed = 31u64;
+        for (h, d) in [
+            (2usize, 8usize),
+            (3, 4),
+            (4, 4),
+            (5, 2),
+            (8, 4),
+            (16, 2),
+            (32, 2),
+            (64, 2),
+            (12, 2),
+        ] {
+            let n = h * d;
+            for (scale_on, scale_first, blend) in [
+                (ScaleOn::Vector, false, 1.0f32),
+                (ScaleOn::Component, false, 1.0),
+                (ScaleOn::Component, true, 0.4),
+                (ScaleOn::Vector, true, 1.0),
+            ] {
+                let factors: Vec<Factor> = (0..3)
+                    .map(|i| {
+                        let mut p: Vec<u32> = (0..n as u32).collect();
+                        for j in (1..n).rev() {
+                            let k = (rnd(&mut seed).abs() * 1e6) as usize % (j + 1);
+                            p.swap(j, k);
+                        }
+                        let repeat = if i == 2 { d - 1 } else { 0 };
+                        Factor {
+                            h,
+                            d,
+                            blocks: (0..(d - repeat) * h * h).map(|_| rnd(&mut seed)).collect(),
+                            repeat,
+                            perm: (i == 1).then_some(p),
+                        }
+                    })
+                    .collect();
+                for t in [1usize, 7, 64, 130] {
+                    let chain = Chain {
+                        n,
+                        factors: factors.clone(),
+                        scale: Some(match scale_on {
+                            ScaleOn::Vector => (0..t + 3).map(|c| 1.0 + c as f32 * 0.01).collect(),
+                            ScaleOn::Component => (0..n).map(|i| 0.9 + i as f32 * 0.01).collect(),
+                        }),
+                        scale_on,
+                        scale_first,
+                        blend,
+                    };
+                    let tile: Vec<f32> = (0..n * t).map(|_| rnd(&mut seed)).collect();
+                    let mut rows = vec![0f32; n * t];
+                    for i in 0..n {
+                        for c in 0..t {
+                            rows[c * n + i] = tile[i * t + c];
+                        }
+                    }
+                    // Columns 3.. of the scale: col0 = 3.
+                    chain.apply_rows(&mut rows, 3, t, &mut Scratch::default());
+                    let mut x = tile.clone();
+                    chain.apply_cols(&mut x, 3, t, &mut Scratch::default());
+                    let exact = h < 8 || FIXED.contains(&h);
+                    for i in 0..n {
+                        for c in 0..t {
+                            let (a, b) = (x[i * t + c], rows[c * n + i]);
+                            if exact {
+                                assert_eq!(a.to_bits(), b.to_bits(), "h={h} t={t} {scale_on:?}");
+                            } else {
+                                assert!((a - b).abs() < 1e-4, "h={h} t={t}: {a} vs {b}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Each compiled form of the column kernel against the portable one.
+        for h in FIXED {
+            let f = Factor {
+                h,
+                d: 2,
+                blocks: (0..2 * h * h).map(|_| rnd(&mut seed)).collect(),
+                repeat: 0,
+                perm: None,
+            };
+            let t = 150;
+            let src: Vec<f32> = (0..2 * h * t).map(|_| rnd(&mut seed)).collect();
+            let run = |isa| {
+                let mut o = vec![0f32; src.len()];
+                col_blocks_times(isa, &f, &src, &mut o, t);
+                o
+            };
+            let best = run(Isa::best());
+            for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+                if isa as u8 >= Isa::best() as u8 && !(isa == Isa::Portable && h >= 8) {
+                    assert_eq!(run(isa), best, "h={h} {isa:?}");
                 }
             }
         }

@@ -16,6 +16,9 @@ use crate::math::kernel::{Chain, Scratch};
 
 use super::{Action, Backend, Plan, Stage};
 
+/// Row slices of an output-side stage and their chains.
+type ColumnSlices = [((usize, usize), Arc<Chain>)];
+
 /// A stage's kernel chains.
 pub(super) enum BuiltStage {
     /// Whole rows (input side).
@@ -205,7 +208,10 @@ pub(super) fn tensor_bytes(
             let v = dtype::decode_any_f32(r.dtype, &r.data).expect("float replacement");
             dtype::encode_f32(t.dtype, &v, out);
         }
-        _ => dtype::encode_f32(t.dtype, &whole_f32(t, src, b, backend)?, out),
+        _ => match columns_direct(t, src, b, backend, out) {
+            Some(r) => r?,
+            None => dtype::encode_f32(t.dtype, &whole_f32(t, src, b, backend)?, out),
+        },
     }
     safe_merge(path, t, 0, src, out).map(|()| false)
 }
@@ -300,8 +306,8 @@ fn blend(x: &mut [f32], orig: &[f32], t: f32) {
 }
 
 /// Per-thread buffers for one chunk: the kernel's scratch, the chunk's values, a byte buffer for
-/// the caller, and the values before a blended group.
-type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>);
+/// the caller, the values before a blended group, and one row piece of an output-side tile.
+type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>, Vec<f32>);
 
 thread_local! {
     /// Per-thread buffers that live as long as the worker thread: rayon's `*_init` helpers make
@@ -333,7 +339,7 @@ fn with_chunk(
 ) -> Result<()> {
     let esize = t.dtype.float_size().expect("checked at planning");
     let n = row_len(t);
-    with_work(|(scratch, x, bytes, orig)| {
+    with_work(|(scratch, x, bytes, orig, _)| {
         x.resize((r1 - r0) * n, 0.0);
         dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
         apply_rows(groups, backend, x, r0, r1 - r0, scratch, orig)?;
@@ -411,7 +417,7 @@ fn rows_in_place(
     w.par_chunks_mut(chunk_rows * n)
         .enumerate()
         .try_for_each(|(c, chunk)| {
-            with_work(|(scratch, x, _, _)| {
+            with_work(|(scratch, x, _, _, _)| {
                 x.clear();
                 x.extend_from_slice(chunk);
                 backend.apply(chain, x, c * chunk_rows, chunk.len() / n, scratch)?;
@@ -421,9 +427,102 @@ fn rows_in_place(
         })
 }
 
-/// Output-side transforms mix rows, so each row slice is handled as column vectors: the slice
-/// is transposed (one vector per column), transformed in parallel batches, and transposed back
-/// into `w`, the whole tensor in f32.
+/// A tensor's storage seen as rows of `cols` elements, shared by the tiles of one slice: every
+/// tile reads and writes only its own columns, so no element is touched by two threads.
+struct Cells<T> {
+    ptr: *mut T,
+    len: usize,
+    cols: usize,
+}
+
+// SAFETY: `Cells` is only used by `columns_tiled`, whose tiles address disjoint column ranges.
+unsafe impl<T: Send> Sync for Cells<T> {}
+
+impl<T> Cells<T> {
+    fn new(v: &mut [T], cols: usize) -> Cells<T> {
+        Cells {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+            cols,
+        }
+    }
+
+    /// Elements `c0..c0 + len` of row `row`.
+    ///
+    /// # Safety
+    /// No other live reference may address these elements (distinct tiles, distinct columns).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn piece(&self, row: usize, c0: usize, len: usize) -> &mut [T] {
+        let at = row * self.cols + c0;
+        assert!(at + len <= self.len && c0 + len <= self.cols);
+        std::slice::from_raw_parts_mut(self.ptr.add(at), len)
+    }
+}
+
+/// Columns per tile: a tile's vectors fill about one work chunk, in multiples of 64 columns
+/// (the column kernel's register tile, and whole cache lines of every row piece).
+fn tile_cols(n: usize, cols: usize, backend: &dyn Backend) -> usize {
+    let per = backend.chunk_elems().max(CHUNK_ELEMS) / n.max(1);
+    (per / 64 * 64).max(64).min(cols.max(1))
+}
+
+/// Output-side stages of one row slice `a..a + m`, tile by tile: the tile's columns are vectors
+/// of length `n`, kept as the tensor stores them (an `n × tile` row-major block; rows past `m`
+/// zero: a cropped transform acts on columns padded with zeros), every stage's chain applied in
+/// turn, and the tile stored back, tiles in parallel.
+/// `load(row, c0, dst)` and `store(row, c0, src)` move one row piece between the tensor and f32;
+/// the same column ranges are never given to two calls at once.
+fn columns_tiled(
+    (a, m): (usize, usize),
+    cols: usize,
+    groups: &[(f32, Vec<&Arc<Chain>>)],
+    backend: &dyn Backend,
+    load: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+    store: &(dyn Fn(usize, usize, &[f32]) + Sync),
+) -> Result<()> {
+    let n = groups[0].1[0].n;
+    let tile = tile_cols(n, cols, backend);
+    (0..cols.div_ceil(tile))
+        .into_par_iter()
+        .try_for_each(|ti| -> Result<()> {
+            let c0 = ti * tile;
+            let tc = tile.min(cols - c0);
+            with_work(|(scratch, x, _, orig, _)| {
+                x.clear();
+                x.resize(n * tc, 0.0);
+                for i in 0..m {
+                    load(a + i, c0, &mut x[i * tc..(i + 1) * tc]);
+                }
+                let mut first = true;
+                for (blend_t, chains) in groups {
+                    if *blend_t != 1.0 {
+                        orig.clear();
+                        orig.extend_from_slice(x);
+                    }
+                    for chain in chains {
+                        if !first && n > m {
+                            // Each stage sees the tensor's rows only, as if read afresh.
+                            x[m * tc..].fill(0.0);
+                        }
+                        first = false;
+                        // Each column is a vector: a per-vector scale is indexed by column.
+                        backend.apply_cols(chain, x, c0, tc, scratch)?;
+                    }
+                    if *blend_t != 1.0 {
+                        blend(x, orig, *blend_t);
+                    }
+                }
+                for i in 0..m {
+                    store(a + i, c0, &x[i * tc..(i + 1) * tc]);
+                }
+                Ok(())
+            })
+        })
+}
+
+/// Output-side transforms mix rows, so each row slice is handled as column vectors, a
+/// cache-sized tile of columns at a time across all cores (never transposed): `w` is the whole
+/// tensor in f32.
 fn columns(
     t: &TensorInfo,
     w: &mut [f32],
@@ -432,40 +531,115 @@ fn columns(
     backend: &dyn Backend,
 ) -> Result<()> {
     let cols: usize = view_cols.unwrap_or_else(|| row_len(t));
+    let cells = Cells::new(w, cols);
     for ((a, b), chain) in slices {
-        // A cropped transform (chain.n > b − a) acts on columns padded with zeros.
-        let (m, n) = (b - a, chain.n);
-        let mut xt = vec![0f32; n * cols];
-        for i in 0..m {
-            for c in 0..cols {
-                xt[c * n + i] = w[(a + i) * cols + c];
-            }
-        }
-        let batch = (CHUNK_ELEMS / n).clamp(1, cols.max(1)) * n;
-        xt.par_chunks_mut(batch).enumerate().try_for_each_init(
-            || (Scratch::default(), Vec::<f32>::new()),
-            |(scratch, x), (ci, chunk)| -> Result<()> {
-                x.clear();
-                x.extend_from_slice(chunk);
-                // Each column is a vector: a per-vector scale is indexed by column.
-                backend.apply(chain, x, ci * batch / n, chunk.len() / n, scratch)?;
-                chunk.copy_from_slice(x);
-                Ok(())
-            },
+        // SAFETY (both closures): tiles of one slice address disjoint columns of its rows, and
+        // nothing else borrows `w` while `cells` is in use.
+        let load = |r: usize, c0: usize, dst: &mut [f32]| {
+            dst.copy_from_slice(unsafe { cells.piece(r, c0, dst.len()) })
+        };
+        let store = |r: usize, c0: usize, src: &[f32]| {
+            unsafe { cells.piece(r, c0, src.len()) }.copy_from_slice(src)
+        };
+        columns_tiled(
+            (*a, b - a),
+            cols,
+            &[(1.0, vec![chain])],
+            backend,
+            &load,
+            &store,
         )?;
-        for i in 0..m {
-            for c in 0..cols {
-                w[(a + i) * cols + c] = xt[c * n + i];
+    }
+    Ok(())
+}
+
+/// A tensor whose every stage is output-side over the same row slices, from the base's values:
+/// decoded, transformed and encoded tile by tile straight from `src` into `out` (same dtype),
+/// with no whole-tensor f32 copy. Rows no slice covers are copied. None when the tensor does not
+/// have that shape of plan.
+fn columns_direct(
+    t: &TensorInfo,
+    src: &[u8],
+    built: &Built,
+    backend: &dyn Backend,
+    out: &mut [u8],
+) -> Option<Result<()>> {
+    if built.start.is_some() || built.groups.is_empty() {
+        return None;
+    }
+    let mut first: Option<(&ColumnSlices, Option<usize>)> = None;
+    for s in built.groups.iter().flat_map(|g| &g.stages) {
+        let BuiltStage::Columns(slices, cols) = s else {
+            return None;
+        };
+        match first {
+            None => first = Some((slices, *cols)),
+            Some((f, c)) => {
+                let same = c == *cols
+                    && f.len() == slices.len()
+                    && f.iter()
+                        .zip(slices)
+                        .all(|(x, y)| x.0 == y.0 && x.1.n == y.1.n);
+                if !same {
+                    return None;
+                }
             }
         }
     }
-    Ok(())
+    let (slices, view_cols) = first?;
+    let cols: usize = view_cols.unwrap_or_else(|| row_len(t));
+    let es = t.dtype.float_size().expect("checked at planning");
+    let row_bytes = cols * es;
+    let rows = out.len() / row_bytes.max(1);
+    // Rows outside every slice keep their bytes.
+    let mut next = 0;
+    for &(a, b) in slices.iter().map(|s| &s.0).chain([&(rows, rows)]) {
+        if a > next {
+            out[next * row_bytes..a * row_bytes]
+                .copy_from_slice(&src[next * row_bytes..a * row_bytes]);
+        }
+        next = next.max(b);
+    }
+    let cells = Cells::new(out, row_bytes);
+    let dt = t.dtype;
+    // SAFETY (store): tiles of one slice address disjoint columns of its rows, and nothing else
+    // borrows `out` while `cells` is in use.
+    let load = |r: usize, c0: usize, dst: &mut [f32]| {
+        let at = r * row_bytes + c0 * es;
+        dtype::decode_f32(dt, &src[at..at + dst.len() * es], dst)
+    };
+    let store = |r: usize, c0: usize, v: &[f32]| {
+        let piece = unsafe { cells.piece(r, c0 * es, v.len() * es) };
+        dtype::encode_f32(dt, v, piece)
+    };
+    for (k, ((a, b), _)) in slices.iter().enumerate() {
+        let groups: Vec<(f32, Vec<&Arc<Chain>>)> = built
+            .groups
+            .iter()
+            .map(|g| {
+                let chains = g
+                    .stages
+                    .iter()
+                    .map(|s| match s {
+                        BuiltStage::Columns(sl, _) => &sl[k].1,
+                        BuiltStage::Rows(_) => unreachable!("checked above"),
+                    })
+                    .collect();
+                (g.blend, chains)
+            })
+            .collect();
+        if let Err(e) = columns_tiled((*a, b - a), cols, &groups, backend, &load, &store) {
+            return Some(Err(e));
+        }
+    }
+    Some(Ok(()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::math::kernel::{apply_vec, Factor, ScaleOn};
+    use crate::merge::CpuBackend;
 
     fn factor(h: usize, d: usize, seed: f32, perm: Option<Vec<u32>>) -> Factor {
         Factor {
@@ -488,6 +662,109 @@ mod tests {
             scale_first,
             blend: 1.0,
         })
+    }
+
+    /// Naive reference of an output-side stage: every column of rows `a..b` copied out as one
+    /// vector (zero-padded to the chain's length), transformed alone, copied back.
+    fn naive_columns(w: &mut [f32], cols: usize, (a, b): (usize, usize), chain: &Chain) {
+        for c in 0..cols {
+            let mut v = vec![0f32; chain.n];
+            for i in a..b {
+                v[i - a] = w[i * cols + c];
+            }
+            chain.apply_rows(&mut v, c, 1, &mut Scratch::default());
+            for i in a..b {
+                w[i * cols + c] = v[i - a];
+            }
+        }
+    }
+
+    #[test]
+    fn output_side_tiles_give_what_each_column_alone_gives() {
+        use crate::checkpoint::Dtype;
+        // Column counts below and across tile widths (and not multiples of 16), several row slices
+        // with rows left between them, a cropped chain, a per-column scale, every dtype, two
+        // stages and a blended group: the tiled whole-tensor path and the direct byte path
+        // both give, bit for bit, what each column transformed alone gives.
+        let perm =
+            |n: usize| -> Vec<u32> { (0..n as u32).map(|j| (j * 3 + 1) % n as u32).collect() };
+        for cols in [1usize, 5, 17, 33, 2100, 16384 * 2 + 5] {
+            for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+                let rows = 30;
+                let c1 = Arc::new(Chain {
+                    n: 8,
+                    factors: vec![factor(4, 2, 0.5, None), factor(2, 4, 1.5, Some(perm(8)))],
+                    scale: Some((0..cols).map(|c| 1.0 + c as f32 * 1e-3).collect()),
+                    scale_on: ScaleOn::Vector,
+                    scale_first: false,
+                    blend: 1.0,
+                });
+                // Rows 12..18 (6 of them) under an 8-long chain: cropped.
+                let c2 = Arc::new(Chain {
+                    n: 8,
+                    factors: vec![factor(8, 1, 2.5, None)],
+                    scale: Some((0..8).map(|i| 0.5 + i as f32 * 0.1).collect()),
+                    scale_on: ScaleOn::Component,
+                    scale_first: false,
+                    blend: 1.0,
+                });
+                let slices = vec![((2usize, 10usize), c1.clone()), ((12, 18), c2.clone())];
+                let info = TensorInfo {
+                    name: "w".into(),
+                    dtype: dt,
+                    shape: vec![rows, cols],
+                    start: 0,
+                    end: rows * cols * dt.float_size().unwrap(),
+                };
+                let vals: Vec<f32> = (0..rows * cols)
+                    .map(|i| ((i as f32) * 0.731).sin())
+                    .collect();
+                let mut src = vec![0u8; info.end];
+                dtype::encode_f32(dt, &vals, &mut src);
+                let base = dtype::decode_any_f32(dt, &src).unwrap();
+                for (groups, blend_t) in [(1usize, 1.0f32), (2, 1.0), (2, 0.3)] {
+                    let stage = || BuiltStage::Columns(slices.clone(), None);
+                    let built = Built {
+                        start: None,
+                        groups: (0..groups)
+                            .map(|_| BuiltGroup {
+                                stages: vec![stage(), stage()],
+                                blend: blend_t,
+                            })
+                            .collect(),
+                    };
+                    let mut want = base.clone();
+                    for _ in 0..groups {
+                        let orig = want.clone();
+                        for _ in 0..2 {
+                            for ((a, b), c) in &slices {
+                                naive_columns(&mut want, cols, (*a, *b), c);
+                            }
+                        }
+                        if blend_t != 1.0 {
+                            blend(&mut want, &orig, blend_t);
+                        }
+                    }
+                    let got = whole_f32(&info, &src, &built, &CpuBackend).unwrap();
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "whole: cols={cols} {dt:?} groups={groups} blend={blend_t}"
+                    );
+                    let mut direct = vec![0u8; src.len()];
+                    columns_direct(&info, &src, &built, &CpuBackend, &mut direct)
+                        .expect("a plan of output-side stages")
+                        .unwrap();
+                    let mut encoded = vec![0u8; src.len()];
+                    dtype::encode_f32(dt, &want, &mut encoded);
+                    assert_eq!(
+                        direct, encoded,
+                        "direct: cols={cols} {dt:?} groups={groups}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -17,6 +17,32 @@ pub trait Backend: Sync {
         scratch: &mut Scratch,
     ) -> Result<()>;
 
+    /// Transform the `t` columns of `x`, an `n × t` row-major tile (`n = chain.n`); column `c`
+    /// is vector `col0 + c`. By default the tile is transposed into rows for `apply`.
+    fn apply_cols(
+        &self,
+        chain: &Chain,
+        x: &mut Vec<f32>,
+        col0: usize,
+        t: usize,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let n = chain.n;
+        let mut v = vec![0f32; n * t];
+        for (i, row) in x.chunks_exact(t).enumerate() {
+            for (c, &e) in row.iter().enumerate() {
+                v[c * n + i] = e;
+            }
+        }
+        self.apply(chain, &mut v, col0, t, scratch)?;
+        for (i, row) in x.chunks_exact_mut(t).enumerate() {
+            for (c, e) in row.iter_mut().enumerate() {
+                *e = v[c * n + i];
+            }
+        }
+        Ok(())
+    }
+
     /// Preferred number of elements per batch (devices want larger batches than caches do).
     fn chunk_elems(&self) -> usize {
         0
@@ -39,6 +65,18 @@ impl Backend for CpuBackend {
         scratch: &mut Scratch,
     ) -> Result<()> {
         chain.apply_rows(x, row0, rows, scratch);
+        Ok(())
+    }
+
+    fn apply_cols(
+        &self,
+        chain: &Chain,
+        x: &mut Vec<f32>,
+        col0: usize,
+        t: usize,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        chain.apply_cols(x, col0, t, scratch);
         Ok(())
     }
 

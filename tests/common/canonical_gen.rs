@@ -27,7 +27,7 @@ pub trait Draw {
         p
     }
     fn divisor(&mut self, n: usize) -> usize {
-        let ds: Vec<usize> = (1..=n.min(5)).filter(|d| n % d == 0).collect();
+        let ds: Vec<usize> = (1..=n.min(5)).filter(|d| n.is_multiple_of(*d)).collect();
         ds[self.range(0, ds.len() - 1)]
     }
 }
