@@ -27,6 +27,7 @@ use boft::math::kernel::{Chain, Factor, Isa, ScaleOn, Scratch};
 use crate::gen::{self, ShapeArgs, Spec};
 use crate::measure;
 use crate::report;
+use crate::units::digest;
 
 #[derive(Args, Debug)]
 pub struct MemoryArgs {
@@ -91,17 +92,6 @@ fn time(mut c: Command, what: &str) -> Result<(f64, String)> {
         bail!("{what} failed: {}", String::from_utf8_lossy(&o.stderr));
     }
     Ok((s, String::from_utf8_lossy(&o.stdout).into_owned()))
-}
-
-fn digest(p: &Path) -> Result<Vec<(PathBuf, [u8; 32])>> {
-    use sha2::{Digest, Sha256};
-    let mut out = Vec::new();
-    for f in measure::files_under(p)? {
-        let mut h = Sha256::new();
-        std::io::copy(&mut fs::File::open(&f)?, &mut h)?;
-        out.push((f.strip_prefix(p)?.to_path_buf(), h.finalize().into()));
-    }
-    Ok(out)
 }
 
 fn is_tmpfs(p: &Path) -> bool {

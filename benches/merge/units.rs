@@ -117,7 +117,8 @@ fn wait_checked(ch: std::process::Child, what: &str) -> Result<()> {
 }
 
 /// Every file under `p` by relative name, hashed.
-fn digest(p: &Path) -> Result<Vec<(PathBuf, [u8; 32])>> {
+/// SHA-256 of every file under `p`, by relative path.
+pub fn digest(p: &Path) -> Result<Vec<(PathBuf, [u8; 32])>> {
     use sha2::{Digest, Sha256};
     let mut out = Vec::new();
     for f in measure::files_under(p)? {

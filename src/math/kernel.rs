@@ -362,31 +362,34 @@ impl Isa {
     }
 }
 
-fn blocks_times_with(isa: Isa, f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
-    macro_rules! fixed {
-        ($kernel:ident) => {
-            // SAFETY: `Isa::detect` chose this form only where the CPU has its features.
-            unsafe {
-                match f.h {
-                    2 => return $kernel::<2>(f, src, out, rows),
-                    4 => return $kernel::<4>(f, src, out, rows),
-                    8 => return $kernel::<8>(f, src, out, rows),
-                    10 => return $kernel::<10>(f, src, out, rows),
-                    12 => return $kernel::<12>(f, src, out, rows),
-                    16 => return $kernel::<16>(f, src, out, rows),
-                    20 => return $kernel::<20>(f, src, out, rows),
-                    24 => return $kernel::<24>(f, src, out, rows),
-                    32 => return $kernel::<32>(f, src, out, rows),
-                    _ => {}
-                }
+/// Return from the enclosing function through `$kernel::<H>` when the factor's block size has a
+/// kernel of its own (the fixed sizes, row or column form).
+macro_rules! fixed {
+    ($kernel:ident, $f:expr, $src:expr, $out:expr, $len:expr) => {
+        // SAFETY: `Isa::detect` chose this form only where the CPU has its features.
+        unsafe {
+            match $f.h {
+                2 => return $kernel::<2>($f, $src, $out, $len),
+                4 => return $kernel::<4>($f, $src, $out, $len),
+                8 => return $kernel::<8>($f, $src, $out, $len),
+                10 => return $kernel::<10>($f, $src, $out, $len),
+                12 => return $kernel::<12>($f, $src, $out, $len),
+                16 => return $kernel::<16>($f, $src, $out, $len),
+                20 => return $kernel::<20>($f, $src, $out, $len),
+                24 => return $kernel::<24>($f, $src, $out, $len),
+                32 => return $kernel::<32>($f, $src, $out, $len),
+                _ => {}
             }
-        };
-    }
+        }
+    };
+}
+
+fn blocks_times_with(isa: Isa, f: &Factor, src: &[f32], out: &mut [f32], rows: usize) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => fixed!(blocks_times_fixed_avx512),
+        Isa::Avx512 => fixed!(blocks_times_fixed_avx512, f, src, out, rows),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => fixed!(blocks_times_fixed_avx2),
+        Isa::Avx2 => fixed!(blocks_times_fixed_avx2, f, src, out, rows),
         _ => {}
     }
     if f.h < 8 {
@@ -488,30 +491,11 @@ fn blocks_times_fixed<const H: usize>(f: &Factor, src: &[f32], out: &mut [f32], 
 /// `out[block k rows, :] = Q_k · src[block k rows, :]` for an `n × t` row-major tile: the
 /// column form of `blocks_times`.
 fn col_blocks_times(isa: Isa, f: &Factor, src: &[f32], out: &mut [f32], t: usize) {
-    macro_rules! fixed {
-        ($kernel:ident) => {
-            // SAFETY: `Isa::detect` chose this form only where the CPU has its features.
-            unsafe {
-                match f.h {
-                    2 => return $kernel::<2>(f, src, out, t),
-                    4 => return $kernel::<4>(f, src, out, t),
-                    8 => return $kernel::<8>(f, src, out, t),
-                    10 => return $kernel::<10>(f, src, out, t),
-                    12 => return $kernel::<12>(f, src, out, t),
-                    16 => return $kernel::<16>(f, src, out, t),
-                    20 => return $kernel::<20>(f, src, out, t),
-                    24 => return $kernel::<24>(f, src, out, t),
-                    32 => return $kernel::<32>(f, src, out, t),
-                    _ => {}
-                }
-            }
-        };
-    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => fixed!(col_blocks_fixed_avx512),
+        Isa::Avx512 => fixed!(col_blocks_fixed_avx512, f, src, out, t),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => fixed!(col_blocks_fixed_avx2),
+        Isa::Avx2 => fixed!(col_blocks_fixed_avx2, f, src, out, t),
         _ => {}
     }
     if f.h < 8 {
