@@ -285,6 +285,11 @@ fn bf16_bits(x: f32) -> u16 {
     (if x.is_nan() { nan } else { rounded }) as u16
 }
 
+/// f32 → bf16 bits, round-to-nearest-even (NaN stays NaN): `half::bf16::from_f32`'s bits.
+pub fn bf16_round_bits(x: f32) -> u16 {
+    bf16_bits(x)
+}
+
 /// Round an f32 to the nearest value of a float dtype (nearest-even), as f32.
 pub fn round_f32(dtype: Dtype, x: f32) -> f32 {
     match dtype {

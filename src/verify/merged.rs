@@ -14,9 +14,10 @@ pub fn ulp(dt: Dtype, mag: f32) -> f64 {
     let mag = mag.abs();
     match dt {
         Dtype::BF16 => {
-            let b = half::bf16::from_f32(mag).to_bits();
-            (half::bf16::from_bits(b.saturating_add(1)).to_f32()
-                - half::bf16::from_bits(b).to_f32()) as f64
+            // Rounded as `half::bf16::from_f32` rounds (the same bits, tested in dtype.rs),
+            // without its per-element branches: this runs once per compared element.
+            let b = dtype::bf16_round_bits(mag) as u32;
+            (f32::from_bits((b + 1) << 16) - f32::from_bits(b << 16)) as f64
         }
         Dtype::F16 => {
             let b = half::f16::from_f32(mag).to_bits();
@@ -38,16 +39,168 @@ pub fn ulps(dt: Dtype, a: f32, b: f32) -> f64 {
 }
 
 /// Largest difference allowed between a found value and the f32 value recomputed here: f32
-/// relative to the tensor's largest magnitude; 16-bit types one ulp of the element, or the f32
-/// summation noise (2e-6 of the largest magnitude) for elements that cancel to near zero.
-fn allowed(dt: Dtype, got: f32, want: f32, scale: f32, f32_tol: f64) -> f64 {
+/// relative to the tensor's largest magnitude; 16-bit types one ulp of the element (`u`, at the
+/// larger of the two magnitudes), or the f32 summation noise (2e-6 of the largest magnitude) for
+/// elements that cancel to near zero.
+fn allowed_with(dt: Dtype, u: f64, scale: f32, f32_tol: f64) -> f64 {
     match dt {
         Dtype::F32 => f32_tol * scale as f64,
-        Dtype::BF16 | Dtype::F16 => {
-            (ulp(dt, got.abs().max(want.abs())) * 1.0001).max(2e-6 * scale as f64)
-        }
+        Dtype::BF16 | Dtype::F16 => (u * 1.0001).max(2e-6 * scale as f64),
         _ => 0.0,
     }
+}
+
+/// What one piece of a comparison found, in f32 (the element with the largest ratio is
+/// measured again in f64 by the caller).
+struct Scan {
+    /// Largest |found − expected|.
+    max_d: f32,
+    /// Largest distance in ulps of the dtype.
+    max_ulps: f32,
+    /// Index of the first element with the largest ratio to what is allowed.
+    worst: usize,
+}
+
+/// Compare a piece of found values with the values recomputed here, branch-light and in f32:
+/// this runs once per element of every transformed tensor (it was most of a verify's time in
+/// f64 with a 16-bit conversion per element).
+fn scan(dt: Dtype, got: &[f32], want: &[f32], scale: f32, f32_tol: f64) -> Scan {
+    let f32_allowed = (f32_tol * scale as f64) as f32;
+    let noise = 2e-6 * scale;
+    let (mut max_d, mut max_ulps, mut worst, mut worst_r) = (0f32, 0f32, 0usize, -1f32);
+    // Ratios and ulp distances of a run of elements in a plain loop (it vectorises), then the
+    // run's maxima found in it.
+    const RUN: usize = 64;
+    let (mut r, mut q, mut dd) = ([0f32; RUN], [0f32; RUN], [0f32; RUN]);
+    for (k, (gs, vs)) in got.chunks(RUN).zip(want.chunks(RUN)).enumerate() {
+        let len = gs.len();
+        let run = Run {
+            r: &mut r[..len],
+            q: &mut q[..len],
+            d: &mut dd[..len],
+        };
+        // One loop per dtype, so that each is free of the dtype's branches and vectorises.
+        crate::checkpoint::dtype::simd(|| match dt {
+            Dtype::BF16 => run.fill(
+                gs,
+                vs,
+                |m| ulp32(Dtype::BF16, m),
+                |u| (u * 1.0001).max(noise),
+            ),
+            Dtype::F16 => run.fill(
+                gs,
+                vs,
+                |m| ulp32(Dtype::F16, m),
+                |u| (u * 1.0001).max(noise),
+            ),
+            _ => run.fill(gs, vs, |m| ulp32(Dtype::F32, m), |_| f32_allowed),
+        });
+        for i in 0..len {
+            max_d = max_d.max(dd[i]);
+            max_ulps = max_ulps.max(q[i]);
+            if r[i] > worst_r {
+                worst_r = r[i];
+                worst = k * RUN + i;
+            }
+        }
+    }
+    Scan {
+        max_d,
+        max_ulps,
+        worst,
+    }
+}
+
+/// One run of `scan`: per element the ratio to what is allowed, the distance in ulps and the
+/// absolute difference.
+struct Run<'a> {
+    r: &'a mut [f32],
+    q: &'a mut [f32],
+    d: &'a mut [f32],
+}
+
+impl Run<'_> {
+    #[inline(always)]
+    fn fill(
+        self,
+        got: &[f32],
+        want: &[f32],
+        ulp: impl Fn(f32) -> f32,
+        allowed: impl Fn(f32) -> f32,
+    ) {
+        for i in 0..self.r.len() {
+            let (g, v) = (got[i], want[i]);
+            let d = (g - v).abs();
+            let u = ulp(g.abs().max(v.abs()));
+            let x = d / allowed(u);
+            // 0/0 (equal, nothing allowed) is 0; a NaN anywhere else is the worst.
+            self.r[i] = if x.is_nan() {
+                if d == 0.0 {
+                    0.0
+                } else {
+                    f32::INFINITY
+                }
+            } else {
+                x
+            };
+            self.q[i] = if d != 0.0 {
+                d / u.max(f32::MIN_POSITIVE)
+            } else {
+                0.0
+            };
+            self.d[i] = d;
+        }
+    }
+}
+
+/// `ulp` in f32.
+#[inline(always)]
+fn ulp32(dt: Dtype, mag: f32) -> f32 {
+    match dt {
+        Dtype::BF16 => {
+            let b = dtype::bf16_round_bits(mag) as u32;
+            f32::from_bits((b + 1) << 16) - f32::from_bits(b << 16)
+        }
+        Dtype::F16 => f16_ulp(mag),
+        _ if mag.is_finite() => f32::from_bits(mag.to_bits() + 1) - mag,
+        _ => f32::INFINITY,
+    }
+}
+
+/// The f16 ulp at a magnitude once rounded to f16, from the f32 bits (no conversion per
+/// element): `mag` rounded to 11 significant bits, nearest-even, gives the exponent e, and the
+/// ulp is 2^(e − 10); below 2^−14 (subnormal) it is 2^−24; at the largest finite value it is
+/// infinite, past the range (rounding to infinity) and for NaN it is NaN, as stepping from there
+/// gives. Tested against `half`.
+#[inline(always)]
+fn f16_ulp(mag: f32) -> f32 {
+    let b = mag.to_bits();
+    let r = b.wrapping_add(0xfff + ((b >> 13) & 1)) & !0x1fff;
+    let e = (r >> 23) as i32 - 127;
+    if mag.is_nan() || e >= 16 {
+        f32::NAN
+    } else if r == 65504f32.to_bits() {
+        // The largest finite f16: the next step is infinity.
+        f32::INFINITY
+    } else if e < -14 {
+        f32::from_bits(((-24 + 127) as u32) << 23)
+    } else {
+        f32::from_bits(((e - 10 + 127) as u32) << 23)
+    }
+}
+
+/// The largest magnitude of a float tensor's bytes, in parallel pieces.
+fn max_abs(dt: Dtype, bytes: &[u8]) -> f32 {
+    use rayon::prelude::*;
+    let esize = dt.float_size().expect("float");
+    bytes
+        .par_chunks(esize << 16)
+        .map(|c| {
+            let mut v = vec![0f32; c.len() / esize];
+            dtype::decode_f32(dt, c, &mut v);
+            v.iter().fold(0f32, |m, x| m.max(x.abs()))
+        })
+        .reduce(|| 0f32, f32::max)
 }
 
 /// Which second checkpoint is being proven against base ⊕ adapter.
@@ -332,47 +485,58 @@ pub(super) fn check_second(
                 report.transformed += 1;
                 report.elements += t.numel() as u64;
                 let dt = t.dtype;
-                let got_f = dtype::decode_any_f32(dt, got).expect("float");
-                let scale = got_f.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let esize = dt.float_size().expect("float");
+                let numel = t.numel();
+                // The found values are decoded piece by piece where they are compared (memory
+                // stays at a few pieces, not a whole tensor in f32), after one parallel pass for
+                // the largest magnitude.
+                let scale = max_abs(dt, got);
                 let tol = ctx.settings.merged_tolerance;
                 let worst = std::sync::Mutex::new(Worst::default());
-                let compare = |offset: usize, want: &[f32]| {
-                    let mut local = Worst::default();
-                    for (i, &v) in want.iter().enumerate() {
-                        let g = got_f[offset + i];
-                        let d = (g as f64 - v as f64).abs();
-                        local.dev = local.dev.max(d / scale.max(1e-30) as f64);
-                        local.ulps = local.ulps.max(ulps(dt, g, v));
-                        let a = allowed(dt, g, v, scale, tol);
-                        let ratio = if d == 0.0 {
-                            0.0
-                        } else if a > 0.0 {
-                            d / a
-                        } else {
-                            f64::INFINITY
-                        };
+                let compare_piece = |offset: usize, want: &[f32]| {
+                    let mut got_f = vec![0f32; want.len()];
+                    dtype::decode_f32(
+                        dt,
+                        &got[offset * esize..(offset + want.len()) * esize],
+                        &mut got_f,
+                    );
+                    let s = scan(dt, &got_f, want, scale, tol);
+                    // The piece's worst element, measured again exactly as reported.
+                    let (g, v) = (got_f[s.worst], want[s.worst]);
+                    let d = (g as f64 - v as f64).abs();
+                    let a = allowed_with(dt, ulp(dt, g.abs().max(v.abs())), scale, tol);
+                    let ratio = if d == 0.0 {
+                        0.0
+                    } else if a > 0.0 && !d.is_nan() {
+                        d / a
+                    } else {
                         // NaN never compares greater: count it as the worst.
-                        let ratio = if ratio.is_nan() { f64::INFINITY } else { ratio };
-                        if local.element.is_none_or(|e| ratio > e.0) {
-                            local.element = Some((ratio, offset + i, g, v));
-                        }
-                    }
+                        f64::INFINITY
+                    };
+                    let e = (ratio, offset + s.worst, g, v);
                     let mut w = worst.lock().unwrap();
-                    w.dev = w.dev.max(local.dev);
-                    w.ulps = w.ulps.max(local.ulps);
-                    if let Some(e) = local.element {
-                        if w.element
-                            .is_none_or(|x| e.0 > x.0 || (e.0 == x.0 && e.1 < x.1))
-                        {
-                            w.element = Some(e);
-                        }
+                    w.dev = w.dev.max(s.max_d as f64 / scale.max(1e-30) as f64);
+                    w.ulps = w.ulps.max(s.max_ulps as f64);
+                    if w.element
+                        .is_none_or(|x| e.0 > x.0 || (e.0 == x.0 && e.1 < x.1))
+                    {
+                        w.element = Some(e);
                     }
+                };
+                // Output-side tensors arrive whole: their comparison is split across the cores.
+                let compare = |offset: usize, want: &[f32]| {
+                    use rayon::prelude::*;
+                    const PIECE: usize = 1 << 16;
+                    want.par_chunks(PIECE)
+                        .enumerate()
+                        .for_each(|(k, w)| compare_piece(offset + k * PIECE, w));
                 };
                 plan.expected_f32(t, src, inverse.as_ref(), compare)?;
                 let w = worst.into_inner().unwrap();
                 // How far the restored tensor is from the base itself (the rounding of the
                 // merged tensor, carried back).
                 let from_base = (proof == Proof::Restored).then(|| {
+                    let got_f = dtype::decode_any_f32(dt, got).expect("float");
                     let base_f = dtype::decode_any_f32(dt, src).expect("float");
                     let (mut differ, mut one_ulp, mut max_dev) = (0usize, 0usize, 0f64);
                     for (&a, &b) in got_f.iter().zip(&base_f) {
@@ -435,7 +599,7 @@ pub(super) fn check_second(
                         (dt == Dtype::F32).then_some(tol),
                         format!(
                             "{} elements equal {expected} within {within} (worst {:.2e} of the largest magnitude, {:.2} ulp){from_base}",
-                            got_f.len(),
+                            numel,
                             w.dev,
                             w.ulps
                         ),
@@ -458,4 +622,52 @@ pub(super) fn check_second(
         );
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_f16_ulp_from_bits_is_what_half_gives() {
+        let half_ulp = |m: f32| {
+            let b = half::f16::from_f32(m).to_bits();
+            half::f16::from_bits(b.saturating_add(1)).to_f32() - half::f16::from_bits(b).to_f32()
+        };
+        let mut vals = vec![
+            0.0f32,
+            1.0,
+            2.0f32.powi(-14),
+            2.0f32.powi(-15),
+            65504.0,
+            65519.0,
+            65520.0,
+            70000.0,
+            f32::INFINITY,
+            f32::NAN,
+            6.1e-5,
+            1e-8,
+            2047.5,
+            2048.0,
+            2049.0,
+        ];
+        let mut seed = 3u64;
+        for _ in 0..200_000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Non-negative bit patterns, tiny values and values spread over f16's range.
+            let x = f32::from_bits((seed >> 33) as u32);
+            vals.push(x);
+            vals.push(x * 1e-30);
+            vals.push(((seed >> 40) as f32) * 2.0f32.powi((seed & 63) as i32 - 40));
+        }
+        for m in vals {
+            let (a, b) = (f16_ulp(m), half_ulp(m));
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{m:e}: {a:e} vs {b:e}"
+            );
+        }
+    }
 }
