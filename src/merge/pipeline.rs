@@ -421,6 +421,18 @@ pub(super) fn write(
 /// Reserve the whole file up front so a full disk fails before any work, where the filesystem
 /// supports it; otherwise size it and let the writes report ENOSPC.
 fn reserve(f: &File, len: u64) -> std::io::Result<()> {
+    // On tmpfs a reservation allocates and zeroes every page before the first byte is written:
+    // a tenth of a second per 250 MB, on one thread, ahead of all the work (a fifth of a merge
+    // in RAM). The free space is checked instead, and the file sized sparse.
+    // SAFETY: plain syscalls on an owned, open descriptor, into a zeroed struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
+        let free = (st.f_bavail as u64).saturating_mul(st.f_bsize as u64);
+        if st.f_blocks != 0 && free < len {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        return f.set_len(len);
+    }
     // SAFETY: plain syscall on an owned, open descriptor.
     let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) };
     match rc {
