@@ -128,20 +128,7 @@ pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
     }
     let spec = Spec::resolve(&a.shape, a.size, None)?;
     let g = gen::generate(&spec, &data.join("llama"), true)?;
-    let meta = report::Meta::collect(
-        &data,
-        &bin,
-        argv,
-        false,
-        "",
-        &report::Asked {
-            python: None,
-            repeats: a.repeats,
-            sample_ms: 0,
-            multi: false,
-            extract_bin: None,
-        },
-    );
+    let meta = report::Meta::collect_plain(&data, &bin, argv, a.repeats);
     let mut cases = vec![Case {
         name: format!(
             "Llama {} (PEFT BOFT b={}, m={})",

@@ -115,6 +115,25 @@ pub struct Asked<'a> {
 }
 
 impl Meta {
+    /// `collect` for the reports that measure only boft-merge (no PEFT, no cold cache, no
+    /// memory sampling).
+    pub fn collect_plain(data: &Path, bin: &Path, argv: &[String], repeats: usize) -> Meta {
+        Meta::collect(
+            data,
+            bin,
+            argv,
+            false,
+            "",
+            &Asked {
+                python: None,
+                repeats,
+                sample_ms: 0,
+                multi: false,
+                extract_bin: None,
+            },
+        )
+    }
+
     pub fn collect(
         data: &Path,
         bin: &Path,

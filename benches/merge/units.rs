@@ -160,20 +160,7 @@ pub fn main(a: UnitsArgs, argv: &[String]) -> Result<()> {
     let data = data.canonicalize()?;
     let spec = Spec::resolve(&a.shape, a.size, None)?;
     let g = gen::generate(&spec, &data, true)?;
-    let meta = report::Meta::collect(
-        &data,
-        &bin,
-        argv,
-        false,
-        "",
-        &report::Asked {
-            python: None,
-            repeats: a.repeats,
-            sample_ms: 0,
-            multi: false,
-            extract_bin: None,
-        },
-    );
+    let meta = report::Meta::collect_plain(&data, &bin, argv, a.repeats);
     let (base, adapter) = (g.base.clone(), g.adapter.clone());
     let outs = data.join("outs");
     measure::remove(&outs)?;
