@@ -235,6 +235,77 @@ fn merged_checkpoint_with_one_changed_element_fails_and_names_the_tensor() {
 }
 
 #[test]
+fn a_merged_tensor_holding_inf_or_nan_fails() {
+    // A non-finite value where base ⊕ adapter is finite fails, whatever else the tensor holds:
+    // an infinity makes the tensor's largest magnitude (and so the allowance near zero)
+    // infinite, which must not turn into a pass.
+    let fx = fixtures().join("peft_boft");
+    let tmp = tempfile::tempdir().unwrap();
+    let target = "model.layers.1.self_attn.v_proj.weight";
+    for (case, dtype_size) in [("llama_f32_f2", 4usize), ("llama_bf16_f2", 2)] {
+        let c = peft_cases().into_iter().find(|c| c.name == case).unwrap();
+        let base = c.base_path();
+        let out = tmp.path().join(case);
+        ok(&run(
+            "boft-merge",
+            &[
+                &"--base",
+                &base,
+                &"--adapter",
+                &fx.join(&c.adapter),
+                &"-o",
+                &out,
+            ],
+        ));
+        let ck = boft::checkpoint::Checkpoint::open(&out).unwrap();
+        let (f, t) = ck.get(target).unwrap();
+        let (start, path) = (f.data_offset + t.start, f.path.clone());
+        drop(ck);
+        let clean = std::fs::read(&path).unwrap();
+        let put = |bytes: &mut Vec<u8>, i: usize, v: f32| {
+            let at = start + i * dtype_size;
+            if dtype_size == 4 {
+                bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            } else {
+                let b = (v.to_bits() >> 16) as u16;
+                bytes[at..at + 2].copy_from_slice(&b.to_le_bytes());
+            }
+        };
+        let kinds: [&[(usize, f32)]; 4] = [
+            &[(37, f32::INFINITY)],
+            &[(37, f32::NEG_INFINITY)],
+            &[(37, f32::NAN)],
+            &[(5, f32::NAN), (37, f32::INFINITY)],
+        ];
+        for kind in kinds {
+            let mut bytes = clean.clone();
+            for &(i, v) in kind {
+                put(&mut bytes, i, v);
+            }
+            std::fs::write(&path, bytes).unwrap();
+            let o = run(
+                "boft-verify",
+                &[
+                    &fx.join(&c.adapter),
+                    &"--base",
+                    &base,
+                    &"--merged",
+                    &out,
+                    &"--json",
+                ],
+            );
+            assert_eq!(o.status.code(), Some(1), "{case} {kind:?}: {}", stderr(&o));
+            let v = json(&o);
+            assert_eq!(
+                v["failed"].as_array().unwrap(),
+                &vec![serde_json::json!(format!("merged-values:{target}"))],
+                "{case} {kind:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn changed_untouched_tensor_fails_merged_untouched() {
     let fx = fixtures().join("peft_boft");
     let tmp = tempfile::tempdir().unwrap();

@@ -342,7 +342,9 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("fma") {
+            // The AVX-512 forms are compiled with VL too (EVEX encodings of 256-bit and
+            // narrower operations); a CPU with F but not VL (Xeon Phi) gets the AVX2 forms.
+            if has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma") {
                 return Isa::Avx512;
             }
             if has!("avx2") && has!("fma") {

@@ -32,16 +32,18 @@ pub(super) struct OutFile<'a> {
 
 impl<'a> OutFile<'a> {
     /// Make `dst` (new and empty) the output of file `file` of `base` for plan `job`: its whole
-    /// length reserved and the base's header written.
+    /// length reserved (`sparse`: what earlier outputs of this merge promised on tmpfs, see
+    /// `reserve`) and the base's header written.
     pub(super) fn new(
         base: &'a Checkpoint,
         job: usize,
         file: usize,
         dst: File,
         dst_path: PathBuf,
+        sparse: &mut Sparse,
     ) -> Result<OutFile<'a>> {
         let f = &base.files[file].1;
-        reserve(&dst, f.len() as u64).map_err(|e| Error::io(&dst_path, e))?;
+        reserve(&dst, f.len() as u64, sparse).map_err(|e| Error::io(&dst_path, e))?;
         dst.write_all_at(f.header_bytes(), 0)
             .map_err(|e| Error::io(&dst_path, e))?;
         Ok(OutFile {
@@ -85,7 +87,12 @@ struct CopyRun {
 
 /// Create every file of `base` under `staged` (headers written, data reserved) for plan `job`,
 /// and copy the folder's other files.
-fn open_outputs<'a>(base: &'a Checkpoint, job: usize, staged: &Staged) -> Result<Vec<OutFile<'a>>> {
+fn open_outputs<'a>(
+    base: &'a Checkpoint,
+    job: usize,
+    staged: &Staged,
+    sparse: &mut Sparse,
+) -> Result<Vec<OutFile<'a>>> {
     let mut outs = Vec::with_capacity(base.files.len());
     for (fi, (rel, _)) in base.files.iter().enumerate() {
         // Created once, exclusively and not through a symlink, and written only through
@@ -100,7 +107,7 @@ fn open_outputs<'a>(base: &'a Checkpoint, job: usize, staged: &Staged) -> Result
                 .map_err(|e| Error::io(&path, e))?;
             (path, dst)
         };
-        outs.push(OutFile::new(base, job, fi, dst, path)?);
+        outs.push(OutFile::new(base, job, fi, dst, path, sparse)?);
     }
     copy_others(base, staged)?;
     Ok(outs)
@@ -155,8 +162,9 @@ pub(super) fn execute(
 ) -> Result<Vec<Stats>> {
     let base = jobs[0].0.base;
     let mut outs = Vec::with_capacity(jobs.len() * base.files.len());
+    let mut sparse = Sparse::default();
     for (j, (_, staged)) in jobs.iter().enumerate() {
-        outs.extend(open_outputs(base, j, staged)?);
+        outs.extend(open_outputs(base, j, staged, &mut sparse)?);
     }
     let plans: Vec<&Plan> = jobs.iter().map(|(p, _)| *p).collect();
     let dests: Vec<&Path> = jobs.iter().map(|(_, s)| s.dest()).collect();
@@ -418,19 +426,37 @@ pub(super) fn write(
     Ok(stats)
 }
 
+/// Bytes of outputs sized sparse on tmpfs so far, by device: the free space each later one is
+/// checked against must leave room for them too.
+#[derive(Default)]
+pub(super) struct Sparse(Vec<(u64, u64)>);
+
 /// Reserve the whole file up front so a full disk fails before any work, where the filesystem
 /// supports it; otherwise size it and let the writes report ENOSPC.
-fn reserve(f: &File, len: u64) -> std::io::Result<()> {
+fn reserve(f: &File, len: u64, sparse: &mut Sparse) -> std::io::Result<()> {
     // On tmpfs a reservation allocates and zeroes every page before the first byte is written:
     // a tenth of a second per 250 MB, on one thread, ahead of all the work (a fifth of a merge
-    // in RAM). The free space is checked instead, and the file sized sparse.
+    // in RAM). The free space is checked instead (less what earlier outputs of this merge will
+    // take), and the file sized sparse.
     // SAFETY: plain syscalls on an owned, open descriptor, into a zeroed struct.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
+        use std::os::unix::fs::MetadataExt;
+        let dev = f.metadata()?.dev();
+        let i = match sparse.0.iter().position(|(d, _)| *d == dev) {
+            Some(i) => i,
+            None => {
+                sparse.0.push((dev, 0));
+                sparse.0.len() - 1
+            }
+        };
         let free = (st.f_bavail as u64).saturating_mul(st.f_bsize as u64);
-        if st.f_blocks != 0 && free < len {
+        let need = sparse.0[i].1.saturating_add(len);
+        // f_blocks 0: a tmpfs without a size limit.
+        if st.f_blocks != 0 && free < need {
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
+        sparse.0[i].1 = need;
         return f.set_len(len);
     }
     // SAFETY: plain syscall on an owned, open descriptor.

@@ -589,6 +589,7 @@ pub fn run(
     }
     let mut pending = Vec::with_capacity(todo.len());
     let mut outs = Vec::with_capacity(todo.len());
+    let mut sparse = pipeline::Sparse::default();
     for u in &todo {
         let s = store(u.job);
         let (f, name, path) = s.create_data(u.file)?;
@@ -602,7 +603,7 @@ pub fn run(
             handle,
             published: false,
         });
-        outs.push(OutFile::new(base, u.job, u.file, f, path)?);
+        outs.push(OutFile::new(base, u.job, u.file, f, path, &mut sparse)?);
     }
     let plan_refs: Vec<&Plan> = plans.iter().collect();
     let dests: Vec<&Path> = jobs.iter().map(|j| j.dest.as_path()).collect();
