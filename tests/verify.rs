@@ -173,37 +173,66 @@ fn adapter_for_another_base_fails() {
         .starts_with("base-compatible:model.layers")));
 }
 
+/// The transformed tensor the element tests below change.
+const CHANGED: &str = "model.layers.1.self_attn.v_proj.weight";
+
+/// A PEFT BOFT fixture case merged by boft-merge into `dir`/case and proven by boft-verify:
+/// (adapter, base, merged output, the file holding `CHANGED`, the byte where its data starts).
+fn merged_and_proven(
+    dir: &Path,
+    case: &str,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    usize,
+) {
+    let c = peft_cases().into_iter().find(|c| c.name == case).unwrap();
+    let (adapter, base) = (fixtures().join("peft_boft").join(&c.adapter), c.base_path());
+    let out = dir.join(case);
+    ok(&run(
+        "boft-merge",
+        &[&"--base", &base, &"--adapter", &adapter, &"-o", &out],
+    ));
+    // Our honest output passes.
+    ok(&run(
+        "boft-verify",
+        &[&adapter, &"--base", &base, &"--merged", &out],
+    ));
+    let ck = boft::checkpoint::Checkpoint::open(&out).unwrap();
+    let (f, t) = ck.get(CHANGED).unwrap();
+    let (path, start) = (f.path.clone(), f.data_offset + t.start);
+    (adapter, base, out, path, start)
+}
+
+/// boft-verify of `out` (whose file `path` now holds `bytes`) fails, on `merged-values` of
+/// `CHANGED` alone.
+fn fails_on_the_changed_tensor(
+    (adapter, base, out): (&Path, &Path, &Path),
+    path: &Path,
+    bytes: Vec<u8>,
+    what: &str,
+) {
+    std::fs::write(path, bytes).unwrap();
+    let o = run(
+        "boft-verify",
+        &[&adapter, &"--base", &base, &"--merged", &out, &"--json"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+    let v = json(&o);
+    let failed = v["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{what}: {failed:?}");
+    assert_eq!(failed[0], format!("merged-values:{CHANGED}"), "{what}");
+}
+
 #[test]
 fn merged_checkpoint_with_one_changed_element_fails_and_names_the_tensor() {
-    let fx = fixtures().join("peft_boft");
     let tmp = tempfile::tempdir().unwrap();
     for (case, dtype_size) in [("llama_f32_f2", 4usize), ("llama_bf16_f2", 2)] {
-        let c = peft_cases().into_iter().find(|c| c.name == case).unwrap();
-        let base = c.base_path();
-        let out = tmp.path().join(case);
-        ok(&run(
-            "boft-merge",
-            &[
-                &"--base",
-                &base,
-                &"--adapter",
-                &fx.join(&c.adapter),
-                &"-o",
-                &out,
-            ],
-        ));
-        // Our honest output passes.
-        ok(&run(
-            "boft-verify",
-            &[&fx.join(&c.adapter), &"--base", &base, &"--merged", &out],
-        ));
+        let (adapter, base, out, path, start) = merged_and_proven(tmp.path(), case);
         // Change one element of a transformed tensor by a few units in the last place.
-        let ck = boft::checkpoint::Checkpoint::open(&out).unwrap();
-        let target = "model.layers.1.self_attn.v_proj.weight";
-        let (f, t) = ck.get(target).unwrap();
-        let at = f.data_offset + t.start + 37 * dtype_size;
-        let path = f.path.clone();
-        drop(ck);
+        let at = start + 37 * dtype_size;
         let mut bytes = std::fs::read(&path).unwrap();
         if dtype_size == 4 {
             let v = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
@@ -214,23 +243,7 @@ fn merged_checkpoint_with_one_changed_element_fails_and_names_the_tensor() {
             let v = u16::from_le_bytes(bytes[at..at + 2].try_into().unwrap());
             bytes[at..at + 2].copy_from_slice(&(v + 3).to_le_bytes());
         }
-        std::fs::write(&path, bytes).unwrap();
-        let o = run(
-            "boft-verify",
-            &[
-                &fx.join(&c.adapter),
-                &"--base",
-                &base,
-                &"--merged",
-                &out,
-                &"--json",
-            ],
-        );
-        assert_eq!(o.status.code(), Some(1), "{case}: {}", stderr(&o));
-        let v = json(&o);
-        let failed = v["failed"].as_array().unwrap();
-        assert_eq!(failed.len(), 1, "{case}: {failed:?}");
-        assert_eq!(failed[0], format!("merged-values:{target}"));
+        fails_on_the_changed_tensor((&adapter, &base, &out), &path, bytes, case);
     }
 }
 
@@ -239,28 +252,9 @@ fn a_merged_tensor_holding_inf_or_nan_fails() {
     // A non-finite value where base ⊕ adapter is finite fails, whatever else the tensor holds:
     // an infinity makes the tensor's largest magnitude (and so the allowance near zero)
     // infinite, which must not turn into a pass.
-    let fx = fixtures().join("peft_boft");
     let tmp = tempfile::tempdir().unwrap();
-    let target = "model.layers.1.self_attn.v_proj.weight";
     for (case, dtype_size) in [("llama_f32_f2", 4usize), ("llama_bf16_f2", 2)] {
-        let c = peft_cases().into_iter().find(|c| c.name == case).unwrap();
-        let base = c.base_path();
-        let out = tmp.path().join(case);
-        ok(&run(
-            "boft-merge",
-            &[
-                &"--base",
-                &base,
-                &"--adapter",
-                &fx.join(&c.adapter),
-                &"-o",
-                &out,
-            ],
-        ));
-        let ck = boft::checkpoint::Checkpoint::open(&out).unwrap();
-        let (f, t) = ck.get(target).unwrap();
-        let (start, path) = (f.data_offset + t.start, f.path.clone());
-        drop(ck);
+        let (adapter, base, out, path, start) = merged_and_proven(tmp.path(), case);
         let clean = std::fs::read(&path).unwrap();
         let put = |bytes: &mut Vec<u8>, i: usize, v: f32| {
             let at = start + i * dtype_size;
@@ -282,25 +276,8 @@ fn a_merged_tensor_holding_inf_or_nan_fails() {
             for &(i, v) in kind {
                 put(&mut bytes, i, v);
             }
-            std::fs::write(&path, bytes).unwrap();
-            let o = run(
-                "boft-verify",
-                &[
-                    &fx.join(&c.adapter),
-                    &"--base",
-                    &base,
-                    &"--merged",
-                    &out,
-                    &"--json",
-                ],
-            );
-            assert_eq!(o.status.code(), Some(1), "{case} {kind:?}: {}", stderr(&o));
-            let v = json(&o);
-            assert_eq!(
-                v["failed"].as_array().unwrap(),
-                &vec![serde_json::json!(format!("merged-values:{target}"))],
-                "{case} {kind:?}"
-            );
+            let what = format!("{case} {kind:?}");
+            fails_on_the_changed_tensor((&adapter, &base, &out), &path, bytes, &what);
         }
     }
 }

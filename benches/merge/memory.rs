@@ -68,6 +68,8 @@ pub struct MemoryArgs {
 /// One measured command of one case.
 struct Timed {
     case: String,
+    /// The case's side: `input` or `output`.
+    side: &'static str,
     what: &'static str,
     secs: Vec<f64>,
     /// Bytes of tensor data the command reads (and writes), for GB/s.
@@ -198,6 +200,7 @@ pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
         let t = |rows: &mut Vec<Timed>, what: &'static str, note: String| {
             rows.push(Timed {
                 case: case.name.clone(),
+                side: case.side,
                 what,
                 secs: Vec::new(),
                 bytes: case.bytes,
@@ -536,15 +539,11 @@ fn write(
             floor = r.median();
         }
         let m = r.median();
-        let side = if r.case.starts_with("Llama") {
-            "input"
-        } else {
-            "output"
-        };
         let _ = writeln!(
             w,
-            "| {} | {side} | {} | {m:.3} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {} | {m:.3} | {:.2} | {:.2} | {} |",
             r.case,
+            r.side,
             r.what,
             r.bytes as f64 / m / 1e9,
             m / floor,
@@ -554,18 +553,19 @@ fn write(
     if !lycoris_note.is_empty() {
         let _ = writeln!(w, "\n{lycoris_note}");
     }
-    let get = |case_prefix: &str, what_prefix: &str| {
+    // The input-side (Llama) case's rows.
+    let get = |what_prefix: &str| {
         rows.iter()
-            .find(|r| r.case.starts_with(case_prefix) && r.what.starts_with(what_prefix))
+            .find(|r| r.side == "input" && r.what.starts_with(what_prefix))
             .map(|r| (r.median(), r.bytes))
     };
     let _ = writeln!(w, "\n## Against the issue's targets\n");
     let _ = writeln!(w, "| target | measured |\n|---|---|");
     if let (Some(f), Some(m), Some(m1), Some(v)) = (
-        get("Llama", "floor"),
-        get("Llama", "`boft-merge` (all"),
-        get("Llama", "`boft-merge --threads 1"),
-        get("Llama", "`boft-verify"),
+        get("floor"),
+        get("`boft-merge` (all"),
+        get("`boft-merge --threads 1"),
+        get("`boft-verify"),
     ) {
         let _ = writeln!(
             w,

@@ -278,16 +278,11 @@ pub(crate) fn simd(f: impl FnOnce()) {
 /// f32 → bf16 with round-to-nearest-even, branch-free so the loop vectorises; NaN stays a
 /// (quiet) NaN with its sign. Same results as `half::bf16::from_f32` (tested).
 #[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
+pub fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
     let nan = (b >> 16) | 0x0040;
     (if x.is_nan() { nan } else { rounded }) as u16
-}
-
-/// f32 → bf16 bits, round-to-nearest-even (NaN stays NaN): `half::bf16::from_f32`'s bits.
-pub fn bf16_round_bits(x: f32) -> u16 {
-    bf16_bits(x)
 }
 
 /// Round an f32 to the nearest value of a float dtype (nearest-even), as f32.

@@ -97,7 +97,7 @@ impl Chain {
     /// Transform `rows` vectors stored row-major in `x` (`rows × n`). `row0` is the index of the
     /// first vector, for per-vector scales.
     pub fn apply_rows(&self, x: &mut Vec<f32>, row0: usize, rows: usize, scratch: &mut Scratch) {
-        self.apply_rows_isa(Isa::detect(), x, row0, rows, scratch)
+        self.apply_isa(Isa::detect(), Layout::Rows(rows), x, row0, scratch)
     }
 
     /// `apply_rows` with a given compiled form of the block kernel (the benchmark harness
@@ -110,38 +110,61 @@ impl Chain {
         rows: usize,
         scratch: &mut Scratch,
     ) {
+        self.apply_isa(isa, Layout::Rows(rows), x, row0, scratch)
+    }
+
+    /// Transform the `t` columns of `x`, an `n × t` row-major tile (column `c` is vector
+    /// `col0 + c`), without transposing it: each block multiplies whole row pieces, and
+    /// permutations move rows. Every output is the same chain of fused multiply-adds as
+    /// `apply_rows` gives that column, so results are bit for bit the same on the fixed-size
+    /// kernels (to rounding on the GEMM path of other block sizes).
+    pub fn apply_cols(&self, x: &mut Vec<f32>, col0: usize, t: usize, scratch: &mut Scratch) {
+        self.apply_isa(Isa::detect(), Layout::Cols(t), x, col0, scratch)
+    }
+
+    /// The chain on a batch of vectors laid out as `layout` says (`first`: the index of the
+    /// first vector, for per-vector scales): scale, factors (gather, blocks, scatter), scale,
+    /// blend, the same steps whichever way the vectors lie.
+    fn apply_isa(
+        &self,
+        isa: Isa,
+        layout: Layout,
+        x: &mut Vec<f32>,
+        first: usize,
+        scratch: &mut Scratch,
+    ) {
         assert!(
             isa as u8 >= Isa::best() as u8,
             "{isa:?} is not available on this CPU"
         );
         let n = self.n;
-        debug_assert_eq!(x.len(), rows * n);
+        debug_assert_eq!(x.len(), layout.count() * n);
         if self.blend != 1.0 {
             scratch.orig.clear();
             scratch.orig.extend_from_slice(x);
         }
         if self.scale_first {
-            self.scale_rows(x, row0, rows);
+            self.scale(layout, x, first);
         }
-        scratch.a.resize(rows * n, 0.0);
-        scratch.b.resize(rows * n, 0.0);
+        scratch.a.resize(x.len(), 0.0);
+        scratch.b.resize(x.len(), 0.0);
         for f in &self.factors {
             debug_assert_eq!(f.n(), n);
             match &f.perm {
                 Some(p) => {
                     runs(p, &mut scratch.runs);
-                    gather(x, &mut scratch.a, &scratch.runs, rows, n);
-                    blocks_times_with(isa, f, &scratch.a, &mut scratch.b, rows);
-                    scatter(&scratch.b, x, &scratch.runs, rows, n);
+                    layout.gather(x, &mut scratch.a, &scratch.runs, n);
+                    layout.blocks(isa, f, &scratch.a, &mut scratch.b);
+                    layout.scatter(&scratch.b, x, &scratch.runs, n);
                 }
                 None => {
-                    blocks_times_with(isa, f, x, &mut scratch.a, rows);
+                    layout.blocks(isa, f, x, &mut scratch.a);
                     std::mem::swap(x, &mut scratch.a);
                 }
             }
         }
         if !self.scale_first {
-            self.scale_rows(x, row0, rows);
+            self.scale(layout, x, first);
         }
         if self.blend != 1.0 {
             let t = self.blend;
@@ -151,66 +174,10 @@ impl Chain {
         }
     }
 
-    /// Transform the `t` columns of `x`, an `n × t` row-major tile (column `c` is vector
-    /// `col0 + c`), without transposing it: each block multiplies whole row pieces, and
-    /// permutations move rows. Every output is the same chain of fused multiply-adds as
-    /// `apply_rows` gives that column, so results are bit for bit the same on the fixed-size
-    /// kernels (to rounding on the GEMM path of other block sizes).
-    pub fn apply_cols(&self, x: &mut Vec<f32>, col0: usize, t: usize, scratch: &mut Scratch) {
-        self.apply_cols_isa(Isa::detect(), x, col0, t, scratch)
-    }
-
-    /// `apply_cols` with a given compiled form of the block kernel (see `apply_rows_isa`).
-    pub fn apply_cols_isa(
-        &self,
-        isa: Isa,
-        x: &mut Vec<f32>,
-        col0: usize,
-        t: usize,
-        scratch: &mut Scratch,
-    ) {
-        assert!(
-            isa as u8 >= Isa::best() as u8,
-            "{isa:?} is not available on this CPU"
-        );
-        let n = self.n;
-        debug_assert_eq!(x.len(), n * t);
-        if self.blend != 1.0 {
-            scratch.orig.clear();
-            scratch.orig.extend_from_slice(x);
-        }
-        if self.scale_first {
-            self.scale_cols(x, col0, t);
-        }
-        scratch.a.resize(n * t, 0.0);
-        scratch.b.resize(n * t, 0.0);
-        for f in &self.factors {
-            debug_assert_eq!(f.n(), n);
-            match &f.perm {
-                Some(p) => {
-                    runs(p, &mut scratch.runs);
-                    for &(j, pj, len) in &scratch.runs {
-                        scratch.a[j * t..(j + len) * t].copy_from_slice(&x[pj * t..(pj + len) * t]);
-                    }
-                    col_blocks_times(isa, f, &scratch.a, &mut scratch.b, t);
-                    for &(j, pj, len) in &scratch.runs {
-                        x[pj * t..(pj + len) * t].copy_from_slice(&scratch.b[j * t..(j + len) * t]);
-                    }
-                }
-                None => {
-                    col_blocks_times(isa, f, x, &mut scratch.a, t);
-                    std::mem::swap(x, &mut scratch.a);
-                }
-            }
-        }
-        if !self.scale_first {
-            self.scale_cols(x, col0, t);
-        }
-        if self.blend != 1.0 {
-            let b = self.blend;
-            for (v, o) in x.iter_mut().zip(&scratch.orig) {
-                *v = o + b * (*v - o);
-            }
+    fn scale(&self, layout: Layout, x: &mut [f32], first: usize) {
+        match layout {
+            Layout::Rows(rows) => self.scale_rows(x, first, rows),
+            Layout::Cols(t) => self.scale_cols(x, first, t),
         }
     }
 
@@ -268,6 +235,56 @@ impl Chain {
             }
         }
         m
+    }
+}
+
+/// How a batch of vectors lies in memory.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// This many vectors, one per row (`rows × n`).
+    Rows(usize),
+    /// This many vectors, one per column of an `n × t` row-major tile.
+    Cols(usize),
+}
+
+impl Layout {
+    fn count(self) -> usize {
+        match self {
+            Layout::Rows(c) | Layout::Cols(c) => c,
+        }
+    }
+
+    /// Component `j` of every vector from component `p[j]` (`runs` of `p`).
+    fn gather(self, x: &[f32], out: &mut [f32], runs: &[(usize, usize, usize)], n: usize) {
+        match self {
+            Layout::Rows(rows) => gather(x, out, runs, rows, n),
+            // Components are rows of the tile: whole row runs move at once.
+            Layout::Cols(t) => {
+                for &(j, pj, len) in runs {
+                    out[j * t..(j + len) * t].copy_from_slice(&x[pj * t..(pj + len) * t]);
+                }
+            }
+        }
+    }
+
+    /// The inverse of `gather`.
+    fn scatter(self, h: &[f32], x: &mut [f32], runs: &[(usize, usize, usize)], n: usize) {
+        match self {
+            Layout::Rows(rows) => scatter(h, x, runs, rows, n),
+            Layout::Cols(t) => {
+                for &(j, pj, len) in runs {
+                    x[pj * t..(pj + len) * t].copy_from_slice(&h[j * t..(j + len) * t]);
+                }
+            }
+        }
+    }
+
+    /// Every block of `f` applied to every vector.
+    fn blocks(self, isa: Isa, f: &Factor, src: &[f32], out: &mut [f32]) {
+        match self {
+            Layout::Rows(rows) => blocks_times_with(isa, f, src, out, rows),
+            Layout::Cols(t) => col_blocks_times(isa, f, src, out, t),
+        }
     }
 }
 

@@ -306,8 +306,8 @@ fn blend(x: &mut [f32], orig: &[f32], t: f32) {
 }
 
 /// Per-thread buffers for one chunk: the kernel's scratch, the chunk's values, a byte buffer for
-/// the caller, the values before a blended group, and one row piece of an output-side tile.
-type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>, Vec<f32>);
+/// the caller, and the values before a blended group.
+type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>);
 
 thread_local! {
     /// Per-thread buffers that live as long as the worker thread: rayon's `*_init` helpers make
@@ -339,7 +339,7 @@ fn with_chunk(
 ) -> Result<()> {
     let esize = t.dtype.float_size().expect("checked at planning");
     let n = row_len(t);
-    with_work(|(scratch, x, bytes, orig, _)| {
+    with_work(|(scratch, x, bytes, orig)| {
         x.resize((r1 - r0) * n, 0.0);
         dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
         apply_rows(groups, backend, x, r0, r1 - r0, scratch, orig)?;
@@ -417,7 +417,7 @@ fn rows_in_place(
     w.par_chunks_mut(chunk_rows * n)
         .enumerate()
         .try_for_each(|(c, chunk)| {
-            with_work(|(scratch, x, _, _, _)| {
+            with_work(|(scratch, x, _, _)| {
                 x.clear();
                 x.extend_from_slice(chunk);
                 backend.apply(chain, x, c * chunk_rows, chunk.len() / n, scratch)?;
@@ -487,7 +487,7 @@ fn columns_tiled(
         .try_for_each(|ti| -> Result<()> {
             let c0 = ti * tile;
             let tc = tile.min(cols - c0);
-            with_work(|(scratch, x, _, orig, _)| {
+            with_work(|(scratch, x, _, orig)| {
                 x.clear();
                 x.resize(n * tc, 0.0);
                 for i in 0..m {

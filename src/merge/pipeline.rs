@@ -429,7 +429,7 @@ pub(super) fn write(
 /// Bytes of outputs sized sparse on tmpfs so far, by device: the free space each later one is
 /// checked against must leave room for them too.
 #[derive(Default)]
-pub(super) struct Sparse(Vec<(u64, u64)>);
+pub(super) struct Sparse(HashMap<u64, u64>);
 
 /// Reserve the whole file up front so a full disk fails before any work, where the filesystem
 /// supports it; otherwise size it and let the writes report ENOSPC.
@@ -442,21 +442,14 @@ fn reserve(f: &File, len: u64, sparse: &mut Sparse) -> std::io::Result<()> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } == 0 && st.f_type == libc::TMPFS_MAGIC {
         use std::os::unix::fs::MetadataExt;
-        let dev = f.metadata()?.dev();
-        let i = match sparse.0.iter().position(|(d, _)| *d == dev) {
-            Some(i) => i,
-            None => {
-                sparse.0.push((dev, 0));
-                sparse.0.len() - 1
-            }
-        };
+        let promised = sparse.0.entry(f.metadata()?.dev()).or_default();
         let free = (st.f_bavail as u64).saturating_mul(st.f_bsize as u64);
-        let need = sparse.0[i].1.saturating_add(len);
+        let need = promised.saturating_add(len);
         // f_blocks 0: a tmpfs without a size limit.
         if st.f_blocks != 0 && free < need {
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        sparse.0[i].1 = need;
+        *promised = need;
         return f.set_len(len);
     }
     // SAFETY: plain syscall on an owned, open descriptor.

@@ -345,7 +345,7 @@ pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[
 }
 
 /// Euclidean distance in f64, in eight independent lanes so that it vectorises (the energy's
-/// 256²/2 pairs of whole rows were most of a verify's time).
+/// pairs of whole rows, 256²/2 of them before it sampled 64, were most of a verify's time).
 fn distance(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0f64; 8];
     crate::checkpoint::dtype::simd(|| {

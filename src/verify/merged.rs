@@ -11,22 +11,7 @@ use super::{Ctx, Element, MergedReport, Status};
 
 /// One unit in the last place of `dt` at magnitude `mag` (the spacing just above it).
 pub fn ulp(dt: Dtype, mag: f32) -> f64 {
-    let mag = mag.abs();
-    match dt {
-        Dtype::BF16 => {
-            // Rounded as `half::bf16::from_f32` rounds (the same bits, tested in dtype.rs),
-            // without its per-element branches: this runs once per compared element.
-            let b = dtype::bf16_round_bits(mag) as u32;
-            (f32::from_bits((b + 1) << 16) - f32::from_bits(b << 16)) as f64
-        }
-        Dtype::F16 => {
-            let b = half::f16::from_f32(mag).to_bits();
-            (half::f16::from_bits(b.saturating_add(1)).to_f32() - half::f16::from_bits(b).to_f32())
-                as f64
-        }
-        _ if mag.is_finite() => (f32::from_bits(mag.to_bits() + 1) - mag) as f64,
-        _ => f64::INFINITY,
-    }
+    ulp32(dt, mag.abs()) as f64
 }
 
 /// Distance between two values in ulps of `dt` at the larger magnitude.
@@ -156,12 +141,12 @@ impl Run<'_> {
     }
 }
 
-/// `ulp` in f32.
+/// `ulp` of a magnitude, in f32 (exact: neighbouring floats differ by a power of two).
 #[inline(always)]
 fn ulp32(dt: Dtype, mag: f32) -> f32 {
     match dt {
         Dtype::BF16 => {
-            let b = dtype::bf16_round_bits(mag) as u32;
+            let b = dtype::bf16_bits(mag) as u32;
             f32::from_bits((b + 1) << 16) - f32::from_bits(b << 16)
         }
         Dtype::F16 => f16_ulp(mag),
