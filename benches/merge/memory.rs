@@ -63,6 +63,10 @@ pub struct MemoryArgs {
     /// LyCORIS block size of the U-Net cases.
     #[arg(long, default_value_t = 32)]
     pub unet_dim: usize,
+    /// Measure only the block kernel against the FMA peak and print its table (no data, no
+    /// report written): for trying a kernel change quickly.
+    #[arg(long)]
+    pub kernel_only: bool,
 }
 
 /// One measured command of one case.
@@ -81,9 +85,7 @@ struct Timed {
 
 impl Timed {
     fn median(&self) -> f64 {
-        let mut v = self.secs.clone();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
+        median(&mut self.secs.clone())
     }
 }
 
@@ -117,6 +119,12 @@ struct Case {
 }
 
 pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
+    if a.kernel_only {
+        let spec = Spec::resolve(&a.shape, a.size, None)?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!("{}", kernel_table(&kernel_rows(&spec, cores)));
+        return Ok(());
+    }
     let root = crate::repo::root();
     let bin = crate::run::merge_bin(a.bin.clone())?;
     let verify = bin.with_file_name("boft-verify");
@@ -346,6 +354,14 @@ fn bench_chain(spec: &Spec) -> Chain {
     }
 }
 
+/// Rounds of each kernel measurement (the median is reported).
+const KERNEL_ROUNDS: usize = 5;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn kernel_rows(spec: &Spec, cores: usize) -> Vec<KernelRow> {
     let chain = bench_chain(spec);
     let n = chain.n;
@@ -359,33 +375,50 @@ fn kernel_rows(spec: &Spec, cores: usize) -> Vec<KernelRow> {
             continue;
         }
         for threads in [1, cores] {
-            let per_thread = |iters: usize| {
+            // Seconds inside the kernel alone: the rescaling between calls is not timed.
+            let per_thread = |iters: usize| -> f64 {
                 let mut x: Vec<f32> = (0..rows * n).map(|i| ((i as f32) * 0.37).cos()).collect();
                 let mut s = Scratch::default();
+                let mut secs = 0.0;
                 for _ in 0..iters {
+                    let t0 = Instant::now();
                     chain.apply_rows_isa(isa, &mut x, 0, rows, &mut s);
+                    secs += t0.elapsed().as_secs_f64();
                     // Keep the values bounded whatever the blocks' norms.
-                    let m = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-                    x.iter_mut().for_each(|v| *v /= m);
+                    let m = 1.0 / x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+                    x.iter_mut().for_each(|v| *v *= m);
                 }
+                secs
             };
             let iters = if isa == Isa::Portable { 20 } else { 200 };
-            let t0 = Instant::now();
-            std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(|| per_thread(iters));
+            // Rounds of the kernel and the peak in turn, medians of each: on a shared machine
+            // the clock moves between rounds, and both sides of the ratio should see it.
+            let (mut rates, mut peaks) = (Vec::new(), Vec::new());
+            for _ in 0..KERNEL_ROUNDS {
+                let secs: Vec<f64> = std::thread::scope(|s| {
+                    let hs: Vec<_> = (0..threads)
+                        .map(|_| s.spawn(|| per_thread(iters)))
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                // The threads ran at once: their rates add up.
+                rates.push(
+                    secs.iter()
+                        .map(|s| flops_per_apply * iters as f64 / s / 1e9)
+                        .sum::<f64>(),
+                );
+                if isa != Isa::Portable {
+                    peaks.push(fma_peak(isa, threads));
                 }
-            });
-            let secs = t0.elapsed().as_secs_f64();
-            let gflops = flops_per_apply * (iters * threads) as f64 / secs / 1e9;
+            }
             out.push(KernelRow {
                 isa,
                 threads,
-                gflops,
+                gflops: median(&mut rates),
                 peak: if isa == Isa::Portable {
                     f64::NAN
                 } else {
-                    fma_peak(isa, threads)
+                    median(&mut peaks)
                 },
             });
             if threads == cores {
@@ -399,7 +432,7 @@ fn kernel_rows(spec: &Spec, cores: usize) -> Vec<KernelRow> {
 /// Peak fused multiply-add throughput of a form, GFLOP/s over `threads` threads: a loop of
 /// independent FMAs on registers only (enough accumulators to cover the latency of two ports).
 fn fma_peak(isa: Isa, threads: usize) -> f64 {
-    const ITERS: u64 = 20_000_000;
+    const ITERS: u64 = 5_000_000;
     let run = move || -> (f64, f32) {
         let t0 = Instant::now();
         let s = match isa {
@@ -646,31 +679,7 @@ fn write(
         spec.block_size,
         spec.factors
     );
-    let _ = writeln!(
-        w,
-        "| form | threads | GFLOP/s | FMA peak GFLOP/s | share |\n|---|---:|---:|---:|---:|"
-    );
-    for k in kernel {
-        if k.isa == Isa::Portable {
-            let _ = writeln!(
-                w,
-                "| {} | {} | {:.1} | — | — |",
-                k.isa.name(),
-                k.threads,
-                k.gflops
-            );
-            continue;
-        }
-        let _ = writeln!(
-            w,
-            "| {} | {} | {:.1} | {:.1} | {:.0}% |",
-            k.isa.name(),
-            k.threads,
-            k.gflops,
-            k.peak,
-            k.gflops / k.peak * 100.0
-        );
-    }
+    w.push_str(&kernel_table(kernel));
     let _ = writeln!(
         w,
         "\nThe portable form runs the fixed sizes through `matrixmultiply`, which picks its own \
@@ -682,4 +691,33 @@ fn write(
     );
     fs::write(doc_dir.join("BENCHMARKS-memory.md"), w).context("writing BENCHMARKS-memory.md")?;
     Ok(())
+}
+
+/// The kernel's table: GFLOP/s per form and thread count against the FMA peak.
+fn kernel_table(kernel: &[KernelRow]) -> String {
+    let mut w = String::from(
+        "| form | threads | GFLOP/s | FMA peak GFLOP/s | share |\n|---|---:|---:|---:|---:|\n",
+    );
+    for k in kernel {
+        let _ = if k.isa == Isa::Portable {
+            writeln!(
+                w,
+                "| {} | {} | {:.1} | — | — |",
+                k.isa.name(),
+                k.threads,
+                k.gflops
+            )
+        } else {
+            writeln!(
+                w,
+                "| {} | {} | {:.1} | {:.1} | {:.0}% |",
+                k.isa.name(),
+                k.threads,
+                k.gflops,
+                k.peak,
+                k.gflops / k.peak * 100.0
+            )
+        };
+    }
+    w
 }

@@ -365,6 +365,19 @@ pub fn first_non_finite(dtype: Dtype, src: &[u8]) -> Option<(usize, f32)> {
         d => d.float_size()?,
     };
     let mut buf = [0f32; 1024];
+    if dtype != Dtype::F64 {
+        // Whole pieces checked on the bits in one vectorised pass each; only a piece that
+        // holds a NaN or ±Inf is decoded to find which element.
+        const PIECE: usize = 1 << 16;
+        let at = PIECE * src.chunks(PIECE).position(|p| any_non_finite(dtype, p))?;
+        let found = &src[at..(at + PIECE).min(src.len())];
+        return scan(dtype, size, found, &mut buf).map(|(i, x)| (at / size + i, x));
+    }
+    scan(dtype, size, src, &mut buf)
+}
+
+/// `first_non_finite` by decoding `src` in pieces of `buf`'s length.
+fn scan(dtype: Dtype, size: usize, src: &[u8], buf: &mut [f32; 1024]) -> Option<(usize, f32)> {
     for (ci, piece) in src.chunks(buf.len() * size).enumerate() {
         let n = piece.len() / size;
         if dtype == Dtype::F64 {
@@ -383,6 +396,44 @@ pub fn first_non_finite(dtype: Dtype, src: &[u8]) -> Option<(usize, f32)> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_first_non_finite_element_is_found_in_any_piece() {
+        for dt in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
+            for (at, bad) in [
+                (0usize, f32::NAN),
+                (20_000, f32::INFINITY),
+                (70_001, -f32::INFINITY),
+            ] {
+                let mut v = vec![1.5f32; 80_000];
+                v[at] = bad;
+                // A second one later: the first must be reported.
+                v[79_999] = f32::NAN;
+                let b = if dt == Dtype::F64 {
+                    v.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect()
+                } else {
+                    let mut b = vec![0u8; v.len() * dt.float_size().unwrap()];
+                    encode_f32(dt, &v, &mut b);
+                    b
+                };
+                let (i, x) = first_non_finite(dt, &b).expect("found");
+                assert_eq!(i, at, "{dt:?}");
+                assert_eq!(x.is_nan(), bad.is_nan(), "{dt:?}");
+            }
+            let mut b = vec![
+                0u8;
+                1000 * if dt == Dtype::F64 {
+                    8
+                } else {
+                    dt.float_size().unwrap()
+                }
+            ];
+            if dt != Dtype::F64 {
+                encode_f32(dt, &[2.0; 1000], &mut b);
+            }
+            assert_eq!(first_non_finite(dt, &b), None, "{dt:?}");
+        }
+    }
 
     #[test]
     fn safe_merge_finds_new_non_finite_values_only() {

@@ -128,18 +128,30 @@ pub fn try_cayley_minus(h: usize, s: &[f64]) -> Option<Vec<f64>> {
 /// when a pivot is not comfortably away from 0 or a value is not finite, which only hostile,
 /// enormous entries cause.
 fn cayley_minus_elimination(h: usize, s: &[f64]) -> Option<Vec<f64>> {
+    use crate::math::kernel::Isa;
+    // SAFETY: `Isa::best` names a form only where the CPU has its features. The loops have no
+    // fused multiply-adds (Rust does not contract `x -= f * y`), so every form gives the same
+    // bits.
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for (checked above).
-        return unsafe { elimination_avx2(h, s) };
+    match Isa::best() {
+        Isa::Avx512 => return unsafe { elimination_avx512(h, s) },
+        Isa::Avx2 => return unsafe { elimination_avx2(h, s) },
+        Isa::Portable => {}
     }
     elimination(h, s)
 }
 
-/// The same loops compiled for AVX2/FMA (4 f64 lanes instead of SSE2's 2).
+/// The same loops compiled for AVX2 (4 f64 lanes instead of SSE2's 2).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn elimination_avx2(h: usize, s: &[f64]) -> Option<Vec<f64>> {
+    elimination(h, s)
+}
+
+/// And for AVX-512 (8 lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn elimination_avx512(h: usize, s: &[f64]) -> Option<Vec<f64>> {
     elimination(h, s)
 }
 

@@ -148,8 +148,26 @@ impl Chain {
         }
         scratch.a.resize(x.len(), 0.0);
         scratch.b.resize(x.len(), 0.0);
-        for f in &self.factors {
+        // A per-row scale after the factors is folded into the last one's stores where it runs
+        // tiled (the same single rounding as scaling afterwards).
+        let fold_scale = match (&self.scale, layout) {
+            (Some(s), Layout::Rows(rows))
+                if !self.scale_first && self.scale_on == ScaleOn::Vector =>
+            {
+                Some(&s[first..first + rows])
+            }
+            _ => None,
+        };
+        let mut scaled = false;
+        for (i, f) in self.factors.iter().enumerate() {
             debug_assert_eq!(f.n(), n);
+            if let Layout::Rows(rows) = layout {
+                let s = fold_scale.filter(|_| i + 1 == self.factors.len());
+                if super::tile::rows_in_place(isa, f, x, rows, s, false) {
+                    scaled = s.is_some();
+                    continue;
+                }
+            }
             match &f.perm {
                 Some(p) => {
                     runs(p, &mut scratch.runs);
@@ -163,7 +181,7 @@ impl Chain {
                 }
             }
         }
-        if !self.scale_first {
+        if !self.scale_first && !scaled {
             self.scale(layout, x, first);
         }
         if self.blend != 1.0 {
@@ -199,6 +217,44 @@ impl Chain {
                     }
                 }
             }
+        }
+    }
+
+    /// `transposed().apply_rows(x, 0, rows, scratch)`, bit for bit, without copying the
+    /// blocks: where every factor has a tiled kernel, each block's transpose is taken as it
+    /// is loaded (a power iteration applies `M` and `Mᵀ` to one vector a hundred times; a copy
+    /// of every block per call was most of its cost).
+    pub fn apply_rows_transposed(&self, x: &mut Vec<f32>, rows: usize, scratch: &mut Scratch) {
+        let isa = Isa::detect();
+        let tiled = self.factors.iter().all(|f| super::tile::has_tile(isa, f));
+        if !tiled || self.blend != 1.0 {
+            return self.transposed().apply_rows(x, 0, rows, scratch);
+        }
+        for f in self.factors.iter().rev() {
+            let done = super::tile::rows_in_place(isa, f, x, rows, None, true);
+            debug_assert!(done);
+        }
+    }
+
+    /// `apply_rows(x, row0, rows, scratch)`, bit for bit, given `mt = self.transposed()`: the
+    /// factors run as `mt.apply_rows_transposed`, which copies no block (see there).
+    pub fn apply_rows_given_transpose(
+        &self,
+        mt: &Chain,
+        x: &mut Vec<f32>,
+        row0: usize,
+        rows: usize,
+        scratch: &mut Scratch,
+    ) {
+        if self.blend != 1.0 {
+            return self.apply_rows(x, row0, rows, scratch);
+        }
+        if self.scale_first {
+            self.scale_rows(x, row0, rows);
+        }
+        mt.apply_rows_transposed(x, rows, scratch);
+        if !self.scale_first {
+            self.scale_rows(x, row0, rows);
         }
     }
 
@@ -776,6 +832,146 @@ mod tests {
                     }
                 } else {
                     assert_eq!(o, &outs[0], "h={h} {isa:?} vs {:?}", forms[0]);
+                }
+            }
+        }
+    }
+
+    /// A permutation of `n` that moves whole aligned pieces of `piece` components (as butterfly
+    /// permutations move half-blocks), at random.
+    fn piece_perm(n: usize, piece: usize, seed: &mut u64) -> Vec<u32> {
+        let mut order: Vec<usize> = (0..n / piece).collect();
+        for j in (1..order.len()).rev() {
+            let k = (rnd(seed).abs() * 1e6) as usize % (j + 1);
+            order.swap(j, k);
+        }
+        order
+            .iter()
+            .flat_map(|&o| (o * piece..(o + 1) * piece).map(|v| v as u32))
+            .collect()
+    }
+
+    #[test]
+    fn the_tiled_row_kernel_gives_the_bits_of_gather_blocks_scatter() {
+        // The register-tiled kernel (permutation folded into its loads and stores, scale into
+        // its last stores, in place) against the plain sequence it replaces, bit for bit, on
+        // every compiled form this CPU has, for row counts around its tile heights.
+        let mut seed = 77u64;
+        let forms: Vec<Isa> = [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|&i| i as u8 >= Isa::best() as u8)
+            .collect();
+        for h in [16usize, 32] {
+            let d = 8;
+            let n = h * d;
+            let perms = [
+                None,
+                Some(crate::math::perm::peft_boft(n, h, 1)),
+                Some(crate::math::perm::peft_boft(n, h, 2)),
+                Some(piece_perm(n, 8, &mut seed)),
+                Some(piece_perm(n, 16, &mut seed)),
+            ];
+            for perm in perms {
+                let f = Factor {
+                    h,
+                    d,
+                    blocks: (0..d * h * h).map(|_| rnd(&mut seed)).collect(),
+                    repeat: 0,
+                    perm,
+                };
+                for &isa in &forms {
+                    assert!(super::super::tile::has_tile(isa, &f));
+                    for rows in [1usize, 2, 3, 7, 8, 12, 13, 25] {
+                        let x0: Vec<f32> = (0..rows * n).map(|_| rnd(&mut seed)).collect();
+                        let scale: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 * 0.1).collect();
+                        let mut want = x0.clone();
+                        let (mut a, mut b) = (vec![0f32; x0.len()], vec![0f32; x0.len()]);
+                        match &f.perm {
+                            Some(p) => {
+                                let mut r = Vec::new();
+                                runs(p, &mut r);
+                                gather(&want, &mut a, &r, rows, n);
+                                blocks_times_with(isa, &f, &a, &mut b, rows);
+                                scatter(&b, &mut want, &r, rows, n);
+                            }
+                            None => {
+                                blocks_times_with(isa, &f, &want, &mut a, rows);
+                                want.copy_from_slice(&a);
+                            }
+                        }
+                        let mut got = x0.clone();
+                        assert!(super::super::tile::rows_in_place(
+                            isa, &f, &mut got, rows, None, false
+                        ));
+                        assert_eq!(
+                            got,
+                            want,
+                            "h={h} rows={rows} {isa:?} perm={:?}",
+                            f.perm.is_some()
+                        );
+                        let mut got = x0.clone();
+                        super::super::tile::rows_in_place(
+                            isa,
+                            &f,
+                            &mut got,
+                            rows,
+                            Some(&scale),
+                            false,
+                        );
+                        for (r, row) in want.chunks_exact_mut(n).enumerate() {
+                            row.iter_mut().for_each(|v| *v *= scale[r]);
+                        }
+                        assert_eq!(got, want, "scaled: h={h} rows={rows} {isa:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposed_applications_copy_no_block_and_give_the_same_bits() {
+        let mut seed = 99u64;
+        for (h, d) in [(16usize, 4usize), (32, 4), (8, 4), (12, 4)] {
+            let n = h * d;
+            for (scale_on, scale_first) in [
+                (ScaleOn::Vector, false),
+                (ScaleOn::Vector, true),
+                (ScaleOn::Component, false),
+                (ScaleOn::Component, true),
+            ] {
+                let chain = Chain {
+                    n,
+                    factors: (0..3)
+                        .map(|i| Factor {
+                            h,
+                            d,
+                            blocks: (0..d * h * h).map(|_| rnd(&mut seed)).collect(),
+                            repeat: 0,
+                            perm: (i > 0).then(|| crate::math::perm::peft_boft(n, h, i.min(2))),
+                        })
+                        .collect(),
+                    scale: Some(match scale_on {
+                        ScaleOn::Vector => (0..9).map(|r| 0.8 + r as f32 * 0.05).collect(),
+                        ScaleOn::Component => (0..n).map(|i| 0.9 + i as f32 * 0.001).collect(),
+                    }),
+                    scale_on,
+                    scale_first,
+                    blend: 1.0,
+                };
+                let mt = chain.transposed();
+                for rows in [1usize, 5] {
+                    let x0: Vec<f32> = (0..rows * n).map(|_| rnd(&mut seed)).collect();
+                    let (mut a, mut b) = (x0.clone(), x0.clone());
+                    mt.apply_rows(&mut a, 0, rows, &mut Scratch::default());
+                    chain.apply_rows_transposed(&mut b, rows, &mut Scratch::default());
+                    assert_eq!(a, b, "Mᵀ: h={h} rows={rows}");
+                    let (mut a, mut b) = (x0.clone(), x0);
+                    chain.apply_rows(&mut a, 2, rows, &mut Scratch::default());
+                    chain.apply_rows_given_transpose(&mt, &mut b, 2, rows, &mut Scratch::default());
+                    assert_eq!(
+                        a, b,
+                        "M: h={h} rows={rows} {scale_on:?} first={scale_first}"
+                    );
                 }
             }
         }

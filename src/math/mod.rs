@@ -6,3 +6,4 @@ pub mod cayley;
 pub mod kernel;
 pub mod perm;
 pub mod procrustes;
+mod tile;

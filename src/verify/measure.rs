@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::adapter::Target;
 use crate::checkpoint::{dtype, Dtype};
-use crate::math::kernel::{Chain, Factor, Scratch};
+use crate::math::kernel::{Chain, Factor, ScaleOn, Scratch};
 
 use super::{Dof, Energy, Measure, Reach};
 
@@ -95,9 +95,9 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
         let norm = dot(&x, &x).sqrt().max(1e-30);
         x.iter_mut().for_each(|e| *e /= norm as f32);
         let mut a = x.clone();
-        chain.apply_rows(&mut a, 0, 1, &mut s);
+        chain.apply_rows_given_transpose(&mt, &mut a, 0, 1, &mut s);
         let mut b = x.clone();
-        mt.apply_rows(&mut b, 0, 1, &mut s);
+        chain.apply_rows_transposed(&mut b, 1, &mut s);
         let y: Vec<f32> = (0..n).map(|i| x[i] - 0.5 * (a[i] + b[i])).collect();
         lambda = dot(&x, &y);
         x = y;
@@ -297,13 +297,21 @@ pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[
             &mut before[k * n..(k + 1) * n],
         );
     }
-    let mut after = Vec::with_capacity(take * n);
-    let mut s = Scratch::default();
-    for (k, &r) in picks.iter().enumerate() {
-        let mut x = before[k * n..(k + 1) * n].to_vec();
-        chain.apply_rows(&mut x, r, 1, &mut s);
-        after.extend(x);
-    }
+    // All sampled neurons in one call (one pass over the blocks, not one per neuron), with
+    // each neuron's own per-row scale.
+    let mut after = before.clone();
+    let picked;
+    let chain = match (&chain.scale, chain.scale_on) {
+        (Some(s), ScaleOn::Vector) => {
+            picked = Chain {
+                scale: Some(picks.iter().map(|&r| s[r]).collect()),
+                ..chain.clone()
+            };
+            &picked
+        }
+        _ => chain,
+    };
+    chain.apply_rows(&mut after, 0, take, &mut Scratch::default());
     let energy = |w: &[f32]| -> f64 {
         let mut unit = vec![0f64; w.len()];
         for (u, r) in unit.chunks_exact_mut(n).zip(w.chunks_exact(n)) {

@@ -56,47 +56,67 @@ fn scan(dt: Dtype, got: &[f32], want: &[f32], scale: f32, f32_tol: f64) -> Scan 
     let noise = 2e-6 * scale;
     let (mut max_d, mut max_ulps, mut worst, mut worst_r) = (0f32, 0f32, 0usize, -1f32);
     // Ratios and ulp distances of a run of elements in a plain loop (it vectorises), then the
-    // run's maxima found in it.
-    const RUN: usize = 64;
+    // run's maxima.
+    const RUN: usize = 256;
     let (mut r, mut q, mut dd) = ([0f32; RUN], [0f32; RUN], [0f32; RUN]);
-    for (k, (gs, vs)) in got.chunks(RUN).zip(want.chunks(RUN)).enumerate() {
-        let len = gs.len();
-        let run = Run {
-            r: &mut r[..len],
-            q: &mut q[..len],
-            d: &mut dd[..len],
-        };
-        // One loop per dtype, so that each is free of the dtype's branches and vectorises.
-        crate::checkpoint::dtype::simd(|| match dt {
-            Dtype::BF16 => run.fill(
-                gs,
-                vs,
-                |m| ulp32(Dtype::BF16, m),
-                |u| (u * 1.0001).max(noise),
-            ),
-            Dtype::F16 => run.fill(
-                gs,
-                vs,
-                |m| ulp32(Dtype::F16, m),
-                |u| (u * 1.0001).max(noise),
-            ),
-            _ => run.fill(gs, vs, |m| ulp32(Dtype::F32, m), |_| f32_allowed),
-        });
-        for i in 0..len {
-            max_d = max_d.max(dd[i]);
-            max_ulps = max_ulps.max(q[i]);
-            if r[i] > worst_r {
-                worst_r = r[i];
-                worst = k * RUN + i;
+    // One loop per dtype, so that each is free of the dtype's branches and vectorises.
+    crate::checkpoint::dtype::simd(|| {
+        for (k, (gs, vs)) in got.chunks(RUN).zip(want.chunks(RUN)).enumerate() {
+            let len = gs.len();
+            let run = Run {
+                r: &mut r[..len],
+                q: &mut q[..len],
+                d: &mut dd[..len],
+            };
+            match dt {
+                Dtype::BF16 => run.fill(
+                    gs,
+                    vs,
+                    |m| ulp32(Dtype::BF16, m),
+                    |u| (u * 1.0001).max(noise),
+                ),
+                Dtype::F16 => run.fill(
+                    gs,
+                    vs,
+                    |m| ulp32(Dtype::F16, m),
+                    |u| (u * 1.0001).max(noise),
+                ),
+                _ => run.fill(gs, vs, |m| ulp32(Dtype::F32, m), |_| f32_allowed),
+            }
+            // The run's maxima lane by lane (it vectorises; a running maximum with its index
+            // does not), then the index of the first largest ratio only where it beats the
+            // worst so far.
+            let (rd, rq, rr) = (&dd[..len], &q[..len], &r[..len]);
+            max_d = max_d.max(lanes_max(rd));
+            max_ulps = max_ulps.max(lanes_max(rq));
+            let run_r = lanes_max(rr);
+            if run_r > worst_r {
+                worst_r = run_r;
+                worst = k * RUN + rr.iter().position(|&x| x == run_r).expect("the maximum");
             }
         }
-    }
+    });
     Scan {
         max_d,
         max_ulps,
         worst,
         worst_r,
     }
+}
+
+/// The largest of `v` (NaN ignored, as `f32::max` does; −1 when empty or all NaN), in 16
+/// independent lanes.
+#[inline(always)]
+fn lanes_max(v: &[f32]) -> f32 {
+    let mut m = [-1f32; 16];
+    let c = v.chunks_exact(16);
+    let rest = c.remainder().iter().fold(-1f32, |a, &x| a.max(x));
+    for c in c {
+        for l in 0..16 {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    m.iter().fold(rest, |a, &x| a.max(x))
 }
 
 /// One run of `scan`: per element the ratio to what is allowed, the distance in ulps and the
