@@ -48,6 +48,7 @@ struct Scan {
     worst_r: f32,
 }
 
+dtype::vectorised! {
 /// Compare a piece of found values with the values recomputed here, branch-light and in f32:
 /// this runs once per element of every transformed tensor (it was most of a verify's time in
 /// f64 with a 16-bit conversion per element).
@@ -60,7 +61,7 @@ fn scan(dt: Dtype, got: &[f32], want: &[f32], scale: f32, f32_tol: f64) -> Scan 
     const RUN: usize = 256;
     let (mut r, mut q, mut dd) = ([0f32; RUN], [0f32; RUN], [0f32; RUN]);
     // One loop per dtype, so that each is free of the dtype's branches and vectorises.
-    crate::checkpoint::dtype::simd(|| {
+    {
         for (k, (gs, vs)) in got.chunks(RUN).zip(want.chunks(RUN)).enumerate() {
             let len = gs.len();
             let run = Run {
@@ -95,13 +96,14 @@ fn scan(dt: Dtype, got: &[f32], want: &[f32], scale: f32, f32_tol: f64) -> Scan 
                 worst = k * RUN + rr.iter().position(|&x| x == run_r).expect("the maximum");
             }
         }
-    });
+    }
     Scan {
         max_d,
         max_ulps,
         worst,
         worst_r,
     }
+}
 }
 
 /// The largest of `v` (NaN ignored, as `f32::max` does; −1 when empty or all NaN), in 16
@@ -203,11 +205,7 @@ fn max_abs(dt: Dtype, bytes: &[u8]) -> f32 {
     let esize = dt.float_size().expect("float");
     bytes
         .par_chunks(esize << 16)
-        .map(|c| {
-            let mut v = vec![0f32; c.len() / esize];
-            dtype::decode_f32(dt, c, &mut v);
-            v.iter().fold(0f32, |m, x| m.max(x.abs()))
-        })
+        .map(|c| dtype::max_magnitude(dt, c))
         .reduce(|| 0f32, f32::max)
 }
 
