@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
+use crate::math::cayley;
 
 /// Refuse a tensor that is not F32, F16 or BF16, or that holds NaN or ±Inf.
 pub(crate) fn check_floats(path: &Path, f: &SafeFile, t: &TensorInfo) -> Result<()> {
@@ -46,10 +47,45 @@ pub(crate) fn solve_blocks(
     per: usize,
     solve: impl Fn(&[f64]) -> Option<Vec<f64>> + Sync,
 ) -> Result<Vec<f32>> {
+    solve_groups(path, tensor, input, per, 1, |g| vec![solve(g)])
+}
+
+/// `solve_blocks` for blocks that are `C−(S)` of a generator: `skew` maps a block's `per` source
+/// values to its h×h generator S, and the Cayley maps are solved `cayley::LANES` blocks at a
+/// time (`try_cayley_minus_many`: the same bits as one at a time).
+pub(crate) fn cayley_blocks(
+    path: &Path,
+    tensor: &str,
+    input: &[f64],
+    (per, h): (usize, usize),
+    skew: impl Fn(&[f64]) -> Vec<f64> + Sync,
+) -> Result<Vec<f32>> {
+    solve_groups(path, tensor, input, per, cayley::LANES, |g| {
+        let s: Vec<Vec<f64>> = g.chunks_exact(per).map(&skew).collect();
+        let refs: Vec<&[f64]> = s.iter().map(Vec::as_slice).collect();
+        cayley::try_cayley_minus_many(h, &refs)
+    })
+}
+
+/// Groups of up to `group` blocks in parallel, each group's blocks solved by `solve` (one
+/// result per block, in order).
+fn solve_groups(
+    path: &Path,
+    tensor: &str,
+    input: &[f64],
+    per: usize,
+    group: usize,
+    solve: impl Fn(&[f64]) -> Vec<Option<Vec<f64>>> + Sync,
+) -> Result<Vec<f32>> {
     use rayon::prelude::*;
+    let input = &input[..input.len() / per * per];
     let solved: Vec<Option<Vec<f64>>> = input
-        .par_chunks_exact(per)
-        .map(|b| solve(b).filter(|q| q.iter().all(|x| x.is_finite())))
+        .par_chunks(per * group)
+        .flat_map_iter(|g| {
+            solve(g)
+                .into_iter()
+                .map(|q| q.filter(|q| q.iter().all(|x| x.is_finite())))
+        })
         .collect();
     let mut data = Vec::with_capacity(solved.iter().map(|q| q.as_ref().map_or(0, Vec::len)).sum());
     for (k, q) in solved.into_iter().enumerate() {

@@ -208,6 +208,118 @@ fn elimination(h: usize, s: &[f64]) -> Option<Vec<f64>> {
     b.iter().all(|x| x.is_finite()).then_some(b)
 }
 
+/// Blocks `try_cayley_minus_many` solves side by side.
+pub const LANES: usize = 8;
+
+/// `try_cayley_minus` of up to `LANES` blocks, bit for bit: on AVX-512 the elimination's steps
+/// run side by side, one block per f64 lane, so every step is one vector operation however
+/// short its row (one block at a time spends most of its time on rows of a few elements). A
+/// lane whose pivot is not comfortably away from 0, or whose result is not finite, is solved
+/// again alone, as `try_cayley_minus` does it.
+pub fn try_cayley_minus_many(h: usize, blocks: &[&[f64]]) -> Vec<Option<Vec<f64>>> {
+    assert!(blocks.len() <= LANES && blocks.iter().all(|b| b.len() == h * h));
+    #[cfg(target_arch = "x86_64")]
+    if crate::math::kernel::Isa::best() == crate::math::kernel::Isa::Avx512 && blocks.len() > 1 {
+        // SAFETY: the CPU has AVX-512F (`Isa::best` checked it).
+        let (q, ok) = unsafe { lanes_avx512(h, blocks) };
+        return (0..blocks.len())
+            .map(|l| {
+                let out: Vec<f64> = q.iter().map(|v| v[l]).collect();
+                if ok[l] && out.iter().all(|x| x.is_finite()) {
+                    Some(out)
+                } else {
+                    try_cayley_minus(h, blocks[l])
+                }
+            })
+            .collect();
+    }
+    blocks.iter().map(|b| try_cayley_minus(h, b)).collect()
+}
+
+/// `elimination` on eight blocks at once (unused lanes: zero generators). Each step is the
+/// scalar step's IEEE operation on every lane; a row update skipped for a zero multiplier keeps
+/// the old value by a masked operation. Returns the results and which lanes' pivots were sound.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lanes_avx512(h: usize, blocks: &[&[f64]]) -> (Vec<[f64; LANES]>, [bool; LANES]) {
+    use std::arch::x86_64::*;
+    let mut a = vec![_mm512_setzero_pd(); h * h];
+    let mut b = vec![_mm512_setzero_pd(); h * h];
+    let mut lane = [0f64; LANES];
+    // `-s` as the scalar code has it: a sign flip (0 − s would turn −0 into +0).
+    let sign = _mm512_set1_epi64(i64::MIN);
+    for i in 0..h * h {
+        for (l, s) in blocks.iter().enumerate() {
+            lane[l] = s[i];
+        }
+        let v = _mm512_loadu_pd(lane.as_ptr());
+        a[i] = v;
+        b[i] = _mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(v), sign));
+    }
+    let one = _mm512_set1_pd(1.0);
+    for i in 0..h {
+        a[i * h + i] = _mm512_add_pd(a[i * h + i], one);
+        b[i * h + i] = _mm512_add_pd(b[i * h + i], one);
+    }
+    let half = _mm512_set1_pd(0.5);
+    let mut bad: __mmask8 = 0;
+    let mut inv = vec![_mm512_setzero_pd(); h];
+    // Row by row (each row takes the updates of the rows above it, in order, then gives its
+    // pivot): every element gets the scalar elimination's updates in the scalar order, while
+    // only the row being reduced is written (eight blocks' matrices do not fit the L1 cache).
+    for r in 0..h {
+        for k in 0..r {
+            let f = _mm512_mul_pd(a[r * h + k], inv[k]);
+            let nz = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(f, _mm512_setzero_pd());
+            if nz == 0 {
+                continue;
+            }
+            for j in k..h {
+                let x = a[r * h + j];
+                a[r * h + j] = _mm512_mask_sub_pd(x, nz, x, _mm512_mul_pd(f, a[k * h + j]));
+            }
+            for j in 0..h {
+                let x = b[r * h + j];
+                b[r * h + j] = _mm512_mask_sub_pd(x, nz, x, _mm512_mul_pd(f, b[k * h + j]));
+            }
+        }
+        let p = a[r * h + r];
+        bad |= _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(p, p)
+            | _mm512_cmp_pd_mask::<_CMP_LT_OQ>(_mm512_abs_pd(p), half);
+        inv[r] = _mm512_div_pd(one, p);
+    }
+    for k in (0..h).rev() {
+        for m in k + 1..h {
+            let f = a[k * h + m];
+            let nz = _mm512_cmp_pd_mask::<_CMP_NEQ_UQ>(f, _mm512_setzero_pd());
+            if nz == 0 {
+                continue;
+            }
+            for j in 0..h {
+                let x = b[k * h + j];
+                b[k * h + j] = _mm512_mask_sub_pd(x, nz, x, _mm512_mul_pd(f, b[m * h + j]));
+            }
+        }
+        let inv = _mm512_div_pd(one, a[k * h + k]);
+        for j in 0..h {
+            b[k * h + j] = _mm512_mul_pd(b[k * h + j], inv);
+        }
+    }
+    let mut ok = [false; LANES];
+    for (l, o) in ok.iter_mut().enumerate().take(blocks.len()) {
+        *o = bad & (1 << l) == 0;
+    }
+    let out = b
+        .iter()
+        .map(|v| {
+            let mut x = [0f64; LANES];
+            _mm512_storeu_pd(x.as_mut_ptr(), *v);
+            x
+        })
+        .collect();
+    (out, ok)
+}
+
 fn cayley_minus_lu(h: usize, s: &[f64]) -> Option<Vec<f64>> {
     let s = mat(h, s);
     let id = DMatrix::<f64>::identity(h, h);
@@ -237,6 +349,47 @@ pub fn inverse_cayley_minus(h: usize, r: &[f64]) -> Option<Vec<f64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_side_by_side_give_the_bits_of_one_at_a_time() {
+        // Random generators, a zero one (every multiplier 0), one with signed zeros, one with
+        // a huge entry (its pivot fails: solved again alone), and fewer blocks than lanes.
+        for h in [2usize, 5, 16, 32] {
+            let mut blocks: Vec<Vec<f64>> =
+                (0..5).map(|i| skew_half(h, &random(h, 40 + i))).collect();
+            blocks.push(vec![0.0; h * h]);
+            let mut zeros = skew_half(h, &random(h, 9));
+            for (i, x) in zeros.iter_mut().enumerate() {
+                if i % 3 == 0 {
+                    *x = if i % 2 == 0 { 0.0 } else { -0.0 };
+                }
+            }
+            blocks.push(zeros);
+            let mut huge = skew_half(h, &random(h, 7));
+            huge[1] = 1e300;
+            huge[h] = -1e300;
+            blocks.push(huge);
+            for count in [8usize, 3] {
+                let refs: Vec<&[f64]> = blocks[8 - count..].iter().map(|b| b.as_slice()).collect();
+                let many = try_cayley_minus_many(h, &refs);
+                for (b, got) in refs.iter().zip(&many) {
+                    let bits = |v: &Option<Vec<f64>>| {
+                        v.as_ref()
+                            .map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                    };
+                    assert_eq!(bits(got), bits(&try_cayley_minus(h, b)), "h={h}");
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if crate::math::kernel::Isa::best() == crate::math::kernel::Isa::Avx512 {
+                // Sound lanes are solved side by side, not again alone.
+                let refs: Vec<&[f64]> = blocks[..7].iter().map(|b| b.as_slice()).collect();
+                // SAFETY: AVX-512F checked above.
+                let ok = unsafe { lanes_avx512(h, &refs) }.1;
+                assert!(ok[..7].iter().all(|&o| o), "h={h}");
+            }
+        }
+    }
 
     #[test]
     fn elimination_matches_pivoted_lu() {

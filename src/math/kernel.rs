@@ -870,6 +870,13 @@ mod tests {
                 Some(crate::math::perm::peft_boft(n, h, 2)),
                 Some(piece_perm(n, 8, &mut seed)),
                 Some(piece_perm(n, 16, &mut seed)),
+                // The first block's pieces in order, the rest's pieces of 8 swapped in pairs:
+                // whether results store whole is a property of every block, not the first.
+                Some(
+                    (0..n as u32)
+                        .map(|i| if (i as usize) < h { i } else { i ^ 8 })
+                        .collect(),
+                ),
             ];
             for perm in perms {
                 let f = Factor {

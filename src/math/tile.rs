@@ -118,10 +118,42 @@ macro_rules! tiled {
                 let mut at = [0usize; H];
                 // Each vector of results goes whole to one place where the permutation keeps
                 // a register's lanes together, else in pieces of 8.
-                let whole = (0..H)
+                let whole = (0..n)
                     .step_by($lanes)
                     .all(|v| (0..$lanes).all(|l| place(f, v + l) == place(f, v) + l));
-                for k in 0..f.d {
+                let xp = x.as_mut_ptr();
+                // Fewer rows than a tile (a power iteration's one vector): four blocks of each
+                // row at once instead, so that their sums do not wait on each other.
+                let mut k = 0;
+                if rows < R {
+                    let mut qts = [
+                        Transposed::<H>([[0.0; H]; H]),
+                        Transposed::<H>([[0.0; H]; H]),
+                        Transposed::<H>([[0.0; H]; H]),
+                        Transposed::<H>([[0.0; H]; H]),
+                    ];
+                    let mut ats = [[0usize; H]; 4];
+                    while k + 4 <= f.d {
+                        let mut qs = [std::ptr::null::<f32>(); 4];
+                        for (b, (qt, at)) in qts.iter_mut().zip(ats.iter_mut()).enumerate() {
+                            qs[b] = if transposed {
+                                f.block(k + b).as_ptr()
+                            } else {
+                                qt.fill(f.block(k + b));
+                                qt.0.as_ptr() as *const f32
+                            };
+                            for (j, a) in at.iter_mut().enumerate() {
+                                *a = place(f, (k + b) * H + j);
+                            }
+                        }
+                        for r in 0..rows {
+                            let s = scale.map(|s| s[r]);
+                            blocks4::<H, V>(qs, &ats, xp.add(r * n), s, whole);
+                        }
+                        k += 4;
+                    }
+                }
+                for k in k..f.d {
                     // A block applied transposed is its own operand, rows as stored: no copy.
                     let q = if transposed {
                         f.block(k).as_ptr()
@@ -132,7 +164,6 @@ macro_rules! tiled {
                     for (j, a) in at.iter_mut().enumerate() {
                         *a = place(f, k * H + j);
                     }
-                    let xp = x.as_mut_ptr();
                     let mut r = 0;
                     while r + R <= rows {
                         tile::<H, V, R>(
@@ -158,6 +189,42 @@ macro_rules! tiled {
                     }
                 }
                 true
+            }
+
+            /// Four blocks of one row (`q[b]`, `at[b]`), in place: four independent sets of
+            /// sums, each the same chain of fused multiply-adds as `tile` gives it.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn blocks4<const H: usize, const V: usize>(
+                q: [*const f32; 4],
+                at: &[[usize; H]; 4],
+                row: *mut f32,
+                scale: Option<f32>,
+                whole: bool,
+            ) {
+                let mut acc = [[$zero(); V]; 4];
+                for j in 0..H {
+                    for b in 0..4 {
+                        let x = $set1(*row.add(at[b][j]));
+                        let q = q[b].add(j * H);
+                        for v in 0..V {
+                            acc[b][v] = $fma(x, $load(q.add(v * $lanes)), acc[b][v]);
+                        }
+                    }
+                }
+                for b in 0..4 {
+                    for v in 0..V {
+                        let mut y = acc[b][v];
+                        if let Some(s) = scale {
+                            y = $mul(y, $set1(s));
+                        }
+                        if whole {
+                            $store(row.add(at[b][v * $lanes]), y);
+                        } else {
+                            $store8(row, &at[b], v * $lanes, y);
+                        }
+                    }
+                }
             }
 
             /// `R` rows from `x` (row stride `n`): one block's results for each, in place.

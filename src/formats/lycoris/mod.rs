@@ -26,8 +26,8 @@ use std::sync::Arc;
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{dtype, Dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
-use crate::formats::read::{check_floats, floats, solve_blocks};
-use crate::math::{cayley, perm};
+use crate::formats::read::{self, check_floats, floats};
+use crate::math::perm;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Flavour {
@@ -439,8 +439,8 @@ fn compute_blocks(
     }
     // The canonical block of diag-oft/kohya is Rᵀ = C+(Q)ᵀ = C−(Q); boft multiplies by
     // R = C+(Q) itself.
-    solve_blocks(path, &t.name, &q, hh, |s| match r.flavour {
-        Flavour::Boft => cayley::try_cayley_minus(h, &s.iter().map(|x| -x).collect::<Vec<_>>()),
-        _ => cayley::try_cayley_minus(h, s),
+    read::cayley_blocks(path, &t.name, &q, (hh, h), |s| match r.flavour {
+        Flavour::Boft => s.iter().map(|x| -x).collect(),
+        _ => s.to_vec(),
     })
 }

@@ -15,7 +15,7 @@ use super::{module_key, replacement};
 use crate::adapter::{Adapter, BlockKind, Deferred, Side, Target};
 use crate::checkpoint::{SafeFile, TensorInfo};
 use crate::error::{err, Class, Result};
-use crate::formats::read::{check_floats, floats, solve_blocks};
+use crate::formats::read::{self, check_floats, floats};
 use crate::math::{cayley, perm};
 
 #[derive(Default)]
@@ -208,8 +208,8 @@ fn cayley_blocks(
     h: usize,
 ) -> Result<Vec<f32>> {
     let raw: Vec<f64> = floats(path, f, r)?.iter().map(|&x| x as f64).collect();
-    solve_blocks(path, &format!("{name}.boft_R"), &raw, h * h, |a| {
-        cayley::try_cayley_minus(h, &cayley::skew_half(h, a))
+    read::cayley_blocks(path, &format!("{name}.boft_R"), &raw, (h * h, h), |a| {
+        cayley::skew_half(h, a)
     })
 }
 
