@@ -209,55 +209,26 @@ vectorised! {
 pub fn max_magnitude(dtype: Dtype, src: &[u8]) -> f32 {
     {
         match dtype {
-            // Lane-wise maxima over whole 64-byte pieces (a running maximum does not
-            // vectorise), then the lanes and the tail.
             Dtype::F32 => {
-                let mag = |c: &[u8]| {
+                f32::from_bits(lanes_max::<u32, 16>(src, 4, |c| {
                     let b = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7fff_ffff;
                     if b > 0x7f80_0000 {
                         0
                     } else {
                         b
                     }
-                };
-                let pieces = src.chunks_exact(64);
-                let mut m = pieces
-                    .remainder()
-                    .chunks_exact(4)
-                    .map(mag)
-                    .fold(0, u32::max);
-                let mut lanes = [0u32; 16];
-                for p in pieces {
-                    for (l, c) in lanes.iter_mut().zip(p.chunks_exact(4)) {
-                        *l = (*l).max(mag(c));
-                    }
-                }
-                m = lanes.iter().fold(m, |a, &b| a.max(b));
-                f32::from_bits(m)
+                }))
             }
             Dtype::BF16 | Dtype::F16 => {
                 let inf: u16 = if dtype == Dtype::BF16 { 0x7f80 } else { 0x7c00 };
-                let mag = |c: &[u8]| {
+                let m = lanes_max::<u16, 32>(src, 2, |c| {
                     let b = u16::from_le_bytes([c[0], c[1]]) & 0x7fff;
                     if b > inf {
                         0
                     } else {
                         b
                     }
-                };
-                let pieces = src.chunks_exact(64);
-                let mut m = pieces
-                    .remainder()
-                    .chunks_exact(2)
-                    .map(mag)
-                    .fold(0, u16::max);
-                let mut lanes = [0u16; 32];
-                for p in pieces {
-                    for (l, c) in lanes.iter_mut().zip(p.chunks_exact(2)) {
-                        *l = (*l).max(mag(c));
-                    }
-                }
-                m = lanes.iter().fold(m, |a, &b| a.max(b));
+                });
                 let mut v = [0f32];
                 decode_f32(dtype, &m.to_le_bytes(), &mut v);
                 v[0]
@@ -266,6 +237,29 @@ pub fn max_magnitude(dtype: Dtype, src: &[u8]) -> f32 {
         }
     }
 }
+}
+
+/// The largest `mag` of the `size`-byte elements of `src`: lane by lane over whole 64-byte
+/// pieces (`L` lanes; a running maximum does not vectorise), then the lanes and the tail.
+#[inline(always)]
+fn lanes_max<T: Copy + Ord + Default, const L: usize>(
+    src: &[u8],
+    size: usize,
+    mag: impl Fn(&[u8]) -> T,
+) -> T {
+    let pieces = src.chunks_exact(64);
+    let tail = pieces
+        .remainder()
+        .chunks_exact(size)
+        .map(&mag)
+        .fold(T::default(), T::max);
+    let mut lanes = [T::default(); L];
+    for p in pieces {
+        for (l, c) in lanes.iter_mut().zip(p.chunks_exact(size)) {
+            *l = (*l).max(mag(c));
+        }
+    }
+    lanes.iter().fold(tail, |a, &b| a.max(b))
 }
 
 /// Encode f32 into little-endian `dtype` bytes, rounding to nearest-even once.
