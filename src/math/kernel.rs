@@ -154,7 +154,7 @@ impl Chain {
             (Some(s), Layout::Rows(rows))
                 if !self.scale_first && self.scale_on == ScaleOn::Vector =>
             {
-                Some(&s[first..first + rows])
+                s.get(first..first + rows)
             }
             _ => None,
         };

@@ -30,12 +30,21 @@ pub(super) fn rows_in_place(
     if !has_tile(isa, f) {
         return false;
     }
-    debug_assert!(x.len() >= rows * f.n());
-    debug_assert!(scale.is_none_or(|s| s.len() >= rows));
+    // The tiles address `x` through raw pointers: these two make every address inside it.
+    assert!(
+        x.len() >= rows * f.n(),
+        "{rows} rows of {} in {}",
+        f.n(),
+        x.len()
+    );
+    assert!(
+        isa as u8 >= Isa::best() as u8,
+        "{isa:?} is not available on this CPU"
+    );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `isa` is a form the CPU runs (the caller's contract, asserted by
-    // `Chain::apply_isa`); every index the tiles address is below `rows · n` (checked above:
-    // the permutation's entries are components of a row of length n).
+    // SAFETY: `isa` is a form the CPU runs, and every address the tiles form is below
+    // `rows · n ≤ x.len()` (both asserted above; `has_tile` checked that the permutation's
+    // pieces of 8 lie inside a row of length n).
     unsafe {
         match (isa, f.h) {
             (Isa::Avx512, 16) => return avx512::rows::<16, 1, 12>(f, x, rows, scale, transposed),
