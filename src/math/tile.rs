@@ -85,6 +85,28 @@ fn place(f: &Factor, i: usize) -> usize {
     }
 }
 
+/// Block `k`'s operand rows (row j: what multiplies component j) and its components' places in a
+/// row. A block applied transposed is its own operand, rows as stored: no copy; otherwise its
+/// transpose is written to `qt`.
+#[inline(always)]
+fn operand<const H: usize>(
+    f: &Factor,
+    k: usize,
+    transposed: bool,
+    qt: &mut Transposed<H>,
+    at: &mut [usize; H],
+) -> *const f32 {
+    for (j, a) in at.iter_mut().enumerate() {
+        *a = place(f, k * H + j);
+    }
+    if transposed {
+        f.block(k).as_ptr()
+    } else {
+        qt.fill(f.block(k));
+        qt.0.as_ptr() as *const f32
+    }
+}
+
 /// A block, transposed, aligned for vector loads: row j holds column j of `Q`.
 #[repr(C, align(64))]
 struct Transposed<const H: usize>([[f32; H]; H]);
@@ -103,11 +125,11 @@ impl<const H: usize> Transposed<H> {
 /// One compiled form of the tiled kernel: `$lanes` f32 per register; `V` registers per block row
 /// (`H = V · $lanes`), `R` rows per tile.
 macro_rules! tiled {
-    ($module:ident, $features:literal, $lanes:expr,
+    ($module:ident, $features:literal, $reg:ty, $lanes:expr,
      $zero:ident, $set1:ident, $load:ident, $fma:ident, $mul:ident, $store:ident, $store8:ident) => {
         #[cfg(target_arch = "x86_64")]
         mod $module {
-            use super::{place, $store8, Factor, Transposed};
+            use super::{operand, place, $store8, Factor, Transposed};
             use std::arch::x86_64::*;
 
             /// # Safety
@@ -145,15 +167,7 @@ macro_rules! tiled {
                     while k + 4 <= f.d {
                         let mut qs = [std::ptr::null::<f32>(); 4];
                         for (b, (qt, at)) in qts.iter_mut().zip(ats.iter_mut()).enumerate() {
-                            qs[b] = if transposed {
-                                f.block(k + b).as_ptr()
-                            } else {
-                                qt.fill(f.block(k + b));
-                                qt.0.as_ptr() as *const f32
-                            };
-                            for (j, a) in at.iter_mut().enumerate() {
-                                *a = place(f, (k + b) * H + j);
-                            }
+                            qs[b] = operand(f, k + b, transposed, qt, at);
                         }
                         for r in 0..rows {
                             let s = scale.map(|s| s[r]);
@@ -163,16 +177,7 @@ macro_rules! tiled {
                     }
                 }
                 for k in k..f.d {
-                    // A block applied transposed is its own operand, rows as stored: no copy.
-                    let q = if transposed {
-                        f.block(k).as_ptr()
-                    } else {
-                        qt.fill(f.block(k));
-                        qt.0.as_ptr() as *const f32
-                    };
-                    for (j, a) in at.iter_mut().enumerate() {
-                        *a = place(f, k * H + j);
-                    }
+                    let q = operand(f, k, transposed, &mut qt, &mut at);
                     let mut r = 0;
                     while r + R <= rows {
                         tile::<H, V, R>(
@@ -222,16 +227,30 @@ macro_rules! tiled {
                     }
                 }
                 for b in 0..4 {
-                    for v in 0..V {
-                        let mut y = acc[b][v];
-                        if let Some(s) = scale {
-                            y = $mul(y, $set1(s));
-                        }
-                        if whole {
-                            $store(row.add(at[b][v * $lanes]), y);
-                        } else {
-                            $store8(row, &at[b], v * $lanes, y);
-                        }
+                    put(acc[b], row, &at[b], scale, whole);
+                }
+            }
+
+            /// One row's results of one block to their places in `row`, scaled first where a
+            /// scale is given.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn put<const H: usize, const V: usize>(
+                acc: [$reg; V],
+                row: *mut f32,
+                at: &[usize; H],
+                scale: Option<f32>,
+                whole: bool,
+            ) {
+                for (v, &y) in acc.iter().enumerate() {
+                    let y = match scale {
+                        Some(s) => $mul(y, $set1(s)),
+                        None => y,
+                    };
+                    if whole {
+                        $store(row.add(at[v * $lanes]), y);
+                    } else {
+                        $store8(row, at, v * $lanes, y);
                     }
                 }
             }
@@ -261,19 +280,8 @@ macro_rules! tiled {
                         }
                     }
                 }
-                for rr in 0..R {
-                    let row = x.add(rr * n);
-                    for v in 0..V {
-                        let mut y = acc[rr][v];
-                        if let Some(s) = scale {
-                            y = $mul(y, $set1(s[rr]));
-                        }
-                        if whole {
-                            $store(row.add(at[v * $lanes]), y);
-                        } else {
-                            $store8(row, at, v * $lanes, y);
-                        }
-                    }
+                for (rr, acc) in acc.into_iter().enumerate() {
+                    put(acc, x.add(rr * n), at, scale.map(|s| s[rr]), whole);
                 }
             }
         }
@@ -303,6 +311,7 @@ unsafe fn whole_avx2(row: *mut f32, at: &[usize], i: usize, y: std::arch::x86_64
 tiled!(
     avx512,
     "avx512f,avx512vl,fma",
+    __m512,
     16,
     _mm512_setzero_ps,
     _mm512_set1_ps,
@@ -316,6 +325,7 @@ tiled!(
 tiled!(
     avx2,
     "avx2,fma",
+    __m256,
     8,
     _mm256_setzero_ps,
     _mm256_set1_ps,

@@ -338,15 +338,14 @@ pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[
                         e += 1.0 / d;
                     }
                 };
-                let mut j = i + 1;
-                while j + 4 <= take {
-                    distances4(a, row(j), row(j + 1), row(j + 2), row(j + 3))
+                // Four later neurons at a time; the last group padded with the last neuron,
+                // whose repeats are not counted.
+                for j in (i + 1..take).step_by(4) {
+                    let b = |k: usize| row((j + k).min(take - 1));
+                    distances4(a, b(0), b(1), b(2), b(3))
                         .into_iter()
+                        .take(take - j)
                         .for_each(&mut add);
-                    j += 4;
-                }
-                for j in j..take {
-                    add(distance(a, row(j)));
                 }
                 e
             })
@@ -366,7 +365,7 @@ crate::checkpoint::dtype::vectorised! {
 /// Euclidean distances in f64 from `a` to `b0..b3`, each summed in eight independent lanes so
 /// that it vectorises (the energy's pairs of whole rows, 256²/2 of them before it sampled 64,
 /// were most of a verify's time), four at once so that their sums do not wait on each other.
-/// Each distance is the same sum in the same order as on its own.
+/// Each distance is the same sum in the same order whatever the other three are.
 fn distances4(a: &[f64], b0: &[f64], b1: &[f64], b2: &[f64], b3: &[f64]) -> [f64; 4] {
     let bs = [b0, b1, b2, b3];
     let mut acc = [[0f64; 8]; 4];
@@ -388,11 +387,6 @@ fn distances4(a: &[f64], b0: &[f64], b1: &[f64], b2: &[f64], b3: &[f64]) -> [f64
     }
     acc.map(|a| a.iter().sum::<f64>().sqrt())
 }
-}
-
-/// One distance, as `distances4` gives it.
-fn distance(a: &[f64], b: &[f64]) -> f64 {
-    distances4(a, b, b, b, b)[0]
 }
 
 /// A small deterministic generator for probes (reproducible reports).
