@@ -312,6 +312,7 @@ pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
 
     let kernel = kernel_rows(&spec, cores);
     let doc_dir = a.doc_dir.clone().unwrap_or_else(|| root.join("docs"));
+    fs::create_dir_all(&doc_dir)?;
     write(&doc_dir, &meta, &spec, &rows, &kernel, &lycoris_note, cores)?;
     if !a.keep_data {
         measure::remove(&data)?;
@@ -321,6 +322,8 @@ pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
 
 /// The block kernel alone on one form: (form, threads, GFLOP/s achieved, FMA peak GFLOP/s).
 struct KernelRow {
+    /// "input" (rows, the Llama case) or "output" (columns, the U-Net case).
+    side: &'static str,
     isa: Isa,
     threads: usize,
     gflops: f64,
@@ -332,22 +335,42 @@ struct KernelRow {
 /// blocks: the arithmetic does not depend on the values.
 fn bench_chain(spec: &Spec) -> Chain {
     let n = spec.hidden;
-    let (h, d) = (spec.block_size, n / spec.block_size);
-    let factors = (0..spec.factors)
-        .map(|i| Factor {
+    let h = spec.block_size;
+    let perms = (0..spec.factors)
+        .map(|i| (i > 0).then(|| boft::math::perm::peft_boft(n, h, i)))
+        .collect();
+    chain_of(n, h, perms, Some(vec![1.0; 1 << 20]))
+}
+
+/// The output-side case's widest layer: LyCORIS boft on 1280 outputs (blocks of 20, 64 of
+/// them, seven factors, each with its interleaving permutation), what the U-Net case merges.
+fn bench_chain_output() -> Chain {
+    let (n, h) = (1280, 20);
+    let factors = (64u32 - 1).count_ones() as usize + 1;
+    let perms = (0..factors)
+        .map(|i| Some(boft::math::perm::lycoris_boft(n, h, i)))
+        .collect();
+    chain_of(n, h, perms, None)
+}
+
+fn chain_of(n: usize, h: usize, perms: Vec<Option<Vec<u32>>>, scale: Option<Vec<f32>>) -> Chain {
+    let d = n / h;
+    let factors = perms
+        .into_iter()
+        .map(|perm| Factor {
             h,
             d,
             blocks: (0..d * h * h)
                 .map(|k| ((k as f32) * 0.618).sin() * 0.2)
                 .collect(),
             repeat: 0,
-            perm: (i > 0).then(|| boft::math::perm::peft_boft(n, h, i)),
+            perm,
         })
         .collect();
     Chain {
         n,
         factors,
-        scale: Some(vec![1.0; 1 << 20]),
+        scale,
         scale_on: ScaleOn::Vector,
         scale_first: false,
         blend: 1.0,
@@ -362,67 +385,86 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Columns of the output-side kernel case: the strip the merge hands the kernel for 1280
+/// outputs on a 512 KiB L2 (`strip_cols` in src/merge/apply.rs).
+const OUTPUT_STRIP: usize = 32;
+
 fn kernel_rows(spec: &Spec, cores: usize) -> Vec<KernelRow> {
-    let chain = bench_chain(spec);
-    let n = chain.n;
-    // One work chunk of the merge (128 Ki elements), applied over and over.
-    let rows = (1usize << 17) / n;
-    let flops_per_apply =
-        2.0 * (rows * n) as f64 * chain.factors.iter().map(|f| f.h).sum::<usize>() as f64;
+    let input = bench_chain(spec);
+    let output = bench_chain_output();
+    // Input side: one work chunk of the merge (128 Ki elements), rows of the chain's length.
+    let rows = (1usize << 17) / input.n;
     let mut out = Vec::new();
-    for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
-        if (isa as u8) < Isa::best() as u8 {
-            continue;
-        }
-        for threads in [1, cores] {
-            // Seconds inside the kernel alone: the rescaling between calls is not timed.
-            let per_thread = |iters: usize| -> f64 {
-                let mut x: Vec<f32> = (0..rows * n).map(|i| ((i as f32) * 0.37).cos()).collect();
-                let mut s = Scratch::default();
-                let mut secs = 0.0;
-                for _ in 0..iters {
-                    let t0 = Instant::now();
-                    chain.apply_rows_isa(isa, &mut x, 0, rows, &mut s);
-                    secs += t0.elapsed().as_secs_f64();
-                    // Keep the values bounded whatever the blocks' norms.
-                    let m = 1.0 / x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
-                    x.iter_mut().for_each(|v| *v *= m);
-                }
-                secs
-            };
-            let iters = if isa == Isa::Portable { 20 } else { 200 };
-            // Rounds of the kernel and the peak in turn, medians of each: on a shared machine
-            // the clock moves between rounds, and both sides of the ratio should see it.
-            let (mut rates, mut peaks) = (Vec::new(), Vec::new());
-            for _ in 0..KERNEL_ROUNDS {
-                let secs: Vec<f64> = std::thread::scope(|s| {
-                    let hs: Vec<_> = (0..threads)
-                        .map(|_| s.spawn(|| per_thread(iters)))
-                        .collect();
-                    hs.into_iter().map(|h| h.join().unwrap()).collect()
-                });
-                // The threads ran at once: their rates add up.
-                rates.push(
-                    secs.iter()
-                        .map(|s| flops_per_apply * iters as f64 / s / 1e9)
-                        .sum::<f64>(),
-                );
-                if isa != Isa::Portable {
-                    peaks.push(fma_peak(isa, threads));
-                }
+    for (side, chain, vectors) in [("input", &input, rows), ("output", &output, OUTPUT_STRIP)] {
+        let n = chain.n;
+        let flops_per_apply =
+            2.0 * (vectors * n) as f64 * chain.factors.iter().map(|f| f.h).sum::<usize>() as f64;
+        for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+            if (isa as u8) < Isa::best() as u8 {
+                continue;
             }
-            out.push(KernelRow {
-                isa,
-                threads,
-                gflops: median(&mut rates),
-                peak: if isa == Isa::Portable {
-                    f64::NAN
-                } else {
-                    median(&mut peaks)
-                },
-            });
-            if threads == cores {
-                break;
+            for threads in [1, cores] {
+                // Seconds inside the kernel alone: the rescaling between calls is not timed.
+                let per_thread = |iters: usize| -> f64 {
+                    let mut x: Vec<f32> = (0..vectors * n)
+                        .map(|i| ((i as f32) * 0.37).cos())
+                        .collect();
+                    let mut s = Scratch::default();
+                    let mut secs = 0.0;
+                    for _ in 0..iters {
+                        let t0 = Instant::now();
+                        if side == "input" {
+                            chain.apply_rows_isa(isa, &mut x, 0, vectors, &mut s);
+                        } else {
+                            chain.apply_cols_isa(isa, &mut x, 0, vectors, &mut s);
+                        }
+                        secs += t0.elapsed().as_secs_f64();
+                        // Keep the values bounded whatever the blocks' norms.
+                        let m = 1.0 / x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+                        x.iter_mut().for_each(|v| *v *= m);
+                    }
+                    secs
+                };
+                // About the same flops per measurement for both cases.
+                let base = if isa == Isa::Portable { 20 } else { 200 };
+                let iters = (base as f64 * 2.0 * (1 << 17) as f64 * 64.0 / flops_per_apply)
+                    .ceil()
+                    .max(1.0) as usize;
+                // Rounds of the kernel and the peak in turn, medians of each: on a shared
+                // machine the clock moves between rounds, and both sides of the ratio should
+                // see it.
+                let (mut rates, mut peaks) = (Vec::new(), Vec::new());
+                for _ in 0..KERNEL_ROUNDS {
+                    let secs: Vec<f64> = std::thread::scope(|s| {
+                        let hs: Vec<_> = (0..threads)
+                            .map(|_| s.spawn(|| per_thread(iters)))
+                            .collect();
+                        hs.into_iter().map(|h| h.join().unwrap()).collect()
+                    });
+                    // The threads ran at once: their rates add up.
+                    rates.push(
+                        secs.iter()
+                            .map(|s| flops_per_apply * iters as f64 / s / 1e9)
+                            .sum::<f64>(),
+                    );
+                    if isa != Isa::Portable {
+                        peaks.push(fma_peak(isa, threads));
+                    }
+                }
+                out.push(KernelRow {
+                    side,
+                    isa,
+                    threads,
+                    gflops: median(&mut rates),
+                    peak: if isa == Isa::Portable {
+                        f64::NAN
+                    } else {
+                        median(&mut peaks)
+                    },
+                });
+                if threads == cores {
+                    break;
+                }
             }
         }
     }
@@ -657,12 +699,11 @@ fn write(
     let best = kernel
         .iter()
         .filter(|k| k.isa == Isa::detect() && k.threads == cores)
-        .map(|k| k.gflops / k.peak)
-        .next();
-    if let Some(b) = best {
+        .map(|k| (k.side, k.gflops / k.peak));
+    for (side, b) in best {
         let _ = writeln!(
             w,
-            "| transform ≥ 50% of the FMA peak of the kernel that ran | {:.0}% ({}) |",
+            "| transform ≥ 50% of the FMA peak of the kernel that ran ({side} side) | {:.0}% ({}) |",
             b * 100.0,
             Isa::detect().name()
         );
@@ -676,12 +717,15 @@ fn write(
          rescaling between them is not). 2·b flops per element per factor. The peak is a loop \
          of independent register-only FMAs of the same vector width. Medians of {} rounds, \
          each timing the kernel and then the peak, so that both see the same clock on a shared \
-         machine.\n",
+         machine. The output side is the U-Net case's widest layer (LyCORIS boft, 1280 outputs, \
+         blocks of 20, 7 factors with their interleaving permutations) on a strip of {} columns, \
+         what the merge hands the kernel (`Chain::apply_cols_isa`).\n",
         (1usize << 17) / spec.hidden,
         spec.hidden,
         spec.block_size,
         spec.factors,
-        KERNEL_ROUNDS
+        KERNEL_ROUNDS,
+        OUTPUT_STRIP
     );
     w.push_str(&kernel_table(kernel));
     let _ = writeln!(
@@ -700,13 +744,14 @@ fn write(
 /// The kernel's table: GFLOP/s per form and thread count against the FMA peak.
 fn kernel_table(kernel: &[KernelRow]) -> String {
     let mut w = String::from(
-        "| form | threads | GFLOP/s | FMA peak GFLOP/s | share |\n|---|---:|---:|---:|---:|\n",
+        "| side | form | threads | GFLOP/s | FMA peak GFLOP/s | share |\n|---|---|---:|---:|---:|---:|\n",
     );
     for k in kernel {
         let _ = if k.isa == Isa::Portable {
             writeln!(
                 w,
-                "| {} | {} | {:.1} | — | — |",
+                "| {} | {} | {} | {:.1} | — | — |",
+                k.side,
                 k.isa.name(),
                 k.threads,
                 k.gflops
@@ -714,7 +759,8 @@ fn kernel_table(kernel: &[KernelRow]) -> String {
         } else {
             writeln!(
                 w,
-                "| {} | {} | {:.1} | {:.1} | {:.0}% |",
+                "| {} | {} | {} | {:.1} | {:.1} | {:.0}% |",
+                k.side,
                 k.isa.name(),
                 k.threads,
                 k.gflops,

@@ -122,6 +122,19 @@ impl Chain {
         self.apply_isa(Isa::detect(), Layout::Cols(t), x, col0, scratch)
     }
 
+    /// `apply_cols` with a given compiled form of the block kernel (for the benchmark harness,
+    /// like `apply_rows_isa`). `isa` must be one the CPU runs: at most `Isa::best()`.
+    pub fn apply_cols_isa(
+        &self,
+        isa: Isa,
+        x: &mut Vec<f32>,
+        col0: usize,
+        t: usize,
+        scratch: &mut Scratch,
+    ) {
+        self.apply_isa(isa, Layout::Cols(t), x, col0, scratch)
+    }
+
     /// The chain on a batch of vectors laid out as `layout` says (`first`: the index of the
     /// first vector, for per-vector scales): scale, factors (gather, blocks, scatter), scale,
     /// blend, the same steps whichever way the vectors lie.
@@ -165,6 +178,13 @@ impl Chain {
                 let s = fold_scale.filter(|_| i + 1 == self.factors.len());
                 if super::tile::rows_in_place(isa, f, x, rows, s, false) {
                     scaled = s.is_some();
+                    continue;
+                }
+            }
+            if let Layout::Cols(t) = layout {
+                // The permutation folded into the column kernel's row addressing: one pass.
+                if col_blocks_fixed_in(isa, f, f.perm.as_deref(), x, &mut scratch.a, t, (0, t)) {
+                    std::mem::swap(x, &mut scratch.a);
                     continue;
                 }
             }
@@ -370,7 +390,13 @@ pub(crate) fn gather(
     for r in 0..rows {
         let (src, dst) = (&x[r * n..(r + 1) * n], &mut out[r * n..(r + 1) * n]);
         for &(j, pj, len) in runs {
-            dst[j..j + len].copy_from_slice(&src[pj..pj + len]);
+            // LyCORIS boft's interleaving permutations are all runs of one: a `memcpy` call
+            // per element was a fifth of a verify's time.
+            if len == 1 {
+                dst[j] = src[pj];
+            } else {
+                dst[j..j + len].copy_from_slice(&src[pj..pj + len]);
+            }
         }
     }
 }
@@ -379,9 +405,29 @@ fn scatter(h: &[f32], x: &mut [f32], runs: &[(usize, usize, usize)], rows: usize
     for r in 0..rows {
         let (src, dst) = (&h[r * n..(r + 1) * n], &mut x[r * n..(r + 1) * n]);
         for &(j, pj, len) in runs {
-            dst[pj..pj + len].copy_from_slice(&src[j..j + len]);
+            if len == 1 {
+                dst[pj] = src[j];
+            } else {
+                dst[pj..pj + len].copy_from_slice(&src[j..j + len]);
+            }
         }
     }
+}
+
+/// One core's L2 cache in bytes, as Linux reports it; 512 KiB where it does not (the output-side
+/// merge sizes the column strips it hands `apply_cols` from it).
+pub(crate) fn l2_bytes() -> usize {
+    static L2: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *L2.get_or_init(|| {
+        let text = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index2/size");
+        let kib = text.ok().and_then(|t| {
+            t.trim()
+                .strip_suffix('K')
+                .and_then(|k| k.parse::<usize>().ok())
+        });
+        // Whatever sysfs says, strips stay sensible: between 256 KiB and 8 MiB.
+        kib.map_or(512 << 10, |k| (k << 10).clamp(256 << 10, 8 << 20))
+    })
 }
 
 /// Which compiled form of the block kernel runs, chosen once from what the CPU has.
@@ -440,19 +486,19 @@ impl Isa {
 /// Return from the enclosing function through `$kernel::<H>` when the factor's block size has a
 /// kernel of its own (the fixed sizes, row or column form).
 macro_rules! fixed {
-    ($kernel:ident, $f:expr, $src:expr, $out:expr, $len:expr) => {
+    ($kernel:ident, $f:expr, $($arg:expr),* $(=> $ret:expr)?) => {
         // SAFETY: `Isa::detect` chose this form only where the CPU has its features.
         unsafe {
             match $f.h {
-                2 => return $kernel::<2>($f, $src, $out, $len),
-                4 => return $kernel::<4>($f, $src, $out, $len),
-                8 => return $kernel::<8>($f, $src, $out, $len),
-                10 => return $kernel::<10>($f, $src, $out, $len),
-                12 => return $kernel::<12>($f, $src, $out, $len),
-                16 => return $kernel::<16>($f, $src, $out, $len),
-                20 => return $kernel::<20>($f, $src, $out, $len),
-                24 => return $kernel::<24>($f, $src, $out, $len),
-                32 => return $kernel::<32>($f, $src, $out, $len),
+                2 => return { $kernel::<2>($f, $($arg),*) $(; $ret)? },
+                4 => return { $kernel::<4>($f, $($arg),*) $(; $ret)? },
+                8 => return { $kernel::<8>($f, $($arg),*) $(; $ret)? },
+                10 => return { $kernel::<10>($f, $($arg),*) $(; $ret)? },
+                12 => return { $kernel::<12>($f, $($arg),*) $(; $ret)? },
+                16 => return { $kernel::<16>($f, $($arg),*) $(; $ret)? },
+                20 => return { $kernel::<20>($f, $($arg),*) $(; $ret)? },
+                24 => return { $kernel::<24>($f, $($arg),*) $(; $ret)? },
+                32 => return { $kernel::<32>($f, $($arg),*) $(; $ret)? },
                 _ => {}
             }
         }
@@ -566,12 +612,8 @@ fn blocks_times_fixed<const H: usize>(f: &Factor, src: &[f32], out: &mut [f32], 
 /// `out[block k rows, :] = Q_k · src[block k rows, :]` for an `n × t` row-major tile: the
 /// column form of `blocks_times`.
 fn col_blocks_times(isa: Isa, f: &Factor, src: &[f32], out: &mut [f32], t: usize) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => fixed!(col_blocks_fixed_avx512, f, src, out, t),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => fixed!(col_blocks_fixed_avx2, f, src, out, t),
-        _ => {}
+    if col_blocks_fixed_in(isa, f, None, src, out, t, (0, t)) {
+        return;
     }
     if f.h < 8 {
         // Portable, small blocks: the same fused multiply-adds one element at a time.
@@ -617,76 +659,138 @@ fn col_blocks_times(isa: Isa, f: &Factor, src: &[f32], out: &mut [f32], t: usize
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn col_blocks_fixed_avx2<const H: usize>(
+/// The fixed-size column kernel on columns `cols.0..cols.1` of an `n × t` tile: block k's rows
+/// are `idx[k·h..(k + 1)·h]` (the factor's gather permutation; `k·h..` without one), read from
+/// `src` and written to the same rows of `out`, so gather, blocks and scatter are one pass.
+/// False, with nothing written, when `isa` has no kernel for the block size.
+fn col_blocks_fixed_in(
+    isa: Isa,
     f: &Factor,
+    idx: Option<&[u32]>,
     src: &[f32],
     out: &mut [f32],
     t: usize,
-) {
-    col_blocks_fixed::<H>(f, src, out, t)
+    cols: (usize, usize),
+) -> bool {
+    assert!(cols.0 <= cols.1 && cols.1 <= t);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => fixed!(col_blocks_fixed_avx512, f, idx, src, out, t, cols => true),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => fixed!(col_blocks_fixed_avx2, f, idx, src, out, t, cols => true),
+        _ => {}
+    }
+    false
 }
 
+/// Register tiles of the AVX-512 column kernel: four output rows of 32 columns (two rows of 64
+/// where the block size is not a multiple of 4), eight accumulators, each input load shared by
+/// four rows and each broadcast block entry by two vectors. Tiles are 32 columns wide or more.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
 unsafe fn col_blocks_fixed_avx512<const H: usize>(
     f: &Factor,
+    idx: Option<&[u32]>,
     src: &[f32],
     out: &mut [f32],
     t: usize,
+    cols: (usize, usize),
 ) {
-    col_blocks_fixed::<H>(f, src, out, t)
+    if H.is_multiple_of(4) {
+        col_blocks_fixed::<H, 4, 32, 16>(f, idx, src, out, t, cols)
+    } else {
+        col_blocks_fixed::<H, 2, 64, 16>(f, idx, src, out, t, cols)
+    }
 }
 
-/// Columns per register tile of the column kernel: two output rows of this many columns are
-/// eight AVX-512 (sixteen AVX2) accumulators. Tiles narrower than this go 16, then 1 at a time.
-const COL_W: usize = 64;
+/// The AVX2 tile: four rows of 16 columns, eight of the 16 registers (wider tiles spill:
+/// AVX2 has no broadcast operand, so loads and broadcasts need registers of their own; two rows
+/// of 32 measured slower).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn col_blocks_fixed_avx2<const H: usize>(
+    f: &Factor,
+    idx: Option<&[u32]>,
+    src: &[f32],
+    out: &mut [f32],
+    t: usize,
+    cols: (usize, usize),
+) {
+    if H.is_multiple_of(4) {
+        col_blocks_fixed::<H, 4, 16, 8>(f, idx, src, out, t, cols)
+    } else {
+        col_blocks_fixed::<H, 2, 32, 8>(f, idx, src, out, t, cols)
+    }
+}
 
+/// Blocks of `H` on columns `c0..c1` of an `n × t` tile, `R` output rows by `W` columns per
+/// register tile, then `V` columns, then one at a time for the last columns. `R` divides `H`.
 #[inline(always)]
-fn col_blocks_fixed<const H: usize>(f: &Factor, src: &[f32], out: &mut [f32], t: usize) {
+fn col_blocks_fixed<const H: usize, const R: usize, const W: usize, const V: usize>(
+    f: &Factor,
+    idx: Option<&[u32]>,
+    src: &[f32],
+    out: &mut [f32],
+    t: usize,
+    (c0, c1): (usize, usize),
+) {
+    debug_assert_eq!(H % R, 0);
+    let n = f.n();
+    assert!(src.len() >= n * t && out.len() >= n * t);
     for k in 0..f.d {
         let q = f.block(k);
-        let src = &src[k * H * t..(k + 1) * H * t];
-        let out = &mut out[k * H * t..(k + 1) * H * t];
-        let mut c = 0;
-        while c + COL_W <= t {
-            col_piece::<H, COL_W>(q, src, out, t, c);
-            c += COL_W;
+        let rows: [usize; H] = std::array::from_fn(|j| {
+            let r = idx.map_or(k * H + j, |p| p[k * H + j] as usize);
+            assert!(r < n, "permutation index out of range");
+            r * t
+        });
+        let mut c = c0;
+        while c + W <= c1 {
+            col_piece::<H, R, W>(q, &rows, src, out, c);
+            c += W;
         }
-        while c + 16 <= t {
-            col_piece::<H, 16>(q, src, out, t, c);
-            c += 16;
+        while c + V <= c1 {
+            col_piece::<H, R, V>(q, &rows, src, out, c);
+            c += V;
         }
-        while c < t {
-            col_piece::<H, 1>(q, src, out, t, c);
+        while c < c1 {
+            col_piece::<H, R, 1>(q, &rows, src, out, c);
             c += 1;
         }
     }
 }
 
-/// Columns `c..c + W` of one block's `H` output rows.
+/// Columns `c..c + W` of one block's `H` output rows, `R` rows at a time; `rows[j]` is the
+/// offset of the block's row `j` in `src` and in `out`.
 #[inline(always)]
-fn col_piece<const H: usize, const W: usize>(
+fn col_piece<const H: usize, const R: usize, const W: usize>(
     q: &[f32],
+    rows: &[usize; H],
     src: &[f32],
     out: &mut [f32],
-    t: usize,
     c: usize,
 ) {
-    // Two output rows at a time share every load of the input rows.
-    for i in (0..H).step_by(2) {
-        let (mut a0, mut a1) = ([0f32; W], [0f32; W]);
+    let (q, _) = q.as_chunks::<H>();
+    let q = &q[..H];
+    // Every row piece is in bounds: one check here, none in the loop that keeps the FMA ports
+    // busy (a bounds check per load was a fifth of its instructions).
+    let last = rows.iter().max().copied().unwrap_or(0) + c + W;
+    assert!(last <= src.len() && last <= out.len());
+    for i in (0..H).step_by(R) {
+        let mut acc = [[0f32; W]; R];
         for j in 0..H {
-            let x: &[f32; W] = src[j * t + c..][..W].try_into().unwrap();
-            let (q0, q1) = (q[i * H + j], q[(i + 1) * H + j]);
-            for l in 0..W {
-                a0[l] = x[l].mul_add(q0, a0[l]);
-                a1[l] = x[l].mul_add(q1, a1[l]);
+            // SAFETY: rows[j] + c + W <= src.len(), checked above.
+            let x: &[f32; W] = unsafe { &*(src.as_ptr().add(rows[j] + c) as *const [f32; W]) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qv = q[i + r][j];
+                for l in 0..W {
+                    a[l] = x[l].mul_add(qv, a[l]);
+                }
             }
         }
-        out[i * t + c..][..W].copy_from_slice(&a0);
-        out[(i + 1) * t + c..][..W].copy_from_slice(&a1);
+        for (r, a) in acc.iter().enumerate() {
+            out[rows[i + r] + c..][..W].copy_from_slice(a);
+        }
     }
 }
 
@@ -1001,6 +1105,8 @@ mod tests {
             (32, 2),
             (64, 2),
             (12, 2),
+            (20, 3),
+            (10, 2),
         ] {
             let n = h * d;
             for (scale_on, scale_first, blend) in [

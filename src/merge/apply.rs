@@ -307,7 +307,7 @@ fn blend(x: &mut [f32], orig: &[f32], t: f32) {
 
 /// Per-thread buffers for one chunk: the kernel's scratch, the chunk's values, a byte buffer for
 /// the caller, and the values before a blended group.
-type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>);
+type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>, Vec<f32>);
 
 thread_local! {
     /// Per-thread buffers that live as long as the worker thread: rayon's `*_init` helpers make
@@ -339,7 +339,7 @@ fn with_chunk(
 ) -> Result<()> {
     let esize = t.dtype.float_size().expect("checked at planning");
     let n = row_len(t);
-    with_work(|(scratch, x, bytes, orig)| {
+    with_work(|(scratch, x, bytes, orig, _)| {
         x.resize((r1 - r0) * n, 0.0);
         dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
         apply_rows(groups, backend, x, r0, r1 - r0, scratch, orig)?;
@@ -417,7 +417,7 @@ fn rows_in_place(
     w.par_chunks_mut(chunk_rows * n)
         .enumerate()
         .try_for_each(|(c, chunk)| {
-            with_work(|(scratch, x, _, _)| {
+            with_work(|(scratch, x, _, _, _)| {
                 x.clear();
                 x.extend_from_slice(chunk);
                 backend.apply(chain, x, c * chunk_rows, chunk.len() / n, scratch)?;
@@ -459,17 +459,40 @@ impl<T> Cells<T> {
     }
 }
 
-/// Columns per tile: a tile's vectors fill about one work chunk, in multiples of 64 columns
-/// (the column kernel's register tile, and whole cache lines of every row piece).
+/// Columns per tile. A tile loads and stores a piece of every row it covers, so wide tiles
+/// (long, sequential row pieces) are what make those loads and stores fast; the transform runs
+/// on narrower strips of the tile (`strip_cols`). About `TILE_ELEMS` elements, in multiples of
+/// 32 columns (whole cache lines of every 16-bit row piece), and at least two tiles per thread
+/// where the tensor is wide enough.
 fn tile_cols(n: usize, cols: usize, backend: &dyn Backend) -> usize {
-    let per = backend.chunk_elems().max(CHUNK_ELEMS) / n.max(1);
-    (per / 64 * 64).max(64).min(cols.max(1))
+    let by_size = backend.chunk_elems().max(TILE_ELEMS) / n.max(1);
+    let by_threads = cols.div_ceil(2 * rayon::current_num_threads().max(1));
+    (by_size.min(by_threads) / 32 * 32).max(32).min(cols.max(1))
 }
 
-/// Output-side stages of one row slice `a..a + m`, tile by tile: the tile's columns are vectors
-/// of length `n`, kept as the tensor stores them (an `n × tile` row-major block; rows past `m`
-/// zero: a cropped transform acts on columns padded with zeros), every stage's chain applied in
-/// turn, and the tile stored back, tiles in parallel.
+/// Elements per output-side tile (1 MiB of f32): on the 2-core EPYC (512 KiB L2, 32 MiB L3)
+/// the U-Net boft case of the benchmark merged in 2.2–2.9 s with this, 2.3–2.6 s with 512 KiB,
+/// 3.1–3.3 s with 4 MiB and 3.4–3.5 s with 256 KiB tiles (row pieces too short to load fast).
+const TILE_ELEMS: usize = 1 << 18;
+
+/// Columns per strip of a tile: every factor passes over the whole strip, so a strip and the
+/// kernel's second buffer take about two thirds of one core's L2 cache (the factors' blocks
+/// pass through it too), in multiples of 16 columns (the column kernel's register tiles): 32
+/// columns for 1280 outputs on a 512 KiB L2, where 16 ran the kernel measurably slower. A
+/// device backend takes the whole tile at once.
+fn strip_cols(n: usize, tile: usize, backend: &dyn Backend) -> usize {
+    if backend.chunk_elems() != 0 {
+        return tile;
+    }
+    let by_cache = crate::math::kernel::l2_bytes() / 12 / n.max(1);
+    (by_cache / 16 * 16).max(16).min(tile)
+}
+
+/// Output-side stages of one row slice `a..a + m`, tile by tile, tiles in parallel. A tile's
+/// columns are vectors of length `n`, kept as the tensor stores them (an `n × tc` row-major
+/// block; rows past `m` zero: a cropped transform acts on columns padded with zeros). Every
+/// stage's chain is applied to one strip of the tile after another, each strip copied out into
+/// an `n × w` block of its own and back.
 /// `load(row, c0, dst)` and `store(row, c0, src)` move one row piece between the tensor and f32;
 /// the same column ranges are never given to two calls at once.
 fn columns_tiled(
@@ -482,35 +505,43 @@ fn columns_tiled(
 ) -> Result<()> {
     let n = groups[0].1[0].n;
     let tile = tile_cols(n, cols, backend);
+    let strip = strip_cols(n, tile, backend);
     (0..cols.div_ceil(tile))
         .into_par_iter()
         .try_for_each(|ti| -> Result<()> {
             let c0 = ti * tile;
             let tc = tile.min(cols - c0);
-            with_work(|(scratch, x, _, orig)| {
-                x.clear();
+            with_work(|(scratch, x, _, orig, y)| {
+                // Rows below m are all overwritten: only the padding needs zeroing.
                 x.resize(n * tc, 0.0);
+                x[m * tc..].fill(0.0);
                 for i in 0..m {
                     load(a + i, c0, &mut x[i * tc..(i + 1) * tc]);
                 }
-                let mut first = true;
-                for (blend_t, chains) in groups {
-                    if *blend_t != 1.0 {
-                        orig.clear();
-                        orig.extend_from_slice(x);
-                    }
-                    for chain in chains {
-                        if !first && n > m {
-                            // Each stage sees the tensor's rows only, as if read afresh.
-                            x[m * tc..].fill(0.0);
+                for s0 in (0..tc).step_by(strip) {
+                    let w = strip.min(tc - s0);
+                    y.resize(n * w, 0.0);
+                    copy_cols(y, w, 0, &x[s0..], tc, n, w);
+                    let mut first = true;
+                    for (blend_t, chains) in groups {
+                        if *blend_t != 1.0 {
+                            orig.clear();
+                            orig.extend_from_slice(y);
                         }
-                        first = false;
-                        // Each column is a vector: a per-vector scale is indexed by column.
-                        backend.apply_cols(chain, x, c0, tc, scratch)?;
+                        for chain in chains {
+                            if !first && n > m {
+                                // Each stage sees the tensor's rows only, as if read afresh.
+                                y[m * w..].fill(0.0);
+                            }
+                            first = false;
+                            // Each column is a vector: a per-vector scale is indexed by column.
+                            backend.apply_cols(chain, y, c0 + s0, w, scratch)?;
+                        }
+                        if *blend_t != 1.0 {
+                            blend(y, orig, *blend_t);
+                        }
                     }
-                    if *blend_t != 1.0 {
-                        blend(x, orig, *blend_t);
-                    }
+                    copy_cols(x, tc, s0, y, w, m, w);
                 }
                 for i in 0..m {
                     store(a + i, c0, &x[i * tc..(i + 1) * tc]);
@@ -518,6 +549,22 @@ fn columns_tiled(
                 Ok(())
             })
         })
+}
+
+/// `w` columns of `rows` rows from `src` (row stride `ss`) into `dst` from column `d0` (row
+/// stride `ds`). Strips are multiples of 16 columns: those go 16 at a time as fixed-size copies
+/// (a `memcpy` call per 64-byte piece cost more than the kernel).
+fn copy_cols(dst: &mut [f32], ds: usize, d0: usize, src: &[f32], ss: usize, rows: usize, w: usize) {
+    for r in 0..rows {
+        let (d, s) = (&mut dst[r * ds + d0..][..w], &src[r * ss..][..w]);
+        let mut dc = d.chunks_exact_mut(16);
+        let mut sc = s.chunks_exact(16);
+        for (d, s) in (&mut dc).zip(&mut sc) {
+            let s: &[f32; 16] = s.try_into().unwrap();
+            <&mut [f32; 16]>::try_from(d).unwrap().copy_from_slice(s);
+        }
+        dc.into_remainder().copy_from_slice(sc.remainder());
+    }
 }
 
 /// Output-side transforms mix rows, so each row slice is handled as column vectors, a
@@ -551,6 +598,26 @@ fn columns(
         )?;
     }
     Ok(())
+}
+
+/// How many rows ahead a column tile's loads prefetch.
+const PREFETCH_ROWS: usize = 8;
+
+/// Ask for every cache line of `bytes` (a hint: no effect on results).
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch never faults and reads nothing into the program; the address is
+        // inside `bytes` anyway.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 /// A tensor whose every stage is output-side over the same row slices, from the base's values:
@@ -606,7 +673,13 @@ fn columns_direct(
     // borrows `out` while `cells` is in use.
     let load = |r: usize, c0: usize, dst: &mut [f32]| {
         let at = r * row_bytes + c0 * es;
-        dtype::decode_f32(dt, &src[at..at + dst.len() * es], dst)
+        let len = dst.len() * es;
+        // A tile reads a short piece of every row: too many streams for the hardware
+        // prefetchers, so each load asks for the piece a few rows further on.
+        if let Some(ahead) = src.get(at + PREFETCH_ROWS * row_bytes..) {
+            prefetch(&ahead[..len.min(ahead.len())]);
+        }
+        dtype::decode_f32(dt, &src[at..at + len], dst)
     };
     let store = |r: usize, c0: usize, v: &[f32]| {
         let piece = unsafe { cells.piece(r, c0 * es, v.len() * es) };

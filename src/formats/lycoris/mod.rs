@@ -405,13 +405,32 @@ fn compute_blocks(
         None => x,
     };
     let mut q: Vec<f64> = vec![0.0; raw.len()];
-    for (blk, out) in raw.chunks_exact(hh).zip(q.chunks_exact_mut(hh)) {
-        for i in 0..h {
-            for j in 0..h {
-                out[i * h + j] = match low {
-                    Some(_) => round(round(blk[i * h + j]) - round(blk[j * h + i])) as f64,
-                    None => blk[i * h + j] as f64 - blk[j * h + i] as f64,
-                };
+    let skew = |src: &[f32], dst: &mut [f32]| {
+        for (blk, out) in src.chunks_exact(hh).zip(dst.chunks_exact_mut(hh)) {
+            for i in 0..h {
+                for j in 0..h {
+                    out[i * h + j] = blk[i * h + j] - blk[j * h + i];
+                }
+            }
+        }
+    };
+    match low {
+        Some(d) => {
+            // round(round(a_ij) − round(a_ji)), each rounding over the whole array at once.
+            let mut a = raw.clone();
+            dtype::round_slice(d, &mut a);
+            let mut s = vec![0f32; a.len()];
+            skew(&a, &mut s);
+            dtype::round_slice(d, &mut s);
+            q.iter_mut().zip(&s).for_each(|(q, &s)| *q = s as f64);
+        }
+        None => {
+            for (blk, out) in raw.chunks_exact(hh).zip(q.chunks_exact_mut(hh)) {
+                for i in 0..h {
+                    for j in 0..h {
+                        out[i * h + j] = blk[i * h + j] as f64 - blk[j * h + i] as f64;
+                    }
+                }
             }
         }
     }
@@ -425,10 +444,13 @@ fn compute_blocks(
             q.iter_mut().for_each(|x| *x *= factor);
         }
         _ if r.constraint > 0.0 && norm + 1e-8 > r.constraint => match low {
-            Some(_) => {
+            Some(d) => {
                 let (c, n) = (r.constraint as f32, round((norm + 1e-8) as f32));
-                q.iter_mut()
-                    .for_each(|x| *x = round(round(*x as f32 * c) / n) as f64);
+                let mut s: Vec<f32> = q.iter().map(|&x| x as f32 * c).collect();
+                dtype::round_slice(d, &mut s);
+                s.iter_mut().for_each(|x| *x /= n);
+                dtype::round_slice(d, &mut s);
+                q.iter_mut().zip(&s).for_each(|(q, &s)| *q = s as f64);
             }
             None => {
                 let factor = r.constraint / (norm + 1e-8);
