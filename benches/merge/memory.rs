@@ -734,7 +734,10 @@ fn write(
          vector width at run time: it has no FMA peak of its own to compare with.\n\nThe \
          merges above ran the form `boft-merge` chooses ({}). Blocks of 16 and 32 run the \
          register-tiled row kernel (`src/math/tile.rs`): eight rows' accumulators per AVX-512 \
-         tile (three to six on AVX2), the permutation folded into its loads and stores.",
+         tile (three to six on AVX2), the permutation folded into its loads and stores. \
+         Output-side strips run the column kernel (`col_blocks_fixed` in \
+         `src/math/kernel.rs`): four output rows by 16 columns per AVX2 register tile (by 32 on \
+         AVX-512), the permutation folded into the rows it reads and writes.",
         Isa::detect().name()
     );
     fs::write(doc_dir.join("BENCHMARKS-memory.md"), w).context("writing BENCHMARKS-memory.md")?;
