@@ -685,7 +685,8 @@ fn col_blocks_fixed_in(
 
 /// Register tiles of the AVX-512 column kernel: four output rows of 32 columns (two rows of 64
 /// where the block size is not a multiple of 4), eight accumulators, each input load shared by
-/// four rows and each broadcast block entry by two vectors. Tiles are 32 columns wide or more.
+/// four rows and each broadcast block entry by two vectors; a strip narrower than that goes 16
+/// columns at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
 unsafe fn col_blocks_fixed_avx512<const H: usize>(
