@@ -240,15 +240,21 @@ impl Chain {
         }
     }
 
-    /// `transposed().apply_rows(x, 0, rows, scratch)`, bit for bit, without copying the
-    /// blocks: where every factor has a tiled kernel, each block's transpose is taken as it
-    /// is loaded (a power iteration applies `M` and `Mᵀ` to one vector a hundred times; a copy
-    /// of every block per call was most of its cost).
-    pub fn apply_rows_transposed(&self, x: &mut Vec<f32>, rows: usize, scratch: &mut Scratch) {
+    /// `mt.apply_rows(x, 0, rows, scratch)` for `mt = self.transposed()`, bit for bit, without
+    /// its per-call copies: where every factor has a tiled kernel, each block's transpose is
+    /// taken as it is loaded (a power iteration applies `M` and `Mᵀ` to one vector a hundred
+    /// times; transposing every block per call was most of its cost); elsewhere `mt` itself
+    /// applies (the untiled kernel transposes each block it loads either way).
+    pub fn apply_rows_transposed(
+        &self,
+        mt: &Chain,
+        x: &mut Vec<f32>,
+        rows: usize,
+        scratch: &mut Scratch,
+    ) {
         let isa = Isa::detect();
-        let tiled = self.factors.iter().all(|f| super::tile::has_tile(isa, f));
-        if !tiled || self.blend != 1.0 {
-            return self.transposed().apply_rows(x, 0, rows, scratch);
+        if !self.tiled(isa) || self.blend != 1.0 {
+            return mt.apply_rows(x, 0, rows, scratch);
         }
         for f in self.factors.iter().rev() {
             let done = super::tile::rows_in_place(isa, f, x, rows, None, true);
@@ -256,8 +262,14 @@ impl Chain {
         }
     }
 
-    /// `apply_rows(x, row0, rows, scratch)`, bit for bit, given `mt = self.transposed()`: the
-    /// factors run as `mt.apply_rows_transposed`, which copies no block (see there).
+    /// Whether every factor runs the tiled row kernel in `isa`.
+    fn tiled(&self, isa: Isa) -> bool {
+        self.factors.iter().all(|f| super::tile::has_tile(isa, f))
+    }
+
+    /// `apply_rows(x, row0, rows, scratch)`, bit for bit, given `mt = self.transposed()`: where
+    /// `mt` runs tiled, the factors run as `mt.apply_rows_transposed`, which copies no block
+    /// (see there).
     pub fn apply_rows_given_transpose(
         &self,
         mt: &Chain,
@@ -266,13 +278,13 @@ impl Chain {
         rows: usize,
         scratch: &mut Scratch,
     ) {
-        if self.blend != 1.0 {
+        if self.blend != 1.0 || !mt.tiled(Isa::detect()) {
             return self.apply_rows(x, row0, rows, scratch);
         }
         if self.scale_first {
             self.scale_rows(x, row0, rows);
         }
-        mt.apply_rows_transposed(x, rows, scratch);
+        mt.apply_rows_transposed(self, x, rows, scratch);
         if !self.scale_first {
             self.scale_rows(x, row0, rows);
         }
@@ -1075,7 +1087,7 @@ mod tests {
                     let x0: Vec<f32> = (0..rows * n).map(|_| rnd(&mut seed)).collect();
                     let (mut a, mut b) = (x0.clone(), x0.clone());
                     mt.apply_rows(&mut a, 0, rows, &mut Scratch::default());
-                    chain.apply_rows_transposed(&mut b, rows, &mut Scratch::default());
+                    chain.apply_rows_transposed(&mt, &mut b, rows, &mut Scratch::default());
                     assert_eq!(a, b, "Mᵀ: h={h} rows={rows}");
                     let (mut a, mut b) = (x0.clone(), x0);
                     chain.apply_rows(&mut a, 2, rows, &mut Scratch::default());

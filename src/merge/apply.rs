@@ -552,18 +552,10 @@ fn columns_tiled(
 }
 
 /// `w` columns of `rows` rows from `src` (row stride `ss`) into `dst` from column `d0` (row
-/// stride `ds`). Strips are multiples of 16 columns: those go 16 at a time as fixed-size copies
-/// (a `memcpy` call per 64-byte piece cost more than the kernel).
+/// stride `ds`).
 fn copy_cols(dst: &mut [f32], ds: usize, d0: usize, src: &[f32], ss: usize, rows: usize, w: usize) {
     for r in 0..rows {
-        let (d, s) = (&mut dst[r * ds + d0..][..w], &src[r * ss..][..w]);
-        let mut dc = d.chunks_exact_mut(16);
-        let mut sc = s.chunks_exact(16);
-        for (d, s) in (&mut dc).zip(&mut sc) {
-            let s: &[f32; 16] = s.try_into().unwrap();
-            <&mut [f32; 16]>::try_from(d).unwrap().copy_from_slice(s);
-        }
-        dc.into_remainder().copy_from_slice(sc.remainder());
+        dst[r * ds + d0..][..w].copy_from_slice(&src[r * ss..][..w]);
     }
 }
 
@@ -598,26 +590,6 @@ fn columns(
         )?;
     }
     Ok(())
-}
-
-/// How many rows ahead a column tile's loads prefetch.
-const PREFETCH_ROWS: usize = 8;
-
-/// Ask for every cache line of `bytes` (a hint: no effect on results).
-#[inline(always)]
-fn prefetch(bytes: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        // SAFETY: a prefetch never faults and reads nothing into the program; the address is
-        // inside `bytes` anyway.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr() as *const i8
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
 }
 
 /// A tensor whose every stage is output-side over the same row slices, from the base's values:
@@ -673,13 +645,7 @@ fn columns_direct(
     // borrows `out` while `cells` is in use.
     let load = |r: usize, c0: usize, dst: &mut [f32]| {
         let at = r * row_bytes + c0 * es;
-        let len = dst.len() * es;
-        // A tile reads a short piece of every row: too many streams for the hardware
-        // prefetchers, so each load asks for the piece a few rows further on.
-        if let Some(ahead) = src.get(at + PREFETCH_ROWS * row_bytes..) {
-            prefetch(&ahead[..len.min(ahead.len())]);
-        }
-        dtype::decode_f32(dt, &src[at..at + len], dst)
+        dtype::decode_f32(dt, &src[at..at + dst.len() * es], dst)
     };
     let store = |r: usize, c0: usize, v: &[f32]| {
         let piece = unsafe { cells.piece(r, c0 * es, v.len() * es) };

@@ -60,7 +60,8 @@ impl Plan<'_> {
                     return Ok(());
                 };
                 // Round F(W) to the dtype, then apply F⁻¹, as boft-merge --unmerge does.
-                let mut y: Vec<f32> = x.iter().map(|&v| dtype::round_f32(dt, v)).collect();
+                let mut y = x.to_vec();
+                dtype::round_slice(dt, &mut y);
                 let rows = y.len() / n;
                 let (mut scratch, mut orig) = (Scratch::default(), Vec::new());
                 apply_rows(

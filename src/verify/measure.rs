@@ -95,9 +95,9 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
         let norm = dot(&x, &x).sqrt().max(1e-30);
         x.iter_mut().for_each(|e| *e /= norm as f32);
         let mut a = x.clone();
-        chain.apply_rows(&mut a, 0, 1, &mut s);
+        chain.apply_rows_given_transpose(&mt, &mut a, 0, 1, &mut s);
         let mut b = x.clone();
-        mt.apply_rows(&mut b, 0, 1, &mut s);
+        chain.apply_rows_transposed(&mt, &mut b, 1, &mut s);
         let y: Vec<f32> = (0..n).map(|i| x[i] - 0.5 * (a[i] + b[i])).collect();
         lambda = dot(&x, &y);
         x = y;
