@@ -159,8 +159,6 @@ impl Chain {
         if self.scale_first {
             self.scale(layout, x, first);
         }
-        scratch.a.resize(x.len(), 0.0);
-        scratch.b.resize(x.len(), 0.0);
         // A per-row scale after the factors is folded into the last one's stores where it runs
         // tiled (the same single rounding as scaling afterwards).
         let fold_scale = match (&self.scale, layout) {
@@ -181,6 +179,9 @@ impl Chain {
                     continue;
                 }
             }
+            // Sized where a factor needs them, not for chains whose every factor runs tiled
+            // (a power iteration's vector would zero them on every call).
+            scratch.a.resize(x.len(), 0.0);
             if let Layout::Cols(t) = layout {
                 // The permutation folded into the column kernel's row addressing: one pass.
                 if col_blocks_fixed_in(isa, f, f.perm.as_deref(), x, &mut scratch.a, t, (0, t)) {
@@ -190,6 +191,7 @@ impl Chain {
             }
             match &f.perm {
                 Some(p) => {
+                    scratch.b.resize(x.len(), 0.0);
                     runs(p, &mut scratch.runs);
                     layout.gather(x, &mut scratch.a, &scratch.runs, n);
                     layout.blocks(isa, f, &scratch.a, &mut scratch.b);

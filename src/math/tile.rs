@@ -10,6 +10,8 @@
 //! fixed-size kernel gives it (`acc = fma(x_j, Qᵀ[j], acc)` for j = 0…h−1 from 0), so results are
 //! bit for bit the same.
 
+use std::mem::MaybeUninit;
+
 use super::kernel::{Factor, Isa};
 
 /// Apply factor `f` to `rows` rows of `x` (`rows × n`, row-major) in place, with the factor's
@@ -93,7 +95,7 @@ fn operand<const H: usize>(
     f: &Factor,
     k: usize,
     transposed: bool,
-    qt: &mut Transposed<H>,
+    qt: &mut MaybeUninit<Transposed<H>>,
     at: &mut [usize; H],
 ) -> *const f32 {
     for (j, a) in at.iter_mut().enumerate() {
@@ -102,23 +104,29 @@ fn operand<const H: usize>(
     if transposed {
         f.block(k).as_ptr()
     } else {
-        qt.fill(f.block(k));
-        qt.0.as_ptr() as *const f32
+        Transposed::fill(qt, f.block(k)).0.as_ptr() as *const f32
     }
 }
 
-/// A block, transposed, aligned for vector loads: row j holds column j of `Q`.
+/// A block, transposed, aligned for vector loads: row j holds column j of `Q`. Left
+/// uninitialised until a block is written to it: zeroing one (five per call where a call has
+/// fewer rows than a tile) cost more than a power iteration's whole product of one vector.
 #[repr(C, align(64))]
 struct Transposed<const H: usize>([[f32; H]; H]);
 
 impl<const H: usize> Transposed<H> {
     #[inline(always)]
-    fn fill(&mut self, q: &[f32]) {
+    fn fill<'a>(dst: &'a mut MaybeUninit<Self>, q: &[f32]) -> &'a Self {
+        assert_eq!(q.len(), H * H);
+        let p = dst.as_mut_ptr() as *mut f32;
         for (i, row) in q.chunks_exact(H).enumerate() {
             for (j, &v) in row.iter().enumerate() {
-                self.0[j][i] = v;
+                // SAFETY: j·H + i < H·H, inside `dst`.
+                unsafe { p.add(j * H + i).write(v) };
             }
         }
+        // SAFETY: every one of the H·H elements was written above (q holds H·H values).
+        unsafe { dst.assume_init_ref() }
     }
 }
 
@@ -129,7 +137,7 @@ macro_rules! tiled {
      $zero:ident, $set1:ident, $load:ident, $fma:ident, $mul:ident, $store:ident, $store8:ident) => {
         #[cfg(target_arch = "x86_64")]
         mod $module {
-            use super::{operand, place, $store8, Factor, Transposed};
+            use super::{operand, place, $store8, Factor, MaybeUninit, Transposed};
             use std::arch::x86_64::*;
 
             /// # Safety
@@ -145,7 +153,7 @@ macro_rules! tiled {
             ) -> bool {
                 debug_assert_eq!(H, V * $lanes);
                 let n = f.n();
-                let mut qt = Transposed::<H>([[0.0; H]; H]);
+                let mut qt = MaybeUninit::<Transposed<H>>::uninit();
                 let mut at = [0usize; H];
                 // Each vector of results goes whole to one place where the permutation keeps
                 // a register's lanes together, else in pieces of 8.
@@ -157,12 +165,7 @@ macro_rules! tiled {
                 // row at once instead, so that their sums do not wait on each other.
                 let mut k = 0;
                 if rows < R {
-                    let mut qts = [
-                        Transposed::<H>([[0.0; H]; H]),
-                        Transposed::<H>([[0.0; H]; H]),
-                        Transposed::<H>([[0.0; H]; H]),
-                        Transposed::<H>([[0.0; H]; H]),
-                    ];
+                    let mut qts = [const { MaybeUninit::<Transposed<H>>::uninit() }; 4];
                     let mut ats = [[0usize; H]; 4];
                     while k + 4 <= f.d {
                         let mut qs = [std::ptr::null::<f32>(); 4];

@@ -56,10 +56,10 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
         };
     }
     // Matrix-free: Gaussian probes for orthogonality and a Hutchinson estimate of ‖M − I‖_F².
-    let mut rng = Rng(0x5eed);
     let k = probes.max(2);
-    let mut v: Vec<f32> = (0..k * n).map(|_| rng.normal()).collect();
-    let orig = v.clone();
+    let normals = probe_normals(n, k);
+    let (orig, start) = normals.split_at(k * n);
+    let mut v = orig.to_vec();
     chain.apply_rows(&mut v, 0, k, &mut Scratch::default());
     let dot = |a: &[f32], b: &[f32]| {
         a.iter()
@@ -84,7 +84,7 @@ pub(super) fn transform_properties(chain: &Chain, probes: usize, dense_max: usiz
     }
     // Largest rotation angle: power iteration on I − ½(M + Mᵀ), whose top eigenvalue is 1 − cos θ.
     let mt = chain.transposed();
-    let mut x: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+    let mut x = start.to_vec();
     let mut lambda = 0f64;
     let mut s = Scratch::default();
     for _ in 0..100 {
@@ -325,27 +325,44 @@ pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[
                 *o = x as f64 / norm;
             }
         }
-        // Each neuron's pairs with the later ones on its own thread (the triangle balances by
-        // work stealing), summed in neuron order: the same result whatever the thread count.
-        let partial: Vec<f64> = (0..take)
-            .into_par_iter()
-            .map(|i| {
-                let a = &unit[i * n..(i + 1) * n];
-                let row = |j: usize| &unit[j * n..(j + 1) * n];
+        // Each pair's squared distance sums in eight lanes; the pairs of neuron i with the later
+        // ones, four at a time (the last group padded with the last neuron, whose repeats are
+        // not counted), keep their lanes here. The columns go by in slices that leave every
+        // sampled neuron's slice in the core's L2 while all pairs use it (whole rows of 64
+        // neurons are up to ~1.5 MB: each neuron streamed every later one from L3). Each lane
+        // adds the same terms in the same order as one pass over whole rows would.
+        let groups = |i: usize| (take - i - 1).div_ceil(4);
+        let mut acc: Vec<Vec<[[f64; 8]; 4]>> =
+            (0..take).map(|i| vec![[[0.0; 8]; 4]; groups(i)]).collect();
+        let whole = n / 8 * 8;
+        const SLICE: usize = 256;
+        for c0 in (0..whole).step_by(SLICE) {
+            let cols = c0..(c0 + SLICE).min(whole);
+            // Neurons on the cores (the triangle balances by work stealing).
+            acc.par_iter_mut().enumerate().for_each(|(i, acc)| {
+                pair_lanes(acc, &unit, n, take, i, cols.clone());
+            });
+        }
+        // Each neuron's pairs summed in order, the neurons in neuron order: the same result
+        // whatever the thread count.
+        let partial: Vec<f64> = acc
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, acc)| {
                 let mut e = 0.0;
-                let mut add = |d: f64| {
-                    if d > 1e-12 {
-                        e += 1.0 / d;
+                for (g, lanes) in acc.iter_mut().enumerate() {
+                    let j = i + 1 + 4 * g;
+                    let rows = |k: usize| &unit[(j + k).min(take - 1) * n..][..n];
+                    let a = &unit[i * n..][..n];
+                    for (k, lanes) in lanes.iter_mut().enumerate().take(take - j) {
+                        for (l, (x, y)) in a[whole..].iter().zip(&rows(k)[whole..]).enumerate() {
+                            lanes[l] += (x - y) * (x - y);
+                        }
+                        let d = lanes.iter().sum::<f64>().sqrt();
+                        if d > 1e-12 {
+                            e += 1.0 / d;
+                        }
                     }
-                };
-                // Four later neurons at a time; the last group padded with the last neuron,
-                // whose repeats are not counted.
-                for j in (i + 1..take).step_by(4) {
-                    let b = |k: usize| row((j + k).min(take - 1));
-                    distances4(a, b(0), b(1), b(2), b(3))
-                        .into_iter()
-                        .take(take - j)
-                        .for_each(&mut add);
                 }
                 e
             })
@@ -362,31 +379,56 @@ pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[
 }
 
 crate::checkpoint::dtype::vectorised! {
-/// Euclidean distances in f64 from `a` to `b0..b3`, each summed in eight independent lanes so
-/// that it vectorises (the energy's pairs of whole rows, 256²/2 of them before it sampled 64,
-/// were most of a verify's time), four at once so that their sums do not wait on each other.
-/// Each distance is the same sum in the same order whatever the other three are.
-fn distances4(a: &[f64], b0: &[f64], b1: &[f64], b2: &[f64], b3: &[f64]) -> [f64; 4] {
-    let bs = [b0, b1, b2, b3];
-    let mut acc = [[0f64; 8]; 4];
-    let whole = a.len() / 8 * 8;
-    for c in (0..whole).step_by(8) {
-        let x = &a[c..c + 8];
-        for (acc, b) in acc.iter_mut().zip(bs) {
-            let y = &b[c..c + 8];
-            for l in 0..8 {
-                let d = x[l] - y[l];
-                acc[l] += d * d;
+/// Add columns `cols` (whole steps of eight) of the squared differences between neuron `i` and
+/// each later one to the pairs' lanes (`acc`: groups of four later neurons, as `hyperspherical`
+/// keeps them), the four of a group at once so that their sums do not wait on each other. Each
+/// lane's sum is the same in the same order whatever the other pairs are; it vectorises.
+fn pair_lanes(
+    acc: &mut [[[f64; 8]; 4]],
+    unit: &[f64],
+    n: usize,
+    take: usize,
+    i: usize,
+    cols: std::ops::Range<usize>,
+) -> () {
+    let a = &unit[i * n..][cols.clone()];
+    for (g, lanes) in acc.iter_mut().enumerate() {
+        let j = i + 1 + 4 * g;
+        let bs: [&[f64]; 4] =
+            std::array::from_fn(|k| &unit[(j + k).min(take - 1) * n..][cols.clone()]);
+        // In registers for the slice, not through the reference.
+        let mut s = *lanes;
+        for (c, x) in a.chunks_exact(8).enumerate() {
+            for (s, b) in s.iter_mut().zip(bs) {
+                let y = &b[c * 8..c * 8 + 8];
+                for l in 0..8 {
+                    let d = x[l] - y[l];
+                    s[l] += d * d;
+                }
             }
         }
+        *lanes = s;
     }
-    for (acc, b) in acc.iter_mut().zip(bs) {
-        for (l, (x, y)) in a[whole..].iter().zip(&b[whole..]).enumerate() {
-            acc[l] += (x - y) * (x - y);
-        }
-    }
-    acc.map(|a| a.iter().sum::<f64>().sqrt())
 }
+}
+
+/// The `k` probes of length `n` and the power iteration's start vector: the first `(k + 1)·n`
+/// normals of `Rng(0x5eed)`, the same for every transform of that size (reproducible reports).
+/// Made once per size and kept: a model has a few sizes and hundreds of targets, and drawing
+/// them (a logarithm and a cosine each) took longer than the probes' products.
+fn probe_normals(n: usize, k: usize) -> std::sync::Arc<Vec<f32>> {
+    use std::sync::{Arc, Mutex};
+    /// (n, k) and its normals.
+    type Made = Vec<((usize, usize), Arc<Vec<f32>>)>;
+    static MADE: Mutex<Made> = Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, v)) = made.iter().find(|(key, _)| *key == (n, k)) {
+        return v.clone();
+    }
+    let mut rng = Rng(0x5eed);
+    let v = Arc::new((0..(k + 1) * n).map(|_| rng.normal()).collect::<Vec<f32>>());
+    made.push(((n, k), v.clone()));
+    v
 }
 
 /// A small deterministic generator for probes (reproducible reports).

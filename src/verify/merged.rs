@@ -55,111 +55,98 @@ dtype::vectorised! {
 fn scan(dt: Dtype, got: &[f32], want: &[f32], scale: f32, f32_tol: f64) -> Scan {
     let f32_allowed = (f32_tol * scale as f64) as f32;
     let noise = 2e-6 * scale;
-    let (mut max_d, mut max_ulps, mut worst, mut worst_r) = (0f32, 0f32, 0usize, -1f32);
-    // Ratios and ulp distances of a run of elements in a plain loop (it vectorises), then the
-    // run's maxima.
-    const RUN: usize = 256;
-    let (mut r, mut q, mut dd) = ([0f32; RUN], [0f32; RUN], [0f32; RUN]);
     // One loop per dtype, so that each is free of the dtype's branches and vectorises.
-    {
-        for (k, (gs, vs)) in got.chunks(RUN).zip(want.chunks(RUN)).enumerate() {
-            let len = gs.len();
-            let run = Run {
-                r: &mut r[..len],
-                q: &mut q[..len],
-                d: &mut dd[..len],
-            };
-            match dt {
-                Dtype::BF16 => run.fill(
-                    gs,
-                    vs,
-                    |m| ulp32(Dtype::BF16, m),
-                    |u| (u * 1.0001).max(noise),
-                ),
-                Dtype::F16 => run.fill(
-                    gs,
-                    vs,
-                    |m| ulp32(Dtype::F16, m),
-                    |u| (u * 1.0001).max(noise),
-                ),
-                _ => run.fill(gs, vs, |m| ulp32(Dtype::F32, m), |_| f32_allowed),
+    match dt {
+        Dtype::BF16 => scan_with(
+            got,
+            want,
+            |m| ulp32(Dtype::BF16, m),
+            |u| (u * 1.0001).max(noise),
+        ),
+        Dtype::F16 => scan_with(
+            got,
+            want,
+            |m| ulp32(Dtype::F16, m),
+            |u| (u * 1.0001).max(noise),
+        ),
+        _ => scan_with(got, want, |m| ulp32(Dtype::F32, m), |_| f32_allowed),
+    }
+}
+}
+
+/// `scan` for one dtype's `ulp` and allowed deviation. The maxima are kept lane by lane in
+/// registers as the elements go by (a running maximum with its index does not vectorise; storing
+/// every element's three measures to take their maxima afterwards cost as much as computing
+/// them); the index of the first largest ratio is looked for again only in a run of elements
+/// whose largest ratio beats the worst so far. Maxima ignore NaN whatever the order, so the
+/// result is the same as element by element.
+#[inline(always)]
+fn scan_with(
+    got: &[f32],
+    want: &[f32],
+    ulp: impl Fn(f32) -> f32,
+    allowed: impl Fn(f32) -> f32,
+) -> Scan {
+    const RUN: usize = 256;
+    const L: usize = 16;
+    // Per element: the ratio to what is allowed, the distance in ulps, the absolute difference.
+    let measure = |g: f32, v: f32| -> (f32, f32, f32) {
+        let d = (g - v).abs();
+        let u = ulp(g.abs().max(v.abs()));
+        let x = d / allowed(u);
+        // 0/0 (equal, nothing allowed) is 0; a NaN anywhere else is the worst.
+        let r = if x.is_nan() {
+            if d == 0.0 {
+                0.0
+            } else {
+                f32::INFINITY
             }
-            // The run's maxima lane by lane (it vectorises; a running maximum with its index
-            // does not), then the index of the first largest ratio only where it beats the
-            // worst so far.
-            let (rd, rq, rr) = (&dd[..len], &q[..len], &r[..len]);
-            max_d = max_d.max(lanes_max(rd));
-            max_ulps = max_ulps.max(lanes_max(rq));
-            let run_r = lanes_max(rr);
-            if run_r > worst_r {
-                worst_r = run_r;
-                worst = k * RUN + rr.iter().position(|&x| x == run_r).expect("the maximum");
+        } else {
+            x
+        };
+        let q = if d != 0.0 {
+            d / u.max(f32::from_bits(1))
+        } else {
+            0.0
+        };
+        (r, q, d)
+    };
+    let fold = |m: &[f32; L]| m.iter().fold(-1f32, |a, &x| a.max(x));
+    let (mut md, mut mq) = ([-1f32; L], [-1f32; L]);
+    let (mut worst, mut worst_r) = (0usize, -1f32);
+    for (k, (gs, vs)) in got.chunks(RUN).zip(want.chunks(RUN)).enumerate() {
+        let mut mr = [-1f32; L];
+        let (gc, vc) = (gs.chunks_exact(L), vs.chunks_exact(L));
+        let (gt, vt) = (gc.remainder(), vc.remainder());
+        for (g, v) in gc.zip(vc) {
+            for l in 0..L {
+                let (r, q, d) = measure(g[l], v[l]);
+                mr[l] = mr[l].max(r);
+                mq[l] = mq[l].max(q);
+                md[l] = md[l].max(d);
             }
+        }
+        for (l, (&g, &v)) in gt.iter().zip(vt).enumerate() {
+            let (r, q, d) = measure(g, v);
+            mr[l] = mr[l].max(r);
+            mq[l] = mq[l].max(q);
+            md[l] = md[l].max(d);
+        }
+        let run_r = fold(&mr);
+        if run_r > worst_r {
+            worst_r = run_r;
+            worst = k * RUN
+                + gs.iter()
+                    .zip(vs)
+                    .position(|(&g, &v)| measure(g, v).0 == run_r)
+                    .expect("the maximum");
         }
     }
     Scan {
-        max_d,
-        max_ulps,
+        max_d: fold(&md).max(0.0),
+        max_ulps: fold(&mq).max(0.0),
         worst,
         worst_r,
-    }
-}
-}
-
-/// The largest of `v` (NaN ignored, as `f32::max` does; −1 when empty or all NaN), in 16
-/// independent lanes.
-#[inline(always)]
-fn lanes_max(v: &[f32]) -> f32 {
-    let mut m = [-1f32; 16];
-    let c = v.chunks_exact(16);
-    let rest = c.remainder().iter().fold(-1f32, |a, &x| a.max(x));
-    for c in c {
-        for l in 0..16 {
-            m[l] = m[l].max(c[l]);
-        }
-    }
-    m.iter().fold(rest, |a, &x| a.max(x))
-}
-
-/// One run of `scan`: per element the ratio to what is allowed, the distance in ulps and the
-/// absolute difference.
-struct Run<'a> {
-    r: &'a mut [f32],
-    q: &'a mut [f32],
-    d: &'a mut [f32],
-}
-
-impl Run<'_> {
-    #[inline(always)]
-    fn fill(
-        self,
-        got: &[f32],
-        want: &[f32],
-        ulp: impl Fn(f32) -> f32,
-        allowed: impl Fn(f32) -> f32,
-    ) {
-        for i in 0..self.r.len() {
-            let (g, v) = (got[i], want[i]);
-            let d = (g - v).abs();
-            let u = ulp(g.abs().max(v.abs()));
-            let x = d / allowed(u);
-            // 0/0 (equal, nothing allowed) is 0; a NaN anywhere else is the worst.
-            self.r[i] = if x.is_nan() {
-                if d == 0.0 {
-                    0.0
-                } else {
-                    f32::INFINITY
-                }
-            } else {
-                x
-            };
-            self.q[i] = if d != 0.0 {
-                d / u.max(f32::from_bits(1))
-            } else {
-                0.0
-            };
-            self.d[i] = d;
-        }
     }
 }
 
@@ -499,14 +486,16 @@ pub(super) fn check_second(
                 let scale = max_abs(dt, got);
                 let tol = ctx.settings.merged_tolerance;
                 let worst = std::sync::Mutex::new(Worst::default());
-                let compare_piece = |offset: usize, want: &[f32]| {
-                    let mut got_f = vec![0f32; want.len()];
+                let compare_piece = |offset: usize, want: &[f32], got_f: &mut Vec<f32>| {
+                    // Grown (and zeroed) once per buffer; the decode writes every element.
+                    got_f.resize(want.len(), 0.0);
                     dtype::decode_f32(
                         dt,
                         &got[offset * esize..(offset + want.len()) * esize],
-                        &mut got_f,
+                        got_f,
                     );
-                    let s = scan(dt, &got_f, want, scale, tol);
+                    let got_f = &got_f[..];
+                    let s = scan(dt, got_f, want, scale, tol);
                     // The piece's worst element, measured again exactly as reported; where any
                     // element comes near what is allowed in f32, every element of the piece is,
                     // so that f32 rounding never decides a pass.
@@ -546,9 +535,11 @@ pub(super) fn check_second(
                 let compare = |offset: usize, want: &[f32]| {
                     use rayon::prelude::*;
                     const PIECE: usize = 1 << 16;
-                    want.par_chunks(PIECE)
-                        .enumerate()
-                        .for_each(|(k, w)| compare_piece(offset + k * PIECE, w));
+                    want.par_chunks(PIECE).enumerate().for_each_init(
+                        // One decode buffer per worker, not a fresh (zeroed) one per piece.
+                        Vec::new,
+                        |got_f, (k, w)| compare_piece(offset + k * PIECE, w, got_f),
+                    );
                 };
                 plan.expected_f32(t, src, inverse.as_ref(), compare)?;
                 let w = worst.into_inner().unwrap();
