@@ -180,7 +180,7 @@ impl Chain {
                 }
             }
             // Sized where a factor needs them, not for chains whose every factor runs tiled
-            // (a power iteration's vector would zero them on every call).
+            // (a Lanczos step's vector would zero them on every call).
             scratch.a.resize(x.len(), 0.0);
             if let Layout::Cols(t) = layout {
                 // The permutation folded into the column kernel's row addressing: one pass.
@@ -192,10 +192,28 @@ impl Chain {
             match &f.perm {
                 Some(p) => {
                     scratch.b.resize(x.len(), 0.0);
-                    runs(p, &mut scratch.runs);
-                    layout.gather(x, &mut scratch.a, &scratch.runs, n);
-                    layout.blocks(isa, f, &scratch.a, &mut scratch.b);
-                    layout.scatter(&scratch.b, x, &scratch.runs, n);
+                    match layout {
+                        // A few vectors (verify's Lanczos steps and probes): finding the
+                        // runs costs more than the moves it saves, and LyCORIS's interleaving
+                        // permutations have none longer than one element.
+                        Layout::Rows(rows) if rows < FEW_ROWS => {
+                            for (r, a) in scratch.a.chunks_exact_mut(n).take(rows).enumerate() {
+                                let x = &x[r * n..(r + 1) * n];
+                                a.iter_mut().zip(p).for_each(|(a, &pj)| *a = x[pj as usize]);
+                            }
+                            layout.blocks(isa, f, &scratch.a, &mut scratch.b);
+                            for (r, b) in scratch.b.chunks_exact(n).take(rows).enumerate() {
+                                let x = &mut x[r * n..(r + 1) * n];
+                                b.iter().zip(p).for_each(|(&b, &pj)| x[pj as usize] = b);
+                            }
+                        }
+                        _ => {
+                            runs(p, &mut scratch.runs);
+                            layout.gather(x, &mut scratch.a, &scratch.runs, n);
+                            layout.blocks(isa, f, &scratch.a, &mut scratch.b);
+                            layout.scatter(&scratch.b, x, &scratch.runs, n);
+                        }
+                    }
                 }
                 None => {
                     layout.blocks(isa, f, x, &mut scratch.a);
@@ -244,7 +262,7 @@ impl Chain {
 
     /// `mt.apply_rows(x, 0, rows, scratch)` for `mt = self.transposed()`, bit for bit, without
     /// its per-call copies: where every factor has a tiled kernel, each block's transpose is
-    /// taken as it is loaded (a power iteration applies `M` and `Mᵀ` to one vector a hundred
+    /// taken as it is loaded (verify's Lanczos steps apply `M` and `Mᵀ` to one vector dozens of
     /// times; transposing every block per call was most of its cost); elsewhere `mt` itself
     /// applies (the untiled kernel transposes each block it loads either way).
     pub fn apply_rows_transposed(
@@ -377,6 +395,9 @@ impl Layout {
         }
     }
 }
+
+/// Below this many row vectors a permutation is applied element by element, not by its runs.
+const FEW_ROWS: usize = 8;
 
 /// A permutation as maximal runs `(j, p[j], len)` with `p[j + k] = p[j] + k`: butterfly
 /// permutations move half-blocks, so gathers and scatters become a few memcpys per row.

@@ -110,7 +110,7 @@ fn operand<const H: usize>(
 
 /// A block, transposed, aligned for vector loads: row j holds column j of `Q`. Left
 /// uninitialised until a block is written to it: zeroing one (five per call where a call has
-/// fewer rows than a tile) cost more than a power iteration's whole product of one vector.
+/// fewer rows than a tile) cost more than the product of one vector (verify's Lanczos steps).
 #[repr(C, align(64))]
 struct Transposed<const H: usize>([[f32; H]; H]);
 
@@ -161,7 +161,7 @@ macro_rules! tiled {
                     .step_by($lanes)
                     .all(|v| (0..$lanes).all(|l| place(f, v + l) == place(f, v) + l));
                 let xp = x.as_mut_ptr();
-                // Fewer rows than a tile (a power iteration's one vector): four blocks of each
+                // Fewer rows than a tile (a Lanczos step's one vector): four blocks of each
                 // row at once instead, so that their sums do not wait on each other.
                 let mut k = 0;
                 if rows < R {

@@ -514,7 +514,12 @@ pub(super) fn check_second(
                         // it as the worst.
                         (if ratio.is_nan() { f64::INFINITY } else { ratio }, i)
                     };
-                    let (ratio, i) = if s.worst_r >= 0.99 {
+                    // The f32 ratio is within a few f32 roundings (relative 1e-6) of the f64
+                    // one, so below this no element of the piece can fail; an element exactly
+                    // one ulp off (ratio 1/1.0001 = 0.9999, common in 16-bit outputs whose
+                    // rounding order differs) is not near enough to need the f64 pass (which
+                    // took a quarter of a U-Net verify when the threshold was 0.99).
+                    let (ratio, i) = if s.worst_r >= 0.99995 {
                         (0..want.len())
                             .map(exact)
                             .fold((-1.0, 0), |b, x| if x.0 > b.0 { x } else { b })
