@@ -2,9 +2,10 @@
 //! (tmpfs, `/dev/shm` by default), so that the disk is not the limit and the engine is what is
 //! measured, side by side in one run:
 //!
-//! * the `cp` floor, `boft-merge` with one thread and with all cores, and `boft-verify --merged`
-//!   of the merge, on the input-side Llama case (PEFT BOFT) and on output-side U-Net-shaped
-//!   cases (LyCORIS diag-oft and boft, fp16, made by LyCORIS itself: lycoris_unet.py);
+//! * the `cp` floor, `boft-merge` with `--threads 1`, held to one core (CPU affinity) and on all
+//!   cores, and `boft-verify --merged` of the merge, on the input-side Llama case (PEFT BOFT)
+//!   and on output-side U-Net-shaped cases (LyCORIS diag-oft and boft, fp16, made by LyCORIS
+//!   itself: lycoris_unet.py);
 //! * LyCORIS's own merge (`merge_to`) of the same U-Net files, when Python with torch and
 //!   lycoris-lora is there;
 //! * the block kernel alone, in this process, on the Llama adapter's geometry, for every compiled
@@ -219,6 +220,11 @@ pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
         };
         let i_floor = t(&mut rows, "floor: `cp -r` of the base", String::new());
         let i_m1 = t(&mut rows, "`boft-merge --threads 1`", String::new());
+        let i_c1 = t(
+            &mut rows,
+            "`boft-merge` on one core",
+            "all threads, CPU affinity one core".to_string(),
+        );
         let i_m = t(
             &mut rows,
             "`boft-merge` (all cores)",
@@ -235,7 +241,11 @@ pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
             let mut c = Command::new("cp");
             c.arg("-r").arg(&case.base).arg(&floor);
             rows[i_floor].secs.push(time(c, "cp")?.0);
-            for (i, threads) in [(i_m1, Some(1)), (i_m, None)] {
+            for (i, threads, one_core) in [
+                (i_m1, Some(1), false),
+                (i_c1, None, true),
+                (i_m, None, false),
+            ] {
                 measure::remove(&out)?;
                 let mut c = Command::new(&bin);
                 c.arg("--base")
@@ -245,6 +255,9 @@ pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
                 c.arg("-o").arg(&out).arg("-q");
                 if let Some(n) = threads {
                     c.arg("--threads").arg(n.to_string());
+                }
+                if one_core {
+                    pin_to_one_core(&mut c);
                 }
                 rows[i].secs.push(time(c, "boft-merge")?.0);
                 let d = digest(&out)?;
@@ -262,10 +275,11 @@ pub fn main(a: MemoryArgs, argv: &[String]) -> Result<()> {
                 .arg(&out);
             rows[i_v].secs.push(time(c, "boft-verify")?.0);
             eprintln!(
-                "{} #{r}: floor {:.3} s, merge {:.3}/{:.3} s, verify {:.3} s",
+                "{} #{r}: floor {:.3} s, merge {:.3}/{:.3}/{:.3} s (threads 1/one core/all), verify {:.3} s",
                 case.name,
                 rows[i_floor].secs[r],
                 rows[i_m1].secs[r],
+                rows[i_c1].secs[r],
                 rows[i_m].secs[r],
                 rows[i_v].secs[r]
             );
@@ -649,9 +663,16 @@ fn write(
         );
         let _ = writeln!(
             w,
-            "| {cores} threads ≥ 1.8× one thread (Llama) | {:.2}× |",
+            "| {cores} threads ≥ 1.8× one thread (Llama, `--threads 1`: the kernel's pool; the reader, builder and writer threads still run) | {:.2}× |",
             m1.0 / m.0
         );
+        if let Some(c1) = get("`boft-merge` on one core") {
+            let _ = writeln!(
+                w,
+                "| … {cores} cores against one (Llama, the whole process held to one core by its CPU affinity) | {:.2}× |",
+                c1.0 / m.0
+            );
+        }
         let _ = writeln!(
             w,
             "| `boft-verify --merged` ≤ 1.5× the merge (Llama) | {:.2}× |",
@@ -773,4 +794,29 @@ fn kernel_table(kernel: &[KernelRow]) -> String {
         };
     }
     w
+}
+
+/// Hold the child to one CPU (the first this process may use): the whole merge on one core,
+/// whatever threads it starts, which `--threads 1` does not do (it sizes only the kernel's pool).
+fn pin_to_one_core(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls async-signal-safe syscalls on a
+    // zeroed CPU set of its own stack.
+    unsafe {
+        c.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let first = (0..libc::CPU_SETSIZE as usize)
+                .find(|&i| libc::CPU_ISSET(i, &set))
+                .unwrap_or(0);
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(first, &mut one);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
