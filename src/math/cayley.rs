@@ -195,10 +195,7 @@ fn elimination_rows<const H: usize>(s: &[f64]) -> Option<Vec<f64>> {
             if f[k] == 0.0 {
                 continue;
             }
-            let ak = &a[k];
-            for j in 0..H {
-                ar[j] -= f[k] * ak[j];
-            }
+            sub_multiple(&mut ar, f[k], &a[k]);
         }
         a[r] = ar;
         let p = ar[r];
@@ -212,10 +209,7 @@ fn elimination_rows<const H: usize>(s: &[f64]) -> Option<Vec<f64>> {
             if f[k] == 0.0 {
                 continue;
             }
-            let bk = &b[k];
-            for j in 0..H {
-                br[j] -= f[k] * bk[j];
-            }
+            sub_multiple(&mut br, f[k], &b[k]);
         }
         b[r] = br;
     }
@@ -226,10 +220,7 @@ fn elimination_rows<const H: usize>(s: &[f64]) -> Option<Vec<f64>> {
             if fm == 0.0 {
                 continue;
             }
-            let bm = &b[m];
-            for j in 0..H {
-                bk[j] -= fm * bm[j];
-            }
+            sub_multiple(&mut bk, fm, &b[m]);
         }
         let inv = 1.0 / a[k][k];
         bk.iter_mut().for_each(|x| *x *= inv);
@@ -237,6 +228,14 @@ fn elimination_rows<const H: usize>(s: &[f64]) -> Option<Vec<f64>> {
     }
     let out: Vec<f64> = b.into_iter().flatten().collect();
     out.iter().all(|x| x.is_finite()).then_some(out)
+}
+
+/// `row ← row − f·other`, element by element (a multiply, then a subtract: never fused).
+#[inline(always)]
+fn sub_multiple<const H: usize>(row: &mut [f64; H], f: f64, other: &[f64; H]) {
+    for j in 0..H {
+        row[j] -= f * other[j];
+    }
 }
 
 /// Gaussian elimination on I + S with I − S as the right-hand side, for any block size.

@@ -119,12 +119,7 @@ fn top_eigenvalue(chain: &Chain, start: &[f32]) -> f64 {
     let mt = chain.transposed();
     let mut s = Scratch::default();
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
-    let norm0 = start
-        .iter()
-        .map(|&x| (x as f64).powi(2))
-        .sum::<f64>()
-        .sqrt()
-        .max(1e-30);
+    let norm0 = norm_f64(start).max(1e-30);
     let mut q: Vec<f64> = start.iter().map(|&x| x as f64 / norm0).collect();
     let mut prev = vec![0f64; n];
     let (mut alpha, mut beta) = (Vec::new(), Vec::new());
@@ -340,6 +335,11 @@ pub fn degrees_of_freedom(t: &Target) -> Dof {
     }
 }
 
+/// The Euclidean norm of f32 values, summed in f64 in order.
+fn norm_f64(x: &[f32]) -> f64 {
+    x.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+}
+
 /// Hyperspherical energy Σ_{i<j} 1/‖ŵ_i − ŵ_j‖ of a sample of neurons (rows), before and after.
 pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[u8]) -> Energy {
     let rows = shape[0];
@@ -375,12 +375,7 @@ pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[
     let energy = |w: &[f32]| -> f64 {
         let mut unit = vec![0f64; w.len()];
         for (u, r) in unit.chunks_exact_mut(n).zip(w.chunks_exact(n)) {
-            let norm = r
-                .iter()
-                .map(|&x| (x as f64).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                .max(1e-30);
+            let norm = norm_f64(r).max(1e-30);
             for (o, &x) in u.iter_mut().zip(r) {
                 *o = x as f64 / norm;
             }
