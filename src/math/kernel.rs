@@ -192,28 +192,9 @@ impl Chain {
             match &f.perm {
                 Some(p) => {
                     scratch.b.resize(x.len(), 0.0);
-                    match layout {
-                        // A few vectors (verify's Lanczos steps and probes): finding the
-                        // runs costs more than the moves it saves, and LyCORIS's interleaving
-                        // permutations have none longer than one element.
-                        Layout::Rows(rows) if rows < FEW_ROWS => {
-                            for (r, a) in scratch.a.chunks_exact_mut(n).take(rows).enumerate() {
-                                let x = &x[r * n..(r + 1) * n];
-                                a.iter_mut().zip(p).for_each(|(a, &pj)| *a = x[pj as usize]);
-                            }
-                            layout.blocks(isa, f, &scratch.a, &mut scratch.b);
-                            for (r, b) in scratch.b.chunks_exact(n).take(rows).enumerate() {
-                                let x = &mut x[r * n..(r + 1) * n];
-                                b.iter().zip(p).for_each(|(&b, &pj)| x[pj as usize] = b);
-                            }
-                        }
-                        _ => {
-                            runs(p, &mut scratch.runs);
-                            layout.gather(x, &mut scratch.a, &scratch.runs, n);
-                            layout.blocks(isa, f, &scratch.a, &mut scratch.b);
-                            layout.scatter(&scratch.b, x, &scratch.runs, n);
-                        }
-                    }
+                    layout.gather(x, &mut scratch.a, p, &mut scratch.runs, n);
+                    layout.blocks(isa, f, &scratch.a, &mut scratch.b);
+                    layout.scatter(&scratch.b, x, p, &scratch.runs, n);
                 }
                 None => {
                     layout.blocks(isa, f, x, &mut scratch.a);
@@ -362,21 +343,55 @@ impl Layout {
         }
     }
 
-    /// Component `j` of every vector from component `p[j]` (`runs` of `p`).
-    fn gather(self, x: &[f32], out: &mut [f32], runs: &[(usize, usize, usize)], n: usize) {
+    /// Component `j` of every vector from component `p[j]`. The permutation moves by its runs,
+    /// which this computes into `runs` for `scatter`; for a few row vectors (verify's Lanczos
+    /// steps and probes) element by element instead: finding the runs costs more than the moves
+    /// it saves, and LyCORIS's interleaving permutations have none longer than one element.
+    fn gather(
+        self,
+        x: &[f32],
+        out: &mut [f32],
+        p: &[u32],
+        runs: &mut Vec<(usize, usize, usize)>,
+        n: usize,
+    ) {
+        if let Layout::Rows(rows) = self {
+            if rows < FEW_ROWS {
+                for (o, x) in out.chunks_exact_mut(n).zip(x.chunks_exact(n)).take(rows) {
+                    o.iter_mut().zip(p).for_each(|(o, &pj)| *o = x[pj as usize]);
+                }
+                return;
+            }
+        }
+        self::runs(p, runs);
         match self {
             Layout::Rows(rows) => gather(x, out, runs, rows, n),
             // Components are rows of the tile: whole row runs move at once.
             Layout::Cols(t) => {
-                for &(j, pj, len) in runs {
+                for &(j, pj, len) in runs.iter() {
                     out[j * t..(j + len) * t].copy_from_slice(&x[pj * t..(pj + len) * t]);
                 }
             }
         }
     }
 
-    /// The inverse of `gather`.
-    fn scatter(self, h: &[f32], x: &mut [f32], runs: &[(usize, usize, usize)], n: usize) {
+    /// The inverse of `gather`, with the `runs` it computed.
+    fn scatter(
+        self,
+        h: &[f32],
+        x: &mut [f32],
+        p: &[u32],
+        runs: &[(usize, usize, usize)],
+        n: usize,
+    ) {
+        if let Layout::Rows(rows) = self {
+            if rows < FEW_ROWS {
+                for (h, x) in h.chunks_exact(n).zip(x.chunks_exact_mut(n)).take(rows) {
+                    h.iter().zip(p).for_each(|(&h, &pj)| x[pj as usize] = h);
+                }
+                return;
+            }
+        }
         match self {
             Layout::Rows(rows) => scatter(h, x, runs, rows, n),
             Layout::Cols(t) => {

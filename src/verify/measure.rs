@@ -405,10 +405,10 @@ pub(super) fn hyperspherical(chain: &Chain, dt: Dtype, shape: &[usize], data: &[
             .enumerate()
             .map(|(i, acc)| {
                 let mut e = 0.0;
+                let a = &unit[i * n..][..n];
                 for (g, lanes) in acc.iter_mut().enumerate() {
                     let j = i + 1 + 4 * g;
                     let rows = |k: usize| &unit[(j + k).min(take - 1) * n..][..n];
-                    let a = &unit[i * n..][..n];
                     for (k, lanes) in lanes.iter_mut().enumerate().take(take - j) {
                         for (l, (x, y)) in a[whole..].iter().zip(&rows(k)[whole..]).enumerate() {
                             lanes[l] += (x - y) * (x - y);
