@@ -406,6 +406,8 @@ const OUTPUT_STRIP: usize = 32;
 fn kernel_rows(spec: &Spec, cores: usize) -> Vec<KernelRow> {
     let input = bench_chain(spec);
     let output = bench_chain_output();
+    // The merge holds each input-side chain's transpose and the kernel takes its operands from it.
+    let input_t = input.transposed();
     // Input side: one work chunk of the merge (128 Ki elements), rows of the chain's length.
     let rows = (1usize << 17) / input.n;
     let mut out = Vec::new();
@@ -428,7 +430,9 @@ fn kernel_rows(spec: &Spec, cores: usize) -> Vec<KernelRow> {
                     for _ in 0..iters {
                         let t0 = Instant::now();
                         if side == "input" {
-                            chain.apply_rows_isa(isa, &mut x, 0, vectors, &mut s);
+                            chain.apply_rows_given_transpose_isa(
+                                isa, &input_t, &mut x, 0, vectors, &mut s,
+                            );
                         } else {
                             chain.apply_cols_isa(isa, &mut x, 0, vectors, &mut s);
                         }
@@ -734,7 +738,8 @@ fn write(
         "\n## The block kernel alone\n\nIn the harness's own process, no I/O: one merge work \
          chunk (128 Ki elements: {} rows of {}) of the Llama adapter's geometry (b = {}, {} \
          factors, butterfly permutations after the first, per-row scale) transformed over and \
-         over by `Chain::apply_rows_isa`, per compiled form; only the calls are timed (the \
+         over by `Chain::apply_rows_given_transpose_isa` (as the merge calls it, with the \
+         chain's transpose made once), per compiled form; only the calls are timed (the \
          rescaling between them is not). 2·b flops per element per factor. The peak is a loop \
          of independent register-only FMAs of the same vector width. Medians of {} rounds, \
          each timing the kernel and then the peak, so that both see the same clock on a shared \

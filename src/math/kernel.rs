@@ -257,8 +257,16 @@ impl Chain {
         if !self.tiled(isa) || self.blend != 1.0 {
             return mt.apply_rows(x, 0, rows, scratch);
         }
-        for f in self.factors.iter().rev() {
-            let done = super::tile::rows_in_place(isa, f, x, rows, None, true);
+        self.factors_transposed(isa, x, rows, None);
+    }
+
+    /// Every factor of this chain (all tiled in `isa`) applied transposed, last first, to `rows`
+    /// rows of `x`, each row of the last one's results times `scale[r]` where given.
+    fn factors_transposed(&self, isa: Isa, x: &mut [f32], rows: usize, scale: Option<&[f32]>) {
+        let last = self.factors.len().saturating_sub(1);
+        for (i, f) in self.factors.iter().rev().enumerate() {
+            let s = scale.filter(|_| i == last);
+            let done = super::tile::rows_in_place(isa, f, x, rows, s, true);
             debug_assert!(done);
         }
     }
@@ -270,7 +278,8 @@ impl Chain {
 
     /// `apply_rows(x, row0, rows, scratch)`, bit for bit, given `mt = self.transposed()`: where
     /// `mt` runs tiled, the factors run as `mt.apply_rows_transposed`, which copies no block
-    /// (see there).
+    /// (see there). The merge holds each input-side chain's transpose for this: transposing
+    /// every block on every call was a quarter of its kernel time.
     pub fn apply_rows_given_transpose(
         &self,
         mt: &Chain,
@@ -279,14 +288,40 @@ impl Chain {
         rows: usize,
         scratch: &mut Scratch,
     ) {
-        if self.blend != 1.0 || !mt.tiled(Isa::detect()) {
-            return self.apply_rows(x, row0, rows, scratch);
+        self.apply_rows_given_transpose_isa(Isa::detect(), mt, x, row0, rows, scratch)
+    }
+
+    /// `apply_rows_given_transpose` with a given compiled form of the block kernel (for the
+    /// benchmark harness, like `apply_rows_isa`). `isa` must be one the CPU runs.
+    pub fn apply_rows_given_transpose_isa(
+        &self,
+        isa: Isa,
+        mt: &Chain,
+        x: &mut Vec<f32>,
+        row0: usize,
+        rows: usize,
+        scratch: &mut Scratch,
+    ) {
+        if self.blend != 1.0 || !mt.tiled(isa) {
+            return self.apply_rows_isa(isa, x, row0, rows, scratch);
         }
         if self.scale_first {
             self.scale_rows(x, row0, rows);
         }
-        mt.apply_rows_transposed(self, x, rows, scratch);
-        if !self.scale_first {
+        // A per-row scale after the factors goes into the last one's stores, as `apply_rows`
+        // does it (one rounding either way).
+        let fold = match &self.scale {
+            Some(s)
+                if !self.scale_first
+                    && self.scale_on == ScaleOn::Vector
+                    && !mt.factors.is_empty() =>
+            {
+                s.get(row0..row0 + rows)
+            }
+            _ => None,
+        };
+        mt.factors_transposed(isa, x, rows, fold);
+        if !self.scale_first && fold.is_none() {
             self.scale_rows(x, row0, rows);
         }
     }
@@ -1113,7 +1148,7 @@ mod tests {
                         })
                         .collect(),
                     scale: Some(match scale_on {
-                        ScaleOn::Vector => (0..9).map(|r| 0.8 + r as f32 * 0.05).collect(),
+                        ScaleOn::Vector => (0..40).map(|r| 0.8 + r as f32 * 0.01).collect(),
                         ScaleOn::Component => (0..n).map(|i| 0.9 + i as f32 * 0.001).collect(),
                     }),
                     scale_on,
@@ -1121,7 +1156,8 @@ mod tests {
                     blend: 1.0,
                 };
                 let mt = chain.transposed();
-                for rows in [1usize, 5] {
+                // Fewer rows than a tile, whole tiles of every form (8 and 12 rows) and a rest.
+                for rows in [1usize, 5, 13, 26] {
                     let x0: Vec<f32> = (0..rows * n).map(|_| rnd(&mut seed)).collect();
                     let (mut a, mut b) = (x0.clone(), x0.clone());
                     mt.apply_rows(&mut a, 0, rows, &mut Scratch::default());

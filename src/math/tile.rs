@@ -49,8 +49,8 @@ pub(super) fn rows_in_place(
     // pieces of 8 lie inside a row of length n).
     unsafe {
         match (isa, f.h) {
-            (Isa::Avx512, 16) => return avx512::rows::<16, 1, 12>(f, x, rows, scale, transposed),
-            (Isa::Avx512, 32) => return avx512::rows::<32, 2, 8>(f, x, rows, scale, transposed),
+            (Isa::Avx512, 16) => return avx512::rows::<16, 1, 6>(f, x, rows, scale, transposed),
+            (Isa::Avx512, 32) => return avx512::rows::<32, 2, 4>(f, x, rows, scale, transposed),
             (Isa::Avx2, 16) => return avx2::rows::<16, 2, 6>(f, x, rows, scale, transposed),
             (Isa::Avx2, 32) => return avx2::rows::<32, 4, 3>(f, x, rows, scale, transposed),
             _ => {}

@@ -2,6 +2,9 @@
 //! stages, one group per adapter) is built into kernel chains and applied in f32, and the result
 //! is rounded to the tensor's dtype once, however many adapters touched it.
 
+use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -21,8 +24,10 @@ type ColumnSlices = [((usize, usize), Arc<Chain>)];
 
 /// A stage's kernel chains.
 pub(super) enum BuiltStage {
-    /// Whole rows (input side).
-    Rows(Arc<Chain>),
+    /// Whole rows (input side), and the chain's transpose (`Chain::transposed`, made once the
+    /// chains are final): the CPU kernel reads each block's operand from it instead of
+    /// transposing every block on every call, which was a quarter of the kernel's time.
+    Rows(Arc<Chain>, Option<Chain>),
     /// Row slices and their chains (output side), and the number of columns the tensor is read
     /// as.
     Columns(Vec<((usize, usize), Arc<Chain>)>, Option<usize>),
@@ -57,7 +62,7 @@ impl Built<'_> {
             && self
                 .groups
                 .iter()
-                .all(|g| g.stages.iter().all(|s| matches!(s, BuiltStage::Rows(_))))
+                .all(|g| g.stages.iter().all(|s| matches!(s, BuiltStage::Rows(..))))
     }
 }
 
@@ -99,7 +104,7 @@ impl Plan<'_> {
                 .iter()
                 .map(|s| {
                     Ok(match s {
-                        Stage::Rows(t) => BuiltStage::Rows(chain(t)?),
+                        Stage::Rows(t) => BuiltStage::Rows(chain(t)?, None),
                         Stage::Columns(slices) => BuiltStage::Columns(
                             slices
                                 .iter()
@@ -113,6 +118,11 @@ impl Plan<'_> {
             groups.push(BuiltGroup { stages, blend });
         }
         collapse_junctions(&mut groups);
+        for s in groups.iter_mut().flat_map(|g| g.stages.iter_mut()) {
+            if let BuiltStage::Rows(c, mt) = s {
+                *mt = Some(c.transposed());
+            }
+        }
         Ok(Built {
             start: a.start,
             groups,
@@ -135,7 +145,7 @@ fn collapse_junctions(groups: &mut [BuiltGroup]) {
         }
         for s in g.stages.iter_mut() {
             match s {
-                BuiltStage::Rows(c) => {
+                BuiltStage::Rows(c, _) => {
                     if let Some(p) = prev.take() {
                         collapse(p, c);
                     }
@@ -176,6 +186,44 @@ fn collapse(x: &mut Arc<Chain>, y: &mut Arc<Chain>) {
 /// Elements per work chunk: large enough for efficient block GEMMs, small enough to stay in cache.
 const CHUNK_ELEMS: usize = 1 << 17;
 
+/// A targeted tensor's stored bytes: `bytes` (mapped), and, where the file is at hand, the file,
+/// the offset of the tensor's first byte in it and its path for messages (`file`), from which
+/// row chunks are read with `pread` into a per-thread buffer instead: faulting page-cached
+/// pages into the map cost about three times copying them out (a sixth of a merge's CPU on
+/// tmpfs, where `cp` spends none of it).
+#[derive(Clone, Copy)]
+pub(super) struct Source<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) file: Option<(&'a File, u64, &'a Path)>,
+}
+
+impl<'a> Source<'a> {
+    /// Bytes read only through the map.
+    pub(super) fn mapped(bytes: &'a [u8]) -> Source<'a> {
+        Source { bytes, file: None }
+    }
+
+    /// Bytes `range` of the tensor: read from the file into `buf` where it is at hand, else
+    /// the map's.
+    fn read<'b>(&'b self, range: Range<usize>, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
+        let Some((f, at, path)) = self.file else {
+            return Ok(&self.bytes[range]);
+        };
+        buf.resize(range.len(), 0);
+        f.read_exact_at(buf, at + range.start as u64)
+            .map_err(|e| match e.kind() {
+                // What a mapped read of the same bytes reports (`fault`).
+                std::io::ErrorKind::UnexpectedEof => err(
+                    Class::Io,
+                    path,
+                    "shrank while being read (truncated by another process?); nothing was written",
+                ),
+                _ => Error::io(path, e),
+            })?;
+        Ok(buf)
+    }
+}
+
 /// Where finished pieces of a tensor go as soon as they are encoded: `(offset in the tensor,
 /// bytes)`.
 pub(super) type Sink<'a> = &'a (dyn Fn(usize, &[u8]) -> Result<()> + Sync);
@@ -189,7 +237,7 @@ pub(super) type Sink<'a> = &'a (dyn Fn(usize, &[u8]) -> Result<()> + Sync);
 pub(super) fn tensor_bytes(
     path: &Path,
     t: &TensorInfo,
-    src: &[u8],
+    source: Source,
     b: &Built,
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
@@ -198,9 +246,10 @@ pub(super) fn tensor_bytes(
 ) -> Result<bool> {
     if b.rows_only() {
         // Checked chunk by chunk, while each is in cache.
-        rows_into(path, t, src, &b.groups, backend, stop, sink)?;
+        rows_into(path, t, source, &b.groups, backend, stop, sink)?;
         return Ok(true);
     }
+    let src = source.bytes;
     out.resize(t.end - t.start, 0);
     match (b.start, b.groups.is_empty()) {
         (Some(r), true) if r.dtype == t.dtype => out.copy_from_slice(&r.data),
@@ -247,7 +296,7 @@ fn row_len(t: &TensorInfo) -> usize {
 fn rows_into(
     path: &Path,
     t: &TensorInfo,
-    src: &[u8],
+    src: Source,
     groups: &[BuiltGroup],
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
@@ -256,10 +305,9 @@ fn rows_into(
     let esize = t.dtype.float_size().expect("checked at planning");
     let n = row_len(t);
     let row_bytes = n * esize;
-    rows_chunked(t, src, groups, backend, stop, |r0, x, bytes| {
+    rows_chunked(t, src, groups, backend, stop, |r0, base, x, bytes| {
         bytes.resize(x.len() * esize, 0);
         dtype::encode_f32(t.dtype, x, bytes);
-        let base = &src[r0 * row_bytes..r0 * row_bytes + bytes.len()];
         safe_merge(path, t, r0 * n, base, bytes)?;
         sink(r0 * row_bytes, bytes)
     })
@@ -286,10 +334,13 @@ pub(super) fn apply_rows(
             orig.extend_from_slice(x);
         }
         for s in &g.stages {
-            let BuiltStage::Rows(chain) = s else {
+            let BuiltStage::Rows(chain, mt) = s else {
                 unreachable!("row chunks are only made of row stages");
             };
-            backend.apply(chain, x, row0, rows, scratch)?;
+            match mt {
+                Some(mt) => backend.apply_given_transpose(chain, mt, x, row0, rows, scratch)?,
+                None => backend.apply(chain, x, row0, rows, scratch)?,
+            }
         }
         if g.blend != 1.0 {
             blend(x, orig, g.blend);
@@ -306,8 +357,9 @@ fn blend(x: &mut [f32], orig: &[f32], t: f32) {
 }
 
 /// Per-thread buffers for one chunk: the kernel's scratch, the chunk's values, a byte buffer for
-/// the caller, and the values before a blended group.
-type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>, Vec<f32>);
+/// the caller, the values before a blended group, another f32 buffer, and the chunk's stored
+/// bytes where they are read from the file.
+type Work = (Scratch, Vec<f32>, Vec<u8>, Vec<f32>, Vec<f32>, Vec<u8>);
 
 thread_local! {
     /// Per-thread buffers that live as long as the worker thread: rayon's `*_init` helpers make
@@ -326,37 +378,39 @@ fn with_work<R>(body: impl FnOnce(&mut Work) -> R) -> R {
     })
 }
 
-/// Decode rows `r0..r1`, apply the groups, hand the f32 result (and a reusable byte buffer) to
-/// `f`, with per-thread buffers.
+/// Read and decode rows `r0..r1`, apply the groups, hand their stored bytes, the f32 result and
+/// a reusable byte buffer to `f`, with per-thread buffers.
+#[allow(clippy::too_many_arguments)]
 fn with_chunk(
     t: &TensorInfo,
-    src: &[u8],
+    src: Source,
     groups: &[BuiltGroup],
     backend: &dyn Backend,
     r0: usize,
     r1: usize,
-    f: impl FnOnce(&[f32], &mut Vec<u8>) -> Result<()>,
+    f: impl FnOnce(&[u8], &[f32], &mut Vec<u8>) -> Result<()>,
 ) -> Result<()> {
     let esize = t.dtype.float_size().expect("checked at planning");
     let n = row_len(t);
-    with_work(|(scratch, x, bytes, orig, _)| {
+    with_work(|(scratch, x, bytes, orig, _, input)| {
+        let stored = src.read(r0 * n * esize..r1 * n * esize, input)?;
         x.resize((r1 - r0) * n, 0.0);
-        dtype::decode_f32(t.dtype, &src[r0 * n * esize..r1 * n * esize], x);
+        dtype::decode_f32(t.dtype, stored, x);
         apply_rows(groups, backend, x, r0, r1 - r0, scratch, orig)?;
-        f(x, bytes)
+        f(stored, x, bytes)
     })
 }
 
 /// Transform a row-stage tensor in row chunks, in parallel, handing each finished chunk (its
-/// first row and its f32 values) to `sink` with a reusable byte buffer. Memory stays at a few
-/// chunks per thread whatever the tensor's size.
+/// first row, its stored bytes and its f32 values) to `sink` with a reusable byte buffer.
+/// Memory stays at a few chunks per thread whatever the tensor's size.
 pub(super) fn rows_chunked(
     t: &TensorInfo,
-    src: &[u8],
+    src: Source,
     groups: &[BuiltGroup],
     backend: &dyn Backend,
     stop: &(dyn Fn() -> bool + Sync),
-    sink: impl Fn(usize, &[f32], &mut Vec<u8>) -> Result<()> + Sync,
+    sink: impl Fn(usize, &[u8], &[f32], &mut Vec<u8>) -> Result<()> + Sync,
 ) -> Result<()> {
     let rows = t.shape[0];
     let chunk_rows = chunk_rows(t, backend);
@@ -368,8 +422,8 @@ pub(super) fn rows_chunked(
             }
             let r0 = c * chunk_rows;
             let r1 = (r0 + chunk_rows).min(rows);
-            with_chunk(t, src, groups, backend, r0, r1, |x, bytes| {
-                sink(r0, x, bytes)
+            with_chunk(t, src, groups, backend, r0, r1, |stored, x, bytes| {
+                sink(r0, stored, x, bytes)
             })
         })
 }
@@ -403,7 +457,9 @@ pub(super) fn whole_f32(
         }
         for s in &g.stages {
             match s {
-                BuiltStage::Rows(chain) => rows_in_place(t, &mut w, chain, backend)?,
+                BuiltStage::Rows(chain, mt) => {
+                    rows_in_place(t, &mut w, chain, mt.as_ref(), backend)?
+                }
                 BuiltStage::Columns(slices, cols) => columns(t, &mut w, slices, *cols, backend)?,
             }
         }
@@ -419,6 +475,7 @@ fn rows_in_place(
     t: &TensorInfo,
     w: &mut [f32],
     chain: &Chain,
+    mt: Option<&Chain>,
     backend: &dyn Backend,
 ) -> Result<()> {
     let n = chain.n;
@@ -426,10 +483,14 @@ fn rows_in_place(
     w.par_chunks_mut(chunk_rows * n)
         .enumerate()
         .try_for_each(|(c, chunk)| {
-            with_work(|(scratch, x, _, _, _)| {
+            with_work(|(scratch, x, _, _, _, _)| {
                 x.clear();
                 x.extend_from_slice(chunk);
-                backend.apply(chain, x, c * chunk_rows, chunk.len() / n, scratch)?;
+                let (row0, rows) = (c * chunk_rows, chunk.len() / n);
+                match mt {
+                    Some(mt) => backend.apply_given_transpose(chain, mt, x, row0, rows, scratch)?,
+                    None => backend.apply(chain, x, row0, rows, scratch)?,
+                }
                 chunk.copy_from_slice(x);
                 Ok(())
             })
@@ -520,7 +581,7 @@ fn columns_tiled(
         .try_for_each(|ti| -> Result<()> {
             let c0 = ti * tile;
             let tc = tile.min(cols - c0);
-            with_work(|(scratch, x, _, orig, y)| {
+            with_work(|(scratch, x, _, orig, y, _)| {
                 // Rows below m are all overwritten: only the padding needs zeroing.
                 x.resize(n * tc, 0.0);
                 x[m * tc..].fill(0.0);
@@ -670,7 +731,7 @@ fn columns_direct(
                     .iter()
                     .map(|s| match s {
                         BuiltStage::Columns(sl, _) => &sl[k].1,
-                        BuiltStage::Rows(_) => unreachable!("checked above"),
+                        BuiltStage::Rows(..) => unreachable!("checked above"),
                     })
                     .collect();
                 (g.blend, chains)
@@ -725,6 +786,48 @@ mod tests {
                 w[i * cols + c] = v[i - a];
             }
         }
+    }
+
+    #[test]
+    fn chunks_read_from_the_file_are_the_mapped_bytes_and_a_shrunk_file_is_one_error() {
+        let dir = std::env::temp_dir().join(format!("boft-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.bin");
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = File::open(&path).unwrap();
+        // The tensor starts 100 bytes into the file.
+        let src = Source {
+            bytes: &data[100..],
+            file: Some((&f, 100, path.as_path())),
+        };
+        let mut buf = Vec::new();
+        for r in [0..10, 7..2000, 3000..3996] {
+            assert_eq!(
+                src.read(r.clone(), &mut buf).unwrap(),
+                &data[100 + r.start..100 + r.end]
+            );
+            assert_eq!(
+                Source::mapped(&data[100..])
+                    .read(r.clone(), &mut buf)
+                    .unwrap(),
+                &data[100 + r.start..100 + r.end]
+            );
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(2000)
+            .unwrap();
+        let e = src.read(1000..3000, &mut buf).unwrap_err();
+        assert_eq!(e.class, Class::Io);
+        let line = e.to_string();
+        assert!(
+            line.contains("t.bin") && line.contains("shrank while being read"),
+            "{line}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -834,11 +937,11 @@ mod tests {
         let v: Vec<f32> = (0..h * d).map(|i| i as f32 * 0.25 - 0.5).collect();
         let want = apply_vec(&y, &apply_vec(&x, &v));
         let mut groups = vec![BuiltGroup {
-            stages: vec![BuiltStage::Rows(x), BuiltStage::Rows(y)],
+            stages: vec![BuiltStage::Rows(x, None), BuiltStage::Rows(y, None)],
             blend: 1.0,
         }];
         collapse_junctions(&mut groups);
-        let [BuiltStage::Rows(x), BuiltStage::Rows(y)] = &groups[0].stages[..] else {
+        let [BuiltStage::Rows(x, _), BuiltStage::Rows(y, _)] = &groups[0].stages[..] else {
             unreachable!()
         };
         assert_eq!((x.factors.len(), y.factors.len()), (1, 2));
@@ -857,11 +960,11 @@ mod tests {
         );
         let y = chain(vec![factor(h, d, 3.0, None)], false);
         let mut groups = vec![BuiltGroup {
-            stages: vec![BuiltStage::Rows(x), BuiltStage::Rows(y)],
+            stages: vec![BuiltStage::Rows(x, None), BuiltStage::Rows(y, None)],
             blend: 1.0,
         }];
         collapse_junctions(&mut groups);
-        let BuiltStage::Rows(x) = &groups[0].stages[0] else {
+        let BuiltStage::Rows(x, _) = &groups[0].stages[0] else {
             unreachable!()
         };
         assert_eq!(x.factors.len(), 2);

@@ -17,6 +17,22 @@ pub trait Backend: Sync {
         scratch: &mut Scratch,
     ) -> Result<()>;
 
+    /// `apply`, given the chain's transpose `mt` (`chain.transposed()`), with the same result: a
+    /// backend that can read each block's operand from it skips transposing every block on
+    /// every call. By default `mt` is not used.
+    fn apply_given_transpose(
+        &self,
+        chain: &Chain,
+        mt: &Chain,
+        x: &mut Vec<f32>,
+        row0: usize,
+        rows: usize,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let _ = mt;
+        self.apply(chain, x, row0, rows, scratch)
+    }
+
     /// Transform the `t` columns of `x`, an `n × t` row-major tile (`n = chain.n`); column `c`
     /// is vector `col0 + c`. By default the tile is transposed into rows for `apply`.
     fn apply_cols(
@@ -65,6 +81,19 @@ impl Backend for CpuBackend {
         scratch: &mut Scratch,
     ) -> Result<()> {
         chain.apply_rows(x, row0, rows, scratch);
+        Ok(())
+    }
+
+    fn apply_given_transpose(
+        &self,
+        chain: &Chain,
+        mt: &Chain,
+        x: &mut Vec<f32>,
+        row0: usize,
+        rows: usize,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        chain.apply_rows_given_transpose(mt, x, row0, rows, scratch);
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use crate::checkpoint::{dtype, TensorInfo};
 use crate::error::Result;
 use crate::math::kernel::Scratch;
 
-use super::apply::{apply_rows, rows_chunked, whole_f32};
+use super::apply::{apply_rows, rows_chunked, whole_f32, Source};
 use super::{CpuBackend, Plan};
 
 /// What a plan does to one base tensor.
@@ -54,28 +54,36 @@ impl Plan<'_> {
         let never = || false;
         if built.rows_only() && back.as_ref().is_none_or(|b| b.rows_only()) {
             let n: usize = t.shape[1..].iter().product();
-            rows_chunked(t, src, built.groups(), &CpuBackend, &never, |r0, x, _| {
-                let Some(back) = &back else {
-                    sink(r0 * n, x);
-                    return Ok(());
-                };
-                // Round F(W) to the dtype, then apply F⁻¹, as boft-merge --unmerge does.
-                let mut y = x.to_vec();
-                dtype::round_slice(dt, &mut y);
-                let rows = y.len() / n;
-                let (mut scratch, mut orig) = (Scratch::default(), Vec::new());
-                apply_rows(
-                    back.groups(),
-                    &CpuBackend,
-                    &mut y,
-                    r0,
-                    rows,
-                    &mut scratch,
-                    &mut orig,
-                )?;
-                sink(r0 * n, &y);
-                Ok(())
-            })?;
+            let src = Source::mapped(src);
+            rows_chunked(
+                t,
+                src,
+                built.groups(),
+                &CpuBackend,
+                &never,
+                |r0, _, x, _| {
+                    let Some(back) = &back else {
+                        sink(r0 * n, x);
+                        return Ok(());
+                    };
+                    // Round F(W) to the dtype, then apply F⁻¹, as boft-merge --unmerge does.
+                    let mut y = x.to_vec();
+                    dtype::round_slice(dt, &mut y);
+                    let rows = y.len() / n;
+                    let (mut scratch, mut orig) = (Scratch::default(), Vec::new());
+                    apply_rows(
+                        back.groups(),
+                        &CpuBackend,
+                        &mut y,
+                        r0,
+                        rows,
+                        &mut scratch,
+                        &mut orig,
+                    )?;
+                    sink(r0 * n, &y);
+                    Ok(())
+                },
+            )?;
             return Ok(());
         }
         let w = whole_f32(t, src, &built, &CpuBackend)?;

@@ -14,7 +14,7 @@ use crate::checkpoint::{Checkpoint, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
 use crate::output::{self, Staged};
 
-use super::apply::tensor_bytes;
+use super::apply::{tensor_bytes, Source};
 use super::{Action, Backend, Plan, Progress, Stats};
 
 /// One output file being written at the same offsets as its input.
@@ -384,16 +384,13 @@ pub(super) fn write(
             };
             let res = b
                 .and_then(|b| {
-                    tensor_bytes(
-                        &src.path,
-                        t,
-                        src.data(t),
-                        &b,
-                        backend,
-                        &stop,
-                        &mut buf,
-                        &sink,
-                    )
+                    let source = Source {
+                        bytes: src.data(t),
+                        file: src
+                            .handle()
+                            .map(|f| (f, base_off as u64, src.path.as_path())),
+                    };
+                    tensor_bytes(&src.path, t, source, &b, backend, &stop, &mut buf, &sink)
                 })
                 .map(|streamed| {
                     if streamed {
