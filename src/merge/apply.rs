@@ -198,11 +198,6 @@ pub(super) struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
-    /// Bytes read only through the map.
-    pub(super) fn mapped(bytes: &'a [u8]) -> Source<'a> {
-        Source { bytes, file: None }
-    }
-
     /// Bytes `range` of the tensor: read from the file into `buf` where it is at hand, else
     /// the map's.
     fn read<'b>(&'b self, range: Range<usize>, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
@@ -807,10 +802,12 @@ mod tests {
                 src.read(r.clone(), &mut buf).unwrap(),
                 &data[100 + r.start..100 + r.end]
             );
+            let mapped = Source {
+                bytes: &data[100..],
+                file: None,
+            };
             assert_eq!(
-                Source::mapped(&data[100..])
-                    .read(r.clone(), &mut buf)
-                    .unwrap(),
+                mapped.read(r.clone(), &mut buf).unwrap(),
                 &data[100 + r.start..100 + r.end]
             );
         }

@@ -3,7 +3,7 @@
 //! rounded to its dtype. boft-verify proves merged and restored checkpoints with these alone.
 
 use crate::adapter::Replacement;
-use crate::checkpoint::{dtype, TensorInfo};
+use crate::checkpoint::{dtype, SafeFile, TensorInfo};
 use crate::error::Result;
 use crate::math::kernel::Scratch;
 
@@ -33,7 +33,7 @@ impl Plan<'_> {
         }
     }
 
-    /// The f32 values this plan gives the transformed tensor `t` (whose bytes are `src`), before
+    /// The f32 values this plan gives the transformed tensor `t` of file `f`, before
     /// rounding to its dtype, on the CPU backend. With `then`, instead: `then`'s values for the
     /// tensor as this plan writes it (rounded to its dtype), which is what an `--unmerge` of the
     /// merged checkpoint computes. The values reach `sink` as pieces `(first flat index, values)`,
@@ -41,8 +41,8 @@ impl Plan<'_> {
     /// tensors. `t` must be `Fate::Transformed` in both plans.
     pub fn expected_f32(
         &self,
+        f: &SafeFile,
         t: &TensorInfo,
-        src: &[u8],
         then: Option<&Plan>,
         sink: impl Fn(usize, &[f32]) + Sync,
     ) -> Result<()> {
@@ -52,9 +52,16 @@ impl Plan<'_> {
             .transpose()?;
         let dt = t.dtype;
         let never = || false;
+        let src = f.data(t);
         if built.rows_only() && back.as_ref().is_none_or(|b| b.rows_only()) {
             let n: usize = t.shape[1..].iter().product();
-            let src = Source::mapped(src);
+            // Row chunks read with pread where the file is at hand, as the merge reads them.
+            let src = Source {
+                bytes: src,
+                file: f
+                    .handle()
+                    .map(|h| (h, (f.data_offset + t.start) as u64, f.path.as_path())),
+            };
             rows_chunked(
                 t,
                 src,

@@ -546,7 +546,7 @@ pub(super) fn check_second(
                         |got_f, (k, w)| compare_piece(offset + k * PIECE, w, got_f),
                     );
                 };
-                plan.expected_f32(t, src, inverse.as_ref(), compare)?;
+                plan.expected_f32(f, t, inverse.as_ref(), compare)?;
                 let w = worst.into_inner().unwrap();
                 // How far the restored tensor is from the base itself (the rounding of the
                 // merged tensor, carried back).
