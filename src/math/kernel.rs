@@ -159,15 +159,9 @@ impl Chain {
         if self.scale_first {
             self.scale(layout, x, first);
         }
-        // A per-row scale after the factors is folded into the last one's stores where it runs
-        // tiled (the same single rounding as scaling afterwards).
-        let fold_scale = match (&self.scale, layout) {
-            (Some(s), Layout::Rows(rows))
-                if !self.scale_first && self.scale_on == ScaleOn::Vector =>
-            {
-                s.get(first..first + rows)
-            }
-            _ => None,
+        let fold_scale = match layout {
+            Layout::Rows(rows) => self.folded_scale(first, rows),
+            Layout::Cols(_) => None,
         };
         let mut scaled = false;
         for (i, f) in self.factors.iter().enumerate() {
@@ -260,6 +254,18 @@ impl Chain {
         self.factors_transposed(isa, x, rows, None);
     }
 
+    /// The per-row scales of rows `row0..row0 + rows` where they apply after the factors: the
+    /// tiled kernel folds them into the last factor's stores (the same single rounding as
+    /// scaling afterwards). None where the scale comes first, is per component, or is absent.
+    fn folded_scale(&self, row0: usize, rows: usize) -> Option<&[f32]> {
+        match &self.scale {
+            Some(s) if !self.scale_first && self.scale_on == ScaleOn::Vector => {
+                s.get(row0..row0 + rows)
+            }
+            _ => None,
+        }
+    }
+
     /// Every factor of this chain (all tiled in `isa`) applied transposed, last first, to `rows`
     /// rows of `x`, each row of the last one's results times `scale[r]` where given.
     fn factors_transposed(&self, isa: Isa, x: &mut [f32], rows: usize, scale: Option<&[f32]>) {
@@ -308,18 +314,9 @@ impl Chain {
         if self.scale_first {
             self.scale_rows(x, row0, rows);
         }
-        // A per-row scale after the factors goes into the last one's stores, as `apply_rows`
-        // does it (one rounding either way).
-        let fold = match &self.scale {
-            Some(s)
-                if !self.scale_first
-                    && self.scale_on == ScaleOn::Vector
-                    && !mt.factors.is_empty() =>
-            {
-                s.get(row0..row0 + rows)
-            }
-            _ => None,
-        };
+        let fold = self
+            .folded_scale(row0, rows)
+            .filter(|_| !mt.factors.is_empty());
         mt.factors_transposed(isa, x, rows, fold);
         if !self.scale_first && fold.is_none() {
             self.scale_rows(x, row0, rows);

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::adapter::{Replacement, Strength, StrengthMode, Target};
-use crate::checkpoint::{dtype, TensorInfo};
+use crate::checkpoint::{dtype, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
 
@@ -198,6 +198,16 @@ pub(super) struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
+    /// Tensor `t` of file `f`: mapped, and read from `f`'s handle where it has one.
+    pub(super) fn of(f: &'a SafeFile, t: &TensorInfo) -> Source<'a> {
+        Source {
+            bytes: f.data(t),
+            file: f
+                .handle()
+                .map(|h| (h, (f.data_offset + t.start) as u64, f.path.as_path())),
+        }
+    }
+
     /// Bytes `range` of the tensor: read from the file into `buf` where it is at hand, else
     /// the map's.
     fn read<'b>(&'b self, range: Range<usize>, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
@@ -332,16 +342,29 @@ pub(super) fn apply_rows(
             let BuiltStage::Rows(chain, mt) = s else {
                 unreachable!("row chunks are only made of row stages");
             };
-            match mt {
-                Some(mt) => backend.apply_given_transpose(chain, mt, x, row0, rows, scratch)?,
-                None => backend.apply(chain, x, row0, rows, scratch)?,
-            }
+            apply_chain(backend, chain, mt.as_ref(), x, row0, rows, scratch)?;
         }
         if g.blend != 1.0 {
             blend(x, orig, g.blend);
         }
     }
     Ok(())
+}
+
+/// An input-side chain on `rows` rows of `x`, through its transpose where the stage holds one.
+fn apply_chain(
+    backend: &dyn Backend,
+    chain: &Chain,
+    mt: Option<&Chain>,
+    x: &mut Vec<f32>,
+    row0: usize,
+    rows: usize,
+    scratch: &mut Scratch,
+) -> Result<()> {
+    match mt {
+        Some(mt) => backend.apply_given_transpose(chain, mt, x, row0, rows, scratch),
+        None => backend.apply(chain, x, row0, rows, scratch),
+    }
 }
 
 /// `x ← orig + t·(x − orig)`, the kernel's own linear strength.
@@ -482,10 +505,7 @@ fn rows_in_place(
                 x.clear();
                 x.extend_from_slice(chunk);
                 let (row0, rows) = (c * chunk_rows, chunk.len() / n);
-                match mt {
-                    Some(mt) => backend.apply_given_transpose(chain, mt, x, row0, rows, scratch)?,
-                    None => backend.apply(chain, x, row0, rows, scratch)?,
-                }
+                apply_chain(backend, chain, mt, x, row0, rows, scratch)?;
                 chunk.copy_from_slice(x);
                 Ok(())
             })

@@ -55,16 +55,10 @@ impl Plan<'_> {
         let src = f.data(t);
         if built.rows_only() && back.as_ref().is_none_or(|b| b.rows_only()) {
             let n: usize = t.shape[1..].iter().product();
-            // Row chunks read with pread where the file is at hand, as the merge reads them.
-            let src = Source {
-                bytes: src,
-                file: f
-                    .handle()
-                    .map(|h| (h, (f.data_offset + t.start) as u64, f.path.as_path())),
-            };
+            // Row chunks read as the merge reads them.
             rows_chunked(
                 t,
-                src,
+                Source::of(f, t),
                 built.groups(),
                 &CpuBackend,
                 &never,

@@ -384,12 +384,7 @@ pub(super) fn write(
             };
             let res = b
                 .and_then(|b| {
-                    let source = Source {
-                        bytes: src.data(t),
-                        file: src
-                            .handle()
-                            .map(|f| (f, base_off as u64, src.path.as_path())),
-                    };
+                    let source = Source::of(src, t);
                     tensor_bytes(&src.path, t, source, &b, backend, &stop, &mut buf, &sink)
                 })
                 .map(|streamed| {
