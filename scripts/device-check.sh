@@ -1,87 +1,152 @@
 #!/usr/bin/env bash
-# GPU device check (issue 6): merge a >= 2 GB bf16 benchmark model on the GPU and on the CPU,
-# prove the GPU output equals base ⊕ adapter tensor by tensor, and report GPU throughput and the
-# share of the card's memory bandwidth the merge kernel used.
+# GPU device check (issues 6 and 16), one run that measures everything on a lent GPU machine:
+#   1. the benchmark model (>= 2 GB bf16, hidden 1024, BOFT b=32, 2 factors): `--device cuda`
+#      on a fresh machine with PTX JIT disabled (so it must run the shipped SASS), again warm,
+#      and `--device cpu` on all cores, alternated;
+#   2. a compute-heavy adapter (hidden 2048, intermediate 8192, BOFT b=256, 4 factors), the same;
+#   3. every GPU output proven with `boft-verify --merged` (layout, untouched tensors
+#      byte-identical, transformed tensors within one ulp of base ⊕ adapter) and compared shard
+#      by shard with the CPU merge.
 #
-# Prepare on the build machine (needs nvcc, see README "GPU build"):
-#   CUDA_COMPUTE_CAP=90 cargo build --release --features cuda
-#   mkdir -p device-bin && cp target/release/boft-merge target/release/boft-verify device-bin/
-#   cp "$(cargo bench --bench merge --no-run --message-format=json 2>/dev/null \
-#        | sed -n 's/.*"executable":"\([^"]*merge-[^"]*\)".*/\1/p' | tail -1)" device-bin/merge-bench
+# Prepare on the build machine (needs nvcc, see README "GPU build"; the binaries load libcuda and
+# libcublas at run time, so no CUDA libraries are needed to build):
+#   scripts/build-cuda-offline.sh            # fills device-bin/ (stripped binaries)
 # Run on the GPU machine from the repository root, carrying device-bin:
-#   bash scripts/device-check.sh            # writes $OUT/device-check.txt (OUT defaults to ./out)
-set -euo pipefail
+#   bash scripts/device-check.sh             # writes $OUT/device-check.txt (OUT defaults to ./out)
+set -uo pipefail
 BIN=${BIN:-device-bin}
 WORK=${WORK:-/tmp/boft-device-check}
 OUT=${OUT:-out}
 SIZE_MB=${SIZE_MB:-2200}
-# DEVICE=candle-cpu dry-runs the script on a machine without a GPU.
+HEAVY_MB=${HEAVY_MB:-1100}
+# DEVICE=candle-cpu dry-runs the script's logic on a machine without a GPU.
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$WORK" "$OUT"
 report="$OUT/device-check.txt"
 : >"$report"
 say() { echo "$*" | tee -a "$report"; }
-
-# A binary linked on a machine without CUDA (see README, "GPU build") finds the driver's and the
-# toolkit's libraries here: collect the sonames it needs from wherever this machine has them.
-libs=$WORK/lib
-mkdir -p "$libs"
-for so in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
-    [ -e "$libs/$so" ] && continue
-    found=$(find /usr/local/nvidia /usr/local/cuda/ /usr/lib/x86_64-linux-gnu /opt -name "$so" 2>/dev/null | head -1 || true)
-    [ -n "$found" ] && ln -sf "$found" "$libs/$so"
-done
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-missing=$(ldd "$BIN/boft-merge" 2>/dev/null | grep 'not found' || true)
-[ -z "$missing" ] || echo "warning: $BIN/boft-merge: $missing" >&2
 calc() { awk "BEGIN { printf \"%.${2:-3}f\", $1 }"; }
 
+# The binaries dlopen libcuda.so.1 (the driver's) and libcublas.so.13 / libcublasLt.so.13 (the
+# toolkit's): collect them from wherever this machine has them.
+libs=$WORK/lib
+mkdir -p "$libs"
+for so in libcuda.so.1 libcublas.so.13 libcublasLt.so.13; do
+    [ -e "$libs/$so" ] && continue
+    found=$(find /usr/local/nvidia /usr/local/cuda/ /usr/lib/x86_64-linux-gnu /usr/lib64 /opt \
+        /usr/local/lib -name "$so" 2>/dev/null | head -1 || true)
+    [ -z "$found" ] && found=$(find / -xdev -name "$so" 2>/dev/null | head -1 || true)
+    [ -n "$found" ] && ln -sf "$found" "$libs/$so"
+    say "lib: $so -> ${found:-NOT FOUND}"
+done
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
 say "date: $(date -u +%FT%TZ)"
-say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv,noheader 2>/dev/null || echo none)"
-say "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader 2>/dev/null || echo none)"
+say "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, avx512f: $(grep -c -m1 avx512f /proc/cpuinfo)"
+say "jit cache before: $(du -sk ~/.nv/ComputeCache 2>/dev/null | cut -f1 || echo 0) KiB"
 
-"$BIN/merge-bench" gen --size "$SIZE_MB" --dtype bf16 --block-size 32 --factors 2 --out "$WORK/m"
-base="$WORK/m/base"
-adapter="$WORK/m/adapter"
-bytes=$(du -sb "$base" | cut -f1)
-say "model: $(du -sh "$base" | cut -f1) bf16, BOFT b=32, 2 factors on every linear layer"
-
-timed() { # label, command...
-    local label=$1; shift
-    local t0 t1
+timed() { # label bytes command...: one timed run, its stderr kept in the report
+    local label=$1 bytes=$2
+    shift 2
+    local t0 t1 rc
     t0=$(date +%s.%N)
-    "$@" 2> >(tee -a "$report" >&2)
+    timeout 300 "$@" 2> >(tee -a "$report" >&2)
+    rc=$?
     t1=$(date +%s.%N)
-    say "$label: $(calc "$t1 - $t0") s, $(calc "$bytes / ($t1 - $t0) / 1e9" 2) GB/s of base read"
+    say "$label: $(calc "$t1 - $t0") s, $(calc "$bytes / ($t1 - $t0) / 1e9" 2) GB/s of base read, exit $rc"
 }
 
-# Warm the page cache once so both runs read from memory.
-cat "$base"/*.safetensors >/dev/null
-timed "gpu merge" env BOFT_DEVICE_STATS=1 "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$WORK/gpu" --device "$DEVICE"
-timed "cpu merge" "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$WORK/cpu"
+compare() { # label gpu-dir cpu-dir
+    local same=0 differ=0 f
+    for f in "$3"/*.safetensors; do
+        if cmp -s "$f" "$2/$(basename "$f")"; then same=$((same + 1)); else differ=$((differ + 1)); fi
+    done
+    say "$1: shards bit-identical to the CPU merge: $same, differing (within the verified ulp): $differ"
+}
 
-# Tensor by tensor: the GPU output against base ⊕ adapter recomputed on the CPU (one bf16 ulp),
-# every untouched tensor byte-identical, same layout.
-"$BIN/boft-verify" "$adapter" --base "$base" --merged "$WORK/gpu" \
-    --checks merged-layout,merged-untouched,merged-values | tail -5 | tee -a "$report"
-same=0; differ=0
-for f in "$WORK/cpu"/*.safetensors; do
-    if cmp -s "$f" "$WORK/gpu/$(basename "$f")"; then same=$((same + 1)); else differ=$((differ + 1)); fi
-done
-say "shards bit-identical to the CPU merge: $same, differing (within the verified ulp): $differ"
+case_run() { # name gen-args...
+    local name=$1
+    shift
+    local m=$WORK/$name
+    "$BIN/merge-bench" gen "$@" --out "$m" >/dev/null 2>"$WORK/gen.err" || {
+        say "$name: gen failed: $(tail -3 "$WORK/gen.err")"
+        return
+    }
+    local base=$m/base adapter=$m/adapter bytes
+    bytes=$(du -sb "$base" | cut -f1)
+    say "== $name: $(du -sh "$base" | cut -f1) base, $(du -sh "$adapter" | cut -f1) adapter ($*)"
+    cat "$base"/*.safetensors "$adapter"/* >/dev/null
+    merge() { # label device env-args... (boft-merge's own extra arguments in $EXTRA, output in $DEST)
+        local label=$1 dev=$2
+        shift 2
+        timed "$name $label" "$bytes" env BOFT_DEVICE_STATS=1 "$@" "$BIN/boft-merge" -q --force \
+            --base "$base" --adapter "$adapter" -o "${DEST:-$m/out-$dev}" --device "$dev" ${EXTRA:-}
+    }
+    merge "gpu, first run of this model (PTX JIT disabled)" "$DEVICE" env CUDA_DISABLE_PTX_JIT=1
+    merge "cpu, all cores" cpu env
+    merge "gpu" "$DEVICE" env
+    merge "cpu, all cores" cpu env
+    merge "gpu" "$DEVICE" env
+    if [ "$name" = benchmark ]; then
+        merge "gpu, batches of 1 Mi elements" "$DEVICE" env BOFT_CUDA_BATCH=1048576
+        EXTRA="--threads 8" merge "gpu, --threads 8" "$DEVICE" env
+        EXTRA="--threads 4" merge "gpu, --threads 4" "$DEVICE" env
+        # Outputs in memory: what is left when the disk is not the limit.
+        DEST=/dev/shm/boft-out merge "cpu, output on /dev/shm" cpu env
+        DEST=/dev/shm/boft-out merge "gpu, output on /dev/shm" "$DEVICE" env
+        DEST=/dev/shm/boft-out merge "cpu, output on /dev/shm" cpu env
+        DEST=/dev/shm/boft-out merge "gpu, output on /dev/shm" "$DEVICE" env
+        rm -rf /dev/shm/boft-out
+        if command -v perf >/dev/null; then
+            perf record -g -o "$WORK/perf.data" "$BIN/boft-merge" -q --force --base "$base" \
+                --adapter "$adapter" -o "$m/out-perf" --device "$DEVICE" 2>/dev/null
+            perf report -i "$WORK/perf.data" --no-children --percent-limit 1.5 --stdio 2>/dev/null |
+                grep -E '^ +[0-9]' | head -30 | tee -a "$report"
+            rm -rf "$m/out-perf"
+        else
+            say "perf: not installed"
+        fi
+    fi
+    timeout 300 "$BIN/boft-verify" "$adapter" --base "$base" --merged "$m/out-$DEVICE" \
+        --checks merged-layout,merged-untouched,merged-values 2>&1 | tail -5 | tee -a "$report"
+    compare "$name" "$m/out-$DEVICE" "$m/out-cpu"
+    rm -rf "$m"
+}
 
-# Bandwidth share: the kernel must at least read and write every targeted element once in f32
-# (8 bytes); device-stats reports that traffic over the device compute time.
-gbps=$(grep -o 'min_traffic_gbps=[0-9.]*' "$report" | tail -1 | cut -d= -f2)
-name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || true)
-case "$name" in
-    *H200*) peak=4800 ;;
-    *H100*SXM*|*H100\ 80GB\ HBM3*) peak=3350 ;;
-    *H100*) peak=2000 ;;
-    *A100*) peak=2039 ;;
-    *) peak="" ;;
-esac
-if [ -n "$peak" ] && [ -n "$gbps" ]; then
-    say "merge kernel: $gbps GB/s of minimum f32 traffic = $(calc "100 * $gbps / $peak" 1)% of the $name's $peak GB/s"
-fi
+# Every fixture case with a base and an adapter (device-bin/cases.txt, written by
+# build-cuda-offline.sh from fixtures/*/manifest.json): every format, side and dtype the
+# fixtures have, through the GPU (input-side row chunks in their stored dtype, output-side
+# stages through the f32 interface) against the CPU merge, each GPU output proven by verify.
+fixtures() {
+    local n=0 ok=0 proven=0 same=0 both_failed=0 f=$WORK/fx
+    while read -r base adapter; do
+        n=$((n + 1))
+        rm -rf "$f" && mkdir -p "$f"
+        if ! "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$f/gpu" --device "$DEVICE" 2>"$f/gpu.err"; then
+            if ! "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$f/cpu" 2>/dev/null; then
+                both_failed=$((both_failed + 1))
+            else
+                say "fixture $adapter: gpu failed, cpu merged: $(head -1 "$f/gpu.err")"
+            fi
+            continue
+        fi
+        ok=$((ok + 1))
+        "$BIN/boft-merge" -q --force --base "$base" --adapter "$adapter" -o "$f/cpu"
+        if "$BIN/boft-verify" "$adapter" --base "$base" --merged "$f/gpu" \
+            --checks merged-layout,merged-untouched,merged-values >"$f/verify.txt" 2>&1; then
+            proven=$((proven + 1))
+        else
+            say "fixture $adapter: verify of the gpu output failed: $(grep -m2 FAIL "$f/verify.txt" | tr '\n' ' ')"
+        fi
+        if diff -rq "$f/gpu" "$f/cpu" >/dev/null; then same=$((same + 1)); fi
+    done <"$BIN/cases.txt"
+    say "fixtures: $n cases; gpu merged $ok, proven by verify $proven, bit-identical to the cpu merge $same; both failed (as on every device) $both_failed"
+    rm -rf "$f"
+}
+[ -f "$BIN/cases.txt" ] && fixtures
+
+case_run benchmark --size "$SIZE_MB" --dtype bf16 --block-size 32 --factors 2
+case_run heavy --size "$HEAVY_MB" --hidden 2048 --intermediate 8192 --dtype bf16 --block-size 256 --factors 4
+say "jit cache after: $(du -sk ~/.nv/ComputeCache 2>/dev/null | cut -f1 || echo 0) KiB"
 rm -rf "$WORK"

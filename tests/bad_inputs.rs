@@ -1661,7 +1661,9 @@ fn i05_verify_interrupted() {
     let sc = Scene::new();
     let out_dir = sc.out_dir();
     let merged = out_dir.join("merged.safetensors");
-    let (base, adapter) = slow_case(sc.tmp.path(), 32768);
+    // Large enough that verify runs well past the signal: at 32768 rows it finished in ~0.3 s,
+    // as the signal arrived.
+    let (base, adapter) = slow_case(sc.tmp.path(), 65536);
     ok(&run(
         "boft-merge",
         &[&"--base", &base, &"--adapter", &adapter, &"-o", &merged],
@@ -1680,7 +1682,7 @@ fn i05_verify_interrupted() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(200));
         // SAFETY: signalling our own child, which has not been reaped yet.
         assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
         let o = wait_limited(child, Duration::from_secs(120));

@@ -349,7 +349,10 @@ pub fn run(args: &Args) -> Result<Merged, Error> {
              --unmerge-adapter)",
         ));
     }
-    let backend = merge::Device::parse(&args.device)?.backend()?;
+    let device = merge::Device::parse(&args.device)?;
+    // Opening a GPU (driver, context, cuBLAS) takes a good part of a second: it overlaps
+    // reading the base and the adapters, and is waited for before anything is written.
+    let opening = std::thread::spawn(move || device.backend());
     let base_path = locate(&args.base, Role::Checkpoint)?;
     let base = Checkpoint::open(&base_path)?;
 
@@ -404,6 +407,7 @@ pub fn run(args: &Args) -> Result<Merged, Error> {
                 .collect(),
         })
         .collect();
+    let backend = opening.join().expect("opening the device does not panic")?;
     let mut inputs: Vec<&Path> = vec![&base_path];
     inputs.extend(loaded.iter().map(|l| l.2.as_path()));
     // The jobs file is an input too: no job may write over it.

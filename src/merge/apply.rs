@@ -211,11 +211,22 @@ impl<'a> Source<'a> {
     /// Bytes `range` of the tensor: read from the file into `buf` where it is at hand, else
     /// the map's.
     fn read<'b>(&'b self, range: Range<usize>, buf: &'b mut Vec<u8>) -> Result<&'b [u8]> {
-        let Some((f, at, path)) = self.file else {
+        if self.file.is_none() {
             return Ok(&self.bytes[range]);
-        };
+        }
         buf.resize(range.len(), 0);
-        f.read_exact_at(buf, at + range.start as u64)
+        self.read_into(range.start, buf)?;
+        Ok(buf)
+    }
+
+    /// The tensor's bytes from offset `at` into all of `dst`: read from the file where it is at
+    /// hand, else copied from the map.
+    fn read_into(&self, at: usize, dst: &mut [u8]) -> Result<()> {
+        let Some((f, start, path)) = self.file else {
+            dst.copy_from_slice(&self.bytes[at..at + dst.len()]);
+            return Ok(());
+        };
+        f.read_exact_at(dst, start + at as u64)
             .map_err(|e| match e.kind() {
                 // What a mapped read of the same bytes reports (`fault`).
                 std::io::ErrorKind::UnexpectedEof => err(
@@ -224,8 +235,7 @@ impl<'a> Source<'a> {
                     "shrank while being read (truncated by another process?); nothing was written",
                 ),
                 _ => Error::io(path, e),
-            })?;
-        Ok(buf)
+            })
     }
 }
 
@@ -310,6 +320,16 @@ fn rows_into(
     let esize = t.dtype.float_size().expect("checked at planning");
     let n = row_len(t);
     let row_bytes = n * esize;
+    if let Some(chains) = unblended_chains(groups) {
+        if backend.takes_stored(&chains, t.dtype) {
+            return rows_stored(t, src, &chains, backend, stop, |r0, base, out, flagged| {
+                if flagged {
+                    safe_merge(path, t, r0 * n, base, out)?;
+                }
+                sink(r0 * row_bytes, out)
+            });
+        }
+    }
     rows_chunked(t, src, groups, backend, stop, |r0, base, x, bytes| {
         bytes.resize(x.len() * esize, 0);
         dtype::encode_f32(t.dtype, x, bytes);
@@ -318,9 +338,14 @@ fn rows_into(
     })
 }
 
+/// Elements per row chunk with `backend`.
+pub(super) fn chunk_elems(backend: &dyn Backend) -> usize {
+    backend.chunk_elems().max(CHUNK_ELEMS)
+}
+
 fn chunk_rows(t: &TensorInfo, backend: &dyn Backend) -> usize {
     let rows = t.shape[0];
-    (backend.chunk_elems().max(CHUNK_ELEMS) / row_len(t).max(1)).clamp(1, rows.max(1))
+    (chunk_elems(backend) / row_len(t).max(1)).clamp(1, rows.max(1))
 }
 
 /// Apply row-stage groups to `rows` rows in `x` (the first of them row `row0`).
@@ -443,6 +468,53 @@ pub(super) fn rows_chunked(
             with_chunk(t, src, groups, backend, r0, r1, |stored, x, bytes| {
                 sink(r0, stored, x, bytes)
             })
+        })
+}
+
+/// Every stage's chain in order, where no group is blended as a whole (a blended group needs
+/// its input kept beside the chains'), else None.
+fn unblended_chains(groups: &[BuiltGroup]) -> Option<Vec<&Arc<Chain>>> {
+    groups
+        .iter()
+        .flat_map(|g| g.stages.iter().map(move |s| (g.blend, s)))
+        .map(|(blend, s)| match s {
+            BuiltStage::Rows(c, _) if blend == 1.0 => Some(c),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .filter(|c| !c.is_empty())
+}
+
+/// `rows_chunked` through the backend's `apply_stored`: each chunk's stored bytes go to the
+/// backend as they are and come back as the result's stored bytes, handed to `sink` with the
+/// chunk's first row, its stored input, and whether the backend saw a value become non-finite.
+fn rows_stored(
+    t: &TensorInfo,
+    src: Source,
+    chains: &[&Arc<Chain>],
+    backend: &dyn Backend,
+    stop: &(dyn Fn() -> bool + Sync),
+    sink: impl Fn(usize, &[u8], &[u8], bool) -> Result<()> + Sync,
+) -> Result<()> {
+    let rows = t.shape[0];
+    let row_bytes = row_len(t) * t.dtype.float_size().expect("checked at planning");
+    let chunk_rows = chunk_rows(t, backend);
+    (0..rows.div_ceil(chunk_rows))
+        .into_par_iter()
+        .try_for_each(|c| -> Result<()> {
+            if stop() {
+                return Ok(());
+            }
+            let r0 = c * chunk_rows;
+            let r1 = (r0 + chunk_rows).min(rows);
+            backend.apply_stored(
+                chains,
+                t.dtype,
+                r0,
+                r1 - r0,
+                &mut |buf| src.read_into(r0 * row_bytes, buf),
+                &mut |base, out, flagged| sink(r0, base, out, flagged),
+            )
         })
 }
 
@@ -932,6 +1004,111 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The CPU kernel, taking rows through `apply_stored`'s default (the path a device takes).
+    struct Stored;
+
+    impl Backend for Stored {
+        fn apply(
+            &self,
+            chain: &Chain,
+            x: &mut Vec<f32>,
+            row0: usize,
+            rows: usize,
+            scratch: &mut Scratch,
+        ) -> Result<()> {
+            CpuBackend.apply(chain, x, row0, rows, scratch)
+        }
+
+        fn takes_stored(&self, _: &[&Arc<Chain>], _: crate::checkpoint::Dtype) -> bool {
+            true
+        }
+
+        fn name(&self) -> String {
+            "stored".into()
+        }
+    }
+
+    /// `tensor_bytes` of a row-stage tensor with `backend`: the bytes its sink got, in place.
+    fn row_bytes(
+        info: &TensorInfo,
+        src: &[u8],
+        built: &Built,
+        backend: &dyn Backend,
+    ) -> Result<Vec<u8>> {
+        let got = std::sync::Mutex::new(vec![0u8; src.len()]);
+        let sink = |at: usize, b: &[u8]| -> Result<()> {
+            got.lock().unwrap()[at..at + b.len()].copy_from_slice(b);
+            Ok(())
+        };
+        let source = Source {
+            bytes: src,
+            file: None,
+        };
+        let streamed = tensor_bytes(
+            Path::new("m.safetensors"),
+            info,
+            source,
+            built,
+            backend,
+            &|| false,
+            &mut Vec::new(),
+            &sink,
+        )?;
+        assert!(streamed);
+        Ok(got.into_inner().unwrap())
+    }
+
+    #[test]
+    fn rows_through_apply_stored_are_the_bytes_of_the_f32_path() {
+        use crate::checkpoint::Dtype;
+        // Two adapters' chains in turn, each dtype, enough rows for several chunks: the same
+        // bytes whichever way the rows go, and the same error where a value overflows.
+        let perm: Vec<u32> = (0..8u32).map(|j| (j * 3 + 1) % 8).collect();
+        for dt in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+            let rows = 40_000;
+            let mut c1 = chain(
+                vec![
+                    factor(4, 2, 0.5, None),
+                    factor(2, 4, 1.5, Some(perm.clone())),
+                ],
+                false,
+            );
+            Arc::make_mut(&mut c1).scale = Some((0..rows).map(|r| 1.0 + r as f32 * 1e-5).collect());
+            let mut c2 = chain(vec![factor(8, 1, 2.5, None)], true);
+            Arc::make_mut(&mut c2).scale = Some((0..8).map(|i| 0.5 + i as f32 * 0.1).collect());
+            Arc::make_mut(&mut c2).scale_on = ScaleOn::Component;
+            let info = TensorInfo {
+                name: "w".into(),
+                dtype: dt,
+                shape: vec![rows, 8],
+                start: 0,
+                end: rows * 8 * dt.float_size().unwrap(),
+            };
+            let vals: Vec<f32> = (0..rows * 8).map(|i| ((i as f32) * 0.731).sin()).collect();
+            let mut src = vec![0u8; info.end];
+            dtype::encode_f32(dt, &vals, &mut src);
+            let built = |c2: &Arc<Chain>| Built {
+                start: None,
+                groups: [c1.clone(), c2.clone()]
+                    .into_iter()
+                    .map(|c| BuiltGroup {
+                        stages: vec![BuiltStage::Rows(c.clone(), Some(c.transposed()))],
+                        blend: 1.0,
+                    })
+                    .collect(),
+            };
+            let want = row_bytes(&info, &src, &built(&c2), &CpuBackend).unwrap();
+            let got = row_bytes(&info, &src, &built(&c2), &Stored).unwrap();
+            assert!(want == got, "{dt:?}");
+            let mut huge = c2.clone();
+            Arc::make_mut(&mut huge).scale = Some(vec![1e38; 8]);
+            let a = row_bytes(&info, &src, &built(&huge), &CpuBackend).unwrap_err();
+            let b = row_bytes(&info, &src, &built(&huge), &Stored).unwrap_err();
+            assert_eq!((a.class, a.to_string()), (b.class, b.to_string()), "{dt:?}");
+            assert_eq!(a.class, Class::NonFinite);
         }
     }
 

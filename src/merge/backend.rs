@@ -1,11 +1,21 @@
 //! Where the arithmetic runs. The planner and the streaming writer are shared; a backend only
 //! transforms a batch of f32 vectors in place.
 
+use std::sync::Arc;
+
+use crate::checkpoint::{dtype, Dtype};
 use crate::error::{Class, Error, Result};
 use crate::math::kernel::{Chain, Scratch};
 
+/// Where `apply_stored` gets a batch's stored bytes: it fills the buffer it is handed.
+pub type Fill<'a> = &'a mut dyn FnMut(&mut [u8]) -> Result<()>;
+
+/// Where `apply_stored` hands a finished batch: its stored input bytes, the result's bytes,
+/// and whether a value the input held finite may have become NaN or ±Inf there.
+pub type Emit<'a> = &'a mut dyn FnMut(&[u8], &[u8], bool) -> Result<()>;
+
 /// Where the arithmetic runs (`--device`).
-pub trait Backend: Sync {
+pub trait Backend: Send + Sync {
     /// Transform `rows` vectors of length `chain.n`, stored row-major in `x`; `row0` is the index
     /// of the first one (for per-vector scales).
     fn apply(
@@ -62,6 +72,42 @@ pub trait Backend: Sync {
     /// Preferred number of elements per batch (devices want larger batches than caches do).
     fn chunk_elems(&self) -> usize {
         0
+    }
+
+    /// Whether `apply_stored` should take rows stored as `dtype` through `chains`: a device
+    /// that converts on its own side moves 16-bit data across the bus at half the bytes of f32,
+    /// and leaves the host no conversion to do. By default, no.
+    fn takes_stored(&self, chains: &[&Arc<Chain>], dtype: Dtype) -> bool {
+        let _ = (chains, dtype);
+        false
+    }
+
+    /// Rows `row0..row0 + rows` of vectors of length `chains[0].n`, stored as `dtype`, through
+    /// every chain in turn in f32 and rounded to `dtype` once: `fill` writes the stored bytes
+    /// into the buffer it is handed, and `emit` gets them back with the result's bytes. By
+    /// default on the host through `apply` (and `emit` is told to check every value).
+    fn apply_stored(
+        &self,
+        chains: &[&Arc<Chain>],
+        dtype: Dtype,
+        row0: usize,
+        rows: usize,
+        fill: Fill,
+        emit: Emit,
+    ) -> Result<()> {
+        let esize = dtype.float_size().expect("a float dtype");
+        let n = chains.first().map_or(0, |c| c.n);
+        let mut stored = vec![0u8; rows * n * esize];
+        fill(&mut stored)?;
+        let mut x = vec![0f32; rows * n];
+        dtype::decode_f32(dtype, &stored, &mut x);
+        let mut scratch = Scratch::default();
+        for c in chains {
+            self.apply(c, &mut x, row0, rows, &mut scratch)?;
+        }
+        let mut out = vec![0u8; stored.len()];
+        dtype::encode_f32(dtype, &x, &mut out);
+        emit(&stored, &out, true)
     }
 
     /// The name the summary line prints.
@@ -156,15 +202,14 @@ impl Device {
 /// The CUDA backend when built with the `cuda` feature.
 pub fn cuda_backend(device: &str) -> Result<Box<dyn Backend>> {
     #[cfg(feature = "cuda")]
-    {
-        return Ok(Box::new(super::candle::CandleBackend::cuda(device)?));
-    }
+    let opened: Result<Box<dyn Backend>> = Ok(Box::new(super::cuda::CudaBackend::open(device)?));
     #[cfg(not(feature = "cuda"))]
-    Err(Error::bare(
+    let opened = Err(Error::bare(
         Class::NoDevice,
         format!(
             "--device {device}: this binary was built without CUDA support; rebuild with \
              `cargo build --release --features cuda` (see README)"
         ),
-    ))
+    ));
+    opened
 }

@@ -1,7 +1,7 @@
-//! Device-generic backend on candle-core. The same code runs on candle's CPU device (tested in
-//! the normal suite against the native kernel) and, with the `cuda` feature, on an NVIDIA GPU:
-//! gather by index_select, one batched matmul per factor over all blocks, scatter by the
-//! inverse index, all on the device; only the batch itself crosses the bus.
+//! A second, independent implementation of the kernel on candle-core's CPU device
+//! (`--device candle-cpu`): gather by index_select, one batched matmul per factor over all
+//! blocks, scatter by the inverse index. The test suite holds the native kernel to it; the GPU
+//! path is `cuda.rs`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 
 use super::backend::Backend;
+use super::device_plan::fingerprint;
 use crate::error::{Class, Error, Result};
 use crate::math::kernel::{Chain, ScaleOn, Scratch};
 
@@ -42,25 +43,6 @@ fn stats_enabled() -> Option<Mutex<Stats>> {
     std::env::var_os("BOFT_DEVICE_STATS").map(|_| Mutex::new(Stats::default()))
 }
 
-/// Content hash of a chain (blocks, permutations, scale, flags); hashing is cheap next to the
-/// batch it guards, and unlike an address it cannot alias a chain that has since been freed.
-fn fingerprint(c: &Chain) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    c.n.hash(&mut h);
-    c.scale_first.hash(&mut h);
-    (c.scale_on == ScaleOn::Vector).hash(&mut h);
-    for f in &c.factors {
-        (f.h, f.d, f.repeat).hash(&mut h);
-        f.blocks.iter().for_each(|x| x.to_bits().hash(&mut h));
-        f.perm.hash(&mut h);
-    }
-    if let Some(s) = &c.scale {
-        s.iter().for_each(|x| x.to_bits().hash(&mut h));
-    }
-    h.finish()
-}
-
 fn ce(e: candle_core::Error) -> Error {
     // candle appends a backtrace to its messages; the contract is one line.
     let msg = e.to_string();
@@ -79,31 +61,6 @@ impl CandleBackend {
             stats: stats_enabled(),
             cache: Mutex::new(HashMap::new()),
         }
-    }
-
-    #[cfg(feature = "cuda")]
-    pub fn cuda(spec: &str) -> Result<Self> {
-        let ordinal = match spec.strip_prefix("cuda:") {
-            Some(n) => n.parse::<usize>().map_err(|_| {
-                Error::bare(
-                    Class::Usage,
-                    format!("--device {spec}: expected cuda or cuda:N"),
-                )
-            })?,
-            None => 0,
-        };
-        let device = Device::new_cuda(ordinal).map_err(|e| {
-            Error::bare(
-                Class::NoDevice,
-                format!("--device {spec}: no usable CUDA device ({e})"),
-            )
-        })?;
-        Ok(CandleBackend {
-            device,
-            label: format!("cuda:{ordinal}"),
-            stats: stats_enabled(),
-            cache: Mutex::new(HashMap::new()),
-        })
     }
 
     fn prepare(&self, chain: &Chain) -> Result<Arc<Prepared>> {

@@ -8,6 +8,9 @@ mod apply;
 pub mod backend;
 #[cfg(feature = "candle")]
 pub mod candle;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device_plan;
 mod expect;
 mod pipeline;
 pub mod progress;
@@ -46,6 +49,18 @@ struct Group<'a> {
 struct Action<'a> {
     start: Option<&'a Replacement>,
     groups: Vec<Group<'a>>,
+}
+
+impl Action<'_> {
+    /// Whether its tensor streams in row chunks (`apply::Built::rows_only`, known before the
+    /// chains are built): every stage on whole rows, from the base's values.
+    fn streams(&self) -> bool {
+        self.start.is_none()
+            && self
+                .groups
+                .iter()
+                .all(|g| g.stages.iter().all(|s| matches!(s, Stage::Rows(_))))
+    }
 }
 
 /// One adapter of a merge and how it is applied.

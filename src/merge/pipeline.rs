@@ -14,8 +14,23 @@ use crate::checkpoint::{Checkpoint, SafeFile, TensorInfo};
 use crate::error::{err, Class, Error, Result};
 use crate::output::{self, Staged};
 
-use super::apply::{tensor_bytes, Source};
+use super::apply::{chunk_elems, tensor_bytes, Built, Source};
 use super::{Action, Backend, Plan, Progress, Stats};
+
+/// Targets whose chains the builder makes at once.
+const BUILD_TOGETHER: usize = 4;
+
+/// At most this many tensors are transformed at once (`streamed_together`).
+const MAX_TOGETHER: usize = 16;
+
+/// Elements of streamed tensors worth transforming together: two chunks for every worker.
+fn streamed_together(backend: &dyn Backend) -> usize {
+    2 * rayon::current_num_threads() * chunk_elems(backend)
+}
+
+fn numel(t: &TensorInfo) -> usize {
+    t.shape.iter().product()
+}
 
 /// One output file being written at the same offsets as its input.
 pub(super) struct OutFile<'a> {
@@ -270,9 +285,27 @@ pub(super) fn write(
         let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let steps = &steps;
         s.spawn(move || {
-            for step in steps {
-                if let Step::Work { job, action, .. } = step {
-                    if stop() || built_tx.send(plans[*job].build(action)).is_err() {
+            use rayon::prelude::*;
+            let works: Vec<(usize, &Action)> = steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Work { job, action, .. } => Some((*job, *action)),
+                    Step::Copy(_) => None,
+                })
+                .collect();
+            // Several targets at a time: one target's Cayley transforms are a few tasks (b = 256
+            // and 4 factors on 2048 features: 4 groups of 8 blocks), too few to keep a
+            // many-core machine busy while a GPU does the product.
+            for group in works.chunks(BUILD_TOGETHER) {
+                if stop() {
+                    return;
+                }
+                let built: Vec<_> = group
+                    .par_iter()
+                    .map(|(job, action)| plans[*job].build(action))
+                    .collect();
+                for b in built {
+                    if built_tx.send(b).is_err() {
                         return;
                     }
                 }
@@ -355,56 +388,108 @@ pub(super) fn write(
         let mut built = built_rx.into_iter();
         // A buffer a streamed tensor did not need, kept for the next whole one.
         let mut spare: Option<Vec<u8>> = None;
-        for step in steps {
-            let Step::Work { out, t, job, .. } = step else {
-                continue;
+        // The bytes of one tensor: streamed into its output (None) or made whole in `buf`.
+        let transform =
+            |out: usize, t: &TensorInfo, job: usize, b: Result<Built>, buf: &mut Vec<u8>| {
+                let o = &outs[out];
+                let src = o.src;
+                let base_off = src.data_offset + t.start;
+                // One writer at a time: the kernel serialises writes to a file on its inode lock,
+                // and a second thread spins on that lock (15% of a merge's CPU in a profile) where
+                // it sleeps on this one.
+                let sink = |at: usize, bytes: &[u8]| {
+                    let _one = o.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+                    o.dst
+                        .write_all_at(bytes, (base_off + at) as u64)
+                        .map_err(|e| Error::io(&o.dst_path, e))
+                };
+                b.and_then(|b| {
+                    let source = Source::of(src, t);
+                    tensor_bytes(&src.path, t, source, &b, backend, &stop, buf, &sink)
+                })
+                .map_err(|mut e| {
+                    // In a batch, say whose merge it was.
+                    if plans.len() > 1 {
+                        let dest = dests[job].display();
+                        e.message = format!("{} (job {}, output {dest})", e.message, job + 1);
+                    }
+                    e
+                })
             };
+        let works: Vec<(usize, &TensorInfo, usize, &Action)> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Work {
+                    out,
+                    t,
+                    job,
+                    action,
+                } => Some((*out, *t, *job, *action)),
+                Step::Copy(_) => None,
+            })
+            .collect();
+        // Streamed tensors too small to keep every worker busy are transformed several at once
+        // (each still in row chunks across the cores): one at a time, a 1024 × 1024 tensor is
+        // a few chunks, fewer than a many-core machine has cores, and on a device each is a
+        // batch whose round trip the others could overlap.
+        let together = streamed_together(backend);
+        let mut k = 0;
+        while k < works.len() {
             if stop() {
                 break;
             }
-            let mut buf = spare
-                .take()
-                .or_else(|| pool_rx.try_recv().ok())
-                .unwrap_or_default();
-            let o = &outs[*out];
-            let src = o.src;
-            // The builder ends early only when stopping.
-            let Some(b) = built.next() else {
-                break;
-            };
-            let base_off = src.data_offset + t.start;
-            // One writer at a time: the kernel serialises writes to a file on its inode lock,
-            // and a second thread spins on that lock (15% of a merge's CPU in a profile) where
-            // it sleeps on this one.
-            let sink = |at: usize, bytes: &[u8]| {
-                let _one = o.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-                o.dst
-                    .write_all_at(bytes, (base_off + at) as u64)
-                    .map_err(|e| Error::io(&o.dst_path, e))
-            };
-            let res = b
-                .and_then(|b| {
-                    let source = Source::of(src, t);
-                    tensor_bytes(&src.path, t, source, &b, backend, &stop, &mut buf, &sink)
-                })
-                .map(|streamed| {
+            let mut end = k + 1;
+            let mut elems = numel(works[k].1);
+            while end < works.len()
+                && end - k < MAX_TOGETHER
+                && works[k].3.streams()
+                && works[end].3.streams()
+                && elems + numel(works[end].1) <= together
+            {
+                elems += numel(works[end].1);
+                end += 1;
+            }
+            let results: Vec<Result<Option<Vec<u8>>>> = if end - k == 1 {
+                let (out, t, job, _) = works[k];
+                let mut buf = spare
+                    .take()
+                    .or_else(|| pool_rx.try_recv().ok())
+                    .unwrap_or_default();
+                // The builder ends early only when stopping.
+                let Some(b) = built.next() else {
+                    break;
+                };
+                vec![transform(out, t, job, b, &mut buf).map(|streamed| {
                     if streamed {
                         spare = Some(buf);
                         None
                     } else {
                         Some(buf)
                     }
-                })
-                .map_err(|mut e| {
-                    // In a batch, say whose merge it was.
-                    if plans.len() > 1 {
-                        let dest = dests[*job].display();
-                        e.message = format!("{} (job {}, output {dest})", e.message, job + 1);
-                    }
-                    e
-                });
-            let failed = res.is_err();
-            if out_tx.send(res).is_err() || failed {
+                })]
+            } else {
+                let Some(bs) = (k..end).map(|_| built.next()).collect::<Option<Vec<_>>>() else {
+                    break;
+                };
+                use rayon::prelude::*;
+                works[k..end]
+                    .par_iter()
+                    .zip(bs)
+                    .map(|(&(out, t, job, _), b)| {
+                        // Every one of them streams: nothing comes back to write.
+                        transform(out, t, job, b, &mut Vec::new()).map(|_| None)
+                    })
+                    .collect()
+            };
+            k = end;
+            let mut failed = false;
+            for r in results {
+                failed = r.is_err();
+                if out_tx.send(r).is_err() || failed {
+                    break;
+                }
+            }
+            if failed {
                 break;
             }
         }
