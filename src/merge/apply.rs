@@ -343,9 +343,38 @@ pub(super) fn chunk_elems(backend: &dyn Backend) -> usize {
     backend.chunk_elems().max(CHUNK_ELEMS)
 }
 
-fn chunk_rows(t: &TensorInfo, backend: &dyn Backend) -> usize {
-    let rows = t.shape[0];
-    (chunk_elems(backend) / row_len(t).max(1)).clamp(1, rows.max(1))
+/// Most elements `gemm_rows` may make a chunk: 16 MiB of f32 per buffer, a few buffers a thread.
+const GEMM_CHUNK_MAX: usize = 1 << 22;
+
+/// Rows per chunk: `chunk_elems` of them, and at least `min_rows` where that stays within
+/// `GEMM_CHUNK_MAX` elements.
+fn chunk_rows(t: &TensorInfo, backend: &dyn Backend, min_rows: usize) -> usize {
+    let (rows, n) = (t.shape[0], row_len(t).max(1));
+    (chunk_elems(backend) / n)
+        .max(min_rows.min(GEMM_CHUNK_MAX / n))
+        .clamp(1, rows.max(1))
+}
+
+/// The fewest rows a chunk through `chains` should have on the CPU: blocks wider than the
+/// fixed-size kernels (32) go through a GEMM that packs each h × h block for every chunk, which
+/// cost twice the product itself at b = 256 with the 16–64 rows of a 128 Ki-element chunk. With
+/// at least h rows the packing is a small share. 0 where every block is 32 wide or less.
+fn gemm_rows<'a>(chains: impl Iterator<Item = &'a Chain>) -> usize {
+    chains
+        .flat_map(|c| c.factors.iter().map(|f| f.h))
+        .filter(|&h| h > 32)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The chains of a tensor's row stages.
+fn row_chains(groups: &[BuiltGroup]) -> impl Iterator<Item = &Chain> {
+    groups.iter().flat_map(|g| {
+        g.stages.iter().filter_map(|s| match s {
+            BuiltStage::Rows(c, _) => Some(c.as_ref()),
+            BuiltStage::Columns(..) => None,
+        })
+    })
 }
 
 /// Apply row-stage groups to `rows` rows in `x` (the first of them row `row0`).
@@ -455,8 +484,22 @@ pub(super) fn rows_chunked(
     stop: &(dyn Fn() -> bool + Sync),
     sink: impl Fn(usize, &[u8], &[f32], &mut Vec<u8>) -> Result<()> + Sync,
 ) -> Result<()> {
-    let rows = t.shape[0];
-    let chunk_rows = chunk_rows(t, backend);
+    let chunk_rows = chunk_rows(t, backend, gemm_rows(row_chains(groups)));
+    for_chunks(t.shape[0], chunk_rows, stop, |r0, r1| {
+        with_chunk(t, src, groups, backend, r0, r1, |stored, x, bytes| {
+            sink(r0, stored, x, bytes)
+        })
+    })
+}
+
+/// `body(r0, r1)` for every chunk of `chunk_rows` rows of `rows`, in parallel, none once `stop`
+/// says so.
+fn for_chunks(
+    rows: usize,
+    chunk_rows: usize,
+    stop: &(dyn Fn() -> bool + Sync),
+    body: impl Fn(usize, usize) -> Result<()> + Sync,
+) -> Result<()> {
     (0..rows.div_ceil(chunk_rows))
         .into_par_iter()
         .try_for_each(|c| -> Result<()> {
@@ -464,10 +507,7 @@ pub(super) fn rows_chunked(
                 return Ok(());
             }
             let r0 = c * chunk_rows;
-            let r1 = (r0 + chunk_rows).min(rows);
-            with_chunk(t, src, groups, backend, r0, r1, |stored, x, bytes| {
-                sink(r0, stored, x, bytes)
-            })
+            body(r0, (r0 + chunk_rows).min(rows))
         })
 }
 
@@ -496,26 +536,19 @@ fn rows_stored(
     stop: &(dyn Fn() -> bool + Sync),
     sink: impl Fn(usize, &[u8], &[u8], bool) -> Result<()> + Sync,
 ) -> Result<()> {
-    let rows = t.shape[0];
     let row_bytes = row_len(t) * t.dtype.float_size().expect("checked at planning");
-    let chunk_rows = chunk_rows(t, backend);
-    (0..rows.div_ceil(chunk_rows))
-        .into_par_iter()
-        .try_for_each(|c| -> Result<()> {
-            if stop() {
-                return Ok(());
-            }
-            let r0 = c * chunk_rows;
-            let r1 = (r0 + chunk_rows).min(rows);
-            backend.apply_stored(
-                chains,
-                t.dtype,
-                r0,
-                r1 - r0,
-                &mut |buf| src.read_into(r0 * row_bytes, buf),
-                &mut |base, out, flagged| sink(r0, base, out, flagged),
-            )
-        })
+    // The device's batches are its own size (cuBLAS packs nothing per batch).
+    let chunk_rows = chunk_rows(t, backend, 0);
+    for_chunks(t.shape[0], chunk_rows, stop, |r0, r1| {
+        backend.apply_stored(
+            chains,
+            t.dtype,
+            r0,
+            r1 - r0,
+            &mut |buf| src.read_into(r0 * row_bytes, buf),
+            &mut |base, out, flagged| sink(r0, base, out, flagged),
+        )
+    })
 }
 
 /// The whole tensor in f32 after every group: the base's values (or the replacement's), each
@@ -569,7 +602,7 @@ fn rows_in_place(
     backend: &dyn Backend,
 ) -> Result<()> {
     let n = chain.n;
-    let chunk_rows = chunk_rows(t, backend);
+    let chunk_rows = chunk_rows(t, backend, gemm_rows(std::iter::once(chain)));
     w.par_chunks_mut(chunk_rows * n)
         .enumerate()
         .try_for_each(|(c, chunk)| {
@@ -1005,6 +1038,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn chunks_through_wide_blocks_hold_a_block_of_rows_within_the_bound() {
+        let info = |rows: usize, n: usize| TensorInfo {
+            name: "w".into(),
+            dtype: crate::checkpoint::Dtype::BF16,
+            shape: vec![rows, n],
+            start: 0,
+            end: rows * n * 2,
+        };
+        let wide = chain(vec![factor(256, 8, 0.5, None)], false);
+        let narrow = chain(vec![factor(32, 64, 0.5, None)], false);
+        assert_eq!(gemm_rows([narrow.as_ref()].into_iter()), 0);
+        assert_eq!(gemm_rows([narrow.as_ref(), wide.as_ref()].into_iter()), 256);
+        // 8192 features: 16 rows by element count, 256 for the GEMM's sake.
+        assert_eq!(chunk_rows(&info(4096, 8192), &CpuBackend, 0), 16);
+        assert_eq!(chunk_rows(&info(4096, 8192), &CpuBackend, 256), 256);
+        // Never past GEMM_CHUNK_MAX elements, never past the tensor.
+        assert_eq!(chunk_rows(&info(65536, 1 << 16), &CpuBackend, 4096), 64);
+        assert_eq!(chunk_rows(&info(100, 8192), &CpuBackend, 256), 100);
     }
 
     /// The CPU kernel, taking rows through `apply_stored`'s default (the path a device takes).
